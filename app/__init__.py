@@ -1,0 +1,1 @@
+"""chipscout's Streamlit front end (a thin layer over `indexer.search`)."""

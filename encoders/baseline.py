@@ -1,0 +1,76 @@
+"""A trivial baseline encoder: each band's mean and standard deviation over the chip.
+
+It has no spatial sense at all, so any encoder worth indexing with should beat it in
+`chipscout eval`; it also tells how far plain colour gets on a data set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from encoders.base import ChipEncoder, EncoderError, register_encoder
+
+
+@register_encoder("band-stats")
+class BandStatistics(ChipEncoder):
+    """(B, C, H, W) -> (B, 2C): per-band mean then per-band (population) std over valid pixels."""
+
+    family = "band-stats"
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise EncoderError(f"in_channels must be a positive integer, got {in_channels!r}")
+        self.in_channels = in_channels
+
+    @property
+    def embedding_dim(self) -> int:
+        return 2 * self.in_channels
+
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels}
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        waves_um: torch.Tensor | None = None,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        gsd_m: float | None = None,
+        time: torch.Tensor | None = None,
+        latlon: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+            raise EncoderError(f"band-stats expects pixels of shape (B, C, H, W), got "
+                               f"{getattr(pixels, 'shape', type(pixels).__name__)}")
+        if not pixels.is_floating_point():
+            raise EncoderError(f"band-stats expects float reflectance, got {pixels.dtype}")
+        if pixels.shape[1] != self.in_channels:
+            raise EncoderError(f"pixels have {pixels.shape[1]} band(s), this encoder was built "
+                               f"for {self.in_channels}")
+        pixels = pixels.float()
+        batch, _, height, width = pixels.shape
+        if valid_mask is None:
+            weights = torch.full((batch, height * width), 1.0 / (height * width),
+                                 device=pixels.device)
+        else:
+            if tuple(valid_mask.shape) != (batch, height, width) or valid_mask.dtype != torch.bool:
+                raise EncoderError(f"valid_mask must be bool of shape {(batch, height, width)}, "
+                                   f"got {valid_mask.dtype} {tuple(valid_mask.shape)}")
+            valid = valid_mask.to(pixels.device).flatten(1).float()
+            counts = valid.sum(dim=1, keepdim=True)
+            if bool((counts == 0).any()):
+                empty = (counts[:, 0] == 0).nonzero().flatten().tolist()
+                raise EncoderError(f"chip(s) {empty} of the batch have no valid pixel")
+            weights = valid / counts
+            pixels = torch.where(valid_mask.to(pixels.device)[:, None], pixels, 0.0)
+        flat = pixels.flatten(2)  # (B, C, H*W)
+        mean = torch.einsum("bcp,bp->bc", flat, weights)
+        variance = torch.einsum("bcp,bp->bc", (flat - mean[..., None]) ** 2, weights)
+        vectors = torch.cat([mean, variance.clamp_min(0).sqrt()], dim=1)
+        if not torch.isfinite(vectors).all():
+            raise EncoderError("pixels contain NaN or infinite values outside nodata; mark them "
+                               "False in valid_mask")
+        return vectors

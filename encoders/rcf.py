@@ -1,0 +1,445 @@
+"""Random Convolutional Features (RCF): a fixed bank of k x k convolutions, a ReLU, a global mean.
+
+Two methods go by this name; chipscout offers both, under their own names:
+
+* ``rcf-gaussian``: the Microsoft Planetary Computer tutorial's model. Kernel weights are drawn
+  from N(0, 1) with a generator seeded by `seed`; no data needed.
+* ``rcf-empirical``: MOSAIKS (Rolf et al., "A generalizable and accessible approach to machine
+  learning with global satellite imagery", Nature Communications 12, 4392, 2021). Kernels are
+  k x k x C patches sampled from the imagery itself, each with its mean removed and scaled to
+  unit norm, then ZCA-whitened as a pool. Such an encoder must `fit` a sample before use.
+
+Both share the tutorial's forward convention. With `features / 2` kernels W and one bias b for
+all of them (default -1), for each output position p
+
+    x_p = (W * pixels)_p + b
+    vector = [ mean_p relu(x_p) for each kernel ]  ++  [ mean_p relu(-x_p) for each kernel ]
+
+so the second half is relu(-(W * pixels) - b), i.e. the bias is applied *before* the sign flip,
+exactly as the tutorial negates its biased convolution. MOSAIKS also thresholds its convolutions
+with a bias; chipscout uses the tutorial's convention for both kernel sources, so the two modes
+differ only in where the kernels come from. Both halves come from one convolution through the
+identity relu(-x) = relu(x) - x: we pool relu(x) and x itself, never materialising relu(-x).
+
+Written from the papers' and tutorial's descriptions; no MOSAIKS code (non-commercial licence)
+and no torchgeo code is copied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from encoders.base import ChipEncoder, EncoderError, register_encoder
+
+KERNEL_SOURCES = ("gaussian", "empirical")
+MAX_FEATURES = 8192
+#: A patch whose values vary less than this (L2 norm after mean removal, reflectance units) is
+#: flat: it has no texture to whiten and would become an all-zero kernel, so fitting drops it.
+FLAT_PATCH_NORM = 1e-6
+
+
+@dataclass(frozen=True)
+class PatchFitReport:
+    """What `RandomConvolutionalFeatures.fit` saw; kept on the encoder as `fit_report`."""
+
+    valid_windows: int
+    """k x k windows in the sample touching no nodata (or non-finite) pixel."""
+    pool_size: int
+    """Patches drawn from those windows (min(patch_pool_size, valid_windows))."""
+    flat_patches: int
+    """Drawn patches dropped because they are constant (nothing left after mean removal)."""
+    kernels: int
+    """Whitened patches kept as kernels (features / 2)."""
+    eigenvalues: torch.Tensor
+    """Eigenvalues of the pool covariance (before adding epsilon), ascending, float64."""
+
+
+@dataclass(frozen=True)
+class ZcaWhitening:
+    whitened: torch.Tensor
+    """(N, d) float64: (patches - mean) @ matrix."""
+    mean: torch.Tensor
+    """(d,) float64 pool mean."""
+    matrix: torch.Tensor
+    """(d, d) float64 symmetric whitening matrix V diag((lambda + epsilon) ** -1/2) V^T."""
+    eigenvalues: torch.Tensor
+    """(d,) float64 eigenvalues lambda of the covariance, ascending."""
+
+
+def zca_whiten(patches: torch.Tensor, epsilon: float) -> ZcaWhitening:
+    """ZCA-whiten the rows of `patches` (N, d): covariance = centred^T centred / N.
+
+    With epsilon much smaller than the covariance's eigenvalues, the whitened rows have
+    covariance close to the identity; epsilon damps directions with less variance than that.
+    Computed in float64 with `torch.linalg.eigh` (the covariance is symmetric).
+    """
+    if patches.ndim != 2 or patches.shape[0] < 2:
+        raise EncoderError(f"zca_whiten needs (N >= 2, d) patches, got shape {tuple(patches.shape)}")
+    if not epsilon > 0:
+        raise EncoderError(f"whitening epsilon must be > 0, got {epsilon}")
+    rows = patches.to(torch.float64)
+    mean = rows.mean(dim=0)
+    centred = rows - mean
+    covariance = centred.T @ centred / rows.shape[0]
+    identity = torch.eye(covariance.shape[0], dtype=torch.float64, device=covariance.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance + epsilon * identity)
+    matrix = (eigenvectors * eigenvalues.rsqrt()) @ eigenvectors.T
+    return ZcaWhitening(centred @ matrix, mean, matrix, (eigenvalues - epsilon).clamp_min(0))
+
+
+def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove each row's mean and scale it to unit L2 norm (float64).
+
+    Returns (normalised rows, usable) where `usable` is False for flat rows, which stay zero.
+    """
+    rows = patches.to(torch.float64)
+    centred = rows - rows.mean(dim=1, keepdim=True)
+    norms = centred.norm(dim=1)
+    usable = norms > FLAT_PATCH_NORM
+    return centred / norms.clamp_min(FLAT_PATCH_NORM)[:, None], usable
+
+
+def valid_windows(valid: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(B, H, W) bool pixel validity -> (B, H-k+1, W-k+1) bool: the k x k window at each
+    output position of an unpadded convolution contains only valid pixels."""
+    invalid = (~valid).to(torch.float32)[:, None]
+    return F.max_pool2d(invalid, kernel_size, stride=1)[:, 0] == 0
+
+
+def sample_patches(pixels: torch.Tensor, valid_mask: torch.Tensor | None, kernel_size: int,
+                   count: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Up to `count` distinct k x k x C patches, drawn at random from windows of `pixels`
+    (B, C, H, W) that touch no nodata or non-finite pixel.
+
+    Returns (patches (N, C*k*k) in the order drawn, number of such windows in the sample).
+    `generator` is a CPU generator; the draw is reproducible for a given seed and sample.
+    """
+    batch, channels, height, width = pixels.shape
+    valid = torch.isfinite(pixels).all(dim=1)
+    if valid_mask is not None:
+        valid &= valid_mask
+    windows = valid_windows(valid, kernel_size)  # (B, H', W')
+    out_h, out_w = windows.shape[1:]
+    candidates = windows.flatten().nonzero().squeeze(1).cpu()
+    found = candidates.numel()
+    chosen = candidates[torch.randperm(found, generator=generator)[:count]].to(pixels.device)
+    chip, position = chosen // (out_h * out_w), chosen % (out_h * out_w)
+    row, col = position // out_w, position % out_w
+    offsets = torch.arange(kernel_size, device=pixels.device)
+    patches = pixels[
+        chip[:, None, None, None],
+        torch.arange(channels, device=pixels.device)[None, :, None, None],
+        (row[:, None] + offsets)[:, None, :, None],
+        (col[:, None] + offsets)[:, None, None, :],
+    ]  # (N, C, k, k)
+    return patches.reshape(chosen.numel(), -1), found
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EncoderError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise EncoderError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EncoderError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@register_encoder("rcf")
+class RandomConvolutionalFeatures(ChipEncoder):
+    """Random Convolutional Features, Gaussian (tutorial) or empirical (MOSAIKS) kernels.
+
+    in_channels: bands C the chips have.
+    features: vector length D; even, 2..8192. The conv has features / 2 kernels.
+    kernel_size: k, the kernels' width and height in pixels (unpadded, stride 1).
+    kernels: "gaussian" (weights ~ N(0, 1)) or "empirical" (whitened patches of the data,
+        after `fit`).
+    bias: added to every kernel's response before the +/- ReLUs (tutorial: -1).
+    seed: seeds the Gaussian draw, or the patch draw of `fit`.
+    whitening_epsilon: added to the patch covariance before inverting its square root
+        (empirical). Patches are unit-norm, so the covariance's eigenvalues sum to ~1;
+        directions with less variance than epsilon are damped rather than amplified.
+    patch_pool_size: patches drawn by `fit` to estimate the whitening (empirical); the kernels
+        are the first features / 2 of them, in random order.
+    """
+
+    family = "rcf"
+    #: Activations one convolution call may produce; larger batches are split in chips (then
+    #: kernels), which changes no result. Not part of `config()`. On a CPU, chunks that stay in
+    #: cache are 2-3x faster than one big conv (bench/rcf_throughput.py); a GPU wants big calls.
+    cpu_chunk_bytes: int = 8 * 2**20
+    cuda_chunk_bytes: int = 512 * 2**20
+
+    def __init__(
+        self,
+        in_channels: int,
+        features: int = 1024,
+        kernel_size: int = 3,
+        kernels: str = "gaussian",
+        bias: float = -1.0,
+        seed: int = 0,
+        whitening_epsilon: float = 1e-3,
+        patch_pool_size: int = 100_000,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_int("in_channels", in_channels, 1)
+        self.features = _check_int("features", features, 2, MAX_FEATURES)
+        if features % 2:
+            raise EncoderError(
+                f"features must be even (half come from relu(+x), half from relu(-x)), got {features}"
+            )
+        self.kernel_size = _check_int("kernel_size", kernel_size, 1, 64)
+        if kernels not in KERNEL_SOURCES:
+            raise EncoderError(f"kernels must be one of {', '.join(KERNEL_SOURCES)}, got {kernels!r}")
+        self.kernels = kernels
+        self.bias_value = _check_float("bias", bias)
+        self.seed = _check_int("seed", seed, 0, 2**63 - 1)
+        self.whitening_epsilon = _check_float("whitening_epsilon", whitening_epsilon)
+        if self.whitening_epsilon <= 0:
+            raise EncoderError(f"whitening_epsilon must be > 0, got {whitening_epsilon}")
+        self.patch_pool_size = _check_int("patch_pool_size", patch_pool_size, 1)
+        if kernels == "empirical" and patch_pool_size < features // 2:
+            raise EncoderError(
+                f"patch_pool_size ({patch_pool_size}) must be at least features / 2 "
+                f"({features // 2}): the kernels are taken from the pool"
+            )
+        self.fit_report: PatchFitReport | None = None
+
+        shape = (self.features // 2, in_channels, kernel_size, kernel_size)
+        if kernels == "gaussian":
+            generator = torch.Generator().manual_seed(seed)
+            weight = torch.randn(shape, generator=generator, dtype=torch.float32)
+        else:
+            weight = torch.zeros(shape, dtype=torch.float32)  # set by fit()
+        # Buffers, not parameters: nothing here trains, and state_dict() must carry them.
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", torch.full((self.features // 2,), self.bias_value))
+        self.register_buffer("fitted", torch.tensor(kernels == "gaussian"))
+
+    # -- the ChipEncoder contract -------------------------------------------------------------
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.features
+
+    @property
+    def name(self) -> str:
+        return f"rcf-{self.kernels}"
+
+    @property
+    def requires_fit(self) -> bool:  # type: ignore[override]  per instance, not per class
+        return self.kernels == "empirical"
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "features": self.features,
+            "kernel_size": self.kernel_size,
+            "kernels": self.kernels,
+            "bias": self.bias_value,
+            "seed": self.seed,
+            "whitening_epsilon": self.whitening_epsilon,
+            "patch_pool_size": self.patch_pool_size,
+        }
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+
+    # -- fitting (empirical kernels) ----------------------------------------------------------
+
+    def fit(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None = None,
+            waves_um: torch.Tensor | None = None) -> PatchFitReport | None:
+        """Empirical kernels from a sample (B, C, H, W) of scaled pixels; Gaussian: nothing to do.
+
+        Draws `patch_pool_size` k x k x C patches (seeded by `seed`) that touch no nodata pixel,
+        removes each patch's mean, scales it to unit norm, drops flat patches, ZCA-whitens the
+        pool and keeps the first features / 2 whitened patches as kernels.
+        """
+        if self.kernels != "empirical":
+            return None
+        pixels = self._checked_pixels(pixels, waves_um, "fit")
+        mask = self._checked_mask(valid_mask, pixels)
+        needed = self.features // 2
+        generator = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            patches, found = sample_patches(pixels, mask, self.kernel_size, self.patch_pool_size,
+                                            generator)
+            if found < needed:
+                raise EncoderError(
+                    f"the fitting sample has only {found} {self._window} windows that touch no "
+                    f"nodata pixel, but {needed} are needed (features / 2); fit on more or larger "
+                    f"chips, or ask for fewer features"
+                )
+            normalised, usable = normalize_patches(patches.cpu())
+            pool = normalised[usable]
+            if pool.shape[0] < needed:
+                raise EncoderError(
+                    f"only {pool.shape[0]} of the {patches.shape[0]} patches drawn have any "
+                    f"contrast (the others are flat), but {needed} are needed (features / 2); "
+                    f"fit on a more varied sample, or ask for fewer features"
+                )
+            whitening = zca_whiten(pool, self.whitening_epsilon)
+            kernels = whitening.whitened[:needed].reshape(self.weight.shape)
+            self.weight.copy_(kernels.to(self.weight.dtype))
+            self.fitted.fill_(True)
+        self.fit_report = PatchFitReport(
+            valid_windows=found,
+            pool_size=patches.shape[0],
+            flat_patches=int((~usable).sum()),
+            kernels=needed,
+            eigenvalues=whitening.eigenvalues,
+        )
+        return self.fit_report
+
+    # -- embedding ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        waves_um: torch.Tensor | None = None,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        gsd_m: float | None = None,
+        time: torch.Tensor | None = None,
+        latlon: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, C, H, W) reflectance -> (B, features) float32. Wavelengths, GSD, time and place
+        are accepted for the contract and ignored: the kernels already fix the band order."""
+        if not self.is_fitted:
+            raise EncoderError(
+                "rcf-empirical has no kernels yet: call fit(pixels, valid_mask) on a sample of "
+                "the imagery first, or load the encoder with its fitted state"
+            )
+        pixels = self._checked_pixels(pixels, waves_um, "forward")
+        mask = self._checked_mask(valid_mask, pixels)
+        half = self.features // 2
+        batch = pixels.shape[0]
+        out_h, out_w = pixels.shape[2] - self.kernel_size + 1, pixels.shape[3] - self.kernel_size + 1
+        vectors = torch.empty((batch, self.features), dtype=torch.float32, device=pixels.device)
+
+        with torch.no_grad():
+            weights = None  # (B, H'*W') per-position weights of the masked mean
+            if mask is not None:
+                # Nodata may be NaN; zero it so it cannot leak into the conv. Windows touching it
+                # get weight 0, so nodata never pulls a vector towards zero.
+                pixels = torch.where(mask[:, None], pixels, torch.zeros((), device=pixels.device))
+                windows = valid_windows(mask, self.kernel_size).flatten(1)
+                counts = windows.sum(dim=1)
+                empty = (counts == 0).nonzero().flatten().tolist()
+                if empty:
+                    raise EncoderError(
+                        f"chip(s) {empty} of the batch have no {self._window} window of valid "
+                        f"pixels (all or nearly all nodata); leave them out"
+                    )
+                weights = windows.to(torch.float32) / counts[:, None]
+
+            chips_step, kernels_step = self._chunk_sizes(batch, out_h * out_w, pixels.device)
+            for start in range(0, batch, chips_step):
+                chips = slice(start, start + chips_step)
+                for first in range(0, half, kernels_step):
+                    last = min(first + kernels_step, half)
+                    kernels = slice(first, last)
+                    response = self._convolve(pixels[chips], kernels)  # (b, f, H', W')
+                    if weights is None:
+                        mean = response.mean(dim=(2, 3), dtype=torch.float32)
+                        positive = response.relu_().mean(dim=(2, 3), dtype=torch.float32)
+                    else:
+                        flat = response.flatten(2).float()  # (b, f, H'*W')
+                        chip_weights = weights[chips, :, None]  # (b, H'*W', 1)
+                        mean = torch.bmm(flat, chip_weights)[..., 0]
+                        positive = torch.bmm(flat.relu_(), chip_weights)[..., 0]
+                    vectors[chips, kernels] = positive
+                    # relu(-x) = relu(x) - x; clamp the float rounding of a difference of means.
+                    vectors[chips, half + first: half + last] = (positive - mean).clamp_min_(0)
+
+        if not torch.isfinite(vectors).all():
+            bad = (~torch.isfinite(vectors).all(dim=1)).nonzero().flatten().tolist()
+            raise EncoderError(
+                f"chip(s) {bad} of the batch contain NaN or infinite pixels outside nodata; "
+                f"mark such pixels False in valid_mask"
+            )
+        return vectors
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def _window(self) -> str:
+        return f"{self.kernel_size}x{self.kernel_size}"
+
+    def _convolve(self, pixels: torch.Tensor, kernels: slice) -> torch.Tensor:
+        weight, bias = self.weight[kernels], self.bias[kernels]
+        if pixels.device.type == "cuda":
+            # Tensor cores: bf16 where the GPU has it, else fp16. Pooling stays float32.
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                return F.conv2d(pixels, weight, bias)
+        return F.conv2d(pixels, weight, bias)
+
+    def _chunk_sizes(self, batch: int, positions: int, device: torch.device) -> tuple[int, int]:
+        on_gpu = device.type == "cuda"
+        budget = self.cuda_chunk_bytes if on_gpu else self.cpu_chunk_bytes
+        per_kernel_chip = max(1, positions * (2 if on_gpu else 4))
+        half = self.features // 2
+        kernels_step = max(1, min(half, budget // per_kernel_chip))
+        chips_step = max(1, min(max(batch, 1), budget // (per_kernel_chip * kernels_step)))
+        return chips_step, kernels_step
+
+    def _checked_pixels(self, pixels: torch.Tensor, waves_um: torch.Tensor | None,
+                        what: str) -> torch.Tensor:
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise EncoderError(f"{self.name}.{what} expects pixels of shape (B, C, H, W), got {shape}")
+        if not pixels.is_floating_point():
+            raise EncoderError(
+                f"{self.name}.{what} expects reflectance as floats (~0..1), got {pixels.dtype}; "
+                f"scale the digital numbers first"
+            )
+        batch, channels, height, width = pixels.shape
+        if channels != self.in_channels:
+            raise EncoderError(
+                f"pixels have {channels} band(s) but this {self.name} encoder's kernels take "
+                f"{self.in_channels}; use the band set it was built (and fitted) with"
+            )
+        if height < self.kernel_size or width < self.kernel_size:
+            raise EncoderError(
+                f"chips of {height}x{width} px are smaller than the {self._window} kernels"
+            )
+        if what == "fit" and batch == 0:
+            raise EncoderError("fit needs at least one chip")
+        if waves_um is not None and waves_um.numel() != channels:
+            raise EncoderError(
+                f"got {waves_um.numel()} wavelength(s) for {channels} band(s)"
+            )
+        if pixels.device != self.weight.device:
+            raise EncoderError(
+                f"pixels are on {pixels.device} but the encoder is on {self.weight.device}; "
+                f"move one of them (encoder.to(device))"
+            )
+        return pixels.float()
+
+    @staticmethod
+    def _checked_mask(valid_mask: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor | None:
+        if valid_mask is None:
+            return None
+        expected = (pixels.shape[0], *pixels.shape[2:])
+        if not isinstance(valid_mask, torch.Tensor) or tuple(valid_mask.shape) != expected:
+            shape = tuple(valid_mask.shape) if isinstance(valid_mask, torch.Tensor) else valid_mask
+            raise EncoderError(f"valid_mask must have shape (B, H, W) = {expected}, got {shape}")
+        if valid_mask.dtype != torch.bool:
+            raise EncoderError(f"valid_mask must be a bool tensor, got {valid_mask.dtype}")
+        valid_mask = valid_mask.to(pixels.device)
+        return None if bool(valid_mask.all()) else valid_mask

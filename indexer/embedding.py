@@ -1,0 +1,138 @@
+"""Chips -> vectors: the encoder of an index, with its normalisation, device and metadata encodings.
+
+The same `Embedder` serves indexing and query-time embedding of new chips, so both see
+exactly the same scaling, encoder state and output normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_parameters, load_encoder
+from indexer.chips import Chip
+from indexer.errors import ChipscoutError, IncompatibleTableError
+from indexer.sensors import Sensor
+from indexer.store import ChipStore, IndexConfig, Normalization
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ChipscoutError(f"device {requested!r} asked for, but no CUDA GPU is available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_encoder(name: str, params: dict, band_count: int) -> ChipEncoder:
+    params = dict(params)
+    try:
+        if "in_channels" in encoder_parameters(name):
+            params.setdefault("in_channels", band_count)
+        return build_encoder(name, **params)
+    except EncoderError as err:
+        raise ChipscoutError(f"encoder {name}: {err}") from err
+    except TypeError as err:  # an option this encoder does not take
+        raise ChipscoutError(f"encoder {name}: {err}") from err
+
+
+def normalization_for(encoder: ChipEncoder, sensor: Sensor, bands: Sequence[str]) -> Normalization:
+    if encoder.input_scaling == "reflectance":
+        return Normalization("reflectance", tuple(0.0 for _ in bands), tuple(1.0 for _ in bands))
+    if encoder.input_scaling == "standardize":
+        means, stds = [], []
+        for name in bands:
+            band = sensor.band(name)
+            if band.mean is None or band.std is None:
+                raise ChipscoutError(
+                    f"encoder {encoder.name} standardises bands, but no mean/std is known for "
+                    f"{sensor.name} band {name}; pick bands that have statistics"
+                )
+            means.append(band.mean)
+            stds.append(band.std)
+        return Normalization("standardize", tuple(means), tuple(stds))
+    raise ChipscoutError(f"encoder {encoder.name}: unknown input scaling {encoder.input_scaling!r}")
+
+
+def time_encoding(acquired: datetime | None) -> list[float]:
+    """Clay's (sin, cos) of week-of-year and hour-of-day; zeros when the date is unknown."""
+    if acquired is None:
+        return [0.0, 0.0, 0.0, 0.0]
+    week = acquired.isocalendar().week * 2 * math.pi / 52
+    hour = acquired.hour * 2 * math.pi / 24
+    return [math.sin(week), math.cos(week), math.sin(hour), math.cos(hour)]
+
+
+def latlon_encoding(lon: float, lat: float) -> list[float]:
+    lat_r, lon_r = math.radians(lat), math.radians(lon)
+    return [math.sin(lat_r), math.cos(lat_r), math.sin(lon_r), math.cos(lon_r)]
+
+
+@dataclass
+class Embedder:
+    encoder: ChipEncoder
+    normalization: Normalization
+    band_wavelengths_um: tuple[float, ...]
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.encoder = self.encoder.to(self.device).eval()
+        self._waves = torch.tensor(self.band_wavelengths_um, dtype=torch.float32, device=self.device)
+
+    @classmethod
+    def for_store(cls, store: ChipStore, device: str | None = None) -> Embedder:
+        """The exact encoder a table was written with, rebuilt from its recorded state."""
+        config = store.config
+        state = store.get_state("encoder")
+        try:
+            encoder = load_encoder(config.encoder, config.encoder_config, state)
+        except (EncoderError, RuntimeError) as err:
+            raise IncompatibleTableError(
+                f"cannot rebuild encoder {config.encoder_label} of table {store.table_name!r}: {err}"
+            ) from err
+        return cls(encoder, config.normalization, config.band_wavelengths_um, pick_device(device))
+
+    def batch_tensors(self, chips: Sequence[Chip], band_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = torch.from_numpy(np.stack([c.pixels[:band_count] for c in chips]))
+        valid = torch.from_numpy(np.stack([c.valid_mask for c in chips]))
+        return pixels, valid
+
+    @torch.inference_mode()
+    def embed(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
+        """(N, D) float32 L2-normalised vectors for `chips` (pixels already in reflectance)."""
+        band_count = len(self.band_wavelengths_um)
+        pixels, valid = self.batch_tensors(chips, band_count)
+        pixels = self.normalization.apply(pixels.to(self.device, non_blocking=True))
+        valid = valid.to(self.device, non_blocking=True)
+        pixels = torch.where(valid[:, None], pixels, torch.zeros((), device=self.device))
+        time = torch.tensor([time_encoding(c.acquired) for c in chips], device=self.device)
+        latlon = torch.tensor(
+            [latlon_encoding(c.footprint.centroid.x, c.footprint.centroid.y) for c in chips],
+            device=self.device)
+        vectors = self.encoder(pixels, self._waves, valid_mask=valid, gsd_m=gsd_m,
+                               time=time, latlon=latlon)
+        vectors = F.normalize(vectors.float(), dim=1)
+        return vectors.cpu().numpy()
+
+
+def build_config(encoder: ChipEncoder, registered_name: str, sensor: Sensor, bands: Sequence[str],
+                 normalization: Normalization, size_px: int, stride_px: int) -> IndexConfig:
+    return IndexConfig(
+        encoder=registered_name,
+        encoder_config=encoder.config(),
+        encoder_label=encoder.name,
+        embedding_dim=encoder.embedding_dim,
+        sensor=sensor.name,
+        bands=tuple(sensor.band(b).name for b in bands),
+        band_wavelengths_um=tuple(sensor.band(b).wavelength_um for b in bands),
+        normalization=normalization,
+        chip_size_px=size_px,
+        chip_stride_px=stride_px,
+    )

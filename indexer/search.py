@@ -1,0 +1,357 @@
+"""The search API every front end uses: nearest chips of a chip or vector, with typed filters.
+
+Inputs are validated here and turned into typed values; `indexer.store` turns them into LanceDB
+filters through `sql_literal`, so user text never becomes query syntax.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import shapely
+from shapely.geometry import Polygon
+
+from indexer.errors import QueryError
+from indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, sql_literal
+
+MAX_K = 10_000
+_CHIP_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
+#: Overlap below this share of the query's area is rounding at shared edges, not overlap.
+_OVERLAP_TOLERANCE = 1e-6
+
+METADATA_COLUMNS = [
+    "chip_id", "footprint", "min_lon", "min_lat", "max_lon", "max_lat", "center_lon", "center_lat",
+    "acquired", "source_id", "source_path", "sensor", "crs", "row_off", "col_off", "size_px",
+    "gsd_m", "nodata_fraction", "cloud_fraction",
+]
+
+
+@dataclass(frozen=True)
+class BBox:
+    min_lon: float
+    min_lat: float
+    max_lon: float
+    max_lat: float
+
+    def __post_init__(self) -> None:
+        values = (self.min_lon, self.min_lat, self.max_lon, self.max_lat)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise QueryError(f"bbox values must be finite numbers, got {values}")
+        if not (-180 <= self.min_lon <= 180 and -180 <= self.max_lon <= 180):
+            raise QueryError(f"bbox longitudes must lie in -180..180, got {self.min_lon}, {self.max_lon}")
+        if not (-90 <= self.min_lat <= 90 and -90 <= self.max_lat <= 90):
+            raise QueryError(f"bbox latitudes must lie in -90..90, got {self.min_lat}, {self.max_lat}")
+        if self.min_lon > self.max_lon or self.min_lat > self.max_lat:
+            raise QueryError(
+                f"bbox is inverted: min ({self.min_lon}, {self.min_lat}) must not exceed "
+                f"max ({self.max_lon}, {self.max_lat}); order is MINLON,MINLAT,MAXLON,MAXLAT")
+
+    @classmethod
+    def parse(cls, text: str) -> BBox:
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 4:
+            raise QueryError(f"bad bbox {text!r}: expected MINLON,MINLAT,MAXLON,MAXLAT")
+        try:
+            return cls(*(float(p) for p in parts))
+        except ValueError:
+            raise QueryError(f"bad bbox {text!r}: expected four numbers") from None
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.min_lon, self.min_lat, self.max_lon, self.max_lat)
+
+
+def _as_utc(value: datetime | date | str | None, what: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        from indexer.files import parse_datetime
+
+        try:
+            return parse_datetime(value, what)
+        except Exception as err:
+            raise QueryError(str(err)) from None
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    raise QueryError(f"{what} must be a date, got {type(value).__name__}")
+
+
+def _fraction(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise QueryError(f"{what} must be a number within 0..1, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise QueryError(f"{what} must be within 0..1, got {value}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    date_from: datetime | None = None
+    date_to: datetime | None = None
+    """Inclusive upper bound; a bare date means the whole day."""
+    bbox: BBox | None = None
+    """Chips whose footprint box intersects this lon/lat box."""
+    max_cloud_fraction: float | None = None
+    max_nodata_fraction: float | None = None
+    exclude_overlapping: bool = False
+    """Drop chips whose footprint overlaps the query chip's (other dates of the same place too)."""
+    source_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, date_from: Any = None, date_to: Any = None, bbox: BBox | str | Sequence[float] | None = None,
+              max_cloud_fraction: float | None = None, max_nodata_fraction: float | None = None,
+              exclude_overlapping: bool = False, source_ids: Sequence[str] = ()) -> SearchFilters:
+        start = _as_utc(date_from, "start date")
+        end = _as_utc(date_to, "end date")
+        if isinstance(date_to, (str, date)) and not isinstance(date_to, datetime) and end is not None:
+            if isinstance(date_to, date) or len(str(date_to).strip()) == 10:
+                end = end.replace(hour=23, minute=59, second=59, microsecond=999999)
+        if start and end and start > end:
+            raise QueryError(f"date range is inverted: {start.date()} is after {end.date()}")
+        if isinstance(bbox, str):
+            bbox = BBox.parse(bbox)
+        elif bbox is not None and not isinstance(bbox, BBox):
+            try:
+                bbox = BBox(*[float(v) for v in bbox])
+            except (TypeError, ValueError):
+                raise QueryError(f"bad bbox {bbox!r}: expected four numbers") from None
+        for source_id in source_ids:
+            if not isinstance(source_id, str) or not _CHIP_ID.match(source_id):
+                raise QueryError(f"bad source id {source_id!r}")
+        return cls(start, end, bbox, _fraction(max_cloud_fraction, "max cloud fraction"),
+                   _fraction(max_nodata_fraction, "max nodata fraction"), bool(exclude_overlapping),
+                   tuple(source_ids))
+
+    def where_clause(self, exclude_ids: Sequence[str] = ()) -> str | None:
+        terms = []
+        if self.date_from is not None:
+            terms.append(f"acquired >= {sql_literal(self.date_from)}")
+        if self.date_to is not None:
+            terms.append(f"acquired <= {sql_literal(self.date_to)}")
+        if self.bbox is not None:
+            b = self.bbox
+            terms.append(
+                f"max_lon >= {sql_literal(b.min_lon)} AND min_lon <= {sql_literal(b.max_lon)} AND "
+                f"max_lat >= {sql_literal(b.min_lat)} AND min_lat <= {sql_literal(b.max_lat)}")
+        if self.max_cloud_fraction is not None:
+            # Chips without a cloud mask (cloud_fraction NULL) are kept: unknown is not cloudy.
+            terms.append(f"(cloud_fraction IS NULL OR cloud_fraction <= {sql_literal(self.max_cloud_fraction)})")
+        if self.max_nodata_fraction is not None:
+            terms.append(f"nodata_fraction <= {sql_literal(self.max_nodata_fraction)}")
+        if self.source_ids:
+            terms.append("source_id IN (" + ", ".join(sql_literal(s) for s in self.source_ids) + ")")
+        if exclude_ids:
+            terms.append("chip_id NOT IN (" + ", ".join(sql_literal(c) for c in exclude_ids) + ")")
+        return " AND ".join(terms) if terms else None
+
+
+@dataclass(frozen=True)
+class ChipRecord:
+    chip_id: str
+    source_id: str
+    sensor: str
+    footprint: Polygon
+    center_lon: float
+    center_lat: float
+    acquired: datetime | None
+    nodata_fraction: float
+    cloud_fraction: float | None
+    size_px: int
+    gsd_m: float
+    crs: str
+    row_off: int
+    col_off: int
+    source_path: str
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        return tuple(self.footprint.bounds)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chip_id": self.chip_id, "source_id": self.source_id, "sensor": self.sensor,
+            "footprint_wkt": self.footprint.wkt, "center_lon": self.center_lon,
+            "center_lat": self.center_lat,
+            "acquired": self.acquired.isoformat() if self.acquired else None,
+            "nodata_fraction": self.nodata_fraction, "cloud_fraction": self.cloud_fraction,
+            "size_px": self.size_px, "gsd_m": self.gsd_m, "crs": self.crs,
+            "row_off": self.row_off, "col_off": self.col_off, "source_path": self.source_path,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    rank: int
+    chip: ChipRecord
+    distance: float
+    """Cosine distance (0 = same direction, 2 = opposite)."""
+
+    @property
+    def similarity(self) -> float:
+        return 1.0 - self.distance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "similarity": round(self.similarity, 6),
+                "distance": round(self.distance, 6), **self.chip.to_dict()}
+
+
+@dataclass(frozen=True)
+class SearchResponse:
+    query_chip_id: str | None
+    results: list[SearchResult]
+    elapsed_ms: float
+    used_index: bool
+    """True when an ANN index answered; False for exact (flat) search."""
+    table_version: int
+    filters: SearchFilters = field(default_factory=SearchFilters)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query_chip_id": self.query_chip_id, "elapsed_ms": round(self.elapsed_ms, 2),
+                "used_index": self.used_index, "table_version": self.table_version,
+                "results": [r.to_dict() for r in self.results]}
+
+
+def _records(rows: pa.Table) -> list[ChipRecord]:
+    data = rows.to_pydict()
+    footprints = shapely.from_wkb(data["footprint"]) if rows.num_rows else []
+    records = []
+    for i in range(rows.num_rows):
+        cloud = data["cloud_fraction"][i]
+        records.append(ChipRecord(
+            chip_id=data["chip_id"][i], source_id=data["source_id"][i], sensor=data["sensor"][i],
+            footprint=footprints[i], center_lon=data["center_lon"][i], center_lat=data["center_lat"][i],
+            acquired=data["acquired"][i], nodata_fraction=float(data["nodata_fraction"][i]),
+            cloud_fraction=None if cloud is None else float(cloud), size_px=int(data["size_px"][i]),
+            gsd_m=float(data["gsd_m"][i]), crs=data["crs"][i], row_off=int(data["row_off"][i]),
+            col_off=int(data["col_off"][i]), source_path=data["source_path"][i]))
+    return records
+
+
+def validate_chip_id(chip_id: Any) -> str:
+    if not isinstance(chip_id, str) or not _CHIP_ID.match(chip_id):
+        raise QueryError(f"bad chip id {chip_id!r}: chip ids are letters, digits and _ . : / -")
+    return chip_id
+
+
+def validate_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise QueryError(f"k must be a whole number, got {k!r}")
+    if not 1 <= k <= MAX_K:
+        raise QueryError(f"k must be within 1..{MAX_K}, got {k}")
+    return int(k)
+
+
+class SearchEngine:
+    """Nearest-neighbour search over one chip table."""
+
+    def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
+                 storage_options: dict[str, str] | None = None):
+        self.store = ChipStore(db_uri, table_name, storage_options)
+        self.store.table  # fail early, with the list of tables, when it is missing
+
+    @property
+    def config(self) -> IndexConfig:
+        return self.store.config
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def refresh(self) -> None:
+        self.store.refresh()
+
+    def get_chip(self, chip_id: str) -> ChipRecord:
+        rows = self.store.fetch([validate_chip_id(chip_id)], METADATA_COLUMNS)
+        if rows.num_rows == 0:
+            raise QueryError(f"no chip {chip_id!r} in table {self.store.table_name!r}")
+        return _records(rows)[0]
+
+    def get_vector(self, chip_id: str) -> np.ndarray:
+        rows = self.store.fetch([validate_chip_id(chip_id)], ["chip_id", "vector"])
+        if rows.num_rows == 0:
+            raise QueryError(f"no chip {chip_id!r} in table {self.store.table_name!r}")
+        return np.asarray(rows["vector"][0].as_py(), dtype=np.float32)
+
+    def thumbnails(self, chip_ids: Sequence[str]) -> dict[str, bytes | None]:
+        ids = [validate_chip_id(c) for c in chip_ids]
+        rows = self.store.fetch(ids, ["chip_id", "thumbnail"])
+        return dict(zip(rows["chip_id"].to_pylist(), rows["thumbnail"].to_pylist()))
+
+    def sample(self, n: int, seed: int = 0, offset: int = 0) -> list[ChipRecord]:
+        """A reproducible pseudo-random page of chips (for galleries)."""
+        total = self.count()
+        if total == 0 or n <= 0:
+            return []
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(total)
+        positions = sorted(int(p) for p in order[offset: offset + n])
+        if not positions:
+            return []
+        ids = self.store.take_offsets(positions, ["chip_id"])["chip_id"].to_pylist()
+        rows = self.store.fetch(ids, METADATA_COLUMNS)
+        by_id = {r.chip_id: r for r in _records(rows)}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def similar_to_chip(self, chip_id: str, k: int = 10,
+                        filters: SearchFilters | None = None) -> SearchResponse:
+        query = self.get_chip(chip_id)
+        vector = self.get_vector(chip_id)
+        return self._search(vector, k, filters or SearchFilters(), query)
+
+    def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10,
+                          filters: SearchFilters | None = None,
+                          exclude_ids: Sequence[str] = ()) -> SearchResponse:
+        array = np.asarray(vector, dtype=np.float64)
+        dim = self.config.embedding_dim
+        if array.ndim != 1 or array.shape[0] != dim:
+            raise QueryError(f"query vector must have {dim} values for this table, got shape {array.shape}")
+        if not np.all(np.isfinite(array)):
+            raise QueryError("query vector contains NaN or infinite values")
+        norm = float(np.linalg.norm(array))
+        if norm == 0.0:
+            raise QueryError("query vector is all zeros; it has no direction to search along")
+        filters = filters or SearchFilters()
+        if filters.exclude_overlapping:
+            raise QueryError("exclude_overlapping needs a query chip; search by chip id instead")
+        return self._search((array / norm).astype(np.float32), k, filters, None,
+                            [validate_chip_id(c) for c in exclude_ids])
+
+    def _search(self, vector: np.ndarray, k: int, filters: SearchFilters, query: ChipRecord | None,
+                exclude_ids: Sequence[str] = ()) -> SearchResponse:
+        k = validate_k(k)
+        started = time.perf_counter()
+        excluded = list(exclude_ids) + ([query.chip_id] if query else [])
+        where = filters.where_clause(excluded)
+        overlap_with = query.footprint if (query and filters.exclude_overlapping) else None
+        fetch = k if overlap_with is None else k * 2 + 16
+        while True:
+            rows = self.store.nearest(vector, fetch, where, METADATA_COLUMNS + ["_distance"])
+            records = _records(rows)
+            distances = rows["_distance"].to_pylist()
+            kept = [(r, d) for r, d in zip(records, distances)
+                    if overlap_with is None or not _overlaps(overlap_with, r.footprint)]
+            if len(kept) >= k or rows.num_rows < fetch or fetch >= MAX_K * 4:
+                break
+            fetch *= 4
+        results = [SearchResult(i + 1, r, float(d)) for i, (r, d) in enumerate(kept[:k])]
+        elapsed = (time.perf_counter() - started) * 1000
+        return SearchResponse(query.chip_id if query else None, results, elapsed,
+                              used_index=bool(self.store.index_description()),
+                              table_version=self.store.table.version, filters=filters)
+
+
+def _overlaps(a: Polygon, b: Polygon) -> bool:
+    if not a.intersects(b):
+        return False
+    return a.intersection(b).area > _OVERLAP_TOLERANCE * a.area
+

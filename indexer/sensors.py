@@ -1,0 +1,183 @@
+"""The one band table: names, aliases, wavelengths, resolution, radiometry and normalisation stats.
+
+Every source (local files, STAC items) and every encoder normalisation reads band facts from here,
+so a band means the same thing whichever way it arrived.
+
+Pixels leave the readers as *reflectance* (float32, ~0..1): `dn * dn_scale + dn_offset`.
+Normalisation statistics (`mean`, `std`) are therefore in reflectance units too.
+Sources: ESA Sentinel-2 MSI spectral response (central wavelengths, S2A); USGS Landsat 8-9
+Collection 2 Level-2 product guide (scale 2.75e-5, offset -0.2); USDA NAIP (8-bit DN);
+band means/stds from the Clay foundation model's public `configs/metadata.yaml`
+(DN units there, divided by the DN scale here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class UnknownBandError(KeyError):
+    """A band name that no sensor in the table knows."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; users want plain text
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Band:
+    name: str
+    """Common name used throughout chipscout (STAC eo:common_name style, e.g. `red`, `nir08`)."""
+    wavelength_um: float
+    gsd_m: float
+    aliases: tuple[str, ...] = ()
+    """Other spellings: asset keys of Earth Search / Planetary Computer, file-name tokens."""
+    mean: float | None = None
+    """Reflectance-unit mean used for `standardize` normalisation (None: not known)."""
+    std: float | None = None
+
+    def matches(self, label: str) -> bool:
+        wanted = label.strip().lower()
+        return wanted == self.name.lower() or wanted in (a.lower() for a in self.aliases)
+
+
+@dataclass(frozen=True)
+class Sensor:
+    name: str
+    bands: tuple[Band, ...]
+    dn_scale: float
+    """Multiply stored digital numbers by this to get reflectance."""
+    dn_offset: float = 0.0
+    rgb: tuple[str, str, str] = ("red", "green", "blue")
+    rgb_max_reflectance: float = 0.3
+    """Reflectance mapped to white in thumbnails (a fixed stretch, so thumbnails compare)."""
+    nodata_dn: float | None = 0
+    quality_bands: tuple[str, ...] = field(default_factory=tuple)
+
+    def band(self, label: str) -> Band:
+        for band in self.bands:
+            if band.matches(label):
+                return band
+        known = ", ".join(b.name for b in self.bands)
+        raise UnknownBandError(f"sensor {self.name!r} has no band {label!r}; its bands are: {known}")
+
+    def has_band(self, label: str) -> bool:
+        return any(b.matches(label) for b in self.bands)
+
+    @property
+    def band_names(self) -> list[str]:
+        return [b.name for b in self.bands]
+
+
+def _s2_band(name: str, code: str, wavelength_um: float, gsd_m: float,
+             mean_dn: float | None = None, std_dn: float | None = None) -> Band:
+    # Earth Search uses common names as asset keys, Planetary Computer and the SAFE files use B04.
+    short = code.replace("B0", "B") if code.startswith("B0") else code
+    aliases = (code, short, f"{code}_{int(gsd_m)}m")
+    if code == "B8A":
+        aliases += ("B08A", "B8a")
+    return Band(name, wavelength_um, gsd_m, aliases,
+                None if mean_dn is None else mean_dn / 10000.0,
+                None if std_dn is None else std_dn / 10000.0)
+
+
+# Clay v1.5 sentinel-2-l2a statistics (DN), keyed by common name.
+_S2_CLAY_MEAN = {"blue": 1105.0, "green": 1355.0, "red": 1552.0, "rededge1": 1887.0,
+                 "rededge2": 2422.0, "rededge3": 2630.0, "nir": 2743.0, "nir08": 2785.0,
+                 "swir16": 2388.0, "swir22": 1835.0}
+_S2_CLAY_STD = {"blue": 1809.0, "green": 1757.0, "red": 1888.0, "rededge1": 1870.0,
+                "rededge2": 1732.0, "rededge3": 1697.0, "nir": 1742.0, "nir08": 1648.0,
+                "swir16": 1470.0, "swir22": 1379.0}
+
+_S2_BANDS_ALL = [
+    ("coastal", "B01", 0.443, 60.0),
+    ("blue", "B02", 0.493, 10.0),
+    ("green", "B03", 0.560, 10.0),
+    ("red", "B04", 0.665, 10.0),
+    ("rededge1", "B05", 0.704, 20.0),
+    ("rededge2", "B06", 0.740, 20.0),
+    ("rededge3", "B07", 0.783, 20.0),
+    ("nir", "B08", 0.842, 10.0),
+    ("nir08", "B8A", 0.865, 20.0),
+    ("nir09", "B09", 0.945, 60.0),
+    ("cirrus", "B10", 1.375, 60.0),
+    ("swir16", "B11", 1.610, 20.0),
+    ("swir22", "B12", 2.190, 20.0),
+]
+
+
+def _sentinel2(name: str, with_cirrus: bool, quality_bands: tuple[str, ...]) -> Sensor:
+    bands = tuple(
+        _s2_band(common, code, wl, gsd, _S2_CLAY_MEAN.get(common), _S2_CLAY_STD.get(common))
+        for common, code, wl, gsd in _S2_BANDS_ALL
+        if with_cirrus or code != "B10"
+    )
+    return Sensor(name, bands, dn_scale=1e-4, quality_bands=quality_bands)
+
+
+SENTINEL2_L1C = _sentinel2("sentinel-2-l1c", with_cirrus=True, quality_bands=())
+SENTINEL2_L2A = _sentinel2("sentinel-2-l2a", with_cirrus=False, quality_bands=("scl",))
+
+_LANDSAT_SCALE, _LANDSAT_OFFSET = 2.75e-5, -0.2
+LANDSAT_C2_L2 = Sensor(
+    "landsat-c2-l2",
+    (
+        # Wavelengths and stats of Clay's landsat-c2l2-sr entry (the wavelengths Clay was
+        # trained with, rounded from USGS's); stats DN -> reflectance: mean * scale + offset,
+        # std * scale.
+        Band("coastal", 0.443, 30.0, ("SR_B1", "B1")),
+        Band("blue", 0.48, 30.0, ("SR_B2", "B2"),
+             12474 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 10144 * _LANDSAT_SCALE),
+        Band("green", 0.56, 30.0, ("SR_B3", "B3"),
+             13310 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 9408 * _LANDSAT_SCALE),
+        Band("red", 0.65, 30.0, ("SR_B4", "B4"),
+             13705 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 9578 * _LANDSAT_SCALE),
+        Band("nir08", 0.86, 30.0, ("SR_B5", "B5", "nir"),
+             17801 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 8277 * _LANDSAT_SCALE),
+        Band("swir16", 1.6, 30.0, ("SR_B6", "B6"),
+             14615 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 5300 * _LANDSAT_SCALE),
+        Band("swir22", 2.2, 30.0, ("SR_B7", "B7"),
+             12701 * _LANDSAT_SCALE + _LANDSAT_OFFSET, 4522 * _LANDSAT_SCALE),
+    ),
+    dn_scale=_LANDSAT_SCALE,
+    dn_offset=_LANDSAT_OFFSET,
+    quality_bands=("qa_pixel",),
+)
+
+NAIP = Sensor(
+    "naip",
+    (
+        Band("red", 0.65, 1.0, ("R", "band1"), 110.16 / 255, 47.23 / 255),
+        Band("green", 0.56, 1.0, ("G", "band2"), 115.41 / 255, 39.82 / 255),
+        Band("blue", 0.48, 1.0, ("B", "band3"), 98.15 / 255, 35.43 / 255),
+        Band("nir", 0.842, 1.0, ("N", "NIR", "band4"), 139.04 / 255, 49.86 / 255),
+    ),
+    dn_scale=1 / 255,
+    rgb_max_reflectance=1.0,
+    nodata_dn=None,
+)
+
+#: 8-bit RGB photos (EuroSAT RGB, screenshots): no radiometry, just 0..255 -> 0..1.
+RGB8 = Sensor(
+    "rgb8",
+    (
+        Band("red", 0.665, 10.0, ("R",)),
+        Band("green", 0.560, 10.0, ("G",)),
+        Band("blue", 0.493, 10.0, ("B",)),
+    ),
+    dn_scale=1 / 255,
+    rgb_max_reflectance=1.0,
+    nodata_dn=None,
+)
+
+SENSORS: dict[str, Sensor] = {
+    s.name: s for s in (SENTINEL2_L1C, SENTINEL2_L2A, LANDSAT_C2_L2, NAIP, RGB8)
+}
+
+
+def get_sensor(name: str) -> Sensor:
+    try:
+        return SENSORS[name]
+    except KeyError:
+        raise UnknownBandError(
+            f"unknown sensor {name!r}; known sensors: {', '.join(sorted(SENSORS))}"
+        ) from None

@@ -1,0 +1,286 @@
+"""Leave-one-out retrieval evaluation on small labelled folders written in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+from affine import Affine
+
+from encoders.base import ChipEncoder
+from indexer.evaluate import (
+    EvalReport,
+    EvaluationError,
+    evaluate_folder,
+    format_report,
+    retrieval_scores,
+)
+from indexer.errors import ChipscoutError
+
+SIZE = 12
+
+
+def write_tiff(path: Path, dn: np.ndarray, nodata: float | None = None,
+               descriptions: list[str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width = dn.shape
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count,
+                       dtype=dn.dtype, crs="EPSG:32632", transform=Affine(10, 0, 500000, 0, -10, 5600000),
+                       nodata=nodata) as dataset:
+        dataset.write(dn)
+        for i, text in enumerate(descriptions or [], start=1):
+            dataset.set_band_description(i, text)
+    return path
+
+
+def separable_folder(root: Path, bands: int = 4, per_class: int = 4, size: int = SIZE) -> Path:
+    """Three classes: texture-free fields whose brightest band differs, plus a little noise."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["crops", "forest", "water"]):
+        for i in range(per_class):
+            dn = rng.integers(400, 600, size=(bands, size, size)).astype(np.uint16)
+            dn[c] += 3000
+            write_tiff(root / name / f"{name}_{i}.tif", dn)
+    return root
+
+
+class Recorder(ChipEncoder):
+    """Band means as the vector; remembers what it was given."""
+
+    family = "recorder"
+    seen: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.seen = []
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_channels
+
+    def config(self) -> dict:
+        return {"in_channels": self.in_channels}
+
+    def forward(self, pixels, waves_um=None, *, valid_mask=None, gsd_m=None, time=None, latlon=None):
+        self.seen.append((pixels.clone(), waves_um, valid_mask))
+        return torch.nan_to_num(pixels).mean(dim=(2, 3)) + 0.01 * torch.arange(self.in_channels)
+
+
+def recorder(holder: list) -> callable:
+    def make(bands: int) -> Recorder:
+        holder.append(Recorder(bands))
+        return holder[-1]
+    return make
+
+
+# -- the right answer on separable data --------------------------------------------------------
+
+@pytest.mark.parametrize("encoder, params", [
+    ("rcf", {"features": 16}),
+    ("rcf", {"features": 16, "kernels": "empirical", "patch_pool_size": 200}),
+    ("band-stats", {}),
+])
+def test_separable_classes_are_retrieved_perfectly(tmp_path, encoder, params):
+    root = separable_folder(tmp_path / "data")
+    report = evaluate_folder(root, encoder, params, sensor="sentinel-2-l2a", k_values=(1, 3, 5, 10))
+    # Each query has exactly 3 relevant images: perfect ranking gives P@k = min(k, 3) / k.
+    assert report.overall.precision_at_k == pytest.approx({1: 1.0, 3: 1.0, 5: 0.6, 10: 0.3})
+    assert report.overall.mean_average_precision == 1.0 and report.n_images == 12
+    assert set(report.per_class) == {"crops", "forest", "water"}
+    assert all(s.mean_average_precision == 1.0 and s.n_images == 4 for s in report.per_class.values())
+    for name, confusion in report.confusion.items():  # 4 queries x 7 wrong in each top 10
+        assert confusion.wrong_neighbours == 28 and confusion.most_confused_with not in (None, name)
+    assert report.encoder == {"rcf": f"rcf-{params.get('kernels', 'gaussian')}"}.get(encoder, encoder)
+    assert report.encoder_config["in_channels"] == 4 and report.image_size_px == (SIZE, SIZE)
+
+
+def test_report_serialises_and_prints(tmp_path):
+    report = evaluate_folder(separable_folder(tmp_path), "rcf", {"features": 8},
+                             sensor="sentinel-2-l2a")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["overall"]["precision_at_k"] == pytest.approx({"1": 1.0, "5": 0.6, "10": 0.3})
+    assert data["encoder"] == "rcf-gaussian" and data["k_values"] == [1, 5, 10]
+    text = format_report(report)
+    assert "rcf-gaussian" in text and "overall" in text and "P@10" in text
+    assert all(name in text for name in ("crops", "forest", "water"))
+
+
+def test_retrieval_scores_by_hand():
+    # Query 0's ranking of the others by cosine: 1 (same class), 3 (other), 2 (same class).
+    vectors = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.5], [0.2, 1.0]])
+    labels = np.array([0, 0, 0, 1, 1])
+    precision, average_precision, top = retrieval_scores(vectors, labels, (1, 2))
+    assert top[0].tolist() == [1, 3]  # then 4, then 2
+    np.testing.assert_allclose(precision[0], [1.0, 0.5])
+    np.testing.assert_allclose(average_precision[0], (1 / 1 + 2 / 4) / 2)
+    # Query 4 (class 1) ranks 2, 3 (its only relevant one) ...: AP = 1/2.
+    assert top[4].tolist()[:2] == [2, 3] and average_precision[4] == pytest.approx(0.5)
+
+
+# -- reading: bands, scaling, image kinds, nodata ------------------------------------------------
+
+def test_eurosat_layout_band_selection_and_scaling(tmp_path):
+    # File band i holds DN 100 * (i + 1); EuroSAT stores B8A last (index 12), B02 at index 1.
+    dn = (np.arange(1, 14, dtype=np.uint16) * 100)[:, None, None] * np.ones((1, 8, 8), np.uint16)
+    for name in ("a", "b"):
+        for i in range(2):
+            write_tiff(tmp_path / name / f"{name}{i}.tif", dn + i)
+    holder: list[Recorder] = []
+    report = evaluate_folder(tmp_path, recorder(holder), bands=["B8A", "blue", "B11"], k_values=(1,))
+    assert report.sensor == "sentinel-2-l1c" and report.bands == ["nir08", "blue", "swir16"]
+    pixels, waves, mask = holder[0].seen[0]
+    np.testing.assert_allclose(pixels[0, :, 0, 0], [0.13, 0.02, 0.11], rtol=1e-6)
+    np.testing.assert_allclose(waves, [0.865, 0.493, 1.610])
+    assert mask is None  # no nodata anywhere
+
+
+def test_band_descriptions_name_the_bands(tmp_path):
+    dn = np.stack([np.full((6, 6), v, np.uint16) for v in (1000, 2000, 3000)])
+    for name in ("a", "b"):
+        for i in range(2):
+            write_tiff(tmp_path / name / f"{i}.tif", dn, descriptions=["B04", "B03", "B02"])
+    holder: list[Recorder] = []
+    report = evaluate_folder(tmp_path, recorder(holder), sensor="sentinel-2-l2a", bands=["blue", "red"],
+                             k_values=(1,))
+    assert report.bands == ["blue", "red"]
+    np.testing.assert_allclose(holder[0].seen[0][0][0, :, 0, 0], [0.3, 0.1], rtol=1e-6)
+
+
+def test_rgb_images_are_read_and_scaled(tmp_path):
+    colours = {"red": (200, 10, 10), "green": (10, 200, 10), "blue": (10, 10, 200)}
+    for name, rgb in colours.items():
+        for i, suffix in enumerate([".png", ".png", ".png"]):
+            array = np.tile(np.array(rgb, np.uint8), (10, 10, 1))
+            array[i, i] = (255, 255, 255)
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.fromarray(array).save(tmp_path / name / f"{i}{suffix}")
+    holder: list[Recorder] = []
+    report = evaluate_folder(tmp_path, recorder(holder), k_values=(1, 2))
+    assert report.sensor == "rgb8" and report.bands == ["red", "green", "blue"]
+    assert report.overall.precision_at_k == {1: 1.0, 2: 1.0}
+    first = holder[0].seen[0][0]
+    np.testing.assert_allclose(first[0, :, 5, 5], [10 / 255, 10 / 255, 200 / 255], rtol=1e-6)
+    rcf = evaluate_folder(tmp_path, "rcf", {"features": 16, "kernels": "empirical", "patch_pool_size": 64},
+                         k_values=(1,))
+    assert rcf.overall.precision_at_k[1] == 1.0
+
+
+def test_nodata_reaches_the_encoder_as_a_mask(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        for i in range(2):
+            dn = rng.integers(100, 2000, size=(3, 8, 8)).astype(np.uint16)
+            dn[:, :, 6:] = 0
+            write_tiff(tmp_path / name / f"{i}.tif", dn, nodata=0)
+    holder: list[Recorder] = []
+    evaluate_folder(tmp_path, recorder(holder), sensor="sentinel-2-l2a", k_values=(1,))
+    mask = holder[0].seen[0][2]
+    assert mask.shape == (4, 8, 8) and mask[:, :, :6].all() and not mask[:, :, 6:].any()
+    report = evaluate_folder(tmp_path, "rcf", {"features": 8}, sensor="sentinel-2-l2a", k_values=(1,))
+    assert report.n_images == 4
+    write_tiff(tmp_path / "b" / "empty.tif", np.zeros((3, 8, 8), np.uint16), nodata=0)
+    with pytest.raises(EvaluationError, match="no valid pixel.*empty.tif"):
+        evaluate_folder(tmp_path, "rcf", {"features": 8}, sensor="sentinel-2-l2a", k_values=(1,))
+
+
+# -- bad folders and options ------------------------------------------------------------------------
+
+def test_fewer_than_two_classes(tmp_path):
+    with pytest.raises(EvaluationError, match="not a folder"):
+        evaluate_folder(tmp_path / "missing")
+    separable_folder(tmp_path / "one", per_class=2)
+    for extra in ("forest", "water"):
+        for file in (tmp_path / "one" / extra).iterdir():
+            file.unlink()
+        (tmp_path / "one" / extra).rmdir()
+    with pytest.raises(EvaluationError, match="1 class folder.*at least two"):
+        evaluate_folder(tmp_path / "one", sensor="sentinel-2-l2a")
+
+
+def test_class_with_a_single_image(tmp_path):
+    root = separable_folder(tmp_path, per_class=2)
+    (root / "water" / "water_1.tif").unlink()
+    with pytest.raises(EvaluationError, match="class 'water' has 1 image.*at least 2"):
+        evaluate_folder(root, sensor="sentinel-2-l2a")
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = separable_folder(tmp_path, per_class=2)
+    (root / "forest" / "broken.tif").write_bytes(b"not a tiff at all")
+    with pytest.raises(EvaluationError, match="cannot read image .*broken.tif"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,))
+    (root / "forest" / "broken.tif").unlink()
+    (root / "forest" / "broken.png").write_bytes(b"\x89PNG nope")
+    root_png = tmp_path / "png"
+    for name in ("a", "b"):
+        (root_png / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (6, 6), (i * 50, 0, 0)).save(root_png / name / f"{i}.png")
+    (root_png / "b" / "z_broken.png").write_bytes(b"\x89PNG nope")
+    with pytest.raises(EvaluationError, match="cannot read image .*z_broken.png"):
+        evaluate_folder(root_png, "band-stats", k_values=(1,))
+
+
+def test_differing_band_counts_and_sizes(tmp_path):
+    root = separable_folder(tmp_path / "bands", per_class=2)
+    write_tiff(root / "water" / "water_9.tif", np.ones((5, SIZE, SIZE), np.uint16))
+    with pytest.raises(EvaluationError, match="water_9.tif has 5 band.*same bands"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,))
+    root = separable_folder(tmp_path / "sizes", per_class=2)
+    write_tiff(root / "water" / "water_9.tif", np.ones((4, SIZE, SIZE + 2), np.uint16))
+    with pytest.raises(EvaluationError, match="water_9.tif is 12x14 px.*same size"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,))
+
+
+def test_sensor_and_band_problems(tmp_path):
+    root = separable_folder(tmp_path, per_class=2)
+    with pytest.raises(EvaluationError, match="cannot tell which sensor.*4 band"):
+        evaluate_folder(root, k_values=(1,))
+    with pytest.raises(EvaluationError, match="unknown sensor"):
+        evaluate_folder(root, sensor="sentinel-3", k_values=(1,))
+    with pytest.raises(EvaluationError, match="nothing says which of its 4 bands"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", bands=["red"], k_values=(1,))
+    with pytest.raises(EvaluationError, match="no band 'B99'"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", bands=["B99"], k_values=(1,),
+                        file_bands=["B02", "B03", "B04", "B08"])
+    with pytest.raises(EvaluationError, match="band 'B05' is not in"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", bands=["B05"], k_values=(1,),
+                        file_bands=["B02", "B03", "B04", "B08"])
+    with pytest.raises(EvaluationError, match="4 band.*3 file band name"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,), file_bands=["B02", "B03", "B04"])
+    report = evaluate_folder(root, "band-stats", sensor="sentinel-2-l2a", bands=["nir", "red"],
+                             file_bands=["B02", "B03", "B04", "B08"], k_values=(1,))
+    assert report.bands == ["nir", "red"] and report.encoder_config == {"in_channels": 2}
+
+
+def test_bad_options_and_encoders(tmp_path):
+    root = separable_folder(tmp_path, per_class=2)
+    with pytest.raises(EvaluationError, match="k=10 is more than the 5 other images"):
+        evaluate_folder(root, sensor="sentinel-2-l2a")
+    with pytest.raises(EvaluationError, match="positive integers"):
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(0,))
+    with pytest.raises(EvaluationError, match="encoder rcf: features must be even"):
+        evaluate_folder(root, "rcf", {"features": 7}, sensor="sentinel-2-l2a", k_values=(1,))
+    with pytest.raises(EvaluationError, match="encoder rcf: .*colour"):
+        evaluate_folder(root, "rcf", {"colour": 1}, sensor="sentinel-2-l2a", k_values=(1,))
+    with pytest.raises(EvaluationError, match="unknown encoder"):
+        evaluate_folder(root, "no-such-encoder", sensor="sentinel-2-l2a", k_values=(1,))
+    with pytest.raises(EvaluationError, match="fitting rcf-empirical.*only"):
+        evaluate_folder(root, "rcf", {"features": 2048, "kernels": "empirical", "patch_pool_size": 2048},
+                        sensor="sentinel-2-l2a", k_values=(1,))
+    if not torch.cuda.is_available():
+        with pytest.raises(EvaluationError, match="no CUDA GPU"):
+            evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,), device="cuda")
+    assert issubclass(EvaluationError, ChipscoutError)
+
+
+def test_report_type(tmp_path):
+    report = evaluate_folder(separable_folder(tmp_path, per_class=2), "band-stats",
+                             sensor="sentinel-2-l2a", k_values=(1,), batch_size=1)
+    assert isinstance(report, EvalReport) and report.overall.precision_at_k == {1: 1.0}
