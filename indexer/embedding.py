@@ -19,7 +19,7 @@ from encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_para
 from indexer.chips import Chip
 from indexer.errors import ChipscoutError, IncompatibleTableError
 from indexer.sensors import Sensor
-from indexer.store import ChipStore, IndexConfig, Normalization
+from indexer.store import ChipStore, IndexConfig, Normalization, state_digest
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -87,26 +87,50 @@ class Embedder:
         self._waves = torch.tensor(self.band_wavelengths_um, dtype=torch.float32, device=self.device)
 
     @classmethod
-    def for_store(cls, store: ChipStore, device: str | None = None) -> Embedder:
-        """The exact encoder a table was written with, rebuilt from its recorded state."""
+    def for_store(cls, store: ChipStore, device: str | None = None,
+                  checkpoint: str | None = None) -> Embedder:
+        """The exact encoder a table was written with, rebuilt from its recorded state.
+
+        Tables of checkpoint-based encoders record the checkpoint path and the weights' digest;
+        `checkpoint` points at the same weights if the file has moved since.
+        """
         config = store.config
         state = store.get_state("encoder")
+        encoder_config = dict(config.encoder_config)
+        if "checkpoint" in encoder_config:
+            if state is not None:
+                encoder_config["checkpoint"] = None  # the stored tensors are the weights
+            elif checkpoint is not None:
+                encoder_config["checkpoint"] = checkpoint
         try:
-            encoder = load_encoder(config.encoder, config.encoder_config, state)
-        except (EncoderError, RuntimeError) as err:
+            encoder = load_encoder(config.encoder, encoder_config, state)
+        except (EncoderError, RuntimeError, OSError) as err:
             raise IncompatibleTableError(
                 f"cannot rebuild encoder {config.encoder_label} of table {store.table_name!r}: {err}"
             ) from err
+        if state is None and state_digest(encoder.state_dict()) != config.state_sha256:
+            raise IncompatibleTableError(
+                f"the weights in {encoder_config.get('checkpoint')} are not the ones table "
+                f"{store.table_name!r} was built with (digest {config.state_sha256[:12]}); "
+                "pass the original checkpoint")
         return cls(encoder, config.normalization, config.band_wavelengths_um, pick_device(device))
+
+    @property
+    def keeps_patches(self) -> bool:
+        return getattr(self.encoder, "pooling", None) == "patch"
 
     def batch_tensors(self, chips: Sequence[Chip], band_count: int) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = torch.from_numpy(np.stack([c.pixels[:band_count] for c in chips]))
         valid = torch.from_numpy(np.stack([c.valid_mask for c in chips]))
         return pixels, valid
 
-    @torch.inference_mode()
     def embed(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
         """(N, D) float32 L2-normalised vectors for `chips` (pixels already in reflectance)."""
+        return self.embed_with_patches(chips, gsd_m)[0]
+
+    @torch.inference_mode()
+    def embed_with_patches(self, chips: Sequence[Chip], gsd_m: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """Chip vectors, and (N, L, D) L2-normalised patch vectors when the encoder keeps them."""
         band_count = len(self.band_wavelengths_um)
         pixels, valid = self.batch_tensors(chips, band_count)
         pixels = self.normalization.apply(pixels.to(self.device, non_blocking=True))
@@ -116,10 +140,15 @@ class Embedder:
         latlon = torch.tensor(
             [latlon_encoding(c.footprint.centroid.x, c.footprint.centroid.y) for c in chips],
             device=self.device)
-        vectors = self.encoder(pixels, self._waves, valid_mask=valid, gsd_m=gsd_m,
-                               time=time, latlon=latlon)
+        if self.keeps_patches:
+            tokens = self.encoder.tokens(pixels, self._waves, gsd_m=gsd_m, time=time, latlon=latlon)
+            vectors, patches = tokens[:, 0], F.normalize(tokens[:, 1:].float(), dim=2).cpu().numpy()
+        else:
+            vectors = self.encoder(pixels, self._waves, valid_mask=valid, gsd_m=gsd_m,
+                                   time=time, latlon=latlon)
+            patches = None
         vectors = F.normalize(vectors.float(), dim=1)
-        return vectors.cpu().numpy()
+        return vectors.cpu().numpy(), patches
 
 
 def build_config(encoder: ChipEncoder, registered_name: str, sensor: Sensor, bands: Sequence[str],

@@ -282,6 +282,20 @@ def chip_rows(chips: Sequence[Chip], vectors: np.ndarray, sensor: Sensor,
     })
 
 
+def patch_rows(chips: Sequence[Chip], patches: np.ndarray) -> pa.Table:
+    """One row per patch token: (chip_id, patch_row, patch_col, vector), raster order."""
+    count, tokens, dim = patches.shape
+    side = int(round(tokens ** 0.5))
+    cols = side if side * side == tokens else tokens  # square chips; otherwise one long row
+    index = np.arange(tokens)
+    return pa.table({
+        "chip_id": np.repeat([c.chip_id for c in chips], tokens),
+        "patch_row": pa.array(np.tile(index // cols, count), pa.int32()),
+        "patch_col": pa.array(np.tile(index % cols, count), pa.int32()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(patches.astype(np.float32).ravel()), dim),
+    })
+
+
 def index_sources(
     sources: Sequence[RasterSource],
     *,
@@ -356,6 +370,7 @@ def index_sources(
     bar = _progress_bar(progress)
     pending_chips: list[Chip] = []
     pending_rows: list[pa.Table] = []
+    pending_patches: list[pa.Table] = []
     facts: dict[str, SourceFacts] = {}
 
     def present_ids(source: RasterSource) -> set[str]:
@@ -368,8 +383,10 @@ def index_sources(
         for chip in pending_chips:
             by_gsd.setdefault(facts[chip.source_id].gsd_m, []).append(chip)
         for gsd_m, chips in by_gsd.items():
-            vectors = embedder.embed(chips, gsd_m)
+            vectors, patches = embedder.embed_with_patches(chips, gsd_m)
             pending_rows.append(chip_rows(chips, vectors, sensor, facts))
+            if patches is not None:
+                pending_patches.append(patch_rows(chips, patches))
         pending_chips.clear()
 
     def commit() -> None:
@@ -379,7 +396,13 @@ def index_sources(
         rows = pa.concat_tables(pending_rows)
         pending_rows.clear()
         if not store.exists():
-            store.create(config, embedder.encoder.state_dict())
+            keep_state = not embedder.encoder.config().get("checkpoint")
+            store.create(config, embedder.encoder.state_dict(), keep_state=keep_state)
+        if pending_patches:
+            # Patches first: a crash between the two commits leaves patches without a chip row,
+            # which a re-run overwrites, never a chip without its patches.
+            store.upsert_patches(pa.concat_tables(pending_patches))
+            pending_patches.clear()
         summary.chips_new += store.upsert(rows)
 
     rows_waiting = 0

@@ -30,6 +30,7 @@ from indexer.errors import IncompatibleTableError, QueryError, StoreError
 
 METADATA_KEY = b"chipscout"
 STATE_SUFFIX = "__state"
+PATCH_SUFFIX = "__patches"
 TABLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 DEFAULT_TABLE = "chips"
 
@@ -275,11 +276,17 @@ class ChipStore:
         return state
 
     # ------------------------------------------------------------------ writing
-    def create(self, config: IndexConfig, encoder_state: dict[str, torch.Tensor]) -> None:
-        """Create the table (and its state) for `config`; refuse if one exists."""
+    def create(self, config: IndexConfig, encoder_state: dict[str, torch.Tensor],
+               keep_state: bool = True) -> None:
+        """Create the table for `config`; refuse if one exists.
+
+        `keep_state` stores the encoder's tensors in the companion table. Encoders whose weights
+        come from a user's checkpoint file (Clay) keep only the weights' digest, so a table never
+        duplicates a multi-GB checkpoint; the digest proves the same weights are used later.
+        """
         if self.exists():
             raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        digest = self.put_state("encoder", encoder_state)
+        digest = self.put_state("encoder", encoder_state) if keep_state else state_digest(encoder_state)
         config = dataclasses.replace(config, state_sha256=digest)
         self._table = self._db.create_table(self.table_name, schema=chip_schema(config))
 
@@ -301,6 +308,25 @@ class ChipStore:
         result = (self.table.merge_insert("chip_id").when_matched_update_all()
                   .when_not_matched_insert_all().execute(rows))
         return int(getattr(result, "num_inserted_rows", rows.num_rows))
+
+    def upsert_patches(self, rows: pa.Table) -> None:
+        """Per-patch vectors (chip_id, patch_row, patch_col, vector) in `<table>__patches`."""
+        if rows.num_rows == 0:
+            return
+        name = self.table_name + PATCH_SUFFIX
+        if name in self._all_table_names():
+            table = self._db.open_table(name)
+            (table.merge_insert(["chip_id", "patch_row", "patch_col"]).when_matched_update_all()
+             .when_not_matched_insert_all().execute(rows.cast(table.schema)))
+        else:
+            self._db.create_table(name, data=rows)
+
+    def patch_vectors(self, chip_id: str) -> pa.Table:
+        name = self.table_name + PATCH_SUFFIX
+        if name not in self._all_table_names():
+            raise StoreError(f"table {self.table_name!r} keeps no patch vectors (built without --pooling patch)")
+        return (self._db.open_table(name).search().where(f"chip_id = {sql_literal(chip_id)}")
+                .limit(None).to_arrow())
 
     # ------------------------------------------------------------------ reading
     def count(self) -> int:
