@@ -1,116 +1,381 @@
-"""chipscout's Streamlit page: pick an example chip, see its look-alikes.
+"""chipscout's Streamlit page: pick an example chip, see the places that look like it.
 
-Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAME`).
-A thin layer over `indexer.search`: no LanceDB, SQL or torch here.
+Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAME`). A thin layer
+over `indexer.search`: no LanceDB, SQL or torch here. The page reads top to bottom: settings from
+the link, the sidebar controls, the example, its look-alikes (histogram, grid, map), then the
+gallery and map to pick another example from.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import time
+from datetime import date
+from functools import partial
+from urllib.parse import urlencode
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
+from app import maps, state
 from indexer.errors import ChipscoutError
 from indexer.paths import default_db_uri
-from indexer.search import SearchEngine, SearchFilters
+from indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse
+from indexer.spread import similar_spread
 
-ATTRIBUTION = "Contains modified Copernicus Sentinel data."
+SENTINEL_ATTRIBUTION = "Contains modified Copernicus Sentinel data."
 GALLERY_SIZE = 12
+GRID_COLUMNS = 6
+#: Footprints drawn on the pick-an-example map (a sample when the table is larger).
+OVERVIEW_MAX_CHIPS = 2000
+#: Chips whose small thumbnails form the maps' mosaic (about 1 KB each in every map update).
+MOSAIC_MAX_CHIPS = 1000
+DATE_LIMITS = (date(1970, 1, 1), date(2100, 12, 31))
 
 
 def _arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--db", default=default_db_uri())
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--db", default=None)
     parser.add_argument("--table", default="chips")
     known, _ = parser.parse_known_args(sys.argv[1:])
+    known.db = known.db or default_db_uri()
     return known
 
 
+# ----------------------------------------------------------------------------- cached search API calls
 @st.cache_resource(show_spinner=False)
 def search_engine(db_uri: str, table: str) -> SearchEngine:
     return SearchEngine(db_uri, table)
 
 
-@st.cache_data(show_spinner=False, max_entries=2048)
+@st.cache_data(show_spinner=False, max_entries=4096)
 def thumbnails(db_uri: str, table: str, chip_ids: tuple[str, ...]) -> dict[str, bytes | None]:
     return search_engine(db_uri, table).thumbnails(list(chip_ids))
 
 
+@st.cache_data(show_spinner=False, max_entries=512)
+def chip_record(db_uri: str, table: str, row_count: int, chip_id: str) -> ChipRecord:
+    return search_engine(db_uri, table).get_chip(chip_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def gallery_page(db_uri: str, table: str, row_count: int, seed: int, page: int) -> list[ChipRecord]:
+    return search_engine(db_uri, table).sample(GALLERY_SIZE, seed=seed, offset=page * GALLERY_SIZE)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def overview_chips(db_uri: str, table: str, row_count: int) -> list[ChipRecord]:
+    return search_engine(db_uri, table).sample(min(row_count, OVERVIEW_MAX_CHIPS), seed=0)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def mosaic_pngs(db_uri: str, table: str, row_count: int) -> dict[str, bytes]:
+    chip_ids = tuple(c.chip_id for c in overview_chips(db_uri, table, row_count)[:MOSAIC_MAX_CHIPS])
+    return {chip_id: maps.small_png(png) for chip_id, png in thumbnails(db_uri, table, chip_ids).items() if png}
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def look_alikes(db_uri: str, table: str, row_count: int, chip_id: str, k: int, filters_key: str,
+                spread_km: float, per_cell: int, _filters: SearchFilters) -> SearchResponse:
+    engine = search_engine(db_uri, table)
+    if spread_km > 0:
+        return similar_spread(engine, chip_id, k, _filters, spread_km, per_cell)
+    return engine.similar_to_chip(chip_id, k, _filters)
+
+
+# ----------------------------------------------------------------------------- callbacks (run before the page)
+def use_as_example(chip_id: str) -> None:
+    st.session_state.chip_id = chip_id
+    st.session_state.min_similarity = None
+
+
+def example_from_map(map_key: str, layer_ids: tuple[str, ...]) -> None:
+    chip_id = maps.selected_chip_id(st.session_state.get(map_key), layer_ids)
+    if chip_id:
+        use_as_example(chip_id)
+
+
+def clear_threshold() -> None:
+    st.session_state.min_similarity = None
+
+
+def set_area(bbox_text: str) -> None:
+    st.session_state.bbox = bbox_text
+
+
+def turn_gallery(pages: int, step: int) -> None:
+    st.session_state.gallery_page = (st.session_state.gallery_page + step) % pages
+
+
+def shuffle_gallery() -> None:
+    st.session_state.gallery_seed += 1
+    st.session_state.gallery_page = 0
+
+
+# ----------------------------------------------------------------------------- page helpers
+def sync_link() -> dict[str, str]:
+    """Write the current settings into the page URL (only when they changed) and return them."""
+    params = state.to_query_params(state.from_session(st.session_state, st.session_state.table))
+    if st.query_params.to_dict() != params:
+        st.query_params.from_dict(params)
+    return params
+
+
+def chip_date(chip: ChipRecord) -> str:
+    return chip.acquired.date().isoformat() if chip.acquired else "date unknown"
+
+
+def fraction_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def score_digits(similarities: list[float]) -> int:
+    """Decimals that tell these scores apart (raw RCF scores can differ only in the fifth digit)."""
+    spread = max(similarities) - min(similarities)
+    return 4 if spread <= 0 else min(8, max(4, 2 - math.floor(math.log10(spread))))
+
+
+def similarity_threshold(similarities: list[float]) -> float | None:
+    """A histogram of the scores with a slider; returns the similarity below which results hide."""
+    low, high = min(similarities), max(similarities)
+    current = st.session_state.min_similarity
+    chart = alt.Chart(pd.DataFrame({"similarity": similarities})).mark_bar().encode(
+        x=alt.X("similarity:Q", bin=alt.Bin(maxbins=25), title="similarity"),
+        y=alt.Y("count():Q", title="results"))
+    if current is not None:
+        chart += alt.Chart(pd.DataFrame({"threshold": [current]})).mark_rule(color="red", size=2).encode(
+            x="threshold:Q")
+    st.altair_chart(chart.properties(height=140), width="stretch")
+    if high - low < 1e-9:
+        st.caption("All results have the same similarity; there is nothing to threshold.")
+        return current
+    # The slider spans the scores shown (they often bunch near 1) plus any threshold from the link.
+    slider_low = low if current is None else min(low, current)
+    slider_high = high if current is None else max(high, current)
+    chosen = st.slider("Hide results below similarity", slider_low, slider_high,
+                       value=slider_low if current is None else current,
+                       step=(slider_high - slider_low) / 200, format=f"%.{score_digits(similarities)}f")
+    chosen = None if chosen <= low else chosen
+    if chosen != current:
+        st.session_state.min_similarity = chosen
+        sync_link()
+    return chosen
+
+
+def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[str], button_prefix: str,
+                   pngs: dict[str, bytes | None]) -> None:
+    with st.container(key=container_key):
+        for start in range(0, len(chips), GRID_COLUMNS):
+            for column, chip, caption in zip(st.columns(GRID_COLUMNS), chips[start:start + GRID_COLUMNS],
+                                             captions[start:start + GRID_COLUMNS]):
+                with column:
+                    png = pngs.get(chip.chip_id)
+                    if png:
+                        st.image(png, width="stretch")
+                    else:
+                        st.caption("(no thumbnail)")
+                    st.caption(caption)
+                    st.button("Use as example", key=f"{button_prefix}-{chip.chip_id}", help=chip.chip_id,
+                              on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def extent_text(chips: list[ChipRecord]) -> str:
+    boxes = [c.footprint.bounds for c in chips]
+    return ",".join(f"{v:.5f}" for v in (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                                           max(b[2] for b in boxes), max(b[3] for b in boxes)))
+
+
+def show_map(deck, key: str, layer_ids: tuple[str, ...], alt_text: str) -> None:
+    st.pydeck_chart(deck, key=key, height=maps.MAP_HEIGHT_PX, on_select=partial(example_from_map, key, layer_ids),
+                    selection_mode="single-object", alt=alt_text)
+
+
+# ============================================================================= the page
 st.set_page_config(page_title="chipscout", layout="wide")
 args = _arguments()
-db_uri = st.query_params.get("db", args.db)
-table = st.query_params.get("table", args.table)
-st.title("chipscout")
 
-try:
-    engine = search_engine(db_uri, table)
-    total = engine.count()
-except ChipscoutError as err:
-    st.error(f"Cannot open the chip table: {err}")
-    st.stop()
-if total == 0:
-    st.info(f"Table {table!r} is empty: index some imagery first (`chipscout index files ...`).")
-    st.stop()
-
-st.caption(f"{total} chips in `{table}` · encoder {engine.config.encoder_label} · {ATTRIBUTION}")
+# Settings come from the link on a browser session's first run, then live in the widgets.
+if "settings_loaded" not in st.session_state:
+    from_link, link_problems = state.from_query_params(st.query_params.to_dict(), args.table)
+    st.session_state.update(state.as_session_values(from_link))
+    st.session_state.update(settings_loaded=True, link_problems=link_problems, gallery_seed=0, gallery_page=0,
+                            basemap_url=os.environ.get("CHIPSCOUT_BASEMAP_URL", ""), map_thumbnails=True)
+db_uri, table = args.db, st.session_state.table
 
 with st.sidebar:
     st.header("Example chip")
-    typed_id = st.text_input("Chip id", key="typed_chip_id")
-    k = st.slider("Neighbours (k)", 1, 50, 12)
-    exclude_overlapping = st.checkbox("Exclude chips overlapping the example", value=True)
+    st.text_input("Chip id", key="chip_id", on_change=clear_threshold,
+                  placeholder="paste an id, or pick from the gallery or map")
+    st.header("Search")
+    st.slider("Look-alikes (k)", *state.K_RANGE, key="k")
+    date_from_column, date_to_column = st.columns(2)
+    date_from_column.date_input("From", key="date_from", min_value=DATE_LIMITS[0], max_value=DATE_LIMITS[1],
+                                format="YYYY-MM-DD")
+    date_to_column.date_input("To", key="date_to", min_value=DATE_LIMITS[0], max_value=DATE_LIMITS[1],
+                              format="YYYY-MM-DD")
+    st.text_input("Area: min lon, min lat, max lon, max lat", key="bbox", placeholder="e.g. -75.70,37.55,-75.55,37.70",
+                  help="Only chips whose footprint box meets this box. Streamlit cannot read back the map's "
+                       "current view, so type a box or use the button under the results map.")
+    st.slider("Max cloud fraction", 0.0, 1.0, step=0.05, key="max_cloud",
+              help="Chips without a cloud mask always pass. 1 turns the filter off.")
+    st.slider("Max nodata fraction", 0.0, 1.0, step=0.05, key="max_nodata", help="1 turns the filter off.")
+    st.checkbox("Exclude chips overlapping the example", key="exclude_overlap",
+                help="Drops the example's neighbours on the grid and other dates of the same place.")
+    spread_column, per_cell_column = st.columns(2)
+    spread_column.number_input("Spread cell (km)", min_value=state.SPREAD_KM_RANGE[0],
+                               max_value=state.SPREAD_KM_RANGE[1], step=1.0, key="spread_km",
+                               help="At most N results per grid cell of this size; 0 turns spreading off.")
+    per_cell_column.number_input("Per cell (N)", min_value=state.PER_CELL_RANGE[0],
+                                 max_value=state.PER_CELL_RANGE[1], step=1, key="per_cell")
+    st.header("Map")
+    st.text_input("Basemap", key="basemap_url", placeholder="none (thumbnails only)",
+                  help=f"An XYZ tile URL such as {maps.OSM_TILES}, or a style.json URL. Empty: no basemap. "
+                       "Default from $CHIPSCOUT_BASEMAP_URL.")
+    st.checkbox("Draw chip thumbnails on the map", key="map_thumbnails")
+    link_params = sync_link()
+    st.header("Share")
+    st.caption("The address bar holds this search; this link reopens it:")
+    st.code((st.context.url or "") + "?" + urlencode(link_params), language=None, wrap_lines=True)
 
-if typed_id:
-    st.session_state["query_chip_id"] = typed_id.strip()
-
-st.subheader("Gallery")
-gallery = engine.sample(GALLERY_SIZE, seed=int(st.session_state.get("gallery_seed", 0)))
-gallery_thumbs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
-columns = st.columns(6)
-for position, chip in enumerate(gallery):
-    with columns[position % 6]:
-        if gallery_thumbs.get(chip.chip_id):
-            st.image(gallery_thumbs[chip.chip_id], use_container_width=True)
-        if st.button("Find similar", key=f"pick-{chip.chip_id}"):
-            st.session_state["query_chip_id"] = chip.chip_id
-if st.button("Shuffle gallery"):
-    st.session_state["gallery_seed"] = int(st.session_state.get("gallery_seed", 0)) + 1
-    st.rerun()
-
-query_id = st.session_state.get("query_chip_id")
-if not query_id:
-    st.info("Pick a chip from the gallery or type its id to see its look-alikes.")
-    st.stop()
+settings = state.from_session(st.session_state, table)
+st.title("chipscout")
+for problem in st.session_state.pop("link_problems", []):
+    st.warning(problem)
 
 try:
-    response = engine.similar_to_chip(query_id, k, SearchFilters(exclude_overlapping=exclude_overlapping))
+    engine = search_engine(db_uri, table)
+    row_count = engine.count()
 except ChipscoutError as err:
-    st.error(str(err))
+    st.error(f"Cannot open the chip table: {err}")
+    st.stop()
+if row_count == 0:
+    st.info(f"Table `{table}` is empty: index some imagery first (`chipscout index files ...` or "
+            "`chipscout demo`).")
     st.stop()
 
-query_chip = engine.get_chip(query_id)
-st.subheader("Example")
-left, right = st.columns([1, 2])
-with left:
-    thumb = thumbnails(db_uri, table, (query_id,)).get(query_id)
-    if thumb:
-        st.image(thumb, use_container_width=True)
-with right:
-    st.markdown(
-        f"**{query_chip.chip_id}**  \n"
-        f"date: {query_chip.acquired.date() if query_chip.acquired else 'unknown'} · "
-        f"place: {query_chip.center_lat:.4f}, {query_chip.center_lon:.4f} · sensor: {query_chip.sensor} · "
-        f"cloud: {'n/a' if query_chip.cloud_fraction is None else f'{query_chip.cloud_fraction:.0%}'}")
+sensor_note = f" · {SENTINEL_ATTRIBUTION}" if "sentinel" in engine.config.sensor.lower() else ""
+st.caption(f"{row_count} chips in `{table}` · encoder {engine.config.encoder_label} · "
+           f"sensor {engine.config.sensor}{sensor_note}")
+try:
+    basemap_url = st.session_state.basemap_url or None
+    maps.basemap_style(basemap_url)
+except maps.BasemapError as err:
+    st.warning(f"Basemap ignored: {err}. Maps show chip thumbnails only.")
+    basemap_url = None
 
-st.subheader(f"{len(response.results)} look-alikes ({response.elapsed_ms:.0f} ms)")
-if not response.results:
-    st.warning("No chips match these filters.")
-result_thumbs = thumbnails(db_uri, table, tuple(r.chip.chip_id for r in response.results))
-columns = st.columns(6)
-for position, result in enumerate(response.results):
-    with columns[position % 6]:
-        image = result_thumbs.get(result.chip.chip_id)
-        if image:
-            st.image(image, use_container_width=True)
-        st.caption(f"#{result.rank} · {result.similarity:.3f}  \n{result.chip.chip_id}")
+# ----------------------------------------------------------------------------- the example
+query: ChipRecord | None = None
+if settings.chip_id:
+    try:
+        query = chip_record(db_uri, table, row_count, settings.chip_id)
+    except ChipscoutError as err:
+        st.error(f"{err}. Pick an example from the gallery below, or check the chip id.")
+
+if query is None:
+    st.info("Pick an example chip from the gallery or the map below, or paste its id in the sidebar, "
+            "to see the places that look like it.")
+else:
+    st.subheader("Example")
+    picture, facts = st.columns([1, 2])
+    with picture, st.container(key="example"):
+        png = thumbnails(db_uri, table, (query.chip_id,)).get(query.chip_id)
+        if png:
+            st.image(png, width="stretch")
+        else:
+            st.caption("(no thumbnail stored for this chip)")
+    with facts:
+        st.markdown(
+            f"**`{query.chip_id}`**\n\n"
+            f"| | |\n|---|---|\n"  # a Markdown table needs a header row; it stays blank
+            f"| date | {chip_date(query)} |\n"
+            f"| place (lat, lon) | {query.center_lat:.5f}, {query.center_lon:.5f} |\n"
+            f"| sensor | {query.sensor} |\n"
+            f"| cloud | {fraction_text(query.cloud_fraction)} |\n"
+            f"| nodata | {fraction_text(query.nodata_fraction)} |\n"
+            f"| size | {query.size_px} px at {query.gsd_m:g} m ({query.size_px * query.gsd_m / 1000:g} km) |\n"
+            f"| source | `{query.source_id}` ({query.crs}, row {query.row_off}, col {query.col_off}) |")
+
+# ----------------------------------------------------------------------------- its look-alikes
+if query is not None:
+    response = None
+    try:
+        filters = state.search_filters(settings)
+        started = time.perf_counter()
+        response = look_alikes(db_uri, table, row_count, query.chip_id, settings.k, repr(filters),
+                               settings.spread_km, settings.per_cell, filters)
+        page_ms = (time.perf_counter() - started) * 1000
+    except ChipscoutError as err:
+        st.error(f"Cannot search: {err}")
+
+    if response is not None:
+        st.subheader("Look-alikes")
+        # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter.
+        method = getattr(response, "method", "ann" if response.used_index else "exact")
+        cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
+        st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
+                   f"table version {response.table_version}")
+        if not response.results:
+            active = state.describe_filters(settings)
+            if active:
+                st.warning(f"No chips match this search ({'; '.join(active)}). Loosen a filter in the sidebar.")
+            else:
+                st.warning("No other chips in this table to compare with.")
+    if response is not None and response.results:
+        map_column, scores_column = st.columns([3, 2])
+        with scores_column:
+            threshold = similarity_threshold([r.similarity for r in response.results])
+        shown = [r for r in response.results if threshold is None or r.similarity >= threshold]
+        pngs = thumbnails(db_uri, table, (query.chip_id, *(r.chip.chip_id for r in shown)))
+        digits = score_digits([r.similarity for r in response.results])
+        with scores_column:
+            if len(shown) < len(response.results):
+                st.caption(f"{len(response.results) - len(shown)} results below similarity "
+                           f"{threshold:.{digits}f} hidden.")
+            if shown and not any(pngs.values()):
+                st.info("This table stores no thumbnails (its bands lack red, green or blue), "
+                        "so results show as footprints only.")
+            st.caption("Map: the example in magenta; look-alikes outlined from purple (least similar shown) "
+                       "to yellow (most similar). Click a footprint to search from it.")
+        if not shown:
+            st.warning(f"The similarity threshold hides all {len(response.results)} results; "
+                       "lower it to see them.")
+        else:
+            with map_column:
+                show_map(maps.results_deck(query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
+                                           context=overview_chips(db_uri, table, row_count),
+                                           context_pngs=mosaic_pngs(db_uri, table, row_count)),
+                         f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
+                         f"Map of the example and {len(shown)} look-alikes")
+            with scores_column:
+                st.button("Search only within this map's extent", on_click=set_area,
+                          args=(extent_text([query, *(r.chip for r in shown)]),),
+                          help="Sets the area filter to the box around the example and the results shown. "
+                               "(Streamlit cannot read back the map's current view.)")
+            thumbnail_grid("results-grid", [r.chip for r in shown],
+                           [f"**#{r.rank}** · {r.similarity:.{digits}f} · {chip_date(r.chip)}" for r in shown],
+                           "hop", pngs)
+
+# ----------------------------------------------------------------------------- pick an(other) example
+st.divider()
+st.subheader("Pick another example" if query is not None else "Pick an example")
+pages = max(1, -(-row_count // GALLERY_SIZE))
+page = st.session_state.gallery_page % pages
+previous_column, next_column, shuffle_column, page_column = st.columns([1, 1, 1, 3])
+previous_column.button("◀ Previous", on_click=turn_gallery, args=(pages, -1), width="stretch")
+next_column.button("Next ▶", on_click=turn_gallery, args=(pages, 1), width="stretch")
+shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
+page_column.caption(f"Random sample, page {page + 1} of {pages}")
+gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
+gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
+thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs)
+
+overview = overview_chips(db_uri, table, row_count)
+sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"
+st.caption(f"Map of {sampled}, the gallery's chips outlined in orange; click a footprint to use it as the example.")
+show_map(maps.overview_deck(overview, mosaic_pngs(db_uri, table, row_count) if st.session_state.map_thumbnails else {},
+                            [c.chip_id for c in gallery], basemap_url),
+         f"overview-map-{settings.chip_id}", (maps.CHIPS_LAYER,), f"Map of {sampled} to pick an example from")

@@ -57,7 +57,8 @@ def main() -> None:
         parser.error("give --ms and/or --rgb")
 
     reports = []
-    print("| data | images | encoder | features | bias | P@1 | P@5 | P@10 | mAP | fit s | encode s |")
+    print("| data | images | encoder | features | bias | P@1 | P@5 | P@10 | mAP "
+          "| fit s | encode s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for label, root, options in datasets:
@@ -68,7 +69,8 @@ def main() -> None:
                 reports.append({"data": label, **report.to_dict()})
                 p, config = report.overall.precision_at_k, report.encoder_config
                 print(f"| {label} | {report.n_images} | {report.encoder} "
-                      f"| {config.get('features', 2 * config['in_channels'])} | {config.get('bias', '-')} "
+                      f"| {config.get('features', 2 * config['in_channels'])} "
+                      f"| {config.get('bias', '-')} "
                       f"| {p[1]:.3f} | {p[5]:.3f} | {p[10]:.3f} "
                       f"| {report.overall.mean_average_precision:.3f} "
                       f"| {report.fit_seconds:.1f} | {report.encode_seconds:.1f} |", flush=True)

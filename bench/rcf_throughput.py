@@ -13,7 +13,7 @@ torchgeo's RCF is timed too when torchgeo is importable.
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import time
 
 import torch
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from encoders.rcf import RandomConvolutionalFeatures
 
 
-def tutorial_reference(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def tutorial_reference(pixels: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
     """Straightforward RCF forward: two convolutions, both ReLU maps materialised, then pooled."""
     positive = F.relu(F.conv2d(pixels, weight, bias))
     negative = F.relu(-F.conv2d(pixels, weight, bias))
@@ -42,25 +43,37 @@ def torchgeo_model(encoder: RandomConvolutionalFeatures):
     return model.to(encoder.weight.device).eval()
 
 
-def chips_per_second(embed, pixels: torch.Tensor, batches: int) -> tuple[float, torch.Tensor]:
+def chips_per_second(models: dict, pixels: torch.Tensor,
+                     batches: int) -> tuple[dict, dict, dict]:
+    """Chips per wall-clock second and per CPU-second (this process, all threads) of each model
+    on `pixels`, best of `batches` timed batches. The models take turns batch by batch, so a
+    busy spell on a shared machine hits them alike; the fastest batch is the least disturbed,
+    and CPU time hardly counts the time other jobs held the cores."""
     def sync() -> None:
         if pixels.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Best of `batches` timed batches: on a shared machine the fastest is the least disturbed.
-    times = []
+    wall: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+    outputs = {}
     with torch.no_grad():
-        out = embed(pixels)  # warm-up: allocator, cuDNN / oneDNN algorithm choice
+        for name, embed in models.items():  # warm-up: allocator, cuDNN / oneDNN algorithms
+            outputs[name] = embed(pixels)
         sync()
         for _ in range(batches):
-            start = time.perf_counter()
-            out = embed(pixels)
-            sync()
-            times.append(time.perf_counter() - start)
-    return pixels.shape[0] / min(times), out
+            for name, embed in models.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                outputs[name] = embed(pixels)
+                sync()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    chips = pixels.shape[0]
+    return ({name: chips / min(t) for name, t in wall.items()},
+            {name: chips / max(min(t), 1e-9) for name, t in cpu.items()}, outputs)
 
 
-def run(device: torch.device, batches: int, size: int, batch_small: int, batch_large: int) -> list[dict]:
+def run(device: torch.device, batches: int, size: int, batch_small: int,
+        batch_large: int) -> list[dict]:
     rows = []
     generator = torch.Generator().manual_seed(0)
     for bands in (4, 10):
@@ -72,35 +85,41 @@ def run(device: torch.device, batches: int, size: int, batch_small: int, batch_l
                 encoder = encoder.to(device).eval()
                 fit_s = 0.0
                 if kernels == "empirical":
-                    sample = (torch.rand((4, bands, size, size), generator=generator) * 0.4).to(device)
+                    sample = torch.rand((4, bands, size, size), generator=generator) * 0.4
                     started = time.perf_counter()
-                    encoder.fit(sample)
+                    encoder.fit(sample.to(device))
                     fit_s = time.perf_counter() - started
-                ours, vectors = chips_per_second(encoder, pixels, batches)
-                reference, expected = chips_per_second(
-                    lambda x: tutorial_reference(x, encoder.weight, encoder.bias), pixels, batches)
+                models = {
+                    "ours": encoder,
+                    "reference": lambda x: tutorial_reference(x, encoder.weight, encoder.bias),
+                }
                 geo = torchgeo_model(encoder)
-                geo_rate = chips_per_second(geo, pixels, batches)[0] if geo is not None else None
+                if geo is not None:
+                    models["torchgeo"] = geo
+                rates, cpu_rates, outputs = chips_per_second(models, pixels, batches)
+                expected = outputs["reference"].float()
                 scale = expected.abs().max().clamp_min(1e-12)
                 rows.append({
                     "device": device.type, "bands": bands, "features": features, "kernels": kernels,
-                    "batch": batch, "ours": ours, "reference": reference, "torchgeo": geo_rate,
-                    "fit_s": fit_s,
-                    "rel_diff": float((vectors.float() - expected.float()).abs().max() / scale),
+                    "batch": batch, "ours": rates["ours"], "reference": rates["reference"],
+                    "torchgeo": rates.get("torchgeo"), "fit_s": fit_s,
+                    "cpu_ratio": cpu_rates["ours"] / cpu_rates["reference"],
+                    "rel_diff": float((outputs["ours"].float() - expected).abs().max() / scale),
                 })
                 print(format_row(rows[-1]), flush=True)
-                del encoder, vectors, expected
+                del encoder, models, outputs, expected
     return rows
 
 
 HEADER = ("| device | bands | features | kernels | batch | chipscout chips/s | reference chips/s "
-          "| ratio | torchgeo chips/s | fit s | max rel. diff |")
+          "| ratio | ratio in CPU time | torchgeo chips/s | fit s | max rel. diff |")
 
 
 def format_row(row: dict) -> str:
     geo = "-" if row["torchgeo"] is None else f"{row['torchgeo']:.2f}"
-    return (f"| {row['device']} | {row['bands']} | {row['features']} | {row['kernels']} | {row['batch']} "
-            f"| {row['ours']:.2f} | {row['reference']:.2f} | {row['ours'] / row['reference']:.2f}x "
+    return (f"| {row['device']} | {row['bands']} | {row['features']} | {row['kernels']} "
+            f"| {row['batch']} | {row['ours']:.2f} | {row['reference']:.2f} "
+            f"| {row['ours'] / row['reference']:.2f}x | {row['cpu_ratio']:.2f}x "
             f"| {geo} | {row['fit_s']:.2f} | {row['rel_diff']:.1e} |")
 
 
@@ -110,9 +129,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3,
                         help="timed batches per setting; the fastest counts")
     parser.add_argument("--size", type=int, default=256, help="chip side in pixels")
-    parser.add_argument("--cpu-batch", type=int, nargs=2, default=(4, 1), metavar=("B1024", "B8192"),
+    parser.add_argument("--cpu-batch", type=int, nargs=2, default=(4, 1),
+                        metavar=("B1024", "B8192"),
                         help="CPU chips per batch at 1024 and 8192 features")
-    parser.add_argument("--cuda-batch", type=int, nargs=2, default=(64, 16), metavar=("B1024", "B8192"))
+    parser.add_argument("--cuda-batch", type=int, nargs=2, default=(64, 16),
+                        metavar=("B1024", "B8192"), help="the same on a GPU")
     args = parser.parse_args()
 
     devices = []
@@ -128,9 +149,10 @@ def main() -> None:
         geo_note = f"torchgeo {torchgeo.__version__}"
     except ImportError:
         geo_note = "torchgeo not installed"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-          + f"; {geo_note}; {args.size}x{args.size} chips, best of {args.batches} batches after 1 warm-up")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads{gpu}; {geo_note}; "
+          f"{args.size}x{args.size} chips, best of {args.batches} batches after 1 warm-up; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     for device in devices:

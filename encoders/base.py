@@ -127,9 +127,7 @@ def load_encoder(registered_name: str, config: dict[str, Any],
 
 
 def _load_builtin_encoders() -> None:
-    # Imported lazily so `encoders.base` stays importable while a family module is broken.
+    # Imported lazily: the family modules import this one to register themselves.
+    import encoders.baseline  # noqa: F401
+    import encoders.clay  # noqa: F401
     import encoders.rcf  # noqa: F401
-    try:
-        import encoders.clay  # noqa: F401
-    except ModuleNotFoundError:
-        pass

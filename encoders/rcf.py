@@ -18,8 +18,19 @@ all of them (default -1), for each output position p
 so the second half is relu(-(W * pixels) - b), i.e. the bias is applied *before* the sign flip,
 exactly as the tutorial negates its biased convolution. MOSAIKS also thresholds its convolutions
 with a bias; chipscout uses the tutorial's convention for both kernel sources, so the two modes
-differ only in where the kernels come from. Both halves come from one convolution through the
-identity relu(-x) = relu(x) - x: we pool relu(x) and x itself, never materialising relu(-x).
+differ only in where the kernels come from. Mind the scale: whitened empirical kernels sum to zero
+and respond weakly to smooth reflectance, so with the default bias -1 their relu(+x) half is
+mostly zero and their relu(-x) half mostly 1 - response; on EuroSAT a bias of 0 retrieves better
+(BENCHMARKS.md (rcf)). The default stays the tutorial's -1 for both.
+
+Both halves come from one convolution through the identity relu(-x) = relu(x) - x: we pool
+relu(x) and x itself, never materialising relu(-x). The convolution runs over chunks of chips
+(and, for big chips, of kernels) small enough to stay in cache on a CPU; on CUDA it runs under
+bf16 (else fp16) autocast, and pooling is always accumulated in float32.
+
+Nodata: given a valid_mask, only output positions whose whole k x k window is valid are
+averaged, so nodata never pulls a vector towards zero; a chip without one such window is an
+error, never NaN.
 
 Written from the papers' and tutorial's descriptions; no MOSAIKS code (non-commercial licence)
 and no torchgeo code is copied.
@@ -79,7 +90,9 @@ def zca_whiten(patches: torch.Tensor, epsilon: float) -> ZcaWhitening:
     Computed in float64 with `torch.linalg.eigh` (the covariance is symmetric).
     """
     if patches.ndim != 2 or patches.shape[0] < 2:
-        raise EncoderError(f"zca_whiten needs (N >= 2, d) patches, got shape {tuple(patches.shape)}")
+        raise EncoderError(
+            f"zca_whiten needs (N >= 2, d) patches, got shape {tuple(patches.shape)}"
+        )
     if not epsilon > 0:
         raise EncoderError(f"whitening epsilon must be > 0, got {epsilon}")
     rows = patches.to(torch.float64)
@@ -175,8 +188,8 @@ class RandomConvolutionalFeatures(ChipEncoder):
 
     family = "rcf"
     #: Activations one convolution call may produce; larger batches are split in chips (then
-    #: kernels), which changes no result. Not part of `config()`. On a CPU, chunks that stay in
-    #: cache are 2-3x faster than one big conv (bench/rcf_throughput.py); a GPU wants big calls.
+    #: kernels), which changes no result. Not part of `config()`. On a 2-core EPYC, 8 MiB chunks
+    #: ran 2-3x faster than 512 MiB ones (they stay in cache); a GPU wants big calls.
     cpu_chunk_bytes: int = 8 * 2**20
     cuda_chunk_bytes: int = 512 * 2**20
 
@@ -196,11 +209,14 @@ class RandomConvolutionalFeatures(ChipEncoder):
         self.features = _check_int("features", features, 2, MAX_FEATURES)
         if features % 2:
             raise EncoderError(
-                f"features must be even (half come from relu(+x), half from relu(-x)), got {features}"
+                f"features must be even (half come from relu(+x), half from relu(-x)), "
+                f"got {features}"
             )
         self.kernel_size = _check_int("kernel_size", kernel_size, 1, 64)
         if kernels not in KERNEL_SOURCES:
-            raise EncoderError(f"kernels must be one of {', '.join(KERNEL_SOURCES)}, got {kernels!r}")
+            raise EncoderError(
+                f"kernels must be one of {', '.join(KERNEL_SOURCES)}, got {kernels!r}"
+            )
         self.kernels = kernels
         self.bias_value = _check_float("bias", bias)
         self.seed = _check_int("seed", seed, 0, 2**63 - 1)
@@ -328,7 +344,8 @@ class RandomConvolutionalFeatures(ChipEncoder):
         mask = self._checked_mask(valid_mask, pixels)
         half = self.features // 2
         batch = pixels.shape[0]
-        out_h, out_w = pixels.shape[2] - self.kernel_size + 1, pixels.shape[3] - self.kernel_size + 1
+        out_h = pixels.shape[2] - self.kernel_size + 1
+        out_w = pixels.shape[3] - self.kernel_size + 1
         vectors = torch.empty((batch, self.features), dtype=torch.float32, device=pixels.device)
 
         with torch.no_grad():
@@ -401,8 +418,11 @@ class RandomConvolutionalFeatures(ChipEncoder):
     def _checked_pixels(self, pixels: torch.Tensor, waves_um: torch.Tensor | None,
                         what: str) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise EncoderError(f"{self.name}.{what} expects pixels of shape (B, C, H, W), got {shape}")
+            shape = (tuple(pixels.shape) if isinstance(pixels, torch.Tensor)
+                     else type(pixels).__name__)
+            raise EncoderError(
+                f"{self.name}.{what} expects pixels of shape (B, C, H, W), got {shape}"
+            )
         if not pixels.is_floating_point():
             raise EncoderError(
                 f"{self.name}.{what} expects reflectance as floats (~0..1), got {pixels.dtype}; "

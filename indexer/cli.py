@@ -31,6 +31,9 @@ app.add_typer(index_app, name="index")
 DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
 TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
+ClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Index on a Dask cluster of worker processes on this machine: local (one per core) or local:N.")]
+SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Index on a running Dask cluster: its scheduler, tcp://HOST:PORT.")]
 
 
 def _db(db: str | None) -> str:
@@ -45,6 +48,28 @@ def _print_json(payload: Any) -> None:
 
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _storage_options(pairs: list[str] | None) -> dict[str, str] | None:
+    """`--storage-option KEY=VALUE` options as a dict (None when none were given)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ChipscoutError(f"bad --storage-option {pair!r}: expected KEY=VALUE, e.g. allow_http=true")
+        options[key.strip()] = value.strip()
+    return options or None
+
+
+def run_index(sources, cluster: str | None, scheduler: str | None, **options):
+    """`index_sources`, or `index_on_cluster` when --cluster or --scheduler is given."""
+    if cluster or scheduler:
+        from indexer.distributed import index_on_cluster
+
+        return index_on_cluster(sources, cluster=cluster, scheduler=scheduler, **options)
+    from indexer.pipeline import index_sources
+
+    return index_sources(sources, **options)
 
 
 # ----------------------------------------------------------------------------- encoder options
@@ -109,11 +134,16 @@ def index_files(
     table: TableOption = "chips",
     as_json: JsonOption = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    commit_every: Annotated[int, typer.Option("--commit-every", help="Chips per atomic commit; a killed run loses at most this many.")] = 512,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run. Always on: chips already stored are skipped without being read.")] = False,
+    cluster: ClusterOption = None,
+    scheduler: SchedulerOption = None,
+    storage_option: StorageOption = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Vector transform of a new table: a spec such as 'power:0.5,standardize,pca-whiten:64:10,l2', 'none', or 'default' (the encoder family's measured default). Appends reuse the table's.")] = None,
 ) -> None:
-    """Index local GeoTIFF/COG files."""
+    """Index local GeoTIFF/COG files (resumes where an earlier run stopped)."""
     from indexer.chips import ChipGrid
     from indexer.files import local_source, parse_datetime
-    from indexer.pipeline import index_sources
 
     if source_id and len(paths) > 1:
         raise ChipscoutError("--source-id names one source; give one path with it")
@@ -122,10 +152,13 @@ def index_files(
                             source_id=source_id) for p in paths]
     choice = encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
                             no_latlon, no_time)
-    summary = index_sources(
-        sources, db_uri=_db(db), table_name=table, encoder=choice,
+    summary = run_index(
+        sources, cluster, scheduler, db_uri=_db(db), table_name=table, encoder=choice,
         grid=ChipGrid(size, stride or size), bands=_split(bands), max_nodata_fraction=max_nodata,
-        batch_size=batch_size, device=device, progress=progress and not as_json)
+        batch_size=batch_size, commit_every=commit_every, device=device,
+        progress=progress and not as_json, storage_options=_storage_options(storage_option),
+        run_request={"command": "chipscout index files", "argv": sys.argv[1:]},
+        **({"transform": transform} if transform else {}))
     _report_summary(summary, as_json)
 
 
@@ -135,7 +168,8 @@ def _report_summary(summary, as_json: bool) -> None:
     else:
         typer.echo(
             f"{summary.table}: {summary.chips_new} new chips, {summary.chips_present} already present, "
-            f"{summary.chips_skipped_nodata} skipped for nodata, {summary.chips_skipped_cloud} for cloud; "
+            f"{summary.chips_skipped_nodata} skipped for nodata, {summary.chips_skipped_cloud} for cloud, "
+            f"{summary.chips_failed} failed; "
             f"{summary.table_rows} rows in table (version {summary.table_version}); "
             f"{summary.chips_per_s:.1f} chips/s with {summary.encoder}")
     for failure in summary.failures:
@@ -160,12 +194,13 @@ def search(
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
+    storage_option: StorageOption = None,
 ) -> None:
     """Find the chips most similar to CHIP_ID."""
     from indexer.search import SearchEngine, SearchFilters
 
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
-    engine = SearchEngine(_db(db), table)
+    engine = SearchEngine(_db(db), table, storage_options=_storage_options(storage_option))
     response = engine.similar_to_chip(chip_id, k, filters)
     if as_json:
         _print_json(response.to_dict())
@@ -183,26 +218,42 @@ def search(
 def info(
     db: DbOption = None,
     table: Annotated[Optional[str], typer.Option("--table", help="Chip table (default: list the tables).")] = None,
+    versions: Annotated[bool, typer.Option("--versions", help="List the table's versions (see `chipscout restore`).")] = False,
+    runs: Annotated[bool, typer.Option("--runs", help="List every run recorded for the table: indexing, restores, cleanups.")] = False,
     as_json: JsonOption = False,
+    storage_option: StorageOption = None,
 ) -> None:
-    """Describe a table: rows, encoder, bands, normalisation, versions, indexes."""
+    """Describe a table: rows, encoder, bands, normalisation, versions, indexes, recent runs."""
     from dataclasses import asdict
 
     from indexer.store import ChipStore
 
     uri = _db(db)
+    options = _storage_options(storage_option)
     if table is None:
-        names = ChipStore(uri, "chips").table_names()
+        names = ChipStore(uri, "chips", options).table_names()
         if as_json:
             _print_json({"db": uri, "tables": names})
         else:
             typer.echo(f"{uri}: {', '.join(names) if names else 'no tables'}")
         return
-    store = ChipStore(uri, table)
+    store = ChipStore(uri, table, options)
+    if runs:
+        _show_runs(store, as_json)
+        return
+    if versions:
+        _show_versions(store, as_json)
+        return
+    from indexer.runlog import list_runs
+    from indexer.vector_index import index_status
+
     config = store.config
+    recent = list_runs(store)
     payload = {
         "db": uri, "table": table, "rows": store.count(), "version": store.table.version,
         "config": asdict(config), "indexes": store.index_description(),
+        "index": index_status(store),
+        "runs_recorded": len(recent), "recent_runs": [r.to_dict() for r in recent[:3]],
     }
     if as_json:
         _print_json(payload)
@@ -214,7 +265,163 @@ def info(
     typer.echo(f"  scaling   {config.normalization.kind}")
     typer.echo(f"  chips     {config.chip_size_px} px, stride {config.chip_stride_px} px")
     typer.echo(f"  written   by chipscout {config.chipscout_version}, created {config.created_at}")
-    typer.echo(f"  indexes   {payload['indexes'] or 'none (exact search)'}")
+    for line in _index_lines(payload["index"]):
+        typer.echo(line)
+    if recent:
+        from indexer.runlog import describe
+
+        typer.echo(f"  runs      {len(recent)} recorded, latest first (all: --runs; versions: --versions)")
+        for run in recent[:3]:
+            typer.echo(f"    {describe(run)}")
+
+
+def _index_lines(status: dict[str, Any]) -> list[str]:
+    from indexer.vector_index import DEFAULT_POLICY
+
+    vector = status["vector"]
+    if vector is None:
+        lines = [f"  vector    no index: exact search (built from {DEFAULT_POLICY.min_rows} rows "
+                 "on ingest, or by `chipscout optimize`)"]
+    else:
+        size = f", {vector['size_bytes'] / 2**20:.0f} MiB" if vector.get("size_bytes") else ""
+        lines = [f"  vector    {vector['index_type']} ({vector['distance_type']}), "
+                 f"{vector['num_indexed_rows']} rows indexed, {vector['num_unindexed_rows']} not yet{size}"]
+        built = vector.get("chipscout")
+        if built:
+            params = ", ".join(f"{k} {v}" for k, v in built["params"].items() if k != "index_type")
+            query = ", ".join(f"{k} {v}" for k, v in built["query"].items())
+            lines.append(f"            {params}; query {query}")
+            lines.append(f"            built {built['built_at']} in {built['build_s']:.1f} s on "
+                         f"{built['rows_at_build']} rows (lancedb {built['lancedb_version']})")
+        else:
+            lines.append(f"            created {vector.get('created_at')} outside chipscout; "
+                         f"details {json.dumps(vector.get('details'))}")
+    scalar = status["scalar"]
+    lines.append(f"  filters   {'BTREE on ' + ', '.join(scalar) if scalar else 'no scalar indexes (scan)'}")
+    fragments = status["fragments"]
+    lines.append(f"  storage   {fragments['num_fragments']} fragments ({fragments['num_small_fragments']} small), "
+                 f"{fragments['total_bytes'] / 2**20:.0f} MiB")
+    return lines
+
+
+@app.command()
+def optimize(
+    index_type: Annotated[Optional[str], typer.Option("--index-type", help="IVF_RQ (default), IVF_PQ or IVF_HNSW_SQ; another type than the table's rebuilds it.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain the vector index even if it is current.")] = False,
+    db: DbOption = None,
+    table: TableOption = "chips",
+    as_json: JsonOption = False,
+) -> None:
+    """Compact the table and build or update its vector and filter indexes."""
+    from indexer.store import ChipStore
+    from indexer.vector_index import DEFAULT_POLICY, VECTOR_INDEX_TYPES, maintain_indexes
+
+    if index_type is not None and index_type.upper() not in VECTOR_INDEX_TYPES:
+        raise ChipscoutError(f"unknown index type {index_type!r}; choose one of {', '.join(VECTOR_INDEX_TYPES)}")
+    store = ChipStore(_db(db), table)
+    store.table  # the missing-table error, with the tables there are
+    report = maintain_indexes(store, DEFAULT_POLICY, index_type=index_type.upper() if index_type else None,
+                              rebuild=rebuild, compact=True)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    vector = {"none": f"no vector index (exact search below {DEFAULT_POLICY.min_rows} rows)",
+              "built": f"vector index built in {report.vector_build_s:.1f} s",
+              "rebuilt": f"vector index rebuilt in {report.vector_build_s:.1f} s",
+              "updated": "new rows added to the vector index",
+              "current": "vector index current"}[report.vector_index]
+    if report.scalar_indexes_built:
+        scalar = f"filter indexes built on {', '.join(report.scalar_indexes_built)}"
+    elif report.rows < DEFAULT_POLICY.scalar_min_rows:
+        scalar = f"no filter indexes below {DEFAULT_POLICY.scalar_min_rows} rows"
+    else:
+        scalar = "filter indexes current"
+    typer.echo(f"{table}: {report.rows} rows; compacted; {scalar}; {vector} ({report.elapsed_s:.1f} s)")
+
+
+def _show_runs(store, as_json: bool) -> None:
+    from indexer.runlog import describe, list_runs
+
+    runs = list_runs(store)
+    if as_json:
+        _print_json({"db": store.db_uri, "table": store.table_name, "runs": [r.to_dict() for r in runs]})
+        return
+    if not runs:
+        typer.echo(f"no runs recorded for table {store.table_name}")
+    for run in runs:
+        typer.echo(describe(run))
+        failures = run.result.get("failures", [])
+        for failure in failures[:5]:
+            typer.echo(f"    failed: {failure.get('source')}: {failure.get('reason')}")
+        if len(failures) > 5:
+            typer.echo(f"    ... and {len(failures) - 5} more failures (--json lists them all)")
+
+
+def _show_versions(store, as_json: bool) -> None:
+    versions = store.versions()
+    current = store.table.version
+    if as_json:
+        _print_json({"db": store.db_uri, "table": store.table_name, "current": current,
+                     "versions": [{"version": v["version"], "timestamp": v["timestamp"],
+                                   "rows": int(v.get("metadata", {}).get("total_rows", 0))}
+                                  for v in versions]})
+        return
+    typer.echo(f"versions of {store.table_name} (current {current}; go back with "
+               "`chipscout restore --version N`):")
+    for v in versions:
+        rows = v.get("metadata", {}).get("total_rows", "?")
+        mark = "  <- current" if v["version"] == current else ""
+        typer.echo(f"  {v['version']:>6}  {v['timestamp']:%Y-%m-%d %H:%M:%S}  {rows:>9} rows{mark}")
+
+
+@app.command()
+def restore(
+    version: Annotated[int, typer.Option("--version", help="The version to go back to (see `chipscout info --versions`).")],
+    db: DbOption = None,
+    table: TableOption = "chips",
+    as_json: JsonOption = False,
+) -> None:
+    """Make an earlier version of a table current again (as a new version; nothing is deleted)."""
+    from indexer.runlog import record_action
+    from indexer.store import ChipStore
+
+    store = ChipStore(_db(db), table)
+    before = store.table.version
+    current = store.restore(version)
+    rows = store.count()
+    record_action(store, "restore", {"version": version},
+                  {"restored_version": version, "new_version": current, "rows": rows}, before)
+    if as_json:
+        _print_json({"table": table, "restored_version": version, "version": current, "rows": rows})
+    else:
+        typer.echo(f"{table}: restored version {version} as version {current} ({rows} chips)")
+
+
+@app.command()
+def cleanup(
+    older_than: Annotated[float, typer.Option("--older-than", help="Delete versions older than this many days (0: all but the current one).")],
+    delete_unverified: Annotated[bool, typer.Option("--delete-unverified", help="Also delete files of writes that never committed (killed runs) younger than 7 days; only when nothing is writing.")] = False,
+    db: DbOption = None,
+    table: TableOption = "chips",
+    as_json: JsonOption = False,
+) -> None:
+    """Delete a table's old versions (and compact its files). Readers on a deleted version fail."""
+    from indexer.runlog import record_action
+    from indexer.store import ChipStore
+
+    if not older_than >= 0:
+        raise ChipscoutError(f"--older-than must be a number of days >= 0, got {older_than}")
+    store = ChipStore(_db(db), table)
+    before = store.table.version
+    report = store.cleanup(older_than * 86400.0, delete_unverified=delete_unverified)
+    record_action(store, "cleanup", {"older_than_days": older_than,
+                                     "delete_unverified": delete_unverified}, report, before)
+    if as_json:
+        _print_json({"table": table, **report})
+    else:
+        typer.echo(f"{table}: {report['versions_before']} -> {report['versions_after']} versions "
+                   f"(table and companions), {report['bytes_before'] / 1e6:.1f} -> "
+                   f"{report['bytes_after'] / 1e6:.1f} MB on disk")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -230,12 +437,30 @@ def evaluate(
     bands: Annotated[Optional[str], typer.Option(help="Bands to use, comma-separated.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     device: Annotated[Optional[str], typer.Option()] = None,
+    transform: Annotated[Optional[list[str]], typer.Option(
+        "--transform", help="Compare vector transforms side by side (repeatable): a spec such as "
+                            "'power:0.5,standardize,pca-whiten:64:10,l2', 'default' or 'none'. "
+                            "The table always has the band-stats baseline and the raw vectors.")] = None,
+    bias: Annotated[Optional[float], typer.Option("--bias", help="RCF bias.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Leave-one-out retrieval quality (precision@k, mAP) on a labelled folder."""
-    from indexer.evaluate import evaluate_folder, format_report
+    from indexer.evaluate import compare_transforms, evaluate_folder, format_comparison, format_report
 
     choice = encoder_choice(encoder, kernels, features, kernel_size, seed, None, None, False, False)
+    if bias is not None:
+        choice.params["bias"] = bias
+    if transform:
+        rows = compare_transforms(path, transform, encoder=choice.name, encoder_params=choice.params,
+                                  sensor=sensor, bands=_split(bands), batch_size=batch_size,
+                                  device=device, progress=not as_json)
+        if as_json:
+            _print_json([{"encoder": r.encoder, "transform": r.transform, "dim": r.output_dim,
+                          "precision_at_k": {str(k): v for k, v in r.scores.precision_at_k.items()},
+                          "map": r.scores.mean_average_precision} for r in rows])
+        else:
+            typer.echo(format_comparison(rows, (1, 5, 10)))
+        return
     report = evaluate_folder(path, encoder=choice.name, encoder_params=choice.params, sensor=sensor,
                              bands=_split(bands), batch_size=batch_size, device=device,
                              progress=not as_json)
@@ -246,14 +471,22 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- app / demo
-def launch_app(db_uri: str, table: str, port: int, address: str) -> None:
+def launch_app(db_uri: str, table: str, port: int, address: str,
+               storage_options: dict[str, str] | None = None) -> None:
+    import os
+
+    from indexer.store import STORAGE_OPTIONS_ENV
+
+    env = None
+    if storage_options:  # the app's stores read them from the environment
+        env = {**os.environ, STORAGE_OPTIONS_ENV: json.dumps(storage_options)}
     script = Path(__file__).resolve().parent.parent / "app" / "main.py"
     command = [sys.executable, "-m", "streamlit", "run", str(script),
                "--server.address", address, "--server.port", str(port), "--server.headless", "true",
                "--browser.gatherUsageStats", "false", "--", "--db", db_uri, "--table", table]
     typer.echo(f"chipscout app on http://{address}:{port}  (Ctrl+C to stop)")
     try:
-        subprocess.run(command, check=False)
+        subprocess.run(command, check=False, env=env)
     except KeyboardInterrupt:
         pass
 
@@ -264,9 +497,10 @@ def run_app(
     table: TableOption = "chips",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
     address: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    storage_option: StorageOption = None,
 ) -> None:
     """Serve the Streamlit app over a chip table."""
-    launch_app(_db(db), table, port, address)
+    launch_app(_db(db), table, port, address, _storage_options(storage_option))
 
 
 @app.command()
@@ -284,6 +518,14 @@ def demo(
     _report_summary(summary, as_json)
     if not no_app:
         launch_app(_db(db), table, port, "127.0.0.1")
+
+
+from indexer.stac_cli import index_stac_command  # noqa: E402  (needs the option aliases above)
+index_app.command("stac")(index_stac_command())
+
+from indexer.label_cli import export_command, label_app  # noqa: E402
+app.add_typer(label_app, name="label")
+app.command("export")(export_command)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ exactly the same scaling, encoder state and output normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from indexer.chips import Chip
 from indexer.errors import ChipscoutError, IncompatibleTableError
 from indexer.sensors import Sensor
 from indexer.store import ChipStore, IndexConfig, Normalization, state_digest
+from indexer.transform import TransformError, VectorTransform, transform_digest
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -81,6 +83,8 @@ class Embedder:
     normalization: Normalization
     band_wavelengths_um: tuple[float, ...]
     device: torch.device
+    transform: VectorTransform | None = None
+    """Fitted vector transform (`indexer.transform`) applied to every chip vector; None: plain L2."""
 
     def __post_init__(self) -> None:
         self.encoder = self.encoder.to(self.device).eval()
@@ -113,7 +117,8 @@ class Embedder:
                 f"the weights in {encoder_config.get('checkpoint')} are not the ones table "
                 f"{store.table_name!r} was built with (digest {config.state_sha256[:12]}); "
                 "pass the original checkpoint")
-        return cls(encoder, config.normalization, config.band_wavelengths_um, pick_device(device))
+        return cls(encoder, config.normalization, config.band_wavelengths_um, pick_device(device),
+                   transform=stored_transform(store))
 
     @property
     def keeps_patches(self) -> bool:
@@ -125,11 +130,17 @@ class Embedder:
         return pixels, valid
 
     def embed(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
-        """(N, D) float32 L2-normalised vectors for `chips` (pixels already in reflectance)."""
+        """(N, D) float32 unit vectors for `chips` (pixels already in reflectance): the encoder's
+        output through the table's transform, or L2-normalised when there is none."""
         return self.embed_with_patches(chips, gsd_m)[0]
 
+    def embed_raw(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
+        """(N, D) float32 encoder vectors before any transform or L2 (what a transform is fitted on)."""
+        return self.embed_with_patches(chips, gsd_m, raw=True)[0]
+
     @torch.inference_mode()
-    def embed_with_patches(self, chips: Sequence[Chip], gsd_m: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def embed_with_patches(self, chips: Sequence[Chip], gsd_m: float,
+                           raw: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Chip vectors, and (N, L, D) L2-normalised patch vectors when the encoder keeps them."""
         band_count = len(self.band_wavelengths_um)
         pixels, valid = self.batch_tensors(chips, band_count)
@@ -147,8 +158,37 @@ class Embedder:
             vectors = self.encoder(pixels, self._waves, valid_mask=valid, gsd_m=gsd_m,
                                    time=time, latlon=latlon)
             patches = None
+        if raw:
+            return vectors.float().cpu().numpy(), patches
+        if self.transform is not None:
+            return self.transform.apply(vectors.float()), patches
         vectors = F.normalize(vectors.float(), dim=1)
         return vectors.cpu().numpy(), patches
+
+
+def stored_transform(store: ChipStore) -> VectorTransform | None:
+    """The fitted transform a table's vectors went through (None for plain-L2 tables)."""
+    description = store.config.transform
+    if not description:
+        return None
+    try:
+        transform = VectorTransform.from_state(description, store.get_state("transform"))
+    except TransformError as err:
+        raise IncompatibleTableError(f"table {store.table_name!r}: {err}") from err
+    if transform_digest(transform) != description.get("state_sha256"):
+        raise IncompatibleTableError(
+            f"the stored transform of table {store.table_name!r} does not match its recorded digest "
+            f"({str(description.get('state_sha256'))[:12]}); the state table was changed")
+    return transform
+
+
+def with_transform(config: IndexConfig, transform: VectorTransform | None) -> IndexConfig:
+    """`config` recording `transform` (description + digest); `embedding_dim` becomes the stored
+    vectors' dimension, the encoder's own stays in `transform['input_dim']`."""
+    if transform is None:
+        return config
+    description = {**transform.describe(), "state_sha256": transform_digest(transform)}
+    return dataclasses.replace(config, transform=description, embedding_dim=transform.output_dim)
 
 
 def build_config(encoder: ChipEncoder, registered_name: str, sensor: Sensor, bands: Sequence[str],

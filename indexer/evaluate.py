@@ -149,24 +149,12 @@ def evaluate_folder(
         raise EvaluationError(
             f"k={max(k_values)} is more than the {len(paths) - 1} other images each query has"
         )
-    torch_device = _pick_device(device)
-
-    layout = _layout_for(paths[0], sensor, bands, file_bands)
-    pixels, valid = _read_all(paths, layout, progress)
-    model = _build_encoder(encoder, encoder_params, len(layout.indexes))
-    model = model.to(torch_device).eval()
-    waves = None if layout.waves_um is None else torch.tensor(layout.waves_um, device=torch_device)
-
-    started = time.perf_counter()
-    if model.requires_fit and not model.is_fitted:
-        try:
-            model.fit(pixels.to(torch_device), None if valid is None else valid.to(torch_device),
-                      waves)
-        except EncoderError as err:
-            raise EvaluationError(f"fitting {model.name} on {root}: {err}") from err
-    fitted = time.perf_counter()
-    vectors = _embed(model, pixels, valid, waves, paths, batch_size, torch_device, progress)
-    encoded = time.perf_counter()
+    embedded = embed_folder(root, encoder, encoder_params, sensor, bands, batch_size, device,
+                            progress, file_bands=file_bands, listing=(class_names, paths, labels))
+    model, layout, vectors = embedded.model, embedded.layout, embedded.vectors
+    torch_device = embedded.device
+    fitted, encoded = embedded.fit_seconds, embedded.fit_seconds + embedded.encode_seconds
+    started = 0.0
 
     labels_array = np.asarray(labels)
     precision, average_precision, top = retrieval_scores(vectors, labels_array, k_values)
@@ -191,6 +179,126 @@ def evaluate_folder(
         fit_seconds=round(fitted - started, 3),
         encode_seconds=round(encoded - fitted, 3),
     )
+
+
+@dataclass
+class EmbeddedFolder:
+    """Raw (not yet normalised) encoder vectors of every image of a labelled folder."""
+
+    vectors: torch.Tensor
+    """(N, D) float32, the encoder's output before any transform or L2."""
+    labels: np.ndarray
+    class_names: list[str]
+    paths: list[Path]
+    model: ChipEncoder
+    layout: _Layout
+    device: torch.device
+    fit_seconds: float
+    encode_seconds: float
+
+
+def embed_folder(
+    root: str | Path,
+    encoder: str | Callable[[int], ChipEncoder] = "rcf",
+    encoder_params: dict[str, Any] | None = None,
+    sensor: str | None = None,
+    bands: Sequence[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    *,
+    file_bands: Sequence[str] | None = None,
+    listing: tuple[list[str], list[Path], list[int]] | None = None,
+) -> EmbeddedFolder:
+    """Read and embed every image of `root/<class>/<image>` (see `evaluate_folder`)."""
+    root = Path(root)
+    class_names, paths, labels = listing or _labelled_images(root)
+    torch_device = _pick_device(device)
+    layout = _layout_for(paths[0], sensor, bands, file_bands)
+    pixels, valid = _read_all(paths, layout, progress)
+    model = _build_encoder(encoder, encoder_params, len(layout.indexes))
+    model = model.to(torch_device).eval()
+    waves = None if layout.waves_um is None else torch.tensor(layout.waves_um, device=torch_device)
+    started = time.perf_counter()
+    if model.requires_fit and not model.is_fitted:
+        try:
+            model.fit(pixels.to(torch_device), None if valid is None else valid.to(torch_device),
+                      waves)
+        except EncoderError as err:
+            raise EvaluationError(f"fitting {model.name} on {root}: {err}") from err
+    fitted = time.perf_counter()
+    vectors = _embed(model, pixels, valid, waves, paths, batch_size, torch_device, progress)
+    encoded = time.perf_counter()
+    return EmbeddedFolder(vectors, np.asarray(labels), class_names, list(paths), model, layout,
+                          torch_device, round(fitted - started, 3), round(encoded - fitted, 3))
+
+
+@dataclass(frozen=True)
+class TransformComparison:
+    """One row of `compare_transforms`: an encoder + transform and its overall scores."""
+
+    encoder: str
+    transform: str
+    output_dim: int
+    scores: ClassScores
+
+
+def compare_transforms(
+    root: str | Path,
+    transforms: Sequence[str],
+    encoder: str = "rcf",
+    encoder_params: dict[str, Any] | None = None,
+    sensor: str | None = None,
+    bands: Sequence[str] | None = None,
+    k_values: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[TransformComparison]:
+    """Leave-one-out scores of `encoder` under each transform spec, side by side, after the trivial
+    per-band mean+std baseline (`band-stats`, raw cosine) and the encoder's raw vectors ("none").
+
+    The folder is embedded once; each transform is fitted on all its images, as an index fits
+    its transform on its own vectors. "default" means the encoder family's measured default.
+    """
+    from indexer.transform import TransformError, VectorTransform, default_transform_spec
+
+    k_values = _checked_k_values(k_values)
+    class_names, paths, labels = _labelled_images(Path(root))
+    listing = (class_names, paths, labels)
+    labels_array = np.asarray(labels)
+
+    def row(name: str, spec: str, vectors: np.ndarray) -> TransformComparison:
+        precision, average_precision, _ = retrieval_scores(vectors, labels_array, k_values)
+        return TransformComparison(name, spec, vectors.shape[1],
+                                   _scores(precision, average_precision, k_values))
+
+    baseline = embed_folder(root, "band-stats", None, sensor, bands, batch_size, device, progress,
+                            listing=listing)
+    rows = [row(baseline.model.name, "none", baseline.vectors.numpy())]
+    embedded = embed_folder(root, encoder, encoder_params, sensor, bands, batch_size, device, progress,
+                            listing=listing)
+    raw = embedded.vectors.double().numpy()
+    for spec in ["none", *[t for t in transforms if t != "none"]]:
+        resolved = (default_transform_spec(encoder) or "none") if spec == "default" else spec
+        try:
+            transform = VectorTransform(resolved).fit(raw)
+        except TransformError as err:
+            raise EvaluationError(f"transform {resolved!r} on {root}: {err}") from err
+        rows.append(row(embedded.model.name, transform.spec if resolved != "none" else "none",
+                        transform.apply(raw)))
+    return rows
+
+
+def format_comparison(rows: Sequence[TransformComparison], k_values: Sequence[int]) -> str:
+    """Markdown table of `compare_transforms` rows."""
+    header = "| encoder | transform | dim | " + " | ".join(f"P@{k}" for k in k_values) + " | mAP |"
+    lines = [header, "|" + "---|" * (4 + len(k_values))]
+    for r in rows:
+        cells = " | ".join(f"{r.scores.precision_at_k[k]:.3f}" for k in k_values)
+        lines.append(f"| {r.encoder} | {r.transform} | {r.output_dim} | {cells} | "
+                     f"{r.scores.mean_average_precision:.3f} |")
+    return "\n".join(lines)
 
 
 def retrieval_scores(vectors: torch.Tensor | np.ndarray, labels: np.ndarray,
@@ -224,8 +332,8 @@ def format_report(report: EvalReport) -> str:
     lines = [
         f"chipscout eval  {report.root}",
         f"encoder  {report.encoder} ({config})",
-        f"data     {report.n_images} images in {len(report.per_class)} classes, {height}x{width} px, "
-        f"sensor {report.sensor}, {bands}",
+        f"data     {report.n_images} images in {len(report.per_class)} classes, "
+        f"{height}x{width} px, sensor {report.sensor}, {bands}",
         f"method   leave-one-out nearest neighbours by cosine similarity on {report.device}; "
         f"fit {report.fit_seconds:.1f} s, encode {report.encode_seconds:.1f} s",
         "",
@@ -243,8 +351,10 @@ def format_report(report: EvalReport) -> str:
 
     for name, scores in report.per_class.items():
         confusion = report.confusion[name]
-        note = ("-" if confusion.most_confused_with is None else
-                f"{confusion.most_confused_with} ({confusion.count} of {confusion.wrong_neighbours})")
+        note = "-"
+        if confusion.most_confused_with is not None:
+            note = (f"{confusion.most_confused_with} "
+                    f"({confusion.count} of {confusion.wrong_neighbours})")
         lines.append(row(name, scores, note))
     lines += ["-" * len(header), row("overall", report.overall, "")]
     return "\n".join(lines)
@@ -314,8 +424,9 @@ def _file_band_names(path: Path, kind: str, count: int, descriptions: Sequence[s
             return [sensor.band(name) for name in file_bands]
         if descriptions and all(d and sensor.has_band(d) for d in descriptions):
             return [sensor.band(d) for d in descriptions]  # type: ignore[arg-type]
-        if kind == "pillow" and count == 3 and all(sensor.has_band(c) for c in ("red", "green", "blue")):
-            return [sensor.band(c) for c in ("red", "green", "blue")]
+        rgb = ("red", "green", "blue")
+        if kind == "pillow" and count == 3 and all(sensor.has_band(c) for c in rgb):
+            return [sensor.band(c) for c in rgb]
         if sensor.name == "sentinel-2-l1c" and count == len(EUROSAT_MS_FILE_BANDS):
             return [sensor.band(name) for name in EUROSAT_MS_FILE_BANDS]
         if count == len(sensor.bands):
@@ -457,7 +568,8 @@ def _build_encoder(encoder: str | Callable[[int], ChipEncoder], params: dict[str
             params.setdefault("in_channels", band_count)
         return build_encoder(encoder, **params)
     except (EncoderError, TypeError) as err:  # TypeError: an option this encoder does not take
-        raise EvaluationError(f"encoder {encoder if isinstance(encoder, str) else ''}: {err}") from err
+        name = encoder if isinstance(encoder, str) else getattr(encoder, "__name__", "encoder")
+        raise EvaluationError(f"encoder {name}: {err}") from err
 
 
 def _embed(model: ChipEncoder, pixels: torch.Tensor, valid: torch.Tensor | None,
@@ -497,7 +609,8 @@ def _scores(precision: np.ndarray, average_precision: np.ndarray,
     )
 
 
-def _confusions(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Confusion]:
+def _confusions(top: np.ndarray, labels: np.ndarray,
+                class_names: Sequence[str]) -> dict[str, Confusion]:
     result = {}
     neighbour_labels = labels[top]  # (N, K)
     for c, name in enumerate(class_names):

@@ -8,6 +8,7 @@ window of the scene's finest grid, resampling coarser bands (20 m, 60 m) onto it
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,7 +22,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -97,13 +98,57 @@ class PixelGrid:
         return float(abs(self.transform.a))
 
 
+#: GDAL settings for rasters read over HTTP or object storage: no sibling-file listings, headers
+#: read in one request, block caching, merged/parallel range requests, and retries with
+#: exponential backoff on transient errors (429 and 5xx). A value set in the environment wins.
+REMOTE_GDAL_OPTIONS: dict[str, str] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
+    "VSI_CACHE": "TRUE",
+    "VSI_CACHE_SIZE": str(32 * 1024 * 1024),
+    "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 1024 * 1024),
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "GDAL_HTTP_MAX_RETRY": "4",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
+    "GDAL_HTTP_CONNECTTIMEOUT": "15",
+    "GDAL_HTTP_TIMEOUT": "120",
+}
+_REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "az://", "/vsicurl", "/vsis3", "/vsigs",
+                    "/vsiaz", "/vsiadls")
+
+
+def is_remote(href: str) -> bool:
+    return href.startswith(_REMOTE_PREFIXES)
+
+
+def remote_gdal_options() -> dict[str, str]:
+    """`REMOTE_GDAL_OPTIONS` less the ones the user set in the environment."""
+    return {key: value for key, value in REMOTE_GDAL_OPTIONS.items() if key not in os.environ}
+
+
+def _gdal_message(err: BaseException) -> str:
+    """rasterio's error plus the GDAL error behind it ("Read failed. See previous exception")."""
+    cause = err.__cause__ or err.__context__
+    return f"{err} ({cause})" if cause is not None and str(cause) not in str(err) else str(err)
+
+
+#: Larger rasters are refused: a header claiming more is broken or hostile, and its chip grid
+#: alone would not fit in memory (a 10 m Sentinel-2 tile is 10,980 px a side).
+MAX_RASTER_SIDE_PX = 262_144
+#: Pixel types that are not digital numbers of reflectance (complex SAR, signed bytes).
+_REFUSED_DTYPES = ("int8", "complex", "complex_int16", "complex64", "complex128")
+
+
 def _open(href: str, location: str) -> rasterio.io.DatasetReader:
     try:
         with warnings.catch_warnings():
             # A missing georeference is reported as our own error where it matters.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(href)
-    except (RasterioError, OSError) as err:
+    except Exception as err:  # GDAL surfaces broken files and HTTP failures in many error types
         raise SourceError(f"cannot open raster {href} ({location}): {err}") from err
 
 
@@ -119,9 +164,16 @@ class RasterReader:
         self._datasets: dict[str, rasterio.io.DatasetReader] = {}
         self._views: dict[str, rasterio.io.DatasetReaderBase] = {}
         try:
+            hrefs = [a.href for a in source.bands]
+            if source.cloud_mask is not None:
+                hrefs.append(source.cloud_mask.href)
+            if any(is_remote(href) for href in hrefs):
+                # Entered in the thread that opens (and so reads): GDAL config is per thread there.
+                self._stack.enter_context(rasterio.Env(**remote_gdal_options()))
             for asset in source.bands:
                 self._dataset(asset.href)
             self.grid = self._finest_grid()
+            self._check_extents()
             for href in self._datasets:
                 self._views[href] = self._view_on_grid(href)
             self._mask_view = None
@@ -146,8 +198,45 @@ class RasterReader:
             dataset = self._stack.enter_context(_open(href, self.source.location))
             if dataset.crs is None:
                 raise SourceError(f"{href}: raster has no CRS (unknown coordinate reference system)")
+            self._check_dataset(href, dataset)
             self._datasets[href] = dataset
         return self._datasets[href]
+
+    def _check_dataset(self, href: str, dataset: rasterio.io.DatasetReader) -> None:
+        """Refuse what would crash or mislead a read: absurd sizes, missing bands, odd pixel types."""
+        if not 0 < dataset.width <= MAX_RASTER_SIDE_PX or not 0 < dataset.height <= MAX_RASTER_SIDE_PX:
+            raise SourceError(f"{href}: claims {dataset.width} x {dataset.height} px; chipscout reads "
+                              f"rasters of 1 to {MAX_RASTER_SIDE_PX} px a side")
+        wanted = [a.band_index for a in self.source.bands if a.href == href]
+        if self.source.cloud_mask is not None and self.source.cloud_mask.href == href:
+            wanted.append(self.source.cloud_mask.band_index)
+        for index in wanted:
+            if not 1 <= index <= dataset.count:
+                raise SourceError(f"{href}: has {dataset.count} band(s), no band {index}")
+            dtype = dataset.dtypes[index - 1]
+            if dtype in _REFUSED_DTYPES or dtype.startswith("complex"):
+                raise SourceError(f"{href}: band {index} holds {dtype} pixels, which are not "
+                                  "reflectance numbers; convert it to an unsigned integer or float type")
+
+    def _check_extents(self) -> None:
+        """Every band must cover the scene's ground: a band cut to another extent is a broken file."""
+        grid = self.grid
+        if grid.transform.b or grid.transform.d:
+            return  # rotated grids: WarpedVRT handles them, extents are not axis-aligned boxes
+        x0, y0 = grid.transform.c, grid.transform.f
+        x1, y1 = grid.transform * (grid.width, grid.height)
+        scene = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        for href, dataset in self._datasets.items():
+            if dataset.crs != grid.crs or dataset.transform.b or dataset.transform.d:
+                continue
+            tolerance = max(abs(dataset.transform.a), abs(dataset.transform.e), grid.gsd_m) * 1.01
+            b = dataset.bounds
+            band = (min(b.left, b.right), min(b.top, b.bottom), max(b.left, b.right), max(b.top, b.bottom))
+            if any(abs(mine - theirs) > tolerance for mine, theirs in zip(band, scene)):
+                raise SourceError(
+                    f"{href}: covers ({', '.join(f'{v:.1f}' for v in band)}) but the scene's finest "
+                    f"band covers ({', '.join(f'{v:.1f}' for v in scene)}) in {grid.crs}; "
+                    "all bands of a scene must cover the same ground")
 
     def _finest_grid(self) -> PixelGrid:
         finest = min(self._datasets.values(), key=lambda d: abs(d.transform.a))
@@ -182,10 +271,10 @@ class RasterReader:
         for position, asset in enumerate(self.source.bands):
             try:
                 dn = self._views[asset.href].read(asset.band_index, window=window, boundless=False)
-            except (RasterioError, OSError, ValueError) as err:
+            except Exception as err:  # GDAL's read errors reach Python in several types
                 raise SourceError(
                     f"{asset.href}: failed to read band {asset.band.name} window "
-                    f"row={row_off} col={col_off} size={size_px}: {err}"
+                    f"row={row_off} col={col_off} size={size_px}: {_gdal_message(err)}"
                 ) from err
             dn = dn.astype(np.float32, copy=False)
             band_valid = np.isfinite(dn)
@@ -205,8 +294,8 @@ class RasterReader:
         window = Window(col_off, row_off, size_px, size_px)
         try:
             codes = self._mask_view.read(mask.band_index, window=window).astype(np.int64)
-        except (RasterioError, OSError, ValueError) as err:
-            raise SourceError(f"{mask.href}: failed to read the cloud mask: {err}") from err
+        except Exception as err:  # as for the bands: any GDAL failure is this source's
+            raise SourceError(f"{mask.href}: failed to read the cloud mask: {_gdal_message(err)}") from err
         cloudy = np.isin(codes, list(mask.cloudy_classes)) if mask.cloudy_classes else np.zeros_like(valid)
         for bit in mask.cloudy_bits:
             cloudy |= (codes >> bit) & 1 == 1

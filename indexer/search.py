@@ -21,6 +21,7 @@ from shapely.geometry import Polygon
 
 from indexer.errors import QueryError
 from indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, sql_literal
+from indexer.vector_index import DEFAULT_POLICY, FilterValues, IndexPolicy, VectorSearcher
 
 MAX_K = 10_000
 _CHIP_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
@@ -43,7 +44,7 @@ class BBox:
 
     def __post_init__(self) -> None:
         values = (self.min_lon, self.min_lat, self.max_lon, self.max_lat)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not all(_finite_number(v) for v in values):
             raise QueryError(f"bbox values must be finite numbers, got {values}")
         if not (-180 <= self.min_lon <= 180 and -180 <= self.max_lon <= 180):
             raise QueryError(f"bbox longitudes must lie in -180..180, got {self.min_lon}, {self.max_lon}")
@@ -79,16 +80,29 @@ def _as_utc(value: datetime | date | str | None, what: str) -> datetime | None:
         except Exception as err:
             raise QueryError(str(err)) from None
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        try:
+            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        except OverflowError:
+            raise QueryError(f"{what} {value!r} is out of range") from None
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
     raise QueryError(f"{what} must be a date, got {type(value).__name__}")
 
 
+def _finite_number(value: Any) -> bool:
+    """A real, finite int or float (an int too large for a float is not)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _fraction(value: float | None, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _finite_number(value):
         raise QueryError(f"{what} must be a number within 0..1, got {value!r}")
     if not 0.0 <= value <= 1.0:
         raise QueryError(f"{what} must be within 0..1, got {value}")
@@ -124,8 +138,12 @@ class SearchFilters:
         elif bbox is not None and not isinstance(bbox, BBox):
             try:
                 bbox = BBox(*[float(v) for v in bbox])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise QueryError(f"bad bbox {bbox!r}: expected four numbers") from None
+        if source_ids is None:
+            source_ids = ()
+        if isinstance(source_ids, (str, bytes)) or not isinstance(source_ids, (Sequence, set, frozenset)):
+            raise QueryError(f"source ids must be a list of ids, got {source_ids!r}")
         for source_id in source_ids:
             if not isinstance(source_id, str) or not _CHIP_ID.match(source_id):
                 raise QueryError(f"bad source id {source_id!r}")
@@ -215,10 +233,14 @@ class SearchResponse:
     """True when an ANN index answered; False for exact (flat) search."""
     table_version: int
     filters: SearchFilters = field(default_factory=SearchFilters)
+    method: str = "exact"
+    """How the results were found (`indexer.vector_index.SearchPlan.method`): `exact`,
+    `exact-scan`, `ann`, `ann-postfilter` or `ann-prefilter`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"query_chip_id": self.query_chip_id, "elapsed_ms": round(self.elapsed_ms, 2),
-                "used_index": self.used_index, "table_version": self.table_version,
+                "used_index": self.used_index, "method": self.method,
+                "table_version": self.table_version,
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -244,6 +266,14 @@ def validate_chip_id(chip_id: Any) -> str:
     return chip_id
 
 
+def _checked_filters(filters: Any) -> SearchFilters:
+    if filters is None:
+        return SearchFilters()
+    if not isinstance(filters, SearchFilters):
+        raise QueryError(f"filters must be built with SearchFilters.build, got {type(filters).__name__}")
+    return filters
+
+
 def validate_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise QueryError(f"k must be a whole number, got {k!r}")
@@ -256,9 +286,10 @@ class SearchEngine:
     """Nearest-neighbour search over one chip table."""
 
     def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
-                 storage_options: dict[str, str] | None = None):
+                 storage_options: dict[str, str] | None = None, index_policy: IndexPolicy | None = None):
         self.store = ChipStore(db_uri, table_name, storage_options)
         self.store.table  # fail early, with the list of tables, when it is missing
+        self.searcher = VectorSearcher(self.store, index_policy or DEFAULT_POLICY)
 
     @property
     def config(self) -> IndexConfig:
@@ -282,6 +313,19 @@ class SearchEngine:
             raise QueryError(f"no chip {chip_id!r} in table {self.store.table_name!r}")
         return np.asarray(rows["vector"][0].as_py(), dtype=np.float32)
 
+    def get_chips(self, chip_ids: Sequence[str]) -> list[ChipRecord]:
+        """The records of `chip_ids` that exist, in the order asked (unknown ids left out)."""
+        ids = list(dict.fromkeys(validate_chip_id(c) for c in chip_ids))
+        by_id: dict[str, ChipRecord] = {}
+        for start in range(0, len(ids), 500):  # one modest IN (...) filter per chunk
+            by_id.update((r.chip_id, r) for r in _records(self.store.fetch(ids[start:start + 500],
+                                                                           METADATA_COLUMNS)))
+        return [by_id[c] for c in ids if c in by_id]
+
+    def vectors(self, chip_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """Stored vectors of the chips that exist: (their ids in the order asked, (n, D) float32)."""
+        return self.store.vectors([validate_chip_id(c) for c in chip_ids])
+
     def thumbnails(self, chip_ids: Sequence[str]) -> dict[str, bytes | None]:
         ids = [validate_chip_id(c) for c in chip_ids]
         rows = self.store.fetch(ids, ["chip_id", "thumbnail"])
@@ -304,25 +348,34 @@ class SearchEngine:
 
     def similar_to_chip(self, chip_id: str, k: int = 10,
                         filters: SearchFilters | None = None) -> SearchResponse:
+        filters = _checked_filters(filters)
         query = self.get_chip(chip_id)
         vector = self.get_vector(chip_id)
-        return self._search(vector, k, filters or SearchFilters(), query)
+        return self._search(vector, k, filters, query)
 
     def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10,
                           filters: SearchFilters | None = None,
                           exclude_ids: Sequence[str] = ()) -> SearchResponse:
-        array = np.asarray(vector, dtype=np.float64)
+        try:
+            array = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise QueryError("query vector must be a list of numbers") from None
         dim = self.config.embedding_dim
         if array.ndim != 1 or array.shape[0] != dim:
             raise QueryError(f"query vector must have {dim} values for this table, got shape {array.shape}")
         if not np.all(np.isfinite(array)):
             raise QueryError("query vector contains NaN or infinite values")
         norm = float(np.linalg.norm(array))
+        if not math.isfinite(norm) or 0.0 < norm < 1e-150:
+            array = array / float(np.max(np.abs(array)))  # the norm overflowed or underflowed
+            norm = float(np.linalg.norm(array))
         if norm == 0.0:
             raise QueryError("query vector is all zeros; it has no direction to search along")
-        filters = filters or SearchFilters()
+        filters = _checked_filters(filters)
         if filters.exclude_overlapping:
             raise QueryError("exclude_overlapping needs a query chip; search by chip id instead")
+        if isinstance(exclude_ids, (str, bytes)) or not isinstance(exclude_ids, (Sequence, set, frozenset)):
+            raise QueryError(f"ids to exclude must be a list of chip ids, got {exclude_ids!r}")
         return self._search((array / norm).astype(np.float32), k, filters, None,
                             [validate_chip_id(c) for c in exclude_ids])
 
@@ -330,24 +383,34 @@ class SearchEngine:
                 exclude_ids: Sequence[str] = ()) -> SearchResponse:
         k = validate_k(k)
         started = time.perf_counter()
-        excluded = list(exclude_ids) + ([query.chip_id] if query else [])
-        where = filters.where_clause(excluded)
+        # Excluded ids are dropped from an over-fetched list rather than filtered in LanceDB:
+        # `chip_id NOT IN (...)` would make every query a prefiltered one.
+        excluded = set(exclude_ids) | ({query.chip_id} if query else set())
+        where = filters.where_clause()
+        values = FilterValues(filters.date_from, filters.date_to,
+                              filters.bbox.as_tuple() if filters.bbox else None,
+                              filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
         overlap_with = query.footprint if (query and filters.exclude_overlapping) else None
-        fetch = k if overlap_with is None else k * 2 + 16
+        fetch = (k if overlap_with is None else k * 2 + 16) + len(excluded)
+        used_index, methods = False, []
         while True:
-            rows = self.store.nearest(vector, fetch, where, METADATA_COLUMNS + ["_distance"])
+            rows, plan = self.searcher.nearest(vector, fetch, values, where, METADATA_COLUMNS + ["_distance"])
+            used_index = used_index or plan.used_index
+            methods.append(plan.method)
             records = _records(rows)
             distances = rows["_distance"].to_pylist()
             kept = [(r, d) for r, d in zip(records, distances)
-                    if overlap_with is None or not _overlaps(overlap_with, r.footprint)]
+                    if r.chip_id not in excluded
+                    and (overlap_with is None or not _overlaps(overlap_with, r.footprint))]
             if len(kept) >= k or rows.num_rows < fetch or fetch >= MAX_K * 4:
                 break
             fetch *= 4
         results = [SearchResult(i + 1, r, float(d)) for i, (r, d) in enumerate(kept[:k])]
         elapsed = (time.perf_counter() - started) * 1000
         return SearchResponse(query.chip_id if query else None, results, elapsed,
-                              used_index=bool(self.store.index_description()),
-                              table_version=self.store.table.version, filters=filters)
+                              used_index=used_index,
+                              table_version=self.store.table.version, filters=filters,
+                              method="+".join(dict.fromkeys(methods)))
 
 
 def _overlaps(a: Polygon, b: Polygon) -> bool:

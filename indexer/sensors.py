@@ -41,6 +41,22 @@ class Band:
 
 
 @dataclass(frozen=True)
+class CloudMaskRule:
+    """How a sensor's quality band flags cloud: by class value (Sentinel-2 SCL) or bit (Landsat QA_PIXEL)."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    """Asset keys / file tokens of the quality band (Earth Search `scl`, Planetary Computer `SCL`)."""
+    cloudy_classes: frozenset[int] = frozenset()
+    cloudy_bits: tuple[int, ...] = ()
+    nodata_classes: frozenset[int] = frozenset()
+
+    def matches(self, label: str) -> bool:
+        wanted = label.strip().lower()
+        return wanted == self.name.lower() or wanted in (a.lower() for a in self.aliases)
+
+
+@dataclass(frozen=True)
 class Sensor:
     name: str
     bands: tuple[Band, ...]
@@ -52,6 +68,11 @@ class Sensor:
     """Reflectance mapped to white in thumbnails (a fixed stretch, so thumbnails compare)."""
     nodata_dn: float | None = 0
     quality_bands: tuple[str, ...] = field(default_factory=tuple)
+    cloud_mask: CloudMaskRule | None = None
+    baseline_offset_dn: float = 0.0
+    """Offset added to DNs of products from `baseline_offset_since` on (Sentinel-2 processing
+    baseline 04.00 shifted L1C/L2A DNs by +1000: BOA_ADD_OFFSET / RADIO_ADD_OFFSET = -1000)."""
+    baseline_offset_since: str | None = None
 
     def band(self, label: str) -> Band:
         for band in self.bands:
@@ -105,17 +126,28 @@ _S2_BANDS_ALL = [
 ]
 
 
-def _sentinel2(name: str, with_cirrus: bool, quality_bands: tuple[str, ...]) -> Sensor:
+#: Scene classification (L2A SCL): 3 cloud shadow, 8 cloud medium, 9 cloud high, 10 thin cirrus; 0 no data.
+S2_SCL = CloudMaskRule("scl", ("SCL", "SCL_20m"), cloudy_classes=frozenset({3, 8, 9, 10}),
+                       nodata_classes=frozenset({0}))
+
+
+def _sentinel2(name: str, with_cirrus: bool, quality_bands: tuple[str, ...],
+               cloud_mask: CloudMaskRule | None = None) -> Sensor:
     bands = tuple(
         _s2_band(common, code, wl, gsd, _S2_CLAY_MEAN.get(common), _S2_CLAY_STD.get(common))
         for common, code, wl, gsd in _S2_BANDS_ALL
         if with_cirrus or code != "B10"
     )
-    return Sensor(name, bands, dn_scale=1e-4, quality_bands=quality_bands)
+    return Sensor(name, bands, dn_scale=1e-4, quality_bands=quality_bands, cloud_mask=cloud_mask,
+                  baseline_offset_dn=-1000.0, baseline_offset_since="04.00")
 
 
 SENTINEL2_L1C = _sentinel2("sentinel-2-l1c", with_cirrus=True, quality_bands=())
-SENTINEL2_L2A = _sentinel2("sentinel-2-l2a", with_cirrus=False, quality_bands=("scl",))
+SENTINEL2_L2A = _sentinel2("sentinel-2-l2a", with_cirrus=False, quality_bands=("scl",), cloud_mask=S2_SCL)
+
+#: Landsat Collection 2 QA_PIXEL: bit 1 dilated cloud, 2 cirrus, 3 cloud, 4 cloud shadow; value 1 = fill only.
+LANDSAT_QA_PIXEL = CloudMaskRule("qa_pixel", ("QA_PIXEL",), cloudy_bits=(1, 2, 3, 4),
+                                 nodata_classes=frozenset({1}))
 
 _LANDSAT_SCALE, _LANDSAT_OFFSET = 2.75e-5, -0.2
 LANDSAT_C2_L2 = Sensor(
@@ -141,6 +173,7 @@ LANDSAT_C2_L2 = Sensor(
     dn_scale=_LANDSAT_SCALE,
     dn_offset=_LANDSAT_OFFSET,
     quality_bands=("qa_pixel",),
+    cloud_mask=LANDSAT_QA_PIXEL,
 )
 
 NAIP = Sensor(

@@ -1,4 +1,4 @@
-"""Random Convolutional Features (Gaussian and empirical kernels) and the band-statistics baseline."""
+"""Random Convolutional Features (Gaussian and empirical kernels) and the band-stats baseline."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ def chips(batch: int = 3, channels: int = 4, size: int = 16, seed: int = 0) -> t
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand((batch, channels, size, size), generator=generator) * 0.3
     ramp = torch.linspace(0, 0.2, size)
-    return noise + ramp[None, None, :, None] * torch.arange(1, channels + 1)[None, :, None, None] / channels
+    per_band = torch.arange(1, channels + 1)[None, :, None, None] / channels
+    return noise + ramp[None, None, :, None] * per_band
 
 
-def fitted(channels: int = 4, features: int = 16, seed: int = 0, **params) -> RandomConvolutionalFeatures:
+def fitted(channels: int = 4, features: int = 16, seed: int = 0,
+           **params) -> RandomConvolutionalFeatures:
     encoder = RandomConvolutionalFeatures(channels, features=features, kernels="empirical",
                                           seed=seed, patch_pool_size=400, **params)
     encoder.fit(chips(4, channels, 16, seed=99))
@@ -82,7 +84,8 @@ def test_names_config_and_registry():
     assert (empirical.requires_fit, empirical.is_fitted) == (True, False)
     config = json.loads(json.dumps(empirical.config()))
     assert config == {"in_channels": 3, "features": 8, "kernel_size": 3, "kernels": "empirical",
-                      "bias": -1.0, "seed": 0, "whitening_epsilon": 1e-3, "patch_pool_size": 100_000}
+                      "bias": -1.0, "seed": 0, "whitening_epsilon": 1e-3,
+                      "patch_pool_size": 100_000}
     assert set(gaussian.state_dict()) == {"weight", "bias", "fitted"}
     assert not list(gaussian.parameters())  # buffers only: nothing trains
 
@@ -90,7 +93,8 @@ def test_names_config_and_registry():
 # -- seeds and kernels ----------------------------------------------------------------------------
 
 def test_gaussian_is_deterministic_under_a_seed():
-    first, again = RandomConvolutionalFeatures(4, features=16, seed=7), RandomConvolutionalFeatures(4, features=16, seed=7)
+    first = RandomConvolutionalFeatures(4, features=16, seed=7)
+    again = RandomConvolutionalFeatures(4, features=16, seed=7)
     other = RandomConvolutionalFeatures(4, features=16, seed=8)
     pixels = chips()
     assert torch.equal(first.weight, again.weight) and torch.equal(first(pixels), again(pixels))
@@ -110,7 +114,10 @@ def test_empirical_is_deterministic_under_a_seed_and_differs_from_gaussian():
 
 @pytest.mark.parametrize("kernels", ["gaussian", "empirical"])
 def test_reload_from_config_and_state_is_bit_identical(kernels):
-    encoder = fitted(seed=3) if kernels == "empirical" else RandomConvolutionalFeatures(4, features=16, seed=3)
+    if kernels == "empirical":
+        encoder = fitted(seed=3)
+    else:
+        encoder = RandomConvolutionalFeatures(4, features=16, seed=3)
     state = {key: value.clone() for key, value in encoder.state_dict().items()}
     rebuilt = load_encoder("rcf", json.loads(json.dumps(encoder.config())), state)
     assert rebuilt.is_fitted
@@ -151,6 +158,21 @@ def test_fitted_pool_is_white_except_the_removed_patch_means():
     ones = torch.full((27, 1), 27 ** -0.5, dtype=torch.float64)
     projector = torch.eye(27, dtype=torch.float64) - ones @ ones.T
     torch.testing.assert_close(covariance, projector, atol=1e-5, rtol=0)
+
+
+def test_fit_kernels_are_the_first_rows_of_the_whitened_pool():
+    encoder = fitted(features=16, whitening_epsilon=1e-9)
+    # fit's draw, redone with the public steps and the same seed:
+    patches, _ = sample_patches(chips(4, 4, 16, seed=99), None, 3, 400,
+                                torch.Generator().manual_seed(0))
+    normalised, usable = normalize_patches(patches)
+    whitened = zca_whiten(normalised[usable], 1e-9).whitened
+    torch.testing.assert_close(encoder.weight.flatten(1), whitened[:8].float())
+    covariance = whitened.T @ whitened / whitened.shape[0]
+    eigenvalues = torch.linalg.eigvalsh(covariance)
+    torch.testing.assert_close(eigenvalues[1:], torch.ones(35, dtype=torch.float64), atol=1e-5,
+                               rtol=0)  # eigenvalues[0]: the removed patch means, ~0
+    assert eigenvalues[0] < 1e-5
 
 
 def test_fit_keeps_whitened_patches_and_reports_what_it_saw():
@@ -291,7 +313,8 @@ def test_band_statistics_known_values_and_nodata():
     mask = torch.zeros((1, 4, 4), dtype=torch.bool)
     mask[0, :, :2] = True
     pixels[0, :, :, 2:] = float("nan")
-    torch.testing.assert_close(encoder(pixels, valid_mask=mask), torch.tensor([[1.0, 0.3, 0.0, 0.0]]))
+    torch.testing.assert_close(encoder(pixels, valid_mask=mask),
+                               torch.tensor([[1.0, 0.3, 0.0, 0.0]]))
     with pytest.raises(EncoderError, match="no valid pixel"):
         encoder(pixels, valid_mask=torch.zeros((1, 4, 4), dtype=torch.bool))
     with pytest.raises(EncoderError, match="2 band"):

@@ -30,7 +30,8 @@ def write_tiff(path: Path, dn: np.ndarray, nodata: float | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     count, height, width = dn.shape
     with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count,
-                       dtype=dn.dtype, crs="EPSG:32632", transform=Affine(10, 0, 500000, 0, -10, 5600000),
+                       dtype=dn.dtype, crs="EPSG:32632",
+                       transform=Affine(10, 0, 500000, 0, -10, 5600000),
                        nodata=nodata) as dataset:
         dataset.write(dn)
         for i, text in enumerate(descriptions or [], start=1):
@@ -67,7 +68,8 @@ class Recorder(ChipEncoder):
     def config(self) -> dict:
         return {"in_channels": self.in_channels}
 
-    def forward(self, pixels, waves_um=None, *, valid_mask=None, gsd_m=None, time=None, latlon=None):
+    def forward(self, pixels, waves_um=None, *, valid_mask=None, gsd_m=None, time=None,
+                latlon=None):
         self.seen.append((pixels.clone(), waves_um, valid_mask))
         return torch.nan_to_num(pixels).mean(dim=(2, 3)) + 0.01 * torch.arange(self.in_channels)
 
@@ -93,10 +95,12 @@ def test_separable_classes_are_retrieved_perfectly(tmp_path, encoder, params):
     assert report.overall.precision_at_k == pytest.approx({1: 1.0, 3: 1.0, 5: 0.6, 10: 0.3})
     assert report.overall.mean_average_precision == 1.0 and report.n_images == 12
     assert set(report.per_class) == {"crops", "forest", "water"}
-    assert all(s.mean_average_precision == 1.0 and s.n_images == 4 for s in report.per_class.values())
+    for scores in report.per_class.values():
+        assert scores.mean_average_precision == 1.0 and scores.n_images == 4
     for name, confusion in report.confusion.items():  # 4 queries x 7 wrong in each top 10
         assert confusion.wrong_neighbours == 28 and confusion.most_confused_with not in (None, name)
-    assert report.encoder == {"rcf": f"rcf-{params.get('kernels', 'gaussian')}"}.get(encoder, encoder)
+    expected_name = f"rcf-{params.get('kernels', 'gaussian')}" if encoder == "rcf" else encoder
+    assert report.encoder == expected_name
     assert report.encoder_config["in_channels"] == 4 and report.image_size_px == (SIZE, SIZE)
 
 
@@ -132,7 +136,8 @@ def test_eurosat_layout_band_selection_and_scaling(tmp_path):
         for i in range(2):
             write_tiff(tmp_path / name / f"{name}{i}.tif", dn + i)
     holder: list[Recorder] = []
-    report = evaluate_folder(tmp_path, recorder(holder), bands=["B8A", "blue", "B11"], k_values=(1,))
+    report = evaluate_folder(tmp_path, recorder(holder), bands=["B8A", "blue", "B11"],
+                             k_values=(1,))
     assert report.sensor == "sentinel-2-l1c" and report.bands == ["nir08", "blue", "swir16"]
     pixels, waves, mask = holder[0].seen[0]
     np.testing.assert_allclose(pixels[0, :, 0, 0], [0.13, 0.02, 0.11], rtol=1e-6)
@@ -146,8 +151,8 @@ def test_band_descriptions_name_the_bands(tmp_path):
         for i in range(2):
             write_tiff(tmp_path / name / f"{i}.tif", dn, descriptions=["B04", "B03", "B02"])
     holder: list[Recorder] = []
-    report = evaluate_folder(tmp_path, recorder(holder), sensor="sentinel-2-l2a", bands=["blue", "red"],
-                             k_values=(1,))
+    report = evaluate_folder(tmp_path, recorder(holder), sensor="sentinel-2-l2a",
+                             bands=["blue", "red"], k_values=(1,))
     assert report.bands == ["blue", "red"]
     np.testing.assert_allclose(holder[0].seen[0][0][0, :, 0, 0], [0.3, 0.1], rtol=1e-6)
 
@@ -166,8 +171,9 @@ def test_rgb_images_are_read_and_scaled(tmp_path):
     assert report.overall.precision_at_k == {1: 1.0, 2: 1.0}
     first = holder[0].seen[0][0]
     np.testing.assert_allclose(first[0, :, 5, 5], [10 / 255, 10 / 255, 200 / 255], rtol=1e-6)
-    rcf = evaluate_folder(tmp_path, "rcf", {"features": 16, "kernels": "empirical", "patch_pool_size": 64},
-                         k_values=(1,))
+    rcf = evaluate_folder(tmp_path, "rcf",
+                          {"features": 16, "kernels": "empirical", "patch_pool_size": 64},
+                          k_values=(1,))
     assert rcf.overall.precision_at_k[1] == 1.0
 
 
@@ -182,14 +188,15 @@ def test_nodata_reaches_the_encoder_as_a_mask(tmp_path):
     evaluate_folder(tmp_path, recorder(holder), sensor="sentinel-2-l2a", k_values=(1,))
     mask = holder[0].seen[0][2]
     assert mask.shape == (4, 8, 8) and mask[:, :, :6].all() and not mask[:, :, 6:].any()
-    report = evaluate_folder(tmp_path, "rcf", {"features": 8}, sensor="sentinel-2-l2a", k_values=(1,))
+    report = evaluate_folder(tmp_path, "rcf", {"features": 8}, sensor="sentinel-2-l2a",
+                             k_values=(1,))
     assert report.n_images == 4
     write_tiff(tmp_path / "b" / "empty.tif", np.zeros((3, 8, 8), np.uint16), nodata=0)
     with pytest.raises(EvaluationError, match="no valid pixel.*empty.tif"):
         evaluate_folder(tmp_path, "rcf", {"features": 8}, sensor="sentinel-2-l2a", k_values=(1,))
 
 
-# -- bad folders and options ------------------------------------------------------------------------
+# -- bad folders and options ------------------------------------------------------------------
 
 def test_fewer_than_two_classes(tmp_path):
     with pytest.raises(EvaluationError, match="not a folder"):
@@ -253,7 +260,8 @@ def test_sensor_and_band_problems(tmp_path):
         evaluate_folder(root, sensor="sentinel-2-l2a", bands=["B05"], k_values=(1,),
                         file_bands=["B02", "B03", "B04", "B08"])
     with pytest.raises(EvaluationError, match="4 band.*3 file band name"):
-        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,), file_bands=["B02", "B03", "B04"])
+        evaluate_folder(root, sensor="sentinel-2-l2a", k_values=(1,),
+                        file_bands=["B02", "B03", "B04"])
     report = evaluate_folder(root, "band-stats", sensor="sentinel-2-l2a", bands=["nir", "red"],
                              file_bands=["B02", "B03", "B04", "B08"], k_values=(1,))
     assert report.bands == ["nir", "red"] and report.encoder_config == {"in_channels": 2}
@@ -272,7 +280,8 @@ def test_bad_options_and_encoders(tmp_path):
     with pytest.raises(EvaluationError, match="unknown encoder"):
         evaluate_folder(root, "no-such-encoder", sensor="sentinel-2-l2a", k_values=(1,))
     with pytest.raises(EvaluationError, match="fitting rcf-empirical.*only"):
-        evaluate_folder(root, "rcf", {"features": 2048, "kernels": "empirical", "patch_pool_size": 2048},
+        evaluate_folder(root, "rcf",
+                        {"features": 2048, "kernels": "empirical", "patch_pool_size": 2048},
                         sensor="sentinel-2-l2a", k_values=(1,))
     if not torch.cuda.is_available():
         with pytest.raises(EvaluationError, match="no CUDA GPU"):

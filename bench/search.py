@@ -1,0 +1,393 @@
+"""Search at scale: chipscout's default configuration against LanceDB flat search, numpy brute
+force and FAISS HNSW, on synthetic tables of clustered 768-d chips (`bench/synthetic.py`).
+
+For each table size: ingest rate through `ChipStore.upsert`, the index build of
+`maintain_indexes` (what `chipscout optimize` runs), on-disk size, then for no filter and for
+date+area filters keeping ~1 %, 10 % and 50 % of rows: p50/p95 single-query latency (wall and
+process CPU), batch throughput, recall@10 against exact search, and how chipscout answered
+(`SearchResponse.method`). chipscout's queries run in a child process so its resident memory is
+its own (the parent holds the vectors for numpy and FAISS).
+
+    python bench/search.py --rows 100000                         # one size, everything
+    python bench/search.py --rows 100000 --rows 1000000 --json /tmp/bench/search.json
+    python bench/search.py --rows 1000000 --reuse --skip faiss   # table already ingested
+
+Wall times on a shared machine swing with other jobs; process CPU time per query is steadier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.synthetic import FootprintIndex, SyntheticChips, bench_config  # noqa: E402
+
+K = 10
+TABLE = "bench"
+
+
+# ----------------------------------------------------------------------------- helpers
+class Clock:
+    """Wall and process CPU seconds of a block (CPU counts every thread of this process)."""
+
+    def __enter__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0
+
+
+def latency_summary(walls: list[float], cpus: list[float]) -> dict:
+    walls_ms, cpus_ms = np.array(walls) * 1000, np.array(cpus) * 1000
+    return {"p50_ms": float(np.percentile(walls_ms, 50)), "p95_ms": float(np.percentile(walls_ms, 95)),
+            "cpu_p50_ms": float(np.percentile(cpus_ms, 50)), "cpu_p95_ms": float(np.percentile(cpus_ms, 95))}
+
+
+def recall(found: list[list[str]], truth: list[list[str]]) -> float:
+    scores = [len(set(f) & set(t)) / len(t) if t else float(not f) for f, t in zip(found, truth)]
+    return float(np.mean(scores))
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: this process image's peak RSS (ru_maxrss would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def where_of(box) -> str:
+    from indexer.store import sql_literal
+
+    b = box["bbox"]
+    return (f"acquired >= {sql_literal(box['date_from'])} AND acquired <= {sql_literal(box['date_to'])} AND "
+            f"max_lon >= {sql_literal(b[0])} AND min_lon <= {sql_literal(b[2])} AND "
+            f"max_lat >= {sql_literal(b[1])} AND min_lat <= {sql_literal(b[3])}")
+
+
+# ----------------------------------------------------------------------------- child: chipscout + LanceDB flat
+def child(spec_path: str) -> None:
+    """Runs in a fresh process: chipscout's SearchEngine (default policy) and LanceDB flat."""
+    from indexer.search import SearchEngine, SearchFilters
+
+    spec = pickle.loads(Path(spec_path).read_bytes())
+    queries, cases = spec["queries"], spec["cases"]
+    rss_start = rss_bytes()
+    engine = SearchEngine(spec["db"], TABLE)
+    out: dict = {"chipscout": {}, "lancedb_flat": {}}
+    for name, boxes in cases.items():
+        filters = [SearchFilters.build(b["date_from"], b["date_to"], b["bbox"]) if b else None for b in boxes]
+        first = Clock()
+        with first:  # cold: loads index partitions, filter columns
+            engine.similar_to_vector(queries[0], k=K, filters=filters[0])
+        ids, walls, cpus, methods = [], [], [], []
+        for q, f in zip(queries, filters):
+            with Clock() as c:
+                response = engine.similar_to_vector(q, k=K, filters=f)
+            walls.append(c.wall), cpus.append(c.cpu)
+            ids.append([r.chip.chip_id for r in response.results])
+            methods.append(response.method)
+        with Clock() as batch, ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda qf: engine.similar_to_vector(qf[0], k=K, filters=qf[1]), zip(queries, filters)))
+        out["chipscout"][name] = {
+            "ids": ids, **latency_summary(walls, cpus), "first_ms": first.wall * 1000,
+            "batch_qps": len(queries) / batch.wall, "methods": {m: methods.count(m) for m in set(methods)},
+            "peak_rss_bytes_after": peak_rss_bytes()}
+    out["chipscout_rss_bytes"] = rss_bytes()
+    out["chipscout_rss_start_bytes"] = rss_start
+    out["chipscout_peak_rss_bytes"] = peak_rss_bytes()
+    table = engine.store.table
+    flat_n = spec["flat_queries"]
+    for name, boxes in cases.items():
+        ids, walls, cpus = [], [], []
+        for q, box in list(zip(queries, boxes))[:flat_n]:
+            query = (table.search(q, vector_column_name="vector").distance_type("cosine").limit(K)
+                     .select(["chip_id", "_distance"]).bypass_vector_index())
+            if box:
+                query = query.where(where_of(box), prefilter=True)
+            with Clock() as c:
+                rows = query.to_arrow()
+            walls.append(c.wall), cpus.append(c.cpu)
+            ids.append(rows["chip_id"].to_pylist())
+        out["lancedb_flat"][name] = {"ids": ids, **latency_summary(walls, cpus), "queries": len(ids)}
+    Path(spec["out"]).write_text(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- one table size
+def run_size(args, rows: int) -> dict:
+    from indexer.store import ChipStore
+    from indexer.vector_index import DEFAULT_POLICY, index_status, maintain_indexes
+
+    result: dict = {"rows": rows, "dim": args.dim, "queries": args.queries}
+    db = str(Path(args.db) / f"rows-{rows}")
+    generator = SyntheticChips(rows, args.dim, seed=args.seed)
+    footprints = FootprintIndex()
+    vectors = np.empty((rows, args.dim), dtype=np.float32)
+    chip_ids: list[str] = []
+    store = ChipStore(db, TABLE)
+    reuse = args.reuse and store.exists() and store.count() == rows
+    if not reuse:
+        shutil.rmtree(db, ignore_errors=True)
+        store = ChipStore(db, TABLE)
+        store.create(bench_config(args.dim), {})
+    upsert_wall = upsert_cpu = 0.0
+    at = 0
+    loop_started = time.perf_counter()
+    for batch, batch_vectors in generator.batches(args.batch_rows):
+        vectors[at: at + batch.num_rows] = batch_vectors
+        chip_ids.extend(batch["chip_id"].to_pylist())
+        footprints.add(batch)
+        at += batch.num_rows
+        if not reuse:
+            with Clock() as c:
+                store.upsert(batch)
+            upsert_wall += c.wall
+            upsert_cpu += c.cpu
+    generate_wall = time.perf_counter() - loop_started - upsert_wall
+    result["ingest"] = None if reuse else {
+        "rows_per_s": rows / upsert_wall, "wall_s": upsert_wall, "cpu_s": upsert_cpu,
+        "commits": math.ceil(rows / args.batch_rows), "generate_s": generate_wall}
+    print(f"[{rows}] ingest: {result['ingest']}", flush=True)
+
+    with Clock() as build:
+        report = maintain_indexes(store, DEFAULT_POLICY, rebuild=not reuse or args.rebuild)
+    result["build"] = {"wall_s": build.wall, "cpu_s": build.cpu, "report": report.to_dict(),
+                       "status": index_status(store)}
+    result["disk_bytes"] = folder_bytes(Path(db) / f"{TABLE}.lance")
+    print(f"[{rows}] build: {build.wall:.1f} s wall, {build.cpu:.1f} s CPU; {report.vector_index}; "
+          f"disk {result['disk_bytes'] / 2**30:.2f} GiB", flush=True)
+
+    # Queries and filters: one random date+area filter per query and selectivity.
+    queries = generator.queries(args.queries, seed=args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    cases: dict[str, list] = {"none": [None] * len(queries)}
+    selectivity: dict[str, float] = {"none": 1.0}
+    for share in args.selectivity:
+        boxes = [footprints.draw(share, rng) for _ in queries]
+        name = f"{share:.0%}"
+        cases[name] = [{"date_from": b.date_from, "date_to": b.date_to, "bbox": b.bbox} for b in boxes]
+        selectivity[name] = float(np.mean([b.selectivity for b in boxes]))
+    result["selectivity"] = selectivity
+
+    # Exact answers (numpy, float32), and numpy brute force as a contender.
+    order = np.array(chip_ids)
+    truth: dict[str, list[list[str]]] = {}
+    numpy_stats: dict = {}
+    for name, boxes in cases.items():
+        walls, cpus, found = [], [], []
+        for q, box in zip(queries, boxes):
+            with Clock() as c:
+                scores = vectors @ q
+                if box:
+                    keep = footprints.matches(box["date_from"], box["date_to"], box["bbox"])
+                    scores = np.where(keep, scores, -np.inf)
+                top = np.argpartition(-scores, K)[:K]
+                top = top[np.argsort(-scores[top])]
+                top = top[np.isfinite(scores[top])]
+            walls.append(c.wall), cpus.append(c.cpu)
+            found.append(order[top].tolist())
+        truth[name] = found
+        with Clock() as batch:
+            scores = queries @ vectors.T
+            if name != "none":
+                for i, box in enumerate(boxes):
+                    scores[i, ~footprints.matches(box["date_from"], box["date_to"], box["bbox"])] = -np.inf
+            np.argpartition(-scores, K, axis=1)[:, :K]
+        numpy_stats[name] = {**latency_summary(walls, cpus), "recall": 1.0, "batch_qps": len(queries) / batch.wall}
+        del scores
+    result["numpy"] = {"cases": numpy_stats, "memory_bytes": vectors.nbytes}
+    print(f"[{rows}] numpy: { {n: round(s['p50_ms'], 1) for n, s in numpy_stats.items()} }", flush=True)
+
+    # chipscout (default policy) and LanceDB flat, in a fresh process.
+    with tempfile.TemporaryDirectory() as scratch:
+        spec_path, out_path = Path(scratch) / "spec.pkl", Path(scratch) / "out.json"
+        spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases,
+                                            "flat_queries": args.flat_queries, "out": str(out_path)}))
+        subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
+        measured = json.loads(out_path.read_text())
+    for system in ("chipscout", "lancedb_flat"):
+        for name, stats in measured[system].items():
+            n = len(stats["ids"])
+            stats["recall"] = recall(stats.pop("ids"), truth[name][:n])
+        result[system] = {"cases": measured[system]}
+    result["chipscout"]["rss_bytes"] = measured["chipscout_rss_bytes"]
+    result["chipscout"]["peak_rss_bytes"] = measured["chipscout_peak_rss_bytes"]
+    result["chipscout"]["rss_start_bytes"] = measured["chipscout_rss_start_bytes"]
+    print(f"[{rows}] chipscout: { {n: (round(s['p50_ms'], 1), round(s['recall'], 3)) for n, s in result['chipscout']['cases'].items()} }", flush=True)
+
+    if "faiss" not in args.skip:
+        result["faiss"] = run_faiss(args, vectors, queries, cases, footprints, order, truth)
+    return result
+
+
+def run_faiss(args, vectors, queries, cases, footprints, order, truth) -> dict:
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    rss0 = rss_bytes()
+    index = faiss.IndexHNSWFlat(vectors.shape[1], args.faiss_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = args.faiss_ef_construction
+    with Clock() as build:
+        index.add(vectors)
+    # The index's own arrays: the vectors it copies, plus the graph's neighbour lists.
+    graph_bytes = index.hnsw.neighbors.size() * 4 + index.hnsw.offsets.size() * 8 + index.hnsw.levels.size() * 4
+    out = {"M": args.faiss_m, "efConstruction": args.faiss_ef_construction,
+           "build_wall_s": build.wall, "build_cpu_s": build.cpu,
+           "memory_bytes": index.ntotal * vectors.shape[1] * 4 + graph_bytes,
+           "rss_growth_bytes": rss_bytes() - rss0, "cases": {}}
+    print(f"[faiss] built in {build.wall:.1f} s", flush=True)
+    for name, boxes in cases.items():
+        sweep = []
+        bitmaps = [None if not box else np.packbits(
+            footprints.matches(box["date_from"], box["date_to"], box["bbox"]), bitorder="little")
+            for box in boxes]
+        for ef in args.faiss_ef:
+            walls, cpus, found = [], [], []
+            for q, bitmap in zip(queries, bitmaps):
+                params = faiss.SearchParametersHNSW(efSearch=ef)
+                if bitmap is not None:
+                    selector = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
+                    params.sel = selector
+                with Clock() as c:
+                    _, ids = index.search(q[None, :], K, params=params)
+                walls.append(c.wall), cpus.append(c.cpu)
+                found.append(order[ids[0][ids[0] >= 0]].tolist())
+            with Clock() as batch:
+                if bitmaps[0] is None:
+                    index.search(queries, K, params=faiss.SearchParametersHNSW(efSearch=ef))
+                else:
+                    for q, bitmap in zip(queries, bitmaps):
+                        params = faiss.SearchParametersHNSW(efSearch=ef)
+                        params.sel = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
+                        index.search(q[None, :], K, params=params)
+            sweep.append({"efSearch": ef, "recall": recall(found, truth[name]),
+                          **latency_summary(walls, cpus), "batch_qps": len(queries) / batch.wall})
+        out["cases"][name] = sweep
+        print(f"[faiss] {name}: {[(s['efSearch'], round(s['recall'], 3), round(s['p50_ms'], 2)) for s in sweep]}",
+              flush=True)
+    del index
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [f"### {rows:,} rows x {result['dim']}-d, {result['queries']} queries, k = {K}", ""]
+    ingest = result.get("ingest")
+    build = result["build"]
+    vector = (build["status"]["vector"] or {})
+    record = vector.get("chipscout", {})
+    lines.append(f"- ingest (ChipStore.upsert, {ingest['commits']} commits): "
+                 f"{ingest['rows_per_s']:,.0f} rows/s ({ingest['wall_s']:.1f} s wall, {ingest['cpu_s']:.1f} s CPU)"
+                 if ingest else "- ingest: table reused, not measured")
+    lines.append(f"- index build (`maintain_indexes`: compaction, 9 BTREEs, vector index): "
+                 f"{build['wall_s']:.1f} s wall, {build['cpu_s']:.1f} s CPU; vector index alone "
+                 f"{build['report']['vector_build_s']:.1f} s wall: {vector.get('index_type', 'none')} "
+                 f"{json.dumps(record.get('params', {}))}, query {json.dumps(record.get('query', {}))}")
+    latest = build["status"]["fragments"]["total_bytes"]
+    lines.append(f"- on disk: {result['disk_bytes'] / 2**30:.2f} GiB in the table's folder, of which the latest "
+                 f"version's data {latest / 2**30:.2f} GiB (the rest: versions before compaction, kept "
+                 f"until `chipscout cleanup`); vector index "
+                 f"{(vector.get('size_bytes') or 0) / 2**20:.0f} MiB; chipscout process RSS after all "
+                 f"queries {result['chipscout']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                 f"{result['chipscout']['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                 f"{result['chipscout']['rss_start_bytes'] / 2**30:.2f} GiB at start); numpy vectors "
+                 f"{result['numpy']['memory_bytes'] / 2**30:.2f} GiB"
+                 + (f"; FAISS HNSW index {result['faiss']['memory_bytes'] / 2**30:.2f} GiB, built in "
+                    f"{result['faiss']['build_wall_s']:.0f} s wall ({result['faiss']['build_cpu_s']:.0f} s CPU), "
+                    f"M={result['faiss']['M']}, efConstruction={result['faiss']['efConstruction']}"
+                    if "faiss" in result else ""))
+    lines.append("")
+    lines.append("| filter (rows kept) | system | recall@10 | p50 ms | p95 ms | CPU p50 ms | batch q/s | how |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, share in result["selectivity"].items():
+        label = "none" if name == "none" else f"{name} ({share:.1%})"
+        c = result["chipscout"]["cases"][name]
+        how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
+        lines.append(f"| {label} | chipscout | {c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | "
+                     f"{c['cpu_p50_ms']:.1f} | {c['batch_qps']:.0f} | {how} |")
+        f = result["lancedb_flat"]["cases"][name]
+        lines.append(f"| | LanceDB flat ({f['queries']} q) | {f['recall']:.3f} | {f['p50_ms']:.1f} | "
+                     f"{f['p95_ms']:.1f} | {f['cpu_p50_ms']:.1f} | | |")
+        n = result["numpy"]["cases"][name]
+        lines.append(f"| | numpy brute force | 1.000 | {n['p50_ms']:.1f} | {n['p95_ms']:.1f} | "
+                     f"{n['cpu_p50_ms']:.1f} | {n['batch_qps']:.0f} | |")
+        if "faiss" in result:
+            sweep = result["faiss"]["cases"][name]
+            equal = next((s for s in sweep if s["recall"] >= c["recall"] - 1e-9), sweep[-1])
+            ratio = c["p50_ms"] / equal["p50_ms"] if equal["p50_ms"] else float("nan")
+            lines.append(f"| | FAISS HNSW efSearch={equal['efSearch']} | {equal['recall']:.3f} | "
+                         f"{equal['p50_ms']:.2f} | {equal['p95_ms']:.2f} | {equal['cpu_p50_ms']:.2f} | "
+                         f"{equal['batch_qps']:.0f} | chipscout / FAISS p50: {ratio:.0f}x |")
+    if "faiss" in result:
+        lines.append("")
+        lines.append("FAISS HNSW sweep (efSearch: recall@10 / p50 ms): " + "; ".join(
+            f"{name}: " + ", ".join(f"{s['efSearch']}: {s['recall']:.3f}/{s['p50_ms']:.2f}" for s in sweep)
+            for name, sweep in result["faiss"]["cases"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, action="append", help="table size (repeatable); default 100000")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--selectivity", type=float, nargs="+", default=[0.01, 0.1, 0.5])
+    parser.add_argument("--db", default=os.path.join(tempfile.gettempdir(), "chipscout-bench-search"))
+    parser.add_argument("--reuse", action="store_true", help="keep a table of the right size from an earlier run")
+    parser.add_argument("--rebuild", action="store_true", help="with --reuse: rebuild the index anyway")
+    parser.add_argument("--batch-rows", type=int, default=20_000, help="rows per ingest commit")
+    parser.add_argument("--flat-queries", type=int, default=20, help="queries for LanceDB flat (slow)")
+    parser.add_argument("--faiss-m", type=int, default=16)
+    parser.add_argument("--faiss-ef-construction", type=int, default=40)
+    parser.add_argument("--faiss-ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    results = []
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for rows in args.rows or [100_000]:
+        results.append(run_size(args, rows))
+        print(markdown(results[-1]), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"started": started, "args": vars(args), "results": results},
+                                                  indent=1, default=str))
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
