@@ -241,7 +241,8 @@ def run_size(args, rows: int) -> dict:
     result["chipscout"]["rss_bytes"] = measured["chipscout_rss_bytes"]
     result["chipscout"]["peak_rss_bytes"] = measured["chipscout_peak_rss_bytes"]
     result["chipscout"]["rss_start_bytes"] = measured["chipscout_rss_start_bytes"]
-    print(f"[{rows}] chipscout: { {n: (round(s['p50_ms'], 1), round(s['recall'], 3)) for n, s in result['chipscout']['cases'].items()} }", flush=True)
+    summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in result["chipscout"]["cases"].items()}
+    print(f"[{rows}] chipscout (p50 ms, recall): {summary}", flush=True)
 
     if "faiss" not in args.skip:
         result["faiss"] = run_faiss(args, vectors, queries, cases, footprints, order, truth)

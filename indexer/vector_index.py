@@ -38,7 +38,7 @@ VECTOR_RECORD = "vector"
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    """When to index and how to search. The defaults are the figures of BENCHMARKS-search.md."""
+    """When to index and how to search. The defaults are the figures of BENCHMARKS.md (search)."""
 
     index_type: str = DEFAULT_INDEX_TYPE
     rows_per_partition: int = 4096
@@ -149,23 +149,14 @@ def plan_vector_index(rows: int, dim: int, index_type: str = DEFAULT_INDEX_TYPE,
 
 def default_tuning(spec: VectorIndexSpec) -> QueryTuning:
     """Search knobs that reach recall@10 >= 0.95 against exact search on the benchmark's
-    clustered 768-d vectors (BENCHMARKS-search.md), unfiltered: 40 % of the partitions (at
+    clustered 768-d vectors (BENCHMARKS.md (search)), unfiltered: 40 % of the partitions (at
     least 16), and 10 x k candidates re-ranked on the full vectors, which 1-bit codes need
-    (recall 0.14 at 1M rows without). Probing is cheap next to LanceDB's per-query cost: all
+    (recall 0.74 at 1M rows without, 0.987 with). Probing is cheap next to LanceDB's per-query cost: all
     244 partitions of 1M rows take 22 ms, 16 take 12 ms."""
     if spec.index_type == "IVF_HNSW_SQ":
         return QueryTuning(nprobes=max(1, min(spec.num_partitions, 2)), refine_factor=2, ef=96)
     probes = max(16, math.ceil(spec.num_partitions * 0.4))
     return QueryTuning(nprobes=min(spec.num_partitions, probes), refine_factor=10)
-
-
-def filtered_tuning(base: QueryTuning, spec: VectorIndexSpec, share: float) -> QueryTuning:
-    """Knobs for a prefiltered query matching `share` of the rows: the nearest allowed rows lie
-    further out, in more partitions, so probe more of them (~1 / sqrt(share) times)."""
-    if share >= 1.0 or spec.index_type == "IVF_HNSW_SQ":
-        return base
-    scale = 1.0 / math.sqrt(max(share, 1e-4))
-    return replace(base, nprobes=min(spec.num_partitions, math.ceil(base.nprobes * scale)))
 
 
 # ----------------------------------------------------------------------------- records
@@ -347,13 +338,16 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _micros(when: datetime) -> int:
+    """Microseconds since the epoch; a naive datetime is UTC, as `sql_literal` reads it."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
     return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 class FilterColumns:
     """The filter columns of every row of one table version, in memory (~60 bytes a row), so a
     filter's exact set of allowed rows costs milliseconds of numpy; LanceDB's scalar-index
-    prefilter costs 35-200 ms at a million rows (BENCHMARKS-search.md). The predicate mirrors
+    prefilter costs 35-200 ms at a million rows (BENCHMARKS.md (search)). The predicate mirrors
     `SearchFilters.where_clause` (SQL NULL semantics included); tests hold the two together."""
 
     COLUMNS = ("acquired", "min_lon", "min_lat", "max_lon", "max_lat", "cloud_fraction",
@@ -479,11 +473,12 @@ class VectorSearcher:
     from filter columns cached in memory, then
       - few rows allowed (`exact_max_matches`): exact search over just those rows (a prefilter:
         LanceDB's for small tables, chipscout's by row id for large ones);
-      - otherwise: the index over-fetches k / share candidates and the filter keeps the allowed
-        ones (a postfilter), asking again for more when too few survive, and falling back to
-        LanceDB's own prefiltered search when over-fetching would cost more.
+      - otherwise: the index over-fetches ~k * refine_factor / 2 / share candidates by its codes,
+        the filter keeps the allowed ones and chipscout re-ranks those on their full vectors (a
+        postfilter), asking again for more when too few survive, and falling back to LanceDB's
+        own prefiltered search when over-fetching would cost more.
     Caches are per table version (`refresh` a store to see new commits). Thread-safe.
-    Measured choices and their numbers: BENCHMARKS-search.md."""
+    Measured choices and their numbers: BENCHMARKS.md (search)."""
 
     def __init__(self, store, policy: IndexPolicy = DEFAULT_POLICY):
         self.store = store

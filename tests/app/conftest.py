@@ -18,3 +18,14 @@ def app_db(small_cog, tmp_path_factory) -> str:
     connection.open_table("empty").delete("true")
     connection.open_table("plain").update(values_sql={"thumbnail": "NULL"})
     return str(db)
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """AppTest installs the page script as `sys.modules["__main__"]` and leaves it there; later
+    tests that spawn processes (Dask workers) would then re-run the page in every child."""
+    import sys
+
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
