@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -634,9 +634,6 @@ class ClusterSummary(IndexSummary):
     worker_read_s: float = 0.0
     worker_embed_s: float = 0.0
     worker_write_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "chips_per_s": round(self.chips_per_s, 2)}
 
 
 def _first_error(answers: dict[str, Any]) -> list[str]:

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from indexer.errors import QueryError, StoreError
 from indexer.search import SearchEngine, SearchFilters
-from indexer.store import ChipStore, IndexConfig, Normalization, chip_schema
+from indexer.store import ChipStore, chip_schema
+from tests.indexer.synthetic_chips import synthetic_config
 from indexer.vector_index import (
     FilterValues, IndexPolicy, QueryTuning, VectorSearcher, index_status, maintain_indexes, plan_vector_index,
     read_record,
@@ -34,15 +35,6 @@ POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000
 #: tables too large for LanceDB's own.
 PREFILTER_POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000,
                                exact_max_matches=150, max_postfilter_fetch=50, scan_max_rows=0)
-
-
-def _config(dim: int) -> IndexConfig:
-    return IndexConfig(
-        encoder="synthetic", encoder_config={"dim": dim}, encoder_label="synthetic-test",
-        embedding_dim=dim, sensor="sentinel-2-l2a", bands=("blue", "green", "red", "nir"),
-        band_wavelengths_um=(0.493, 0.56, 0.665, 0.842),
-        normalization=Normalization("reflectance", (0.0,) * 4, (1.0,) * 4),
-        chip_size_px=64, chip_stride_px=64)
 
 
 def _rows(vectors: np.ndarray, seed: int, first: int = 0) -> pa.Table:
@@ -75,7 +67,7 @@ def _rows(vectors: np.ndarray, seed: int, first: int = 0) -> pa.Table:
         "cloud_fraction": pa.array(np.where(unknown_cloud, None, cloud).tolist(), pa.float32()),
         "radiometry": ["reflectance"] * n, "thumbnail": [None] * n,
         "indexed_at": pa.array([FIRST_DAY] * n, pa.timestamp("us", tz="UTC")),
-    }, schema=chip_schema(_config(dim)))
+    }, schema=chip_schema(synthetic_config(dim)))
 
 
 def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +83,7 @@ def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def _write(db: str, table: str, rows: pa.Table) -> ChipStore:
     store = ChipStore(db, table)
-    store.create(_config(rows.schema.field("vector").type.list_size), {})
+    store.create(synthetic_config(rows.schema.field("vector").type.list_size), {})
     for start in range(0, rows.num_rows, 500):  # many commits, as an ingest makes them
         store.upsert(rows.slice(start, 500))
     return store
@@ -394,7 +386,7 @@ def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
     db = str(tmp_path / "db")
     rows = _rows(vectors, seed=9)
     store = ChipStore(db, "killed")
-    store.create(_config(128), {})
+    store.create(synthetic_config(128), {})
     store.upsert(rows)
     version = store.table.version
     folder = Path(db) / "killed.lance"
