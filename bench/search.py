@@ -95,7 +95,9 @@ def where_of(box) -> str:
 
 # ----------------------------------------------------------------------------- child: chipscout + LanceDB flat
 def child(spec_path: str) -> None:
-    """Runs in a fresh process: chipscout's SearchEngine (default policy) and LanceDB flat."""
+    """Runs in a fresh process: chipscout's SearchEngine (default policy), cold (what a one-shot
+    `chipscout search` or API call does) or warmed up first (`SearchEngine.warm_up`, what the
+    app does), and, when cold, LanceDB flat."""
     from indexer.search import SearchEngine, SearchFilters
 
     spec = pickle.loads(Path(spec_path).read_bytes())
@@ -103,6 +105,10 @@ def child(spec_path: str) -> None:
     rss_start = rss_bytes()
     engine = SearchEngine(spec["db"], TABLE)
     out: dict = {"chipscout": {}, "lancedb_flat": {}}
+    if spec["mode"] == "warm":
+        with Clock() as warm:
+            loaded = engine.warm_up()
+        out["warm_up"] = {"wall_s": warm.wall, "cpu_s": warm.cpu, **loaded, "rss_bytes": rss_bytes()}
     for name, boxes in cases.items():
         filters = [SearchFilters.build(b["date_from"], b["date_to"], b["bbox"]) if b else None for b in boxes]
         first = Clock()
@@ -125,7 +131,7 @@ def child(spec_path: str) -> None:
     out["chipscout_rss_start_bytes"] = rss_start
     out["chipscout_peak_rss_bytes"] = peak_rss_bytes()
     table = engine.store.table
-    flat_n = spec["flat_queries"]
+    flat_n = spec["flat_queries"] if spec["mode"] == "cold" else 0
     for name, boxes in cases.items():
         ids, walls, cpus = [], [], []
         for q, box in list(zip(queries, boxes))[:flat_n]:
@@ -137,7 +143,8 @@ def child(spec_path: str) -> None:
                 rows = query.to_arrow()
             walls.append(c.wall), cpus.append(c.cpu)
             ids.append(rows["chip_id"].to_pylist())
-        out["lancedb_flat"][name] = {"ids": ids, **latency_summary(walls, cpus), "queries": len(ids)}
+        if ids:
+            out["lancedb_flat"][name] = {"ids": ids, **latency_summary(walls, cpus), "queries": len(ids)}
     Path(spec["out"]).write_text(json.dumps(out))
 
 
@@ -226,23 +233,28 @@ def run_size(args, rows: int) -> dict:
     result["numpy"] = {"cases": numpy_stats, "memory_bytes": vectors.nbytes}
     print(f"[{rows}] numpy: { {n: round(s['p50_ms'], 1) for n, s in numpy_stats.items()} }", flush=True)
 
-    # chipscout (default policy) and LanceDB flat, in a fresh process.
-    with tempfile.TemporaryDirectory() as scratch:
-        spec_path, out_path = Path(scratch) / "spec.pkl", Path(scratch) / "out.json"
-        spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases,
-                                            "flat_queries": args.flat_queries, "out": str(out_path)}))
-        subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
-        measured = json.loads(out_path.read_text())
-    for system in ("chipscout", "lancedb_flat"):
-        for name, stats in measured[system].items():
-            n = len(stats["ids"])
-            stats["recall"] = recall(stats.pop("ids"), truth[name][:n])
-        result[system] = {"cases": measured[system]}
-    result["chipscout"]["rss_bytes"] = measured["chipscout_rss_bytes"]
-    result["chipscout"]["peak_rss_bytes"] = measured["chipscout_peak_rss_bytes"]
-    result["chipscout"]["rss_start_bytes"] = measured["chipscout_rss_start_bytes"]
-    summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in result["chipscout"]["cases"].items()}
-    print(f"[{rows}] chipscout (p50 ms, recall): {summary}", flush=True)
+    # chipscout (default policy), cold with LanceDB flat, then warm; each in a fresh process.
+    for mode in ("cold", "warm"):
+        with tempfile.TemporaryDirectory() as scratch:
+            spec_path, out_path = Path(scratch) / "spec.pkl", Path(scratch) / "out.json"
+            spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases, "mode": mode,
+                                                "flat_queries": args.flat_queries, "out": str(out_path)}))
+            subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
+            measured = json.loads(out_path.read_text())
+        systems = {"chipscout": "chipscout", "lancedb_flat": "lancedb_flat"} if mode == "cold" else {
+            "chipscout": "chipscout_warm"}
+        for system, key in systems.items():
+            for name, stats in measured[system].items():
+                n = len(stats["ids"])
+                stats["recall"] = recall(stats.pop("ids"), truth[name][:n])
+            result[key] = {"cases": measured[system]}
+        key = systems["chipscout"]
+        result[key]["rss_bytes"] = measured["chipscout_rss_bytes"]
+        result[key]["peak_rss_bytes"] = measured["chipscout_peak_rss_bytes"]
+        result[key]["rss_start_bytes"] = measured["chipscout_rss_start_bytes"]
+        result[key]["warm_up"] = measured.get("warm_up")
+        summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in result[key]["cases"].items()}
+        print(f"[{rows}] {key} (p50 ms, recall): {summary}; warm-up {measured.get('warm_up')}", flush=True)
 
     if "faiss" not in args.skip:
         result["faiss"] = run_faiss(args, vectors, queries, cases, footprints, order, truth)
@@ -318,23 +330,31 @@ def markdown(result: dict) -> str:
                  f"version's data {latest / 2**30:.2f} GiB (the rest: versions before compaction, kept "
                  f"until `chipscout cleanup`); vector index "
                  f"{(vector.get('size_bytes') or 0) / 2**20:.0f} MiB; chipscout process RSS after all "
-                 f"queries {result['chipscout']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                 f"queries, cold {result['chipscout']['rss_bytes'] / 2**30:.2f} GiB (peak "
                  f"{result['chipscout']['peak_rss_bytes'] / 2**30:.2f} GiB, "
-                 f"{result['chipscout']['rss_start_bytes'] / 2**30:.2f} GiB at start); numpy vectors "
+                 f"{result['chipscout']['rss_start_bytes'] / 2**30:.2f} GiB at start), warm "
+                 f"{result['chipscout_warm']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                 f"{result['chipscout_warm']['peak_rss_bytes'] / 2**30:.2f} GiB); numpy vectors "
                  f"{result['numpy']['memory_bytes'] / 2**30:.2f} GiB"
                  + (f"; FAISS HNSW index {result['faiss']['memory_bytes'] / 2**30:.2f} GiB, built in "
                     f"{result['faiss']['build_wall_s']:.0f} s wall ({result['faiss']['build_cpu_s']:.0f} s CPU), "
                     f"M={result['faiss']['M']}, efConstruction={result['faiss']['efConstruction']}"
                     if "faiss" in result else ""))
+    warm = result["chipscout_warm"]["warm_up"]
+    lines.append(f"- warm-up (`SearchEngine.warm_up`, what the app does once per table version): "
+                 f"{warm['wall_s']:.1f} s wall, {warm['cpu_s']:.1f} s CPU; holds "
+                 f"{warm['bytes'] / 2**30:.2f} GiB (vectors as {warm['vectors']}, result and filter columns)")
     lines.append("")
     lines.append("| filter (rows kept) | system | recall@10 | p50 ms | p95 ms | CPU p50 ms | batch q/s | how |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, share in result["selectivity"].items():
         label = "none" if name == "none" else f"{name} ({share:.1%})"
-        c = result["chipscout"]["cases"][name]
-        how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
-        lines.append(f"| {label} | chipscout | {c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | "
-                     f"{c['cpu_p50_ms']:.1f} | {c['batch_qps']:.0f} | {how} |")
+        for system, title in (("chipscout_warm", "chipscout, warm (app)"), ("chipscout", "chipscout, cold (CLI)")):
+            c = result[system]["cases"][name]
+            how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
+            lines.append(f"| {label if system == 'chipscout_warm' else ''} | {title} | {c['recall']:.3f} | "
+                         f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {c['batch_qps']:.0f} | {how} |")
+        c = result["chipscout_warm"]["cases"][name]
         f = result["lancedb_flat"]["cases"][name]
         lines.append(f"| | LanceDB flat ({f['queries']} q) | {f['recall']:.3f} | {f['p50_ms']:.1f} | "
                      f"{f['p95_ms']:.1f} | {f['cpu_p50_ms']:.1f} | | |")
@@ -347,7 +367,7 @@ def markdown(result: dict) -> str:
             ratio = c["p50_ms"] / equal["p50_ms"] if equal["p50_ms"] else float("nan")
             lines.append(f"| | FAISS HNSW efSearch={equal['efSearch']} | {equal['recall']:.3f} | "
                          f"{equal['p50_ms']:.2f} | {equal['p95_ms']:.2f} | {equal['cpu_p50_ms']:.2f} | "
-                         f"{equal['batch_qps']:.0f} | chipscout / FAISS p50: {ratio:.0f}x |")
+                         f"{equal['batch_qps']:.0f} | chipscout warm / FAISS p50: {ratio:.0f}x |")
     if "faiss" in result:
         lines.append("")
         lines.append("FAISS HNSW sweep (efSearch: recall@10 / p50 ms): " + "; ".join(

@@ -520,10 +520,33 @@ class ChipStore:
             at += len(chunk)
         return vectors
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(`_rowid`s, (n, D) float32 vectors) of every row, in row-id order."""
-        rows = self.scan_with_row_ids(["vector"])
-        return rows["_rowid"].to_numpy(), self._vectors_of(rows)
+    def all_vectors(self, dtype: Any = np.float32, unit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(`_rowid`s, (n, D) vectors as `dtype`, scaled to unit length if `unit`) of every row,
+        in row-id order. Read batch by batch into one preallocated array: a float16 copy of a
+        million 768-d vectors peaks at its own 1.4 GiB plus one batch, not the 2.9 GiB float32."""
+        total, dim = self.count(), self.config.embedding_dim
+        row_ids = np.empty(total, dtype=np.uint64)
+        vectors = np.empty((total, dim), dtype=dtype)
+        at = 0
+        reader = (self.table.search().select(["vector"]).with_row_id(True).limit(None)
+                  .to_batches(batch_size=32_768))
+        for batch in reader:
+            if at + batch.num_rows > total:
+                raise StoreError(f"table {self.table_name!r} changed while its vectors were read; try again")
+            chunk = self._vectors_of(pa.Table.from_batches([batch]))
+            if unit:
+                _unit_rows(chunk)
+            # torch converts to float16 with the CPU's vector instructions, ~5x numpy's speed.
+            vectors[at: at + batch.num_rows] = (torch.from_numpy(chunk).half().numpy()
+                                                if vectors.dtype == np.float16 else chunk)
+            row_ids[at: at + batch.num_rows] = batch.column("_rowid").to_numpy()
+            at += batch.num_rows
+        if at != total:
+            raise StoreError(f"table {self.table_name!r} changed while its vectors were read; try again")
+        if total and np.any(row_ids[1:] < row_ids[:-1]):
+            order = np.argsort(row_ids, kind="stable")
+            row_ids, vectors = row_ids[order], vectors[order]
+        return row_ids, vectors
 
     def vectors_by_row_id(self, row_ids: np.ndarray) -> np.ndarray:
         """(n, D) float32 vectors of `row_ids`, in that order."""
@@ -897,6 +920,13 @@ def storage_error_message(err: BaseException) -> str:
             bucket = re.search(r"<BucketName>([^<]+)</BucketName>", text)
             return reason + (f" (bucket {bucket.group(1)!r})" if bucket else "")
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Scale each row of `vectors` to unit length, in place (all-zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.divide(vectors, norms, out=vectors, where=norms > 0)
+    return vectors
 
 
 def _is_identity(order: pa.Array) -> bool:

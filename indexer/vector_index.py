@@ -13,12 +13,14 @@ import json
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from indexer.errors import StoreError
 
@@ -69,6 +71,18 @@ class IndexPolicy:
     k * refine_factor / 2 / share candidates (by the index's codes alone: ~15 ms for 5000 at
     1M rows), as long as that is at most this many; beyond, exact search (up to
     `scan_max_rows` rows) or LanceDB's prefiltered ANN search."""
+    warm_cache_bytes: int = 2 << 30
+    """A warmed searcher (`VectorSearcher.warm_up`: the app, long-running services) keeps every
+    vector in memory for re-ranking and for exact search over filtered rows: float32 when they
+    fit `exact_cache_bytes`, else float16 when they fit this budget (a million 768-d vectors:
+    1.4 GiB). Beyond it, LanceDB re-ranks from disk (~20 ms more a query at a million rows)."""
+    warm_exact_max_matches: int = 20_000
+    """`exact_max_matches` for a warmed searcher holding the vectors: exact search over this many
+    in-memory rows costs about what an over-fetching ANN query does (BENCHMARKS.md (search))."""
+    exact_count_rows: int = 200_000
+    """Above this many rows a filter's share is first estimated on a 1-in-16 sample of the
+    filter columns (~0.3 ms at a million rows instead of ~4 ms); the allowed rows are counted
+    exactly only when the estimate says they are few enough for exact search."""
     tuning: QueryTuning | None = None
     """Search knobs to use instead of those recorded with the index (benchmarks, tests)."""
 
@@ -324,7 +338,8 @@ class SearchPlan:
 
     method: str
     matches: int | None = None
-    """Rows the filter allows (None: no filter)."""
+    """Rows the filter allows (None: no filter); estimated from a sample on large tables when
+    they are many (see `IndexPolicy.exact_count_rows`)."""
     tuning: QueryTuning | None = None
     fetch: int = 0
 
@@ -352,10 +367,13 @@ class FilterColumns:
 
     COLUMNS = ("acquired", "min_lon", "min_lat", "max_lon", "max_lat", "cloud_fraction",
                "nodata_fraction", "source_id")
+    SAMPLE_STRIDE = 16
 
-    def __init__(self, store):
+    def __init__(self, store, table: pa.Table | None = None):
+        """From `table` (these columns and `_rowid`, in row-id order) when given, else scanned."""
         self.version = store.table.version
-        table = store.scan_with_row_ids(list(self.COLUMNS))
+        if table is None:
+            table = store.scan_with_row_ids(list(self.COLUMNS))
         self.row_ids = table["_rowid"].to_numpy()
         self.acquired_us = table["acquired"].cast(pa.int64()).fill_null(_NO_TIME).to_numpy()
         self.bounds = {c: table[c].cast(pa.float64()).fill_null(np.nan).to_numpy()
@@ -374,42 +392,80 @@ class FilterColumns:
         return sum(a.nbytes for a in (self.row_ids, self.acquired_us, self.cloud, self.nodata,
                                       self.source_codes, *self.bounds.values()))
 
-    def mask(self, values: FilterValues) -> np.ndarray:
-        keep = np.ones(len(self), dtype=bool)
+    def mask(self, values: FilterValues, positions: np.ndarray | slice | None = None) -> np.ndarray:
+        """Which rows `values` allows: every row, or the rows at `positions` (in that order).
+        The date test runs first and the others only on the rows it kept: a filter's later
+        tests cost what its date window leaves, not a million comparisons each."""
+        at = np.arange(len(self))[positions] if isinstance(positions, slice) else positions
+        count = len(self) if at is None else len(at)
+        tests = self._tests(values)
+        if not tests:
+            return np.ones(count, dtype=bool)
+        survivors = at  # positions still in (None: all rows)
         with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
-            if values.date_from is not None:
-                keep &= (self.acquired_us != _NO_TIME) & (self.acquired_us >= _micros(values.date_from))
-            if values.date_to is not None:
-                keep &= (self.acquired_us != _NO_TIME) & (self.acquired_us <= _micros(values.date_to))
-            if values.bbox is not None:
-                min_lon, min_lat, max_lon, max_lat = (float(v) for v in values.bbox)
-                keep &= ((self.bounds["max_lon"] >= min_lon) & (self.bounds["min_lon"] <= max_lon)
-                         & (self.bounds["max_lat"] >= min_lat) & (self.bounds["min_lat"] <= max_lat))
-            if values.max_cloud_fraction is not None:
-                keep &= np.isnan(self.cloud) | (self.cloud <= float(values.max_cloud_fraction))
-            if values.max_nodata_fraction is not None:
-                keep &= self.nodata <= float(values.max_nodata_fraction)
+            for test in tests:
+                kept = test(slice(None) if survivors is None else survivors)
+                survivors = np.flatnonzero(kept) if survivors is None else survivors[kept]
+                if len(survivors) == 0:
+                    break
+        keep = np.zeros(len(self), dtype=bool)
+        keep[survivors] = True
+        return keep if at is None else keep[at]
+
+    def _tests(self, values: FilterValues) -> list[Any]:
+        """The filter as tests of rows at given positions, the usually most selective first."""
+        tests = []
+        if values.date_from is not None or values.date_to is not None:
+            start = _micros(values.date_from) if values.date_from is not None else _NO_TIME + 1
+            end = _micros(values.date_to) if values.date_to is not None else np.iinfo(np.int64).max
+
+            def dates(at):
+                acquired = self.acquired_us[at]  # NULL dates are _NO_TIME, below any start
+                return (acquired >= start) & (acquired <= end)
+            tests.append(dates)
+        if values.bbox is not None:
+            min_lon, min_lat, max_lon, max_lat = (float(v) for v in values.bbox)
+            b = self.bounds
+
+            def area(at):
+                return ((b["max_lon"][at] >= min_lon) & (b["min_lon"][at] <= max_lon)
+                        & (b["max_lat"][at] >= min_lat) & (b["min_lat"][at] <= max_lat))
+            tests.append(area)
         if values.source_ids:
             codes = [i for i, name in enumerate(self.source_names) if name in set(values.source_ids)]
-            keep &= np.isin(self.source_codes, codes)
-        return keep
+            tests.append(lambda at: np.isin(self.source_codes[at], codes))
+        if values.max_cloud_fraction is not None:
+            limit = float(values.max_cloud_fraction)
+            tests.append(lambda at: np.isnan(self.cloud[at]) | (self.cloud[at] <= limit))
+        if values.max_nodata_fraction is not None:
+            tests.append(lambda at: self.nodata[at] <= float(values.max_nodata_fraction))
+        return tests
 
-    def allowed(self, mask: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-        """Which of `row_ids` the filter `mask` allows."""
+    def estimate(self, values: FilterValues) -> int:
+        """Rows `values` allows, estimated from every `SAMPLE_STRIDE`-th row."""
+        sampled = self.mask(values, slice(None, None, self.SAMPLE_STRIDE))
+        return round(float(sampled.mean()) * len(self)) if len(sampled) else 0
+
+    def positions(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in these columns, found) of `row_ids`; a position is meaningless where
+        not found (a row id of another version)."""
         positions = np.searchsorted(self.row_ids, row_ids)
-        inside = positions < len(self.row_ids)
-        result = np.zeros(len(row_ids), dtype=bool)
-        hit = inside.copy()
-        hit[inside] = self.row_ids[positions[inside]] == row_ids[inside]
-        result[hit] = mask[positions[hit]]
-        return result
+        found = positions < len(self.row_ids)
+        found[found] = self.row_ids[positions[found]] == row_ids[found]
+        return np.minimum(positions, max(0, len(self.row_ids) - 1)), found
+
+    def allowed(self, values: FilterValues, row_ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Which of `row_ids` `values` allows (from `mask` of every row when it is at hand)."""
+        positions, found = self.positions(row_ids)
+        if not len(self.row_ids):
+            return np.zeros(len(row_ids), dtype=bool)
+        keep = mask[positions] if mask is not None else self.mask(values, positions)
+        return keep & found
 
 
-def _top(vectors: np.ndarray, row_ids: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row ids, cosine distances) of the k rows of `vectors` (unit length) nearest `query`;
+def _top(scores: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, cosine distances) of the k best `scores` (cosine similarities of `row_ids`);
     ties broken by the lower row id, as LanceDB breaks them."""
-    query = query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-30)
-    scores = vectors @ query
     k = min(k, len(scores))
     if k == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.float32)
@@ -418,25 +474,72 @@ def _top(vectors: np.ndarray, row_ids: np.ndarray, query: np.ndarray, k: int) ->
     return row_ids[best], (1.0 - scores[best]).astype(np.float32)
 
 
+def _unit_query(query: np.ndarray) -> np.ndarray:
+    return query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-30)
+
+
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     np.divide(vectors, norms, out=vectors, where=norms > 0)
     return vectors
 
 
-class ExactVectors:
-    """All vectors of a table version in memory (float32, unit length), for brute-force search:
-    one matrix-vector product, several times faster than LanceDB's flat search on small tables."""
+class MemoryVectors:
+    """All vectors of a table version in memory, unit length, in row-id order: float32 for
+    exact search (one matrix-vector product, several times faster than LanceDB's flat search
+    on small tables), or float16 for re-ranking ANN candidates and exact search over the rows a
+    filter allows, where their ~1e-4 error in a cosine distance does not reorder real neighbours."""
 
-    def __init__(self, store):
+    def __init__(self, store, dtype: Any = np.float32):
         self.version = store.table.version
-        self.row_ids, vectors = store.all_vectors()
-        self.vectors = _unit(vectors)
+        self.row_ids, self.vectors = store.all_vectors(dtype=dtype, unit=True)
 
-    def top(self, query: np.ndarray, k: int, positions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.nbytes + self.row_ids.nbytes
+
+    def scores(self, query: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Cosine similarities of `query` (unit length) to the rows at `positions` (all: None),
+        in float32 arithmetic."""
+        block = self.vectors if positions is None else self.vectors[positions]
+        if block.dtype == np.float32:
+            return block @ query
+        # torch converts float16 with the CPU's vector instructions; numpy's astype is ~5x slower.
+        return (torch.from_numpy(block).float() @ torch.from_numpy(query)).numpy()
+
+    def top(self, query: np.ndarray, k: int, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        query = _unit_query(query)
         if positions is None:
-            return _top(self.vectors, self.row_ids, query, k)
-        return _top(self.vectors[positions], self.row_ids[positions], query, k)
+            positions = np.arange(len(self.row_ids))
+        if self.vectors.dtype == np.float16 and len(positions) > 8 * k + 64:
+            # torch's float16 product (float32 sums, float16 results: ~3e-4 off near 1) ranks
+            # without converting the rows; the best 8 k are then scored in float32.
+            block = torch.from_numpy(self.vectors[positions])
+            rough = (block @ torch.from_numpy(query).half()).float().numpy()
+            positions = positions[np.argpartition(-rough, 8 * k + 63)[:8 * k + 64]]
+        return _top(self.scores(query, positions), self.row_ids[positions], k)
+
+
+@dataclass
+class WarmCache:
+    """What a warmed searcher keeps of one table version (`VectorSearcher.warm_up`)."""
+
+    version: int
+    records: pa.Table
+    """The warmed columns of every row, in row-id order (results are taken from here)."""
+    filters: FilterColumns
+    vectors: MemoryVectors | None
+    """None when the vectors exceed `IndexPolicy.warm_cache_bytes`."""
+    load_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.records.nbytes + self.filters.nbytes + (self.vectors.nbytes if self.vectors else 0)
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "rows": self.records.num_rows, "load_s": round(self.load_s, 2),
+                "bytes": self.nbytes,
+                "vectors": None if self.vectors is None else str(self.vectors.vectors.dtype)}
 
 
 class _TableState:
@@ -462,21 +565,24 @@ class _TableState:
                 self.tuning = default_tuning(self.spec)
             if policy.tuning is not None:
                 self.tuning = policy.tuning
-        dim = store.config.embedding_dim
-        self.fits_in_memory = self.rows * (dim * 4 + 8) <= policy.exact_cache_bytes
+        self.dim = store.config.embedding_dim
+        self.fits_in_memory = self.rows * (self.dim * 4 + 8) <= policy.exact_cache_bytes
 
 
 class VectorSearcher:
     """Answers nearest-neighbour queries over one table by the cheapest path that keeps the
     answer right. Without an index: exact search over vectors cached in memory. With one: the
-    index (`ann`) when there is no filter; for a filter, its exact set of allowed rows comes
-    from filter columns cached in memory, then
+    index (`ann`) when there is no filter; for a filter, its allowed rows come from filter
+    columns cached in memory, then
       - few rows allowed (`exact_max_matches`): exact search over just those rows (a prefilter:
         LanceDB's for small tables, chipscout's by row id for large ones);
       - otherwise: the index over-fetches ~k * refine_factor / 2 / share candidates by its codes,
         the filter keeps the allowed ones and chipscout re-ranks those on their full vectors (a
         postfilter), asking again for more when too few survive, and falling back to LanceDB's
         own prefiltered search when over-fetching would cost more.
+    `warm_up` (for long-running front ends) also keeps the result columns and, within
+    `IndexPolicy.warm_cache_bytes`, the vectors in memory: candidates are then re-ranked and
+    results read without touching disk, and exact search covers more filtered rows.
     Caches are per table version (`refresh` a store to see new commits). Thread-safe.
     Measured choices and their numbers: BENCHMARKS.md (search)."""
 
@@ -486,44 +592,98 @@ class VectorSearcher:
         self._lock = threading.Lock()
         self._state: _TableState | None = None
         self._filters: FilterColumns | None = None
-        self._exact: ExactVectors | None = None
+        self._exact: MemoryVectors | None = None
+        self._warm_columns: tuple[str, ...] | None = None
+        self._warm: WarmCache | None = None
 
-    def _current(self) -> _TableState:
+    def _current(self, version: int | None = None) -> _TableState:
+        # Each `table.version` is a round trip to LanceDB's event loop (~0.1-2 ms): a query reads
+        # it once and hands it on.
+        version = self.store.table.version if version is None else version
         with self._lock:
-            if self._state is None or self._state.version != self.store.table.version:
+            if self._state is None or self._state.version != version:
                 self._state = _TableState(self.store, self.policy)
             return self._state
 
-    def _filter_columns(self) -> FilterColumns:
+    def warm_up(self, columns: Sequence[str]) -> WarmCache:
+        """Keep `columns` of every row, the filter columns and (when they fit the budget) the
+        vectors of the table's current version in memory, reloading after each new version;
+        returns what was loaded. Costs seconds at a million rows, so one-shot commands skip it."""
+        wanted = tuple(dict.fromkeys([*columns, *FilterColumns.COLUMNS]))
+        missing = [c for c in wanted if c not in self.store.table.schema.names]
+        if missing:
+            raise StoreError(f"cannot keep columns {missing} in memory: table "
+                             f"{self.store.table_name!r} has no such columns")
         with self._lock:
-            version = self.store.table.version
+            self._warm_columns = wanted
+        cache = self._warm_cache(self.store.table.version)
+        assert cache is not None
+        return cache
+
+    def _warm_cache(self, version: int) -> WarmCache | None:
+        with self._lock:
+            if self._warm_columns is None:
+                return None
+            if self._warm is None or self._warm.version != version:
+                self._warm = None  # let the old arrays go before the new ones are read
+                self._filters = self._exact = None
+                started = time.perf_counter()
+                records = self.store.scan_with_row_ids(list(self._warm_columns))
+                filters = FilterColumns(self.store, records)
+                dim = self.store.config.embedding_dim
+                rows = records.num_rows
+                dtype = (np.float32 if rows * dim * 4 <= self.policy.exact_cache_bytes
+                         else np.float16 if rows * dim * 2 <= self.policy.warm_cache_bytes else None)
+                vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
+                if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
+                    raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
+                # One chunk: `take` on a table of many chunks concatenates them first, every call.
+                records = records.drop_columns(["_rowid"]).combine_chunks()
+                self._warm = WarmCache(version, records, filters, vectors,
+                                       time.perf_counter() - started)
+            return self._warm
+
+    def _filter_columns(self, version: int | None = None) -> FilterColumns:
+        version = self.store.table.version if version is None else version
+        warm = self._warm_cache(version)
+        if warm is not None:
+            return warm.filters
+        with self._lock:
             if self._filters is None or self._filters.version != version:
-                self._filters = None  # let the old arrays go before the new ones are read
+                self._filters = None
                 self._filters = FilterColumns(self.store)
             return self._filters
 
-    def _exact_vectors(self) -> ExactVectors:
+    def _memory_vectors(self, state: _TableState, warm: WarmCache | None) -> MemoryVectors | None:
+        """The vectors in memory: the warm cache's, or float32 for exact search on a table
+        without an index that fits `exact_cache_bytes`; None otherwise."""
+        if warm is not None:
+            return warm.vectors
+        if state.index is not None or not state.fits_in_memory:
+            return None
         with self._lock:
-            version = self.store.table.version
-            if self._exact is None or self._exact.version != version:
+            if self._exact is None or self._exact.version != state.version:
                 self._exact = None
-                self._exact = ExactVectors(self.store)
+                self._exact = MemoryVectors(self.store)
             return self._exact
 
     def matches(self, values: FilterValues) -> int:
         """How many rows `values` allows (exactly)."""
         return int(self._filter_columns().mask(values).sum())
 
-    def plan(self, k: int, matches: int | None) -> SearchPlan:
+    def plan(self, k: int, matches: int | None, in_memory: bool = False) -> SearchPlan:
         """The method for a query of `k` results whose filter allows `matches` rows (None: no
-        filter), before any retry."""
-        state = self._current()
+        filter), before any retry; `in_memory`: the searcher holds the vectors (`warm_up`)."""
+        return self._plan(self._current(), k, matches, in_memory)
+
+    def _plan(self, state: _TableState, k: int, matches: int | None, in_memory: bool) -> SearchPlan:
         if state.index is None:
-            return SearchPlan("exact" if state.fits_in_memory else "exact-scan", matches)
+            return SearchPlan("exact" if state.fits_in_memory or in_memory else "exact-scan", matches)
         if matches is None:
             return SearchPlan("ann", None, state.tuning, k)
-        scan = state.rows <= self.policy.scan_max_rows
-        if matches <= max(k, self.policy.exact_max_matches):
+        scan = state.rows <= self.policy.scan_max_rows and not in_memory
+        exact_max = self.policy.warm_exact_max_matches if in_memory else self.policy.exact_max_matches
+        if matches <= max(k, exact_max):
             return SearchPlan("exact-scan" if scan else "exact", matches)
         share = matches / max(1, state.rows)
         fetch = math.ceil(self._allowed_wanted(state, k) / share) + 10
@@ -561,53 +721,103 @@ class VectorSearcher:
         probes = min(state.spec.num_partitions, math.ceil(base.nprobes / math.sqrt(max(share, 1e-6)) * 2))
         return replace(base, nprobes=probes)
 
+    def _rows(self, row_ids: np.ndarray, distances: np.ndarray, columns: list[str],
+              warm: WarmCache | None) -> pa.Table:
+        """`columns` of `row_ids` with `_distance` = `distances`: from the warm cache when it
+        holds them, else read from the table."""
+        wanted = [c for c in columns if c != "_distance"]
+        if warm is None or any(c not in warm.records.column_names for c in wanted):
+            return self.store.take_rows(row_ids, distances, columns)
+        positions, found = warm.filters.positions(row_ids)
+        if not found.all():
+            raise StoreError(f"table {self.store.table_name!r} changed during a query; try again")
+        rows = warm.records.take(pa.array(positions)).select(wanted)
+        rows = rows.append_column("_distance", pa.array(distances, pa.float32()))
+        return rows.select(columns) if "_distance" in columns else rows
+
+    def _rerank(self, vector: np.ndarray, row_ids: np.ndarray, k: int,
+                warm: WarmCache | None) -> tuple[np.ndarray, np.ndarray]:
+        """The k of `row_ids` nearest `vector` by their full vectors (in memory when warm)."""
+        if warm is not None and warm.vectors is not None:
+            positions, found = warm.filters.positions(row_ids)
+            positions = positions[found]
+            return warm.vectors.top(vector, k, positions)
+        vectors = _unit(self.store.vectors_by_row_id(row_ids))
+        return _top(vectors @ _unit_query(vector), row_ids, k)
+
+    def _count(self, state: _TableState, filters: FilterColumns, values: FilterValues,
+               k: int, in_memory: bool) -> tuple[int, np.ndarray | None]:
+        """(rows allowed, mask of every row or None): exact, except for a large indexed table
+        whose sample says the allowed rows are too many for exact search anyway."""
+        if state.index is None or state.rows <= self.policy.exact_count_rows:
+            mask = filters.mask(values)
+            return int(mask.sum()), mask
+        estimate = filters.estimate(values)
+        exact_max = self.policy.warm_exact_max_matches if in_memory else self.policy.exact_max_matches
+        if estimate > 2 * max(k, exact_max):
+            return estimate, None
+        mask = filters.mask(values)
+        return int(mask.sum()), mask
+
     def nearest(self, vector: np.ndarray, k: int, values: FilterValues | None, where: str | None,
                 columns: list[str]) -> tuple[pa.Table, SearchPlan]:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `values` allows,
         and how they were found. `where` is the same filter as SQL, for LanceDB's own paths."""
-        state = self._current()
+        version = self.store.table.version
+        state = self._current(version)
+        warm = self._warm_cache(version)
         values = None if values is None or values.empty else values
-        mask = None
+        memory = self._memory_vectors(state, warm)
+        in_memory = memory is not None
+        filters = mask = matches = None
         if values is not None:
-            filter_columns = self._filter_columns()
-            mask = filter_columns.mask(values)
-        matches = None if mask is None else int(mask.sum())
-        plan = self.plan(k, matches)
+            filters = self._filter_columns(version)
+            matches, mask = self._count(state, filters, values, k, in_memory)
+        plan = self._plan(state, k, matches, in_memory)
         if matches == 0:
-            return self.store.take_rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns), plan
-        if plan.method == "exact" and state.index is None:
-            exact = self._exact_vectors()
-            positions = None
-            if mask is not None:  # filter columns and vectors are both in row-id order
-                positions = np.flatnonzero(mask)
-            row_ids, distances = exact.top(vector, k, positions)
-            return self.store.take_rows(row_ids, distances, columns), plan
+            return self._rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns, warm), plan
+        if plan.method == "exact" and memory is not None:
+            positions = None if mask is None else np.flatnonzero(mask)  # same row-id order
+            row_ids, distances = memory.top(vector, k, positions)
+            return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact":
-            allowed_ids = filter_columns.row_ids[mask]
+            assert filters is not None and mask is not None
+            allowed_ids = filters.row_ids[mask]
             vectors = _unit(self.store.vectors_by_row_id(allowed_ids))
-            row_ids, distances = _top(vectors, allowed_ids, vector, k)
-            return self.store.take_rows(row_ids, distances, columns), plan
+            row_ids, distances = _top(vectors @ _unit_query(vector), allowed_ids, k)
+            return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact-scan":
             return self.store.nearest(vector, k, where, columns, use_index=False), plan
+        refine = (state.tuning.refine_factor if state.tuning else None) or 1
         if plan.method == "ann":
-            rows = self.store.nearest(vector, k, None, columns, tuning=plan.tuning)
-            if rows.num_rows >= min(k, state.rows):
-                return rows, plan
+            if in_memory and plan.tuning is not None:
+                # The index's codes pick k * refine_factor candidates; the vectors in memory re-rank.
+                fetch = k * refine
+                candidates, _ = self.store.nearest_row_ids(vector, fetch, replace(plan.tuning, refine_factor=None))
+                if len(candidates) >= min(fetch, state.rows):
+                    ids, distances = self._rerank(vector, candidates, k, warm)
+                    return self._rows(ids, distances, columns, warm), plan
+            else:
+                rows = self.store.nearest(vector, k, None, columns, tuning=plan.tuning)
+                if rows.num_rows >= min(k, state.rows):
+                    return rows, plan
             # k beyond what the probed partitions hold (k near the table's size): exact search.
+            if memory is not None:
+                ids, distances = memory.top(vector, k)
+                return self._rows(ids, distances, columns, warm), SearchPlan("exact", None)
             plan = SearchPlan("exact-scan", None)
             return self.store.nearest(vector, k, None, columns, use_index=False), plan
+        assert filters is not None and values is not None and matches is not None
         if plan.method == "ann-postfilter":
             # Candidates by the index's codes, the filter from memory, then an exact re-rank of
             # the allowed candidates (at most k * refine_factor) on their full vectors.
-            rerank = k * ((state.tuning.refine_factor if state.tuning else None) or 1)
             fetch = plan.fetch
             while True:
                 row_ids, _ = self.store.nearest_row_ids(vector, fetch, plan.tuning)
-                allowed_ids = row_ids[filter_columns.allowed(mask, row_ids)][:rerank]
+                allowed_ids = row_ids[filters.allowed(values, row_ids, mask)][:k * refine]
                 if len(allowed_ids) >= min(k, matches):
-                    vectors = _unit(self.store.vectors_by_row_id(allowed_ids))
-                    ids, distances = _top(vectors, allowed_ids, vector, k)
-                    return self.store.take_rows(ids, distances, columns), replace(plan, fetch=fetch)
+                    ids, distances = self._rerank(vector, allowed_ids, k, warm)
+                    return self._rows(ids, distances, columns, warm), replace(plan, fetch=fetch)
                 if fetch * 4 > self.policy.max_postfilter_fetch:
                     break
                 fetch *= 4

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -237,6 +238,66 @@ def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
                 assert ids == truth, f"{name}: group {group}"
 
 
+#: How a warmed searcher (vectors in memory) answers each of FILTERS: exact search over the
+#: allowed rows in memory instead of LanceDB's scan or reads by row id.
+WARM_METHOD = {"exact-scan": "exact", "exact": "exact", "ann-postfilter": "ann-postfilter",
+               "ann-prefilter": "ann-prefilter"}
+
+
+@pytest.mark.parametrize("vector_bytes", [1 << 30, 0], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_a_warmed_searcher_gives_the_same_answers(tables, name, vector_bytes):
+    """Warmed (columns and vectors in memory: float32, or float16 when float32 exceeds the
+    budget), every filter keeps exactly its rows and known answers come back in exact order."""
+    db, centres, vectors, rows = tables
+    filters, policy, method = FILTERS[name]
+    policy = replace(policy, warm_exact_max_matches=policy.exact_max_matches, exact_cache_bytes=vector_bytes)
+    engine = SearchEngine(db, "indexed", index_policy=policy)
+    loaded = engine.warm_up()
+    assert loaded["rows"] == rows.num_rows and loaded["vectors"] == ("float32" if vector_bytes else "float16")
+    keep = _keep(rows, filters)
+    allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
+    allowed_groups = sorted({int(c[1:5]) for c in allowed})
+    exact = SearchEngine(db, "exact", index_policy=POLICY)
+    for group in allowed_groups[:6]:
+        response = engine.similar_to_vector(centres[group], k=10, filters=filters)
+        ids = [r.chip.chip_id for r in response.results]
+        assert set(ids) <= allowed and len(ids) == min(10, len(allowed))
+        assert response.method == WARM_METHOD[method]
+        truth = _truth(vectors, rows, centres[group], 10, keep)
+        expected = exact.similar_to_vector(centres[group], k=10, filters=filters)
+        if vector_bytes:
+            assert ids == truth, f"{name}: group {group}"
+            assert [r.chip.to_dict() for r in response.results] == [r.chip.to_dict() for r in expected.results]
+        else:  # float16 re-ranking may swap near-ties (distances ~1e-4 apart) within the group
+            assert set(ids) == set(truth), f"{name}: group {group}"
+        np.testing.assert_allclose([r.distance for r in response.results],
+                                   [r.distance for r in expected.results], atol=1e-5 if vector_bytes else 1e-3)
+    unfiltered = engine.similar_to_vector(centres[3], k=10)
+    assert unfiltered.method == "ann" and {r.chip.chip_id for r in unfiltered.results} == set(_truth(
+        vectors, rows, centres[3], 10))
+
+
+def test_a_warmed_searcher_follows_new_versions_and_refuses_unknown_columns(tmp_path):
+    db = str(tmp_path / "db")
+    centres, vectors = _grouped_vectors(seed=5)
+    rows = _rows(vectors, seed=5)
+    store = _write(db, "growing", rows.slice(0, 2000))
+    maintain_indexes(store, POLICY)
+    engine = SearchEngine(db, "growing", index_policy=POLICY)
+    assert engine.warm_up()["rows"] == 2000
+    late_group = GROUPS - 1  # its rows arrive in the second write
+    assert not [r for r in engine.similar_to_vector(centres[late_group], k=10).results
+                if r.chip.chip_id.startswith(f"g{late_group:04d}_")]
+    store.upsert(rows.slice(2000))
+    engine.refresh()
+    ids = [r.chip.chip_id for r in engine.similar_to_vector(centres[late_group], k=10).results]
+    assert ids == _truth(vectors, rows, centres[late_group], 10)
+    assert engine.warm_up()["rows"] == rows.num_rows
+    with pytest.raises(StoreError, match="no such columns"):
+        engine.searcher.warm_up(["chip_id", "colour"])
+
+
 def test_excluded_ids_and_overlap_never_come_back(tables):
     db, centres, vectors, rows = tables
     engine = SearchEngine(db, "indexed", index_policy=POLICY)
@@ -302,12 +363,17 @@ def test_bad_vectors_are_refused(tables, vector, message):
         SearchEngine(db, "indexed", index_policy=POLICY).similar_to_vector(vector, k=5)
 
 
-def test_huge_k_returns_every_row_in_order(tables):
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_huge_k_returns_every_row_in_order(tables, warm):
     db, centres, vectors, rows = tables
     for table in ("indexed", "exact"):
-        response = SearchEngine(db, table, index_policy=POLICY).similar_to_vector(centres[0], k=10_000)
+        engine = SearchEngine(db, table, index_policy=POLICY)
+        if warm:
+            engine.warm_up()
+        response = engine.similar_to_vector(centres[0], k=10_000)
         distances = [r.distance for r in response.results]
         assert len(response.results) == rows.num_rows and distances == sorted(distances)
+        assert len({r.chip.chip_id for r in response.results}) == rows.num_rows
 
 
 # ----------------------------------------------------------------------------- maintenance
