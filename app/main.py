@@ -1,9 +1,10 @@
 """chipscout's Streamlit page: pick an example chip, see the places that look like it.
 
 Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAME`). A thin layer
-over `indexer.search`: no LanceDB, SQL or torch here. The page reads top to bottom: settings from
-the link, the sidebar controls, the example, its look-alikes (histogram, grid, map), then the
-gallery and map to pick another example from.
+over `indexer.search` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
+page reads top to bottom: settings from the link, the sidebar controls, the open labelling session's
+panel, the example, its look-alikes (histogram, grid, map), then the gallery and map to pick another
+example from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import maps, state
+from app import labelling, maps, state
 from indexer.errors import ChipscoutError
 from indexer.paths import default_db_uri
 from indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse
@@ -47,9 +48,11 @@ def _arguments() -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- cached search API calls
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner="Loading the chip table into memory...")
 def search_engine(db_uri: str, table: str) -> SearchEngine:
-    return SearchEngine(db_uri, table)
+    engine = SearchEngine(db_uri, table)
+    engine.warm_up()  # an app answers many queries: keep what they read in memory
+    return engine
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
@@ -167,7 +170,11 @@ def similarity_threshold(similarities: list[float]) -> float | None:
 
 
 def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[str], button_prefix: str,
-                   pngs: dict[str, bytes | None]) -> None:
+                   pngs: dict[str, bytes | None], seed: labelling.Seed | None = None,
+                   scores: dict[str, float] | None = None, strategy: str | None = None) -> None:
+    """Thumbnails with captions and a "Use as example" button; with a labelling session open, also
+    each chip's label and thumbs-up / thumbs-down buttons (`scores`, `strategy`: the ranking the chips
+    are shown from, stored with their labels)."""
     with st.container(key=container_key):
         for start in range(0, len(chips), GRID_COLUMNS):
             for column, chip, caption in zip(st.columns(GRID_COLUMNS), chips[start:start + GRID_COLUMNS],
@@ -179,8 +186,17 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                     else:
                         st.caption("(no thumbnail)")
                     st.caption(caption)
+                    if seed is not None:
+                        labelling.label_buttons(seed, chip.chip_id, button_prefix, strategy=strategy,
+                                                score=(scores or {}).get(chip.chip_id))
                     st.button("Use as example", key=f"{button_prefix}-{chip.chip_id}", help=chip.chip_id,
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[ChipRecord], captions: list[str],
+                   key: str, scores: dict[str, float], strategy: str) -> None:
+    pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in chips))
+    thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy)
 
 
 def extent_text(chips: list[ChipRecord]) -> str:
@@ -207,6 +223,7 @@ if "settings_loaded" not in st.session_state:
 db_uri, table = args.db, st.session_state.table
 
 with st.sidebar:
+    seed_box = st.container()  # the labelling session picker, filled once the table is open
     st.header("Example chip")
     st.text_input("Chip id", key="chip_id", on_change=clear_threshold,
                   placeholder="paste an id, or pick from the gallery or map")
@@ -248,6 +265,7 @@ for problem in st.session_state.pop("link_problems", []):
 
 try:
     engine = search_engine(db_uri, table)
+    engine.refresh()  # see chips indexed since the app started (caches follow the new version)
     row_count = engine.count()
 except ChipscoutError as err:
     st.error(f"Cannot open the chip table: {err}")
@@ -267,13 +285,25 @@ except maps.BasemapError as err:
     st.warning(f"Basemap ignored: {err}. Maps show chip thumbnails only.")
     basemap_url = None
 
-# ----------------------------------------------------------------------------- the example
 query: ChipRecord | None = None
+query_error: ChipscoutError | None = None
 if settings.chip_id:
     try:
         query = chip_record(db_uri, table, row_count, settings.chip_id)
     except ChipscoutError as err:
-        st.error(f"{err}. Pick an example from the gallery below, or check the chip id.")
+        query_error = err
+
+# ----------------------------------------------------------------------------- the labelling session
+with seed_box:
+    seed = labelling.sidebar(engine)
+labelling.show_notices()
+if seed is not None:
+    labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed))
+    st.divider()
+
+# ----------------------------------------------------------------------------- the example
+if query_error is not None:
+    st.error(f"{query_error}. Pick an example from the gallery below, or check the chip id.")
 
 if query is None:
     st.info("Pick an example chip from the gallery or the map below, or paste its id in the sidebar, "
@@ -287,6 +317,8 @@ else:
             st.image(png, width="stretch")
         else:
             st.caption("(no thumbnail stored for this chip)")
+        if seed is not None:
+            labelling.label_buttons(seed, query.chip_id, "example")
     with facts:
         st.markdown(
             f"**`{query.chip_id}`**\n\n"
@@ -357,7 +389,7 @@ if query is not None:
                                "(Streamlit cannot read back the map's current view.)")
             thumbnail_grid("results-grid", [r.chip for r in shown],
                            [f"**#{r.rank}** · {r.similarity:.{digits}f} · {chip_date(r.chip)}" for r in shown],
-                           "hop", pngs)
+                           "hop", pngs, seed, {r.chip.chip_id: r.similarity for r in shown}, "single")
 
 # ----------------------------------------------------------------------------- pick an(other) example
 st.divider()
@@ -371,7 +403,7 @@ shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
 page_column.caption(f"Random sample, page {page + 1} of {pages}")
 gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
 gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
-thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs)
+thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs, seed)
 
 overview = overview_chips(db_uri, table, row_count)
 sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"

@@ -203,17 +203,28 @@ def export_bytes(engine: SearchEngine, session: str | Session, fmt: str = "geojs
                  ) -> tuple[bytes, ExportSummary]:
     """The export as bytes (for a download button) and what it holds; options as `session_rows`."""
     fmt = _format(fmt, None)
+    return export_formats(engine, session, (fmt,), **options)[fmt]
+
+
+def export_formats(engine: SearchEngine, session: str | Session, formats: Sequence[str] = FORMATS,
+                   **options: Any) -> dict[str, tuple[bytes, ExportSummary]]:
+    """`export_bytes` for several formats from one read of the session (and one ranking for the
+    candidates): {format: (bytes, summary)}, for the app's download buttons."""
+    formats = [_format(fmt, None) for fmt in formats]
     rows, provenance, note = session_rows(engine, session, **options)
-    if fmt == "geojson":
-        payload = json.dumps(geojson_document(rows, provenance), default=str).encode()
-    else:
-        buffer = io.BytesIO()
-        pq.write_table(geoparquet_table(rows, provenance), buffer, compression="zstd")
-        payload = buffer.getvalue()
     labels = [row["label"] for row in rows]
-    summary = ExportSummary(None, fmt, provenance["session"], labels.count(POSITIVE), labels.count(NEGATIVE),
-                            labels.count(CANDIDATE), provenance.get("candidates", {}).get("strategy"), note)
-    return payload, summary
+    exports = {}
+    for fmt in formats:
+        if fmt == "geojson":
+            payload = json.dumps(geojson_document(rows, provenance), default=str).encode()
+        else:
+            buffer = io.BytesIO()
+            pq.write_table(geoparquet_table(rows, provenance), buffer, compression="zstd")
+            payload = buffer.getvalue()
+        exports[fmt] = payload, ExportSummary(None, fmt, provenance["session"], labels.count(POSITIVE),
+                                              labels.count(NEGATIVE), labels.count(CANDIDATE),
+                                              provenance.get("candidates", {}).get("strategy"), note)
+    return exports
 
 
 def export_session(engine: SearchEngine, session: str | Session, out: str | Path, fmt: str | None = None,

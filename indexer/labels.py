@@ -337,15 +337,8 @@ class LabelStore:
         rows = self.store.companion_rows(LABELS, {"session_id": current.session_id})
         if rows is None:
             return []
-        latest: dict[str, Label] = {}
-        for row in rows.to_pylist():
-            label = Label(**{k: v for k, v in row.items() if k != "session_id"})
-            kept = latest.get(label.chip_id)
-            # Two processes first-labelling one chip at the same moment can leave two rows; the
-            # later write wins here, and the chip's next write updates both rows alike.
-            if kept is None or (label.labelled_at, label.label) > (kept.labelled_at, kept.label):
-                latest[label.chip_id] = label
-        return sorted(latest.values(), key=lambda label: (label.labelled_at, label.chip_id))
+        latest = [Label(**{k: v for k, v in row.items() if k != "session_id"}) for row in _latest_rows(rows)]
+        return sorted(latest, key=lambda label: (label.labelled_at, label.chip_id))
 
     def label_map(self, session: str | Session) -> dict[str, str]:
         """{chip_id: 'positive' | 'negative'} of the session."""
@@ -355,6 +348,16 @@ class LabelStore:
         labels = self.labels(session)
         positives = sum(label.is_positive for label in labels)
         return {POSITIVE: positives, NEGATIVE: len(labels) - positives}
+
+    def counts_by_session(self) -> dict[str, dict[str, int]]:
+        """{session_id: {'positive': n, 'negative': n}} of every session with labels, from one read
+        of the labels table (the app's session picker shows them on every rerun)."""
+        rows = self.store.companion_rows(LABELS, columns=["session_id", "chip_id", "label", "labelled_at"])
+        counts: dict[str, dict[str, int]] = {}
+        for row in _latest_rows(rows) if rows is not None else []:
+            tally = counts.setdefault(row["session_id"], {POSITIVE: 0, NEGATIVE: 0})
+            tally[row["label"]] = tally.get(row["label"], 0) + 1
+        return counts
 
     # ------------------------------------------------------------------ rounds
     def record_round(self, session: str | Session, record: RoundRecord) -> None:
@@ -409,6 +412,18 @@ class LabelStore:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise LabelError(f"no chip {', '.join(repr(m) for m in missing[:5])}{more} in table "
                              f"{self.table_name!r}; nothing was labelled")
+
+
+def _latest_rows(rows: pa.Table) -> list[dict[str, Any]]:
+    """One row per (session, chip): the latest. Two processes first-labelling one chip at the same
+    moment can leave two rows; the later write wins here, and the chip's next write updates both."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows.to_pylist():
+        key = (row["session_id"], row["chip_id"])
+        kept = latest.get(key)
+        if kept is None or (row["labelled_at"], row["label"]) > (kept["labelled_at"], kept["label"]):
+            latest[key] = row
+    return list(latest.values())
 
 
 def _check_strategy(strategy: str) -> str:

@@ -203,8 +203,7 @@ def cross_validate(positives: np.ndarray, negatives: np.ndarray, c: float = DEFA
     n_pos, n_neg = len(positives), len(negatives)
     smaller = min(n_pos, n_neg)
     if smaller < 2:
-        return CrossValidation(None, None, None, f"undefined: cross-validation needs at least 2 positive "
-                                                 f"and 2 negative labels (have {n_pos} and {n_neg})")
+        return CrossValidation(None, None, None, _too_few_to_validate(n_pos, n_neg))
     features = unit_rows(np.vstack([positives, negatives]))
     target = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
     if n_pos + n_neg < LEAVE_ONE_OUT_BELOW:
@@ -216,8 +215,16 @@ def cross_validate(positives: np.ndarray, negatives: np.ndarray, c: float = DEFA
     true_pos = int(((predicted == 1) & (target == 1)).sum())
     predicted_pos = int((predicted == 1).sum())
     precision = true_pos / predicted_pos if predicted_pos else None
-    note = "" if predicted_pos else "precision undefined: the classifier predicted no positives"
+    note = "" if predicted_pos else NO_PREDICTED_POSITIVES
     return CrossValidation(method, precision, true_pos / n_pos, note)
+
+
+NO_PREDICTED_POSITIVES = "precision undefined: the classifier predicted no positives"
+
+
+def _too_few_to_validate(n_pos: int, n_neg: int) -> str:
+    return (f"undefined: cross-validation needs at least 2 positive and 2 negative labels "
+            f"(have {n_pos} and {n_neg})")
 
 
 # ----------------------------------------------------------------------------- rankings
@@ -382,6 +389,10 @@ def spread_items(items: Iterable[RankedChip], cell_km: float | None, per_cell: i
 
 
 # ----------------------------------------------------------------------------- quality
+NO_EARLIER_ROUND = "undefined: no earlier round to compare with"
+TOP_LIST_LABELLED = "undefined: every chip of the last round's top list is labelled now"
+
+
 @dataclass(frozen=True)
 class RankingChange:
     previous_round: int | None
@@ -401,11 +412,10 @@ def ranking_change(previous_ids: Sequence[str], current_ids: Sequence[str], labe
                    previous_round: int | None = None) -> RankingChange:
     """How much the ranking of the still-unlabelled chips moved since the previous round."""
     if previous_round is None and not previous_ids:
-        return RankingChange(None, 0, None, None, "undefined: no earlier round to compare with")
+        return RankingChange(None, 0, None, None, NO_EARLIER_ROUND)
     before = [c for c in previous_ids if c not in labelled]
     if not before:
-        return RankingChange(previous_round, 0, None, None,
-                             "undefined: every chip of the last round's top list is labelled now")
+        return RankingChange(previous_round, 0, None, None, TOP_LIST_LABELLED)
     after = list(current_ids[:len(before)])
     union = set(before) | set(after)
     shared = [c for c in before if c in set(after)]
@@ -454,6 +464,21 @@ def seed_set_metrics(engine: SearchEngine, session: str | Session, *, strategy: 
                                 set(label_map), rounds[-1].round if rounds else None)
     return SeedSetMetrics(current.name, current.current_round, len(positives), len(negatives),
                           validation, change)
+
+
+def recorded_metrics(session: str, record: RoundRecord) -> SeedSetMetrics:
+    """The figures `next_round` measured when `record`'s round started, from the rounds table (so
+    a resumed session or another browser tab shows them without recomputing), with the notes
+    `next_round` gave. `ranking_change.compared` is not recorded and reads 0."""
+    if record.cv_method is None:
+        validation = CrossValidation(None, None, None, _too_few_to_validate(record.n_positive, record.n_negative))
+    else:
+        validation = CrossValidation(record.cv_method, record.cv_precision, record.cv_recall,
+                                     "" if record.cv_precision is not None else NO_PREDICTED_POSITIVES)
+    previous = record.round - 1 if record.round > 1 else None
+    note = "" if record.jaccard is not None else (NO_EARLIER_ROUND if previous is None else TOP_LIST_LABELLED)
+    change = RankingChange(previous, 0, record.jaccard, record.rank_correlation, note)
+    return SeedSetMetrics(session, record.round, record.n_positive, record.n_negative, validation, change)
 
 
 # ----------------------------------------------------------------------------- proposals

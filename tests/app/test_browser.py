@@ -1,9 +1,11 @@
 """The app in a real browser: `streamlit run` on a small real index, driven by the system's headless
-Chromium through Playwright. Picks an example from the gallery and then by clicking the map, and
-checks what a person sees. A screenshot of each step lands in the test's tmp folder.
+Chromium through Playwright. Picks an example from the gallery and then by clicking the map, checks
+what a person sees, then opens a labelling session and labels a look-alike, which must land in the
+store. A screenshot of each step lands in the test's tmp folder.
 """
 
 import io
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -18,6 +20,7 @@ except ImportError:  # reported as a skip by the fixture below
     sync_playwright = None
 
 from app.screenshot import CHROMIUM_ARGS, find_chromium, serve_app, wait_for_page
+from indexer.labels import LabelStore
 
 pytestmark = pytest.mark.browser
 
@@ -139,3 +142,29 @@ def test_pick_search_and_click_the_map_in_chromium(app_db, browser_page, tmp_pat
         page.screenshot(path=str(tmp_path / "3-map-click.png"))
         # The configured basemap was fetched from its (loopback) tile server.
         assert tiles.requests > 0
+
+        # Labelling: create a session in the sidebar, then thumbs-up the first look-alike.
+        sidebar = page.locator("[data-testid='stSidebar']")
+        name_box = sidebar.get_by_label("Name", exact=True)
+        if not name_box.is_visible():
+            sidebar.get_by_text("New session").click()
+        name_box.fill("browser session")
+        name_box.press("Enter")
+        wait_for_page(page)
+        sidebar.get_by_role("button", name="Create session").click()
+        page.wait_for_selector(".st-key-results-grid [class*='st-key-label-hop-positive-'] button", timeout=120_000)
+        wait_for_page(page)
+        store = LabelStore.open(app_db, "chips")
+        session = store.session("browser session")
+        thumbs_up = page.locator(".st-key-results-grid [class*='st-key-label-hop-positive-']").first
+        labelled = re.search(r"st-key-label-hop-positive-(\S+)", thumbs_up.get_attribute("class")).group(1)
+        thumbs_up.locator("button").first.click()
+        page.wait_for_selector(f".st-key-label-hop-positive-{labelled} button[kind='primary']", timeout=120_000)
+        wait_for_page(page)
+        assert store.label_map(session) == {labelled: "positive"}
+        positives = page.locator("[data-testid='stMetric']", has_text="Positives").inner_text()
+        assert positives.split() == ["Positives", "1"]
+        picker = sidebar.get_by_role("combobox", name="Labelling session").input_value()
+        assert picker == "browser session · 1 positive, 0 negative · round 0"  # redrawn with the new counts
+        assert_no_error_shown(page)
+        page.screenshot(path=str(tmp_path / "4-labelled.png"))

@@ -4,6 +4,7 @@ sessions from GeoJSON, on a copy of the real 98-chip table."""
 import json
 import shutil
 
+import pyarrow
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -11,7 +12,7 @@ from shapely.geometry import mapping, shape
 from typer.testing import CliRunner
 
 from indexer.cli import app
-from indexer.export import (ExportError, GeoJSONImportError, export_bytes, export_session,
+from indexer.export import (ExportError, GeoJSONImportError, export_bytes, export_formats, export_session,
                             import_geojson, read_geojson)
 from indexer.labels import LabelStore
 from indexer.search import SearchEngine, SearchFilters
@@ -92,6 +93,23 @@ def test_geopandas_reads_the_geoparquet(engine, labelled, footprints, tmp_path):
     assert frame.crs == "OGC:CRS84" and len(frame) == 6  # GeoParquet's default CRS
     assert set(frame["label"]) == {"positive", "negative"}
     assert frame.geometry.iloc[0].equals(footprints[frame["chip_id"].iloc[0]])
+
+
+def test_both_formats_from_one_read_hold_the_same_rows(engine, labelled):
+    """The app's download buttons: both formats at once, with one ranking for the candidates."""
+    _, chips = labelled
+    exports = export_formats(engine, "export-me", candidates=4)
+    assert list(exports) == ["geojson", "geoparquet"]
+    document = json.loads(exports["geojson"][0])
+    table = pq.read_table(pyarrow.BufferReader(exports["geoparquet"][0]))
+    assert [f["id"] for f in document["features"]] == table["chip_id"].to_pylist()
+    assert [f["properties"]["label"] for f in document["features"]] == table["label"].to_pylist()
+    assert [f["properties"]["label"] for f in document["features"]].count("candidate") == 4
+    for fmt, (_, summary) in exports.items():
+        assert (summary.format, summary.positives, summary.negatives, summary.candidates) == (fmt, 4, 2, 4)
+    assert export_bytes(engine, "export-me", "geojson")[1].candidates == 0
+    with pytest.raises(ExportError, match="unknown export format"):
+        export_formats(engine, "export-me", ["geojson", "kml"])
 
 
 def test_export_refuses_what_it_cannot_do(engine, labelled, tmp_path):

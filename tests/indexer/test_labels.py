@@ -70,6 +70,19 @@ def test_sessions_never_mix(store):
     assert store.counts("two") == {"positive": 1, "negative": 0}
 
 
+def test_counts_by_session_come_from_one_read(store):
+    one, two, empty = store.create_session("one"), store.create_session("two"), store.create_session("empty")
+    store.set_labels(one, {"a00": "positive", "a01": "positive", "b00": "negative"})
+    store.set_labels(two, {"a00": "negative"})
+    store.set_label(one, "a01", "negative")  # relabelled: counted once, as its latest label
+    counts = store.counts_by_session()
+    assert counts == {one.session_id: {"positive": 1, "negative": 2}, two.session_id: {"positive": 0, "negative": 1}}
+    assert empty.session_id not in counts
+    assert counts[one.session_id] == store.counts(one)
+    store.delete_session(two)
+    assert two.session_id not in store.counts_by_session()
+
+
 def test_relabelling_replaces_and_keeps_one_row(store):
     session = store.create_session("s")
     store.set_label(session, "a03", "positive", score=0.91)

@@ -220,6 +220,30 @@ def test_metrics_of_a_session(session, clusters):
     assert set(metrics.to_dict()) >= {"cross_validation", "ranking_change", "n_positive"}
 
 
+def test_recorded_metrics_repeat_what_the_round_reported(session, clusters):
+    """A resumed session (or another browser tab) reads a round's figures back from the rounds table."""
+    store, name, members = session
+    engine, _ = clusters
+    store.set_labels(name, {members["a"][0]: "positive", members["c"][0]: "negative"})
+    first = refine.next_round(engine, name, 3)
+    store.set_labels(name, {**{c: "positive" for c in members["a"][1:4]}, **{c: "negative" for c in members["c"][1:4]}})
+    second = refine.next_round(engine, name, 3)
+    records = store.rounds(name)
+    assert [r.round for r in records] == [1, 2]
+    for reported, record in zip((first.metrics, second.metrics), records):
+        recorded = refine.recorded_metrics(name, record)
+        assert (recorded.round, recorded.n_positive, recorded.n_negative) == \
+            (reported.round, reported.n_positive, reported.n_negative)
+        assert recorded.cross_validation == reported.cross_validation
+        assert (recorded.ranking_change.previous_round, recorded.ranking_change.jaccard,
+                recorded.ranking_change.rank_correlation, recorded.ranking_change.note) == \
+            (reported.ranking_change.previous_round, reported.ranking_change.jaccard,
+             reported.ranking_change.rank_correlation, reported.ranking_change.note)
+    assert "at least 2" in refine.recorded_metrics(name, records[0]).cross_validation.note
+    assert "no earlier round" in refine.recorded_metrics(name, records[0]).ranking_change.note
+    assert refine.recorded_metrics(name, records[1]).cross_validation.method == "leave-one-out"
+
+
 def test_ranking_on_a_real_table(indexed_db):
     """The strategies run on the real 98-chip RCF table (read only: nothing is labelled there)."""
     engine = SearchEngine(indexed_db, "chips")
