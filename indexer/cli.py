@@ -339,6 +339,38 @@ def optimize(
     typer.echo(f"{table}: {report.rows} rows; compacted; {scalar}; {vector} ({report.elapsed_s:.1f} s)")
 
 
+@app.command()
+def refit(
+    into: Annotated[str, typer.Option("--into", help="Name of the new table to write (must not exist).")],
+    transform: Annotated[str, typer.Option("--transform", help="Transform spec to fit (see `chipscout eval --transform`), or 'default' for the encoder family's measured default.")] = "default",
+    sample: Annotated[int, typer.Option("--sample", help="Fit on a seeded sample of this many raw vectors (0: all of them).")] = 100_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    db: DbOption = None,
+    table: TableOption = "chips",
+    as_json: JsonOption = False,
+) -> None:
+    """Fit a new vector transform on a table's raw encoder vectors and write every chip, with its
+    new vector, into a new table (the source table is not changed). No imagery is read."""
+    from tqdm import tqdm
+
+    from indexer.refit import refit_table
+    from indexer.store import ChipStore
+
+    if sample < 0:
+        raise ChipscoutError(f"--sample must be 0 (all) or a number of vectors >= 2, got {sample}")
+    total = ChipStore(_db(db), table).count()
+    with tqdm(total=total, unit="chip", desc=f"refit {table} -> {into}", disable=as_json) as bar:
+        report = refit_table(_db(db), table, into, transform, sample=sample or None, seed=seed,
+                             progress=lambda written: bar.update(written - bar.n))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    typer.echo(f"{into}: {report.rows} chips, transform {report.spec} (was {report.previous_spec}), "
+               f"fitted on {report.fit_vectors} raw vectors, {report.output_dim}-d; "
+               f"index: {report.index.get('vector_index')} ({report.seconds:.1f} s). "
+               f"Search it with --table {into}; {table} is unchanged.")
+
+
 def _show_runs(store, as_json: bool) -> None:
     from indexer.runlog import describe, list_runs
 

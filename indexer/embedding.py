@@ -134,6 +134,20 @@ class Embedder:
         output through the table's transform, or L2-normalised when there is none."""
         return self.embed_with_patches(chips, gsd_m)[0]
 
+    def embed_for_table(self, chips: Sequence[Chip], gsd_m: float
+                        ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(vectors as `embed` makes them, patch vectors or None, and the raw encoder vectors
+        when a fitted transform is in use, else None): what a table row keeps, so `chipscout
+        refit` can fit a new transform later without reading the imagery again."""
+        raw, patches = self.embed_with_patches(chips, gsd_m, raw=True)
+        return self.finish(raw), patches, (raw if self.transform is not None else None)
+
+    def finish(self, raw: np.ndarray) -> np.ndarray:
+        """Raw encoder vectors -> stored vectors: the table's transform, or L2 when it has none."""
+        if self.transform is not None:
+            return self.transform.apply(torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)))
+        return F.normalize(torch.from_numpy(np.asarray(raw, dtype=np.float32)), dim=1).numpy()
+
     def embed_raw(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
         """(N, D) float32 encoder vectors before any transform or L2 (what a transform is fitted on)."""
         return self.embed_with_patches(chips, gsd_m, raw=True)[0]
@@ -158,12 +172,9 @@ class Embedder:
             vectors = self.encoder(pixels, self._waves, valid_mask=valid, gsd_m=gsd_m,
                                    time=time, latlon=latlon)
             patches = None
-        if raw:
-            return vectors.float().cpu().numpy(), patches
-        if self.transform is not None:
-            return self.transform.apply(vectors.float()), patches
-        vectors = F.normalize(vectors.float(), dim=1)
-        return vectors.cpu().numpy(), patches
+        raw_vectors = vectors.float().cpu().numpy()
+        # Stored and query vectors both go through `finish`, on the CPU: identical by construction.
+        return (raw_vectors if raw else self.finish(raw_vectors)), patches
 
 
 def stored_transform(store: ChipStore) -> VectorTransform | None:

@@ -334,13 +334,15 @@ def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count
 
 
 def chip_rows(chips: Sequence[Chip], vectors: np.ndarray, sensor: Sensor,
-              facts: dict[str, SourceFacts]) -> pa.Table:
+              facts: dict[str, SourceFacts], raw: np.ndarray | None = None) -> pa.Table:
+    """Table rows of `chips`; with `raw` (encoder vectors before the table's fitted transform),
+    a `raw_vector` column too (see `indexer.refit`)."""
     footprints = [c.footprint for c in chips]
     bounds = shapely.bounds(np.array(footprints, dtype=object))
     centroids = shapely.centroid(np.array(footprints, dtype=object))
     now = datetime.now(timezone.utc)
     dim = vectors.shape[1]
-    return pa.table({
+    rows = pa.table({
         "chip_id": [c.chip_id for c in chips],
         "vector": pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.astype(np.float32).ravel()), dim),
@@ -364,6 +366,10 @@ def chip_rows(chips: Sequence[Chip], vectors: np.ndarray, sensor: Sensor,
                                     sensor.rgb_max_reflectance) for c in chips],
         "indexed_at": pa.array([now] * len(chips), type=pa.timestamp("us", tz="UTC")),
     })
+    if raw is not None:
+        rows = rows.append_column("raw_vector", pa.FixedSizeListArray.from_arrays(
+            pa.array(raw.astype(np.float32).ravel()), raw.shape[1]))
+    return rows
 
 
 def patch_rows(chips: Sequence[Chip], patches: np.ndarray) -> pa.Table:
@@ -394,17 +400,17 @@ def embed_batch_group(embedder: Embedder, chips: Sequence[Chip], sensor: Sensor,
         return []
     gsd_m = facts[chips[0].source_id].gsd_m
     try:
-        parts = [(list(chips), *embedder.embed_with_patches(chips, gsd_m))]
+        parts = [(list(chips), *embedder.embed_for_table(chips, gsd_m))]
     except (ChipscoutError, EncoderError):
         # One chip the encoder refuses must not sink its batch: embed one by one instead.
         parts = []
         for chip in chips:
             try:
-                parts.append(([chip], *embedder.embed_with_patches([chip], gsd_m)))
+                parts.append(([chip], *embedder.embed_for_table([chip], gsd_m)))
             except (ChipscoutError, EncoderError) as err:
                 chip_failed(chip, str(err))
     out: list[tuple[pa.Table, pa.Table | None]] = []
-    for group, vectors, patches in parts:
+    for group, vectors, patches, raw in parts:
         finite = np.isfinite(vectors).all(axis=1)
         for chip in (c for c, ok in zip(group, finite) if not ok):
             chip_failed(chip, "the encoder returned a vector with NaN or infinite values")
@@ -412,9 +418,10 @@ def embed_batch_group(embedder: Embedder, chips: Sequence[Chip], sensor: Sensor,
             keep = np.flatnonzero(finite)
             group, vectors = [group[i] for i in keep], vectors[keep]
             patches = patches[keep] if patches is not None else None
+            raw = raw[keep] if raw is not None else None
         if not group:
             continue
-        out.append((chip_rows(group, vectors, sensor, facts),
+        out.append((chip_rows(group, vectors, sensor, facts, raw),
                     patch_rows(group, patches) if patches is not None else None))
     return out
 

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
@@ -119,6 +119,9 @@ def _short(value: Any) -> str:
 
 
 def chip_schema(config: IndexConfig) -> pa.Schema:
+    """The chip table's columns; a table with a fitted vector transform also keeps each chip's
+    raw encoder vector (`raw_vector`), which `chipscout refit` fits a new transform on."""
+    raw = [pa.field("raw_vector", pa.list_(pa.float32(), config.encoder_dim))] if config.transform else []
     return pa.schema(
         [
             pa.field("chip_id", pa.string(), nullable=False),
@@ -144,6 +147,7 @@ def chip_schema(config: IndexConfig) -> pa.Schema:
             pa.field("radiometry", pa.string()),
             pa.field("thumbnail", pa.binary()),
             pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+            *raw,
         ],
         metadata={METADATA_KEY: config.to_json().encode()},
     )
@@ -325,6 +329,24 @@ class ChipStore:
         digest = self.put_state("encoder", encoder_state) if keep_state else state_digest(encoder_state)
         config = dataclasses.replace(config, state_sha256=digest)
         self._table = self._db.create_table(self.table_name, schema=chip_schema(config))
+
+    def create_with_rows(self, config: IndexConfig, rows: Iterator[pa.RecordBatch],
+                         encoder_state: dict[str, torch.Tensor] | None,
+                         states: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Create the table for `config` holding `rows` (batches of `chip_schema(config)`) in a
+        single commit, after storing `encoder_state` and the other `states`: a writer killed
+        before the commit leaves no table. `encoder_state` None keeps only the digest recorded
+        in `config` (encoders whose weights are a user's checkpoint file)."""
+        if self.exists():
+            raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
+        if encoder_state is not None and self.put_state("encoder", encoder_state) != config.state_sha256:
+            raise StoreError(f"the encoder state given for {self.table_name!r} is not the one its "
+                             "configuration records")
+        for key, state in (states or {}).items():
+            self.put_state(key, state)
+        schema = chip_schema(config)
+        reader = pa.RecordBatchReader.from_batches(schema, rows)
+        self._table = self._db.create_table(self.table_name, data=reader, schema=schema)
 
     def check_compatible(self, requested: IndexConfig) -> None:
         problems = self.config.mismatches(requested)
