@@ -396,7 +396,7 @@ class FilterColumns:
         """Which rows `values` allows: every row, or the rows at `positions` (in that order).
         The date test runs first and the others only on the rows it kept: a filter's later
         tests cost what its date window leaves, not a million comparisons each."""
-        at = np.arange(len(self))[positions] if isinstance(positions, slice) else positions
+        at = np.arange(*positions.indices(len(self))) if isinstance(positions, slice) else positions
         count = len(self) if at is None else len(at)
         tests = self._tests(values)
         if not tests:
@@ -504,6 +504,8 @@ class MemoryVectors:
         block = self.vectors if positions is None else self.vectors[positions]
         if block.dtype == np.float32:
             return block @ query
+        if len(block) <= 2048:  # torch's thread pool costs more than it saves on a few rows
+            return block.astype(np.float32) @ query
         # torch converts float16 with the CPU's vector instructions; numpy's astype is ~5x slower.
         return (torch.from_numpy(block).float() @ torch.from_numpy(query)).numpy()
 

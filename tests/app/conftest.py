@@ -1,11 +1,17 @@
 """A small real index for the app: the 98-chip table from two dated copies of the demo cut, plus an
 empty table and one without thumbnails (tests may touch LanceDB directly; the app never does)."""
 
+from pathlib import Path
+
 import lancedb
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from indexer.chips import ChipGrid
+from indexer.search import SearchEngine
 from tests.indexer.conftest import build_index
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +35,24 @@ def _restore_main_module():
     main = sys.modules["__main__"]
     yield
     sys.modules["__main__"] = main
+
+
+@pytest.fixture
+def open_app(app_db, monkeypatch):
+    """Opens the app on table `chips` with query parameters; no exception allowed."""
+    monkeypatch.setenv("CHIPSCOUT_DB", app_db)
+    monkeypatch.delenv("CHIPSCOUT_BASEMAP_URL", raising=False)
+
+    def open_page(**params) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.query_params.update({"table": "chips", **params})
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return open_page
+
+
+@pytest.fixture(scope="module")
+def engine(app_db):
+    return SearchEngine(app_db, "chips")

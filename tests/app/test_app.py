@@ -6,37 +6,14 @@ The database comes from $CHIPSCOUT_DB (the page's default for --db) and the tabl
 
 import json
 from datetime import date
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from indexer.search import SearchEngine
 from indexer.spread import grid_cell
 
-APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 QUERY = "cut-june_r000064_c000064_s64"
 TWIN = "cut-sept_r000064_c000064_s64"  # the same place on the other date
-
-
-@pytest.fixture
-def open_app(app_db, monkeypatch):
-    monkeypatch.setenv("CHIPSCOUT_DB", app_db)
-    monkeypatch.delenv("CHIPSCOUT_BASEMAP_URL", raising=False)
-
-    def open_page(**params) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=60)
-        at.query_params.update({"table": "chips", **params})
-        at.run()
-        assert not at.exception, at.exception
-        return at
-
-    return open_page
-
-
-@pytest.fixture(scope="module")
-def engine(app_db):
-    return SearchEngine(app_db, "chips")
 
 
 def decks(at: AppTest) -> list[dict]:

@@ -7,7 +7,6 @@ Labels are checked in the store (`LabelStore`), never in the page's state.
 
 import io
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,31 +18,10 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1 import app_test as app_test_module
 
 from indexer.labels import LabelStore
-from indexer.search import SearchEngine, SearchFilters
+from indexer.search import SearchFilters
 from tests.app.test_app import TWIN, click_map
 
-APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 QUERY = "cut-june_r000064_c000064_s64"
-
-
-@pytest.fixture
-def open_app(app_db, monkeypatch):
-    monkeypatch.setenv("CHIPSCOUT_DB", app_db)
-    monkeypatch.delenv("CHIPSCOUT_BASEMAP_URL", raising=False)
-
-    def open_page(**params) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=60)
-        at.query_params.update({"table": "chips", **params})
-        at.run()
-        assert not at.exception, at.exception
-        return at
-
-    return open_page
-
-
-@pytest.fixture(scope="module")
-def engine(app_db):
-    return SearchEngine(app_db, "chips")
 
 
 @pytest.fixture
