@@ -1,7 +1,8 @@
-"""Retrieval quality of vector transforms (`indexer.transform`) on EuroSAT, with held-out fits.
+"""Retrieval quality of encoder configurations and vector transforms on EuroSAT, with held-out fits.
 
-Embeds each folder once per encoder (raw vectors cached as .npz), then scores every transform
-spec by leave-one-out retrieval (`indexer.evaluate.retrieval_scores`) under three protocols:
+Embeds each folder once per encoder configuration (raw vectors cached as .npz), then scores
+transform specs by leave-one-out retrieval (`indexer.evaluate.retrieval_scores`) under three
+protocols:
 
 - all:    the transform is fitted on every image of the folder (what `chipscout eval` and an
           index do: a transform is fitted on the collection's own vectors);
@@ -9,7 +10,12 @@ spec by leave-one-out retrieval (`indexer.evaluate.retrieval_scores`) under thre
           The transform is fitted on A only; every image is in the database, and only B's images
           are queries (B = chips appended after the fit). Then A and B swap; scores are averaged;
 - classes: 2-fold by class: fitted on the images of classes 0-4, scored by leave-one-out among
-          classes 5-9 only (classes the fit never saw), then swapped; averaged.
+          classes 5-9 only (classes the fit never saw), then swapped; averaged. Five classes
+          instead of ten: compare these scores with each other, not with the other protocols.
+
+Empirical kernels are fitted on all the images of the folder (unsupervised, as `chipscout eval`
+does); only the transform is held out. A configuration of several encoders is their vectors
+side by side, e.g. two kernel sizes with half the features each (multi-scale RCF).
 
     python bench/quality.py --ms /work/shared/data/eurosat-ms --rgb /work/shared/data/eurosat-rgb
 """
@@ -24,39 +30,80 @@ import numpy as np
 import torch
 
 from indexer.evaluate import embed_folder, retrieval_scores
-from indexer.transform import TransformError, VectorTransform
+from indexer.transform import DEFAULT_TRANSFORMS, TransformError, VectorTransform
 
 MS_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
-ENCODERS = [
-    ("band-stats", {}),
-    ("rcf", {}),  # Gaussian kernels, bias -1 (the default)
-    ("rcf", {"kernels": "empirical", "bias": 0.0}),
-]
-TRANSFORMS = [
-    "none",
-    "standardize,l2",
-    "power:0.5,l2",
-    "standardize,power:0.5,l2",
-    "standardize,pca-whiten:64:0.1,l2",
-    "standardize,pca-whiten:64:0.1,power:0.5,l2",
-    "standardize,pca-whiten:96:0.1,power:0.5,l2",
-    "standardize,pca-whiten:128:0.1,power:0.5,l2",
-    "standardize,pca-whiten:256:0.1,power:0.5,l2",
-    "standardize,pca-whiten:64:1,power:0.5,l2",
-    "standardize,pca-whiten:64:0.01,power:0.5,l2",
-    "power:0.5,standardize,pca-whiten:64:0.1,power:0.5,l2",
+DEFAULT = DEFAULT_TRANSFORMS["rcf"]  # power:0.4,standardize,pca-whiten:64:10,l2
+BEFORE = "power:0.5,standardize,pca-whiten:64:10,l2"  # the rcf default before issue 10's tuning
+TUTORIAL = {"kernels": "gaussian"}  # 3x3, bias -1
+
+
+def rcf(**params) -> tuple[str, dict]:
+    return ("rcf", params)
+
+
+def scales(sizes: tuple[int, ...], features: int = 1024, **params) -> list[tuple[str, dict]]:
+    """Multi-scale RCF: one encoder per kernel size, the features split evenly between them."""
+    return [rcf(kernel_size=k, features=features // len(sizes), **params) for k in sizes]
+
+
+#: (label, encoders whose vectors are concatenated, transforms, data sets). "rcf" alone is the
+#: family default (empirical, 5x5, bias -0.2, 1024 features).
+CONFIGS: list[tuple[str, list[tuple[str, dict]], list[str], tuple[str, ...]]] = [
+    ("band-stats (trivial baseline)", [("band-stats", {})],
+     ["none", "standardize,pca-whiten::1,l2"], ("ms", "rgb")),
+    ("rcf gaussian 3x3 b-1 (tutorial)", [rcf(**TUTORIAL)], ["none", BEFORE, DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 3x3 b0 (before)", [rcf(kernel_size=3, bias=0.0)], ["none", BEFORE, DEFAULT],
+     ("ms", "rgb")),
+    ("rcf empirical 3x3 b-0.1", [rcf(kernel_size=3, bias=-0.1)], [BEFORE, DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 4x4 b-0.2", [rcf(kernel_size=4)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b0", [rcf(bias=0.0)], [BEFORE, DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 5x5 b-0.2 (default)", [rcf()],
+     ["none", BEFORE, DEFAULT, "power:0.4,standardize,pca-whiten:32:10,l2",
+      "power:0.3,standardize,pca-whiten:64:10,l2", "power:0.4,standardize,pca-whiten:64:3,l2",
+      "power:0.4,standardize,pca-whiten:64:30,l2"], ("ms", "rgb")),
+    ("rcf empirical 5x5 b-0.2, seed 1", [rcf(seed=1)], [DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 5x5 b-0.2, seed 2", [rcf(seed=2)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.1", [rcf(bias=-0.1)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.3", [rcf(bias=-0.3)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.5", [rcf(bias=-0.5)], [DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 6x6 b-0.2", [rcf(kernel_size=6)], [DEFAULT], ("ms",)),
+    ("rcf empirical 7x7 b-0.2", [rcf(kernel_size=7)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.2, 512 features", [rcf(features=512)], [DEFAULT], ("ms", "rgb")),
+    ("rcf empirical 5x5 b-0.2, 2048 features", [rcf(features=2048)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.2, 4096 features", [rcf(features=4096)], [DEFAULT], ("ms",)),
+    ("rcf empirical 5x5 b-0.2, whitening eps 1e-4", [rcf(whitening_epsilon=1e-4)], [DEFAULT],
+     ("ms",)),
+    ("rcf empirical 5x5 b-0.2, whitening eps 1e-2", [rcf(whitening_epsilon=1e-2)], [DEFAULT],
+     ("ms",)),
+    ("multi-scale 3x3+5x5 b-0.2 (512+512)", scales((3, 5)), [DEFAULT], ("ms", "rgb")),
+    ("multi-scale 4x4+6x6 b-0.2 (512+512)", scales((4, 6)), [DEFAULT], ("ms", "rgb")),
+    ("multi-scale 3x3+5x5 b-0.1 (512+512)", scales((3, 5), bias=-0.1), [DEFAULT], ("ms",)),
+    ("hybrid: rcf 5x5 b-0.2 + band stats", [rcf(band_stats=True)],
+     [BEFORE, DEFAULT, "power:0.4,standardize,pca-whiten:32:10,l2"], ("ms", "rgb")),
+    ("hybrid: rcf 3x3 b-0.1 + band stats", [rcf(kernel_size=3, bias=-0.1, band_stats=True)],
+     [DEFAULT], ("ms",)),
+    ("hybrid: multi-scale 4x4+6x6 b-0.2 + band stats", [*scales((4, 6)), ("band-stats", {})],
+     [DEFAULT], ("ms",)),
 ]
 K = (1, 5, 10)
 
 
-def cached_vectors(cache: Path, data: str, root: Path, encoder: str, params: dict, bands) -> dict:
-    key = f"{data}_{encoder}_" + "_".join(f"{k}{v}" for k, v in sorted(params.items()))
-    path = cache / f"{key}.npz"
-    if not path.exists():
-        embedded = embed_folder(root, encoder, params, bands=bands)
-        np.savez(path, vectors=embedded.vectors.numpy(), labels=embedded.labels)
-    stored = np.load(path)
-    return {"vectors": stored["vectors"], "labels": stored["labels"]}
+def cached_vectors(cache: Path, data: str, root: Path, encoders: list[tuple[str, dict]],
+                   bands) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) raw vectors of the encoders side by side, and the (N,) labels."""
+    parts, labels = [], None
+    for encoder, params in encoders:
+        # v2: "rcf" without options means the issue-10 defaults (empirical, 5x5, bias -0.2).
+        key = f"v2_{data}_{encoder}_" + "_".join(f"{k}{v}" for k, v in sorted(params.items()))
+        path = cache / f"{key}.npz"
+        if not path.exists():
+            embedded = embed_folder(root, encoder, params, bands=bands)
+            np.savez(path, vectors=embedded.vectors.numpy(), labels=embedded.labels)
+        stored = np.load(path)
+        parts.append(stored["vectors"])
+        labels = stored["labels"]
+    return np.concatenate(parts, axis=1).astype(np.float64), labels
 
 
 def scores(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -91,33 +138,39 @@ def evaluate(spec: str, vectors: np.ndarray, labels: np.ndarray, protocol: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ms", type=Path)
-    parser.add_argument("--rgb", type=Path)
+    parser.add_argument("--ms", type=Path, help="EuroSAT MS folder (13-band GeoTIFFs)")
+    parser.add_argument("--rgb", type=Path, help="EuroSAT RGB folder (JPEGs)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/chipscout-quality"))
-    parser.add_argument("--transforms", nargs="*", default=TRANSFORMS)
+    parser.add_argument("--only", nargs="*", help="run only the configurations whose label "
+                        "contains one of these strings")
     parser.add_argument("--protocols", nargs="*", default=["all", "images", "classes"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not (args.ms or args.rgb):
+        parser.error("give --ms and/or --rgb")
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    datasets = ([("eurosat-ms", args.ms, MS_BANDS)] if args.ms else []) + \
-               ([("eurosat-rgb", args.rgb, None)] if args.rgb else [])
+    datasets = ([("ms", args.ms, MS_BANDS)] if args.ms else []) + \
+               ([("rgb", args.rgb, None)] if args.rgb else [])
     rows = []
-    print("| data | encoder | transform | protocol | P@1 | P@5 | P@10 | mAP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| data | configuration | transform | " + " | ".join(
+        f"{p}: P@10 / mAP" for p in args.protocols) + " | all: P@1 / P@5 |")
+    print("|---|---|---|" + "---|" * (len(args.protocols) + 1))
     for data, root, bands in datasets:
-        for encoder, params in ENCODERS:
-            found = cached_vectors(args.cache, data.split("-")[1], root, encoder, params, bands)
-            label = encoder + "".join(f" {k}={v}" for k, v in params.items())
-            specs = ["none"] if encoder == "band-stats" else args.transforms
-            for spec in specs:
-                for protocol in (["all"] if spec == "none" else args.protocols):
-                    result = evaluate(spec, found["vectors"].astype(np.float64), found["labels"], protocol)
-                    cells = " | ".join("-" if result is None else f"{v:.3f}" for v in
-                                       (result if result is not None else [0] * 4))
-                    print(f"| {data} | {label} | {spec} | {protocol} | {cells} |", flush=True)
-                    rows.append({"data": data, "encoder": label, "transform": spec, "protocol": protocol,
-                                 "scores": None if result is None else result.tolist()})
+        for label, encoders, transforms, sets in CONFIGS:
+            if data not in sets or (args.only and not any(s in label for s in args.only)):
+                continue
+            vectors, labels = cached_vectors(args.cache, data, root, encoders, bands)
+            for spec in transforms:
+                results = {p: evaluate(spec, vectors, labels, p) for p in args.protocols}
+                cells = ["-" if r is None else f"{r[2]:.3f} / {r[3]:.3f}" for r in results.values()]
+                first = results.get("all")
+                cells.append("-" if first is None else f"{first[0]:.3f} / {first[1]:.3f}")
+                print(f"| eurosat-{data} | {label} | {spec} | " + " | ".join(cells) + " |", flush=True)
+                rows.append({"data": data, "configuration": label, "encoders": encoders,
+                             "transform": spec, "dim": int(vectors.shape[1]),
+                             "scores": {p: None if r is None else r.tolist()
+                                        for p, r in results.items()}})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -13,6 +13,24 @@ import torch
 from encoders.base import ChipEncoder, EncoderError, register_encoder
 
 
+def band_statistics(pixels: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2C) float32: each band's mean, then its (population) std, over the
+    pixels `valid_mask` (B, H, W) marks valid (all of them when None). Every chip must have one."""
+    pixels = pixels.float()
+    batch, _, height, width = pixels.shape
+    if valid_mask is None:
+        weights = torch.full((batch, height * width), 1.0 / (height * width), device=pixels.device)
+    else:
+        valid_mask = valid_mask.to(pixels.device)
+        valid = valid_mask.flatten(1).float()
+        weights = valid / valid.sum(dim=1, keepdim=True)
+        pixels = torch.where(valid_mask[:, None], pixels, 0.0)
+    flat = pixels.flatten(2)  # (B, C, H*W)
+    mean = torch.einsum("bcp,bp->bc", flat, weights)
+    variance = torch.einsum("bcp,bp->bc", (flat - mean[..., None]) ** 2, weights)
+    return torch.cat([mean, variance.clamp_min(0).sqrt()], dim=1)
+
+
 @register_encoder("band-stats")
 class BandStatistics(ChipEncoder):
     """(B, C, H, W) -> (B, 2C): per-band mean then per-band (population) std over valid pixels."""
@@ -50,26 +68,15 @@ class BandStatistics(ChipEncoder):
         if pixels.shape[1] != self.in_channels:
             raise EncoderError(f"pixels have {pixels.shape[1]} band(s), this encoder was built "
                                f"for {self.in_channels}")
-        pixels = pixels.float()
-        batch, _, height, width = pixels.shape
-        if valid_mask is None:
-            weights = torch.full((batch, height * width), 1.0 / (height * width),
-                                 device=pixels.device)
-        else:
-            if tuple(valid_mask.shape) != (batch, height, width) or valid_mask.dtype != torch.bool:
-                raise EncoderError(f"valid_mask must be bool of shape {(batch, height, width)}, "
+        if valid_mask is not None:
+            expected = (pixels.shape[0], *pixels.shape[2:])
+            if tuple(valid_mask.shape) != expected or valid_mask.dtype != torch.bool:
+                raise EncoderError(f"valid_mask must be bool of shape {expected}, "
                                    f"got {valid_mask.dtype} {tuple(valid_mask.shape)}")
-            valid = valid_mask.to(pixels.device).flatten(1).float()
-            counts = valid.sum(dim=1, keepdim=True)
-            if bool((counts == 0).any()):
-                empty = (counts[:, 0] == 0).nonzero().flatten().tolist()
+            empty = (~valid_mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()
+            if empty:
                 raise EncoderError(f"chip(s) {empty} of the batch have no valid pixel")
-            weights = valid / counts
-            pixels = torch.where(valid_mask.to(pixels.device)[:, None], pixels, 0.0)
-        flat = pixels.flatten(2)  # (B, C, H*W)
-        mean = torch.einsum("bcp,bp->bc", flat, weights)
-        variance = torch.einsum("bcp,bp->bc", (flat - mean[..., None]) ** 2, weights)
-        vectors = torch.cat([mean, variance.clamp_min(0).sqrt()], dim=1)
+        vectors = band_statistics(pixels, valid_mask)
         if not torch.isfinite(vectors).all():
             raise EncoderError("pixels contain NaN or infinite values outside nodata; mark them "
                                "False in valid_mask")

@@ -10,7 +10,7 @@ Two methods go by this name; chipscout offers both, under their own names:
   unit norm, then ZCA-whitened as a pool. Such an encoder must `fit` a sample before use.
 
 Both share the tutorial's forward convention. With `features / 2` kernels W and one bias b for
-all of them (default -1), for each output position p
+all of them, for each output position p
 
     x_p = (W * pixels)_p + b
     vector = [ mean_p relu(x_p) for each kernel ]  ++  [ mean_p relu(-x_p) for each kernel ]
@@ -18,10 +18,18 @@ all of them (default -1), for each output position p
 so the second half is relu(-(W * pixels) - b), i.e. the bias is applied *before* the sign flip,
 exactly as the tutorial negates its biased convolution. MOSAIKS also thresholds its convolutions
 with a bias; chipscout uses the tutorial's convention for both kernel sources, so the two modes
-differ only in where the kernels come from. Mind the scale: whitened empirical kernels sum to zero
-and respond weakly to smooth reflectance, so with the default bias -1 their relu(+x) half is
-mostly zero and their relu(-x) half mostly 1 - response; on EuroSAT a bias of 0 retrieves better
-(BENCHMARKS.md (rcf)). The default stays the tutorial's -1 for both.
+differ only in where the kernels come from.
+
+Defaults (`SOURCE_DEFAULTS`) depend on the kernel source. The family default is empirical kernels
+of 5 x 5 px with bias -0.2 (reflectance units): the best configuration measured for retrieval on
+EuroSAT, held-out protocols included (BENCHMARKS.md (quality)). Whitened empirical kernels sum to
+zero and respond weakly to smooth reflectance, so the tutorial's bias of -1 leaves their relu(+x)
+half mostly zero. `kernels="gaussian"` alone gives the tutorial's form: 3 x 3 kernels, bias -1.
+
+`band_stats=True` appends each band's mean and standard deviation over the chip's valid pixels
+(`encoders.baseline.band_statistics`) to the vector: a hybrid that adds the plain spectral
+signature the zero-sum kernels see only as contrasts (+0.001 to +0.008 P@10 on EuroSAT, so
+an option rather than a default).
 
 Both halves come from one convolution through the identity relu(-x) = relu(x) - x: we pool
 relu(x) and x itself, never materialising relu(-x). The convolution runs over chunks of chips
@@ -46,8 +54,15 @@ import torch
 import torch.nn.functional as F
 
 from encoders.base import ChipEncoder, EncoderError, register_encoder
+from encoders.baseline import band_statistics
 
 KERNEL_SOURCES = ("gaussian", "empirical")
+#: What `kernel_size` and `bias` left as None become, per kernel source. Gaussian: the Planetary
+#: Computer tutorial's form. Empirical: measured on EuroSAT MS and RGB (BENCHMARKS.md (quality)).
+SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gaussian": {"kernel_size": 3, "bias": -1.0},
+    "empirical": {"kernel_size": 5, "bias": -0.2},
+}
 MAX_FEATURES = 8192
 #: A patch whose values vary less than this (L2 norm after mean removal, reflectance units) is
 #: flat: it has no texture to whiten and would become an all-zero kernel, so fitting drops it.
@@ -173,17 +188,21 @@ class RandomConvolutionalFeatures(ChipEncoder):
     """Random Convolutional Features, Gaussian (tutorial) or empirical (MOSAIKS) kernels.
 
     in_channels: bands C the chips have.
-    features: vector length D; even, 2..8192. The conv has features / 2 kernels.
-    kernel_size: k, the kernels' width and height in pixels (unpadded, stride 1).
-    kernels: "gaussian" (weights ~ N(0, 1)) or "empirical" (whitened patches of the data,
-        after `fit`).
-    bias: added to every kernel's response before the +/- ReLUs (tutorial: -1).
+    features: random features F; even, 2..8192. The conv has features / 2 kernels.
+    kernel_size: k, the kernels' width and height in pixels (unpadded, stride 1). None: the
+        kernel source's default (`SOURCE_DEFAULTS`: 5 empirical, 3 Gaussian).
+    kernels: "empirical" (whitened patches of the data, after `fit`; the default) or
+        "gaussian" (weights ~ N(0, 1)).
+    bias: added to every kernel's response before the +/- ReLUs, in the units of the pixels
+        (reflectance). None: the kernel source's default (-0.2 empirical, -1 Gaussian).
     seed: seeds the Gaussian draw, or the patch draw of `fit`.
     whitening_epsilon: added to the patch covariance before inverting its square root
         (empirical). Patches are unit-norm, so the covariance's eigenvalues sum to ~1;
         directions with less variance than epsilon are damped rather than amplified.
     patch_pool_size: patches drawn by `fit` to estimate the whitening (empirical); the kernels
         are the first features / 2 of them, in random order.
+    band_stats: also append each band's mean and standard deviation (2C numbers), so vectors
+        have features + 2C dimensions.
     """
 
     family = "rcf"
@@ -197,12 +216,13 @@ class RandomConvolutionalFeatures(ChipEncoder):
         self,
         in_channels: int,
         features: int = 1024,
-        kernel_size: int = 3,
-        kernels: str = "gaussian",
-        bias: float = -1.0,
+        kernel_size: int | None = None,
+        kernels: str = "empirical",
+        bias: float | None = None,
         seed: int = 0,
         whitening_epsilon: float = 1e-3,
         patch_pool_size: int = 100_000,
+        band_stats: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = _check_int("in_channels", in_channels, 1)
@@ -212,13 +232,18 @@ class RandomConvolutionalFeatures(ChipEncoder):
                 f"features must be even (half come from relu(+x), half from relu(-x)), "
                 f"got {features}"
             )
-        self.kernel_size = _check_int("kernel_size", kernel_size, 1, 64)
         if kernels not in KERNEL_SOURCES:
             raise EncoderError(
                 f"kernels must be one of {', '.join(KERNEL_SOURCES)}, got {kernels!r}"
             )
         self.kernels = kernels
-        self.bias_value = _check_float("bias", bias)
+        defaults = SOURCE_DEFAULTS[kernels]
+        kernel_size = defaults["kernel_size"] if kernel_size is None else kernel_size
+        self.kernel_size = _check_int("kernel_size", kernel_size, 1, 64)
+        self.bias_value = _check_float("bias", defaults["bias"] if bias is None else bias)
+        if not isinstance(band_stats, bool):
+            raise EncoderError(f"band_stats must be true or false, got {band_stats!r}")
+        self.band_stats = band_stats
         self.seed = _check_int("seed", seed, 0, 2**63 - 1)
         self.whitening_epsilon = _check_float("whitening_epsilon", whitening_epsilon)
         if self.whitening_epsilon <= 0:
@@ -246,11 +271,11 @@ class RandomConvolutionalFeatures(ChipEncoder):
 
     @property
     def embedding_dim(self) -> int:
-        return self.features
+        return self.features + (2 * self.in_channels if self.band_stats else 0)
 
     @property
     def name(self) -> str:
-        return f"rcf-{self.kernels}"
+        return f"rcf-{self.kernels}" + ("+band-stats" if self.band_stats else "")
 
     @property
     def requires_fit(self) -> bool:  # type: ignore[override]  per instance, not per class
@@ -270,6 +295,7 @@ class RandomConvolutionalFeatures(ChipEncoder):
             "seed": self.seed,
             "whitening_epsilon": self.whitening_epsilon,
             "patch_pool_size": self.patch_pool_size,
+            "band_stats": self.band_stats,
         }
 
     def extra_repr(self) -> str:
@@ -333,8 +359,9 @@ class RandomConvolutionalFeatures(ChipEncoder):
         time: torch.Tensor | None = None,
         latlon: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, C, H, W) reflectance -> (B, features) float32. Wavelengths, GSD, time and place
-        are accepted for the contract and ignored: the kernels already fix the band order."""
+        """(B, C, H, W) reflectance -> (B, embedding_dim) float32: the features, then (with
+        `band_stats`) each band's mean and std. Wavelengths, GSD, time and place are accepted for
+        the contract and ignored: the kernels already fix the band order."""
         if not self.is_fitted:
             raise EncoderError(
                 "rcf-empirical has no kernels yet: call fit(pixels, valid_mask) on a sample of "
@@ -346,7 +373,7 @@ class RandomConvolutionalFeatures(ChipEncoder):
         batch = pixels.shape[0]
         out_h = pixels.shape[2] - self.kernel_size + 1
         out_w = pixels.shape[3] - self.kernel_size + 1
-        vectors = torch.empty((batch, self.features), dtype=torch.float32, device=pixels.device)
+        vectors = torch.empty((batch, self.embedding_dim), dtype=torch.float32, device=pixels.device)
 
         with torch.no_grad():
             weights = None  # (B, H'*W') per-position weights of the masked mean
@@ -382,6 +409,8 @@ class RandomConvolutionalFeatures(ChipEncoder):
                     vectors[chips, kernels] = positive
                     # relu(-x) = relu(x) - x; clamp the float rounding of a difference of means.
                     vectors[chips, half + first: half + last] = (positive - mean).clamp_min_(0)
+            if self.band_stats:
+                vectors[:, self.features:] = band_statistics(pixels, mask)
 
         if not torch.isfinite(vectors).all():
             bad = (~torch.isfinite(vectors).all(dim=1)).nonzero().flatten().tolist()

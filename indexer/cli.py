@@ -74,9 +74,9 @@ def run_index(sources, cluster: str | None, scheduler: str | None, **options):
 
 # ----------------------------------------------------------------------------- encoder options
 EncoderOpt = Annotated[str, typer.Option("--encoder", help="rcf, band-stats, clay-v1-base, clay-v1.5-large, clay-tiny.")]
-KernelsOpt = Annotated[Optional[str], typer.Option("--kernels", help="RCF kernels: gaussian or empirical.")]
+KernelsOpt = Annotated[Optional[str], typer.Option("--kernels", help="RCF kernels: empirical (default; fitted on a sample of the data) or gaussian (the Planetary Computer tutorial's: 3x3, bias -1).")]
 FeaturesOpt = Annotated[Optional[int], typer.Option("--features", help="RCF features (even; default 1024).")]
-KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="RCF kernel size in pixels (default 3).")]
+KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="RCF kernel size in pixels (default 5 for empirical kernels, 3 for gaussian).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the encoder.")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Clay checkpoint (.ckpt or state dict).")]
 PoolingOpt = Annotated[Optional[str], typer.Option("--pooling", help="MAE pooling: cls, mean or patch.")]
@@ -139,7 +139,7 @@ def index_files(
     cluster: ClusterOption = None,
     scheduler: SchedulerOption = None,
     storage_option: StorageOption = None,
-    transform: Annotated[Optional[str], typer.Option("--transform", help="Vector transform of a new table: a spec such as 'power:0.5,standardize,pca-whiten:64:10,l2', 'none', or 'default' (the encoder family's measured default). Appends reuse the table's.")] = None,
+    transform: Annotated[Optional[str], typer.Option("--transform", help="Vector transform of a new table: a spec such as 'power:0.4,standardize,pca-whiten:64:10,l2', 'none', or 'default' (the encoder family's measured default). Appends reuse the table's.")] = None,
 ) -> None:
     """Index local GeoTIFF/COG files (resumes where an earlier run stopped)."""
     from indexer.chips import ChipGrid
@@ -471,9 +471,9 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option()] = None,
     transform: Annotated[Optional[list[str]], typer.Option(
         "--transform", help="Compare vector transforms side by side (repeatable): a spec such as "
-                            "'power:0.5,standardize,pca-whiten:64:10,l2', 'default' or 'none'. "
+                            "'power:0.4,standardize,pca-whiten:64:10,l2', 'default' or 'none'. "
                             "The table always has the band-stats baseline and the raw vectors.")] = None,
-    bias: Annotated[Optional[float], typer.Option("--bias", help="RCF bias.")] = None,
+    bias: Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Leave-one-out retrieval quality (precision@k, mAP) on a labelled folder."""

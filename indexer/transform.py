@@ -12,7 +12,9 @@ A `VectorTransform` is a small typed pipeline of such steps, written as a spec s
 index's vectors, and then applied by `indexer.embedding.Embedder` to every vector, at index time
 and at query time alike. A table records the transform's description in its configuration and its
 fitted statistics in its state table, so a table never mixes vectors of two transforms: the
-transform is fitted when the table is created, appends reuse it, and a refit means a new table.
+transform is fitted when the table is created and appends reuse it. Such tables also keep each
+chip's raw encoder vector, so `chipscout refit` (`indexer.refit`) can fit a new transform on all of
+them into a new table.
 
 Written with numpy (float64, `numpy.linalg.eigh`) rather than sklearn's PCA: whitening with a
 relative epsilon and sign-fixed components is a few lines and stays deterministic.
@@ -278,7 +280,7 @@ def transform_digest(transform: VectorTransform) -> str:
 
 #: Measured defaults per encoder family (BENCHMARKS.md (quality)). None: plain L2.
 DEFAULT_TRANSFORMS: dict[str, str] = {
-    "rcf": "power:0.5,standardize,pca-whiten:64:10,l2",
+    "rcf": "power:0.4,standardize,pca-whiten:64:10,l2",
 }
 #: Used instead of a family default when the fit sample is too small for its PCA (small tables).
 SMALL_SAMPLE_TRANSFORM = "standardize,power:0.5,l2"

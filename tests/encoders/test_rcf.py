@@ -9,14 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from encoders import EncoderError, build_encoder, encoder_names, load_encoder
-from encoders.baseline import BandStatistics
+from encoders.baseline import BandStatistics, band_statistics
 from encoders.rcf import (
+    SOURCE_DEFAULTS,
     RandomConvolutionalFeatures,
     normalize_patches,
     sample_patches,
     valid_windows,
     zca_whiten,
 )
+from indexer.embedding import build_config
+from indexer.sensors import get_sensor
+from indexer.store import Normalization
 
 
 def chips(batch: int = 3, channels: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -28,8 +32,15 @@ def chips(batch: int = 3, channels: int = 4, size: int = 16, seed: int = 0) -> t
     return noise + ramp[None, None, :, None] * per_band
 
 
+def gaussian(channels: int = 4, **params) -> RandomConvolutionalFeatures:
+    """The tutorial's form: Gaussian kernels, and with them 3x3 kernels and bias -1."""
+    return RandomConvolutionalFeatures(channels, kernels="gaussian", **params)
+
+
 def fitted(channels: int = 4, features: int = 16, seed: int = 0,
            **params) -> RandomConvolutionalFeatures:
+    """Empirical kernels fitted on a small sample; 3x3 unless `kernel_size` is given."""
+    params.setdefault("kernel_size", 3)
     encoder = RandomConvolutionalFeatures(channels, features=features, kernels="empirical",
                                           seed=seed, patch_pool_size=400, **params)
     encoder.fit(chips(4, channels, 16, seed=99))
@@ -49,21 +60,21 @@ def tutorial_reference(encoder: RandomConvolutionalFeatures, pixels: torch.Tenso
 @pytest.mark.parametrize("batch", [1, 2, 5])
 @pytest.mark.parametrize("kernels", ["gaussian", "empirical"])
 def test_shape_dtype_and_batch_of_one(batch, kernels):
-    encoder = fitted() if kernels == "empirical" else RandomConvolutionalFeatures(4, features=16)
+    encoder = fitted() if kernels == "empirical" else gaussian(4, features=16)
     vectors = encoder(chips(batch))
     assert vectors.shape == (batch, 16) and vectors.dtype == torch.float32
     assert encoder.embedding_dim == 16
 
 
 def test_matches_the_tutorial_forward():
-    encoder = RandomConvolutionalFeatures(4, features=32, kernel_size=5, bias=-0.5)
+    encoder = gaussian(4, features=32, kernel_size=5, bias=-0.5)
     pixels = chips(3, size=20)
     torch.testing.assert_close(encoder(pixels), tutorial_reference(encoder, pixels),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_chunking_changes_nothing():
-    encoder = RandomConvolutionalFeatures(4, features=32)
+    encoder = gaussian(4, features=32)
     pixels = chips(3)
     mask = torch.ones((3, 16, 16), dtype=torch.bool)
     mask[:, :, 10:] = False
@@ -75,27 +86,52 @@ def test_chunking_changes_nothing():
 
 
 def test_names_config_and_registry():
-    gaussian = build_encoder("rcf", in_channels=3, features=8)
-    empirical = build_encoder("rcf", in_channels=3, features=8, kernels="empirical")
-    assert isinstance(gaussian, RandomConvolutionalFeatures)
-    assert (gaussian.name, empirical.name) == ("rcf-gaussian", "rcf-empirical")
-    assert gaussian.family == "rcf" and "rcf" in encoder_names() and "band-stats" in encoder_names()
-    assert (gaussian.requires_fit, gaussian.is_fitted) == (False, True)
+    tutorial = build_encoder("rcf", in_channels=3, features=8, kernels="gaussian")
+    empirical = build_encoder("rcf", in_channels=3, features=8)
+    assert isinstance(tutorial, RandomConvolutionalFeatures)
+    assert (tutorial.name, empirical.name) == ("rcf-gaussian", "rcf-empirical")
+    assert tutorial.family == "rcf" and "rcf" in encoder_names() and "band-stats" in encoder_names()
+    assert (tutorial.requires_fit, tutorial.is_fitted) == (False, True)
     assert (empirical.requires_fit, empirical.is_fitted) == (True, False)
     config = json.loads(json.dumps(empirical.config()))
-    assert config == {"in_channels": 3, "features": 8, "kernel_size": 3, "kernels": "empirical",
-                      "bias": -1.0, "seed": 0, "whitening_epsilon": 1e-3,
-                      "patch_pool_size": 100_000}
-    assert set(gaussian.state_dict()) == {"weight", "bias", "fitted"}
-    assert not list(gaussian.parameters())  # buffers only: nothing trains
+    assert config == {"in_channels": 3, "features": 8, "kernel_size": 5, "kernels": "empirical",
+                      "bias": -0.2, "seed": 0, "whitening_epsilon": 1e-3,
+                      "patch_pool_size": 100_000, "band_stats": False}
+    assert set(tutorial.state_dict()) == {"weight", "bias", "fitted"}
+    assert not list(tutorial.parameters())  # buffers only: nothing trains
+
+
+def test_family_defaults_are_the_measured_ones_and_gaussian_keeps_the_tutorial_form():
+    default = RandomConvolutionalFeatures(10)
+    assert (default.kernels, default.kernel_size, default.bias_value, default.features,
+            default.band_stats) == ("empirical", 5, -0.2, 1024, False)
+    assert SOURCE_DEFAULTS["empirical"] == {"kernel_size": 5, "bias": -0.2}
+    tutorial = RandomConvolutionalFeatures(10, kernels="gaussian")
+    assert (tutorial.kernel_size, tutorial.bias_value) == (3, -1.0)
+    assert torch.all(tutorial.bias == -1.0) and tutorial.weight.shape == (512, 10, 3, 3)
+    # Explicit values win over either source's defaults, and config() records what was used.
+    chosen = RandomConvolutionalFeatures(10, kernels="gaussian", kernel_size=5, bias=0.0)
+    assert (chosen.config()["kernel_size"], chosen.config()["bias"]) == (5, 0.0)
+    empirical_3x3 = RandomConvolutionalFeatures(10, kernel_size=3, bias=-1.0)
+    assert (empirical_3x3.kernel_size, empirical_3x3.bias_value) == (3, -1.0)
+
+
+@pytest.mark.parametrize("kernels", ["gaussian", "empirical"])
+def test_tables_written_before_the_new_defaults_rebuild_unchanged(kernels):
+    # Configs recorded before `band_stats` existed lack the key but name every other choice.
+    old = {"in_channels": 3, "features": 8, "kernel_size": 3, "kernels": kernels, "bias": -1.0,
+           "seed": 0, "whitening_epsilon": 1e-3, "patch_pool_size": 100_000}
+    encoder = build_encoder("rcf", **old)
+    assert encoder.config() == {**old, "band_stats": False} and encoder.embedding_dim == 8
+    assert (encoder.kernel_size, encoder.bias_value) == (3, -1.0)
 
 
 # -- seeds and kernels ----------------------------------------------------------------------------
 
 def test_gaussian_is_deterministic_under_a_seed():
-    first = RandomConvolutionalFeatures(4, features=16, seed=7)
-    again = RandomConvolutionalFeatures(4, features=16, seed=7)
-    other = RandomConvolutionalFeatures(4, features=16, seed=8)
+    first = gaussian(4, features=16, seed=7)
+    again = gaussian(4, features=16, seed=7)
+    other = gaussian(4, features=16, seed=8)
     pixels = chips()
     assert torch.equal(first.weight, again.weight) and torch.equal(first(pixels), again(pixels))
     assert not torch.allclose(first(pixels), other(pixels))
@@ -104,12 +140,12 @@ def test_gaussian_is_deterministic_under_a_seed():
 
 def test_empirical_is_deterministic_under_a_seed_and_differs_from_gaussian():
     first, again, other = fitted(seed=1), fitted(seed=1), fitted(seed=2)
-    gaussian = RandomConvolutionalFeatures(4, features=16, seed=1)
+    tutorial = gaussian(4, features=16, seed=1)
     pixels = chips()
     assert torch.equal(first.weight, again.weight) and torch.equal(first(pixels), again(pixels))
     assert not torch.allclose(first.weight, other.weight)
-    assert not torch.allclose(first.weight, gaussian.weight)
-    assert not torch.allclose(first(pixels), gaussian(pixels))
+    assert not torch.allclose(first.weight, tutorial.weight)
+    assert not torch.allclose(first(pixels), tutorial(pixels))
 
 
 @pytest.mark.parametrize("kernels", ["gaussian", "empirical"])
@@ -117,7 +153,7 @@ def test_reload_from_config_and_state_is_bit_identical(kernels):
     if kernels == "empirical":
         encoder = fitted(seed=3)
     else:
-        encoder = RandomConvolutionalFeatures(4, features=16, seed=3)
+        encoder = gaussian(4, features=16, seed=3)
     state = {key: value.clone() for key, value in encoder.state_dict().items()}
     rebuilt = load_encoder("rcf", json.loads(json.dumps(encoder.config())), state)
     assert rebuilt.is_fitted
@@ -194,13 +230,14 @@ def test_fit_skips_patches_touching_nodata():
     patches, found = sample_patches(pixels, mask, 3, 10_000, torch.Generator().manual_seed(0))
     assert found == 2 * 10 * 4  # 3x3 windows within the 12x6 valid half of each chip
     assert patches.shape == (found, 27) and torch.isfinite(patches).all()
-    encoder = RandomConvolutionalFeatures(3, features=16, kernels="empirical", patch_pool_size=50)
+    encoder = RandomConvolutionalFeatures(3, features=16, kernels="empirical", kernel_size=3,
+                                          patch_pool_size=50)
     encoder.fit(pixels, mask)
     assert torch.isfinite(encoder.weight).all() and encoder.fit_report.valid_windows == found
 
 
 def test_fit_on_gaussian_is_a_no_op():
-    encoder = RandomConvolutionalFeatures(4, features=16)
+    encoder = gaussian(4, features=16)
     before = encoder.weight.clone()
     assert encoder.fit(chips()) is None
     assert torch.equal(encoder.weight, before)
@@ -209,7 +246,7 @@ def test_fit_on_gaussian_is_a_no_op():
 # -- nodata --------------------------------------------------------------------------------------
 
 def test_half_nodata_chip_equals_its_valid_half():
-    encoder = RandomConvolutionalFeatures(4, features=32)
+    encoder = gaussian(4, features=32)
     pixels = chips(2, size=16)
     mask = torch.ones((2, 16, 16), dtype=torch.bool)
     mask[:, :, 8:] = False
@@ -220,7 +257,7 @@ def test_half_nodata_chip_equals_its_valid_half():
 
 
 def test_constant_valid_region_gives_the_known_vector():
-    encoder = RandomConvolutionalFeatures(3, features=8)
+    encoder = gaussian(3, features=8)
     value = 0.25
     pixels = torch.zeros((1, 3, 10, 10))
     pixels[:, :, :5, :] = value
@@ -233,7 +270,7 @@ def test_constant_valid_region_gives_the_known_vector():
 
 
 def test_all_nodata_chip_is_an_error_not_nan():
-    encoder = RandomConvolutionalFeatures(3, features=8)
+    encoder = gaussian(3, features=8)
     mask = torch.ones((2, 8, 8), dtype=torch.bool)
     mask[1] = False
     with pytest.raises(EncoderError, match=r"chip\(s\) \[1\]"):
@@ -247,7 +284,7 @@ def test_nan_pixels_without_a_mask_are_an_error():
     pixels = chips(2, 3, 8)
     pixels[1, 0, 2, 2] = float("nan")
     with pytest.raises(EncoderError, match=r"chip\(s\) \[1\].*NaN"):
-        RandomConvolutionalFeatures(3, features=8)(pixels)
+        gaussian(3, features=8)(pixels)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -271,7 +308,7 @@ def test_bad_parameters(params, message):
 
 def test_band_count_must_match_the_kernels():
     with pytest.raises(EncoderError, match="5 band.*take 4"):
-        RandomConvolutionalFeatures(4, features=8)(chips(2, 5))
+        gaussian(4, features=8)(chips(2, 5))
     with pytest.raises(EncoderError, match="5 band.*take 4"):
         RandomConvolutionalFeatures(4, features=8, kernels="empirical").fit(chips(2, 5))
     with pytest.raises(EncoderError, match="5 band.*take 4"):
@@ -279,7 +316,8 @@ def test_band_count_must_match_the_kernels():
 
 
 def test_too_few_valid_patches_says_how_many():
-    encoder = RandomConvolutionalFeatures(3, features=64, kernels="empirical", patch_pool_size=100)
+    encoder = RandomConvolutionalFeatures(3, features=64, kernels="empirical", kernel_size=3,
+                                          patch_pool_size=100)
     mask = torch.zeros((1, 8, 8), dtype=torch.bool)
     mask[:, :4, :4] = True  # 2 x 2 = 4 valid 3x3 windows
     with pytest.raises(EncoderError, match="only 4 3x3 windows.*32 are needed"):
@@ -298,7 +336,68 @@ def test_too_few_valid_patches_says_how_many():
 ])
 def test_bad_pixels_and_masks(pixels, mask, message):
     with pytest.raises(EncoderError, match=message):
-        RandomConvolutionalFeatures(3, features=8)(pixels, valid_mask=mask)
+        gaussian(3, features=8)(pixels, valid_mask=mask)
+
+
+# -- the band-statistics hybrid -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernels", ["gaussian", "empirical"])
+def test_band_stats_append_each_bands_mean_and_std_after_the_same_features(kernels):
+    pixels = chips(3, seed=4)
+    if kernels == "empirical":
+        plain, hybrid = fitted(seed=2), fitted(seed=2, band_stats=True)
+    else:
+        plain, hybrid = gaussian(4, features=16, seed=2), gaussian(4, features=16, seed=2,
+                                                                    band_stats=True)
+    vectors = hybrid(pixels)
+    assert vectors.shape == (3, 16 + 8) and hybrid.embedding_dim == 24
+    assert hybrid.name == f"rcf-{kernels}+band-stats"
+    torch.testing.assert_close(vectors[:, :16], plain(pixels))  # same seed, same kernels
+    flat = pixels.flatten(2)
+    torch.testing.assert_close(vectors[:, 16:20], flat.mean(dim=2))
+    torch.testing.assert_close(vectors[:, 20:], flat.std(dim=2, correction=0))
+    torch.testing.assert_close(vectors[:, 16:], band_statistics(pixels))
+    torch.testing.assert_close(hybrid(pixels[:1]), vectors[:1])  # a batch of one is (1, D)
+
+
+def test_band_stats_ignore_nodata_like_the_features_do():
+    encoder = gaussian(4, features=16, band_stats=True)
+    pixels = chips(2, size=16)
+    mask = torch.ones((2, 16, 16), dtype=torch.bool)
+    mask[:, :, 8:] = False
+    holed = pixels.clone()
+    holed[:, :, :, 8:] = float("nan")
+    torch.testing.assert_close(encoder(holed, valid_mask=mask), encoder(pixels[:, :, :, :8]),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(EncoderError, match=r"chip\(s\) \[0, 1\].*NaN"):
+        encoder(holed)  # NaN outside a mask is still an error, not a NaN vector
+
+
+def test_band_stats_round_trip_and_tables_refuse_to_mix_them():
+    hybrid = fitted(seed=5, band_stats=True)
+    config = json.loads(json.dumps(hybrid.config()))
+    assert config["band_stats"] is True
+    rebuilt = load_encoder("rcf", config, {k: v.clone() for k, v in hybrid.state_dict().items()})
+    pixels = chips(2, seed=6)
+    assert torch.equal(rebuilt(pixels), hybrid(pixels))
+    # A table records the encoder's config: one with band stats and one without never match.
+    sensor = get_sensor("sentinel-2-l2a")
+    bands = ["blue", "green", "red", "nir"]
+    plain = fitted(seed=5)
+
+    def table_config(encoder):
+        normalization = Normalization("reflectance", (0.0,) * 4, (1.0,) * 4)
+        return build_config(encoder, "rcf", sensor, bands, normalization, 16, 16)
+
+    differing = table_config(hybrid).mismatches(table_config(plain))
+    assert any("encoder_config" in line for line in differing)
+    assert any("encoder_dim" in line for line in differing)
+    assert table_config(hybrid).mismatches(table_config(rebuilt)) == []
+
+
+def test_band_stats_must_be_a_bool():
+    with pytest.raises(EncoderError, match="band_stats must be true or false"):
+        RandomConvolutionalFeatures(3, band_stats="yes")
 
 
 # -- band statistics baseline ---------------------------------------------------------------------

@@ -16,11 +16,14 @@ from encoders.base import ChipEncoder
 from indexer.evaluate import (
     EvalReport,
     EvaluationError,
+    compare_transforms,
     evaluate_folder,
+    format_comparison,
     format_report,
     retrieval_scores,
 )
 from indexer.errors import ChipscoutError
+from indexer.transform import DEFAULT_TRANSFORMS
 
 SIZE = 12
 
@@ -85,7 +88,9 @@ def recorder(holder: list) -> callable:
 
 @pytest.mark.parametrize("encoder, params", [
     ("rcf", {"features": 16}),
+    ("rcf", {"features": 16, "kernels": "gaussian"}),
     ("rcf", {"features": 16, "kernels": "empirical", "patch_pool_size": 200}),
+    ("rcf", {"features": 16, "band_stats": True}),
     ("band-stats", {}),
 ])
 def test_separable_classes_are_retrieved_perfectly(tmp_path, encoder, params):
@@ -99,7 +104,10 @@ def test_separable_classes_are_retrieved_perfectly(tmp_path, encoder, params):
         assert scores.mean_average_precision == 1.0 and scores.n_images == 4
     for name, confusion in report.confusion.items():  # 4 queries x 7 wrong in each top 10
         assert confusion.wrong_neighbours == 28 and confusion.most_confused_with not in (None, name)
-    expected_name = f"rcf-{params.get('kernels', 'gaussian')}" if encoder == "rcf" else encoder
+    expected_name = encoder
+    if encoder == "rcf":
+        expected_name = f"rcf-{params.get('kernels', 'empirical')}"
+        expected_name += "+band-stats" if params.get("band_stats") else ""
     assert report.encoder == expected_name
     assert report.encoder_config["in_channels"] == 4 and report.image_size_px == (SIZE, SIZE)
 
@@ -109,9 +117,10 @@ def test_report_serialises_and_prints(tmp_path):
                              sensor="sentinel-2-l2a")
     data = json.loads(json.dumps(report.to_dict()))
     assert data["overall"]["precision_at_k"] == pytest.approx({"1": 1.0, "5": 0.6, "10": 0.3})
-    assert data["encoder"] == "rcf-gaussian" and data["k_values"] == [1, 5, 10]
+    assert data["encoder"] == "rcf-empirical" and data["k_values"] == [1, 5, 10]
+    assert data["encoder_config"]["kernel_size"] == 5 and data["encoder_config"]["bias"] == -0.2
     text = format_report(report)
-    assert "rcf-gaussian" in text and "overall" in text and "P@10" in text
+    assert "rcf-empirical" in text and "overall" in text and "P@10" in text
     assert all(name in text for name in ("crops", "forest", "water"))
 
 
@@ -125,6 +134,26 @@ def test_retrieval_scores_by_hand():
     np.testing.assert_allclose(average_precision[0], (1 / 1 + 2 / 4) / 2)
     # Query 4 (class 1) ranks 2, 3 (its only relevant one) ...: AP = 1/2.
     assert top[4].tolist()[:2] == [2, 3] and average_precision[4] == pytest.approx(0.5)
+
+
+def test_compare_transforms_rows_and_the_family_default(tmp_path):
+    root = separable_folder(tmp_path / "data", per_class=22)  # 66 images: enough for 64 PCA dims
+    rows = compare_transforms(root, ["default", "standardize,l2", "none"], "rcf",
+                              {"features": 128}, sensor="sentinel-2-l2a", k_values=(1, 5))
+    assert [(r.encoder, r.transform, r.output_dim) for r in rows] == [
+        ("band-stats", "none", 8),
+        ("rcf-empirical", "none", 128),  # raw vectors, once even when asked again
+        ("rcf-empirical", DEFAULT_TRANSFORMS["rcf"], 64),
+        ("rcf-empirical", "standardize,l2", 128),
+    ]
+    assert DEFAULT_TRANSFORMS["rcf"] == "power:0.4,standardize,pca-whiten:64:10,l2"
+    for r in rows:  # separable classes: every transform keeps the right answer on top
+        assert r.scores.precision_at_k[1] == 1.0 and r.scores.n_images == 66
+    table = format_comparison(rows, (1, 5))
+    assert table.splitlines()[0] == "| encoder | transform | dim | P@1 | P@5 | mAP |"
+    assert f"| rcf-empirical | {DEFAULT_TRANSFORMS['rcf']} | 64 | 1.000 |" in table
+    with pytest.raises(EvaluationError, match="needs at least 129 vectors"):
+        compare_transforms(root, ["pca:128"], "rcf", {"features": 128}, sensor="sentinel-2-l2a")
 
 
 # -- reading: bands, scaling, image kinds, nodata ------------------------------------------------

@@ -8,10 +8,10 @@ from indexer.chips import ChipGrid
 from indexer.embedding import Embedder
 from indexer.errors import ChipscoutError, IncompatibleTableError
 from indexer.files import local_source
-from indexer.pipeline import ChipReader, index_sources, sample_chips
+from indexer.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips
 from indexer.search import SearchEngine
 from indexer.store import ChipStore
-from indexer.transform import TransformError, VectorTransform, parse_spec
+from indexer.transform import DEFAULT_TRANSFORMS, TransformError, VectorTransform, parse_spec
 
 from .conftest import DATES, TINY_RCF, build_index
 
@@ -89,7 +89,7 @@ def test_vectors_of_another_encoder_are_refused():
 def test_default_transform_is_recorded_with_the_table(indexed_db):
     store = ChipStore(indexed_db, "chips")
     description = store.config.transform
-    assert description["spec"] == "power:0.5,standardize,pca-whiten:64:10,l2"
+    assert description["spec"] == "power:0.4,standardize,pca-whiten:64:10,l2"
     assert description["input_dim"] == 64 and description["fit_vectors"] == 98
     embedder = Embedder.for_store(store)
     assert embedder.transform.spec == description["spec"]
@@ -153,3 +153,31 @@ def test_small_table_default_falls_back(small_cog, tmp_path):
     index_sources(sources, db_uri=str(tmp_path / "db"), table_name="t", encoder=TINY_RCF,
                   grid=ChipGrid(64, 32), bands=["blue", "green", "red", "nir"], progress=False)
     assert ChipStore(str(tmp_path / "db"), "t").config.transform["spec"] == "standardize,power:0.5,l2"
+
+
+def test_family_defaults_fit_empirical_kernels_and_the_default_transform_at_index_time(small_cog, tmp_path):
+    """`rcf` with no options: empirical 5x5 kernels fitted on a sample of the sources, then the
+    family's default transform fitted on fresh raw vectors; queries re-embed to the stored vectors."""
+    sources = [local_source(small_cog, sensor="sentinel-2-l2a", acquired=when, source_id=f"cut-{name}")
+               for name, when in DATES.items()]
+    summary = index_sources(sources, db_uri=str(tmp_path / "db"), table_name="t",
+                            encoder=EncoderChoice("rcf"), grid=ChipGrid(64, 32),
+                            bands=["blue", "green", "red", "nir"], progress=False)
+    assert summary.chips_new == 98
+    store = ChipStore(str(tmp_path / "db"), "t")
+    config = store.config
+    assert config.encoder_label == "rcf-empirical"
+    assert {k: config.encoder_config[k] for k in ("kernels", "kernel_size", "bias", "band_stats")} == {
+        "kernels": "empirical", "kernel_size": 5, "bias": -0.2, "band_stats": False}
+    state = store.get_state("encoder")
+    assert bool(state["fitted"]) and state["weight"].shape == (512, 4, 5, 5)
+    assert float(state["weight"].abs().sum()) > 0  # fitted kernels, not the unfitted zeros
+    assert config.transform["spec"] == DEFAULT_TRANSFORMS["rcf"] and config.embedding_dim == 64
+    embedder = Embedder.for_store(store)
+    reader = ChipReader(list(config.bands), ChipGrid(64, 32), 0.5, None)
+    chips = sample_chips(sources[:1], reader, 3)
+    ids, stored = store.vectors([c.chip_id for c in chips])
+    by_id = dict(zip(ids, stored))
+    vectors = embedder.embed(chips, 10.0)
+    for chip, vector in zip(chips, vectors):
+        assert np.allclose(vector, by_id[chip.chip_id], atol=1e-5)
