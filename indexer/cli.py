@@ -261,6 +261,13 @@ def info(
     typer.echo(f"table {table} in {uri}: {payload['rows']} chips, version {payload['version']}")
     typer.echo(f"  encoder   {config.encoder_label} ({config.encoder}) {json.dumps(config.encoder_config)}")
     typer.echo(f"  vectors   {config.embedding_dim}-d, {config.metric}, state sha256 {config.state_sha256[:12]}")
+    if config.transform:
+        raw = "raw vectors kept (`chipscout refit`)" if "raw_vector" in store.table.schema.names else \
+            "no raw vectors (made before chipscout kept them)"
+        typer.echo(f"  transform {config.transform.get('spec')}: {config.encoder_dim}-d -> "
+                   f"{config.embedding_dim}-d, fitted on {config.transform.get('fit_vectors')} vectors; {raw}")
+    else:
+        typer.echo("  transform none (L2-normalised encoder vectors)")
     typer.echo(f"  sensor    {config.sensor}: {', '.join(config.bands)}")
     typer.echo(f"  scaling   {config.normalization.kind}")
     typer.echo(f"  chips     {config.chip_size_px} px, stride {config.chip_stride_px} px")

@@ -54,6 +54,9 @@ def test_info_reports_encoder_and_bands(cli_db):
     assert payload["config"]["bands"][:3] == ["blue", "green", "red"]
     listing = json.loads(chipscout("info", "--db", cli_db, "--json").stdout)
     assert listing["tables"] == ["scene"]
+    text = chipscout("info", "--db", cli_db, "--table", "scene").stdout
+    spec = payload["config"]["transform"]["spec"]
+    assert f"transform {spec}: " in text and "fitted on 16 vectors; raw vectors kept" in text
 
 
 def test_reindex_via_cli_is_idempotent(cli_db, small_scene_dir):
