@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import streamlit as st
@@ -22,7 +22,7 @@ from indexer import refine
 from indexer.errors import ChipscoutError
 from indexer.export import FORMATS, ExportSummary, export_formats
 from indexer.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
-from indexer.search import ChipRecord, SearchEngine
+from indexer.search import ChipRecord, SearchEngine, SearchFilters
 
 # st.session_state keys (per-session widgets add `-<session id>` to theirs).
 SESSION = "label_session"
@@ -243,13 +243,17 @@ def _label_clicked(store: LabelStore, session: Session, chip_id: str, shown: str
 
 # ----------------------------------------------------------------------------- the seed-set panel
 def panel(seed: Seed, engine: SearchEngine, example_id: str | None,
-          grid: Callable[[Sequence[ChipRecord], list[str], str, dict[str, float], str], None]) -> None:
+          grid: Callable[[Sequence[ChipRecord], list[str], str, dict[str, float], str], None],
+          filters: SearchFilters | None = None) -> None:
     """The open session's figures, the round controls, the proposals (drawn by `grid(chips, captions,
-    key, scores, strategy)`) and the downloads."""
+    key, scores, strategy)`) and the downloads. Rounds propose only chips `filters` (the sidebar's
+    dates, area and quality limits) allow."""
     st.html(BUTTON_STYLE)
     st.subheader(f"Seed set · {seed.session.name}")
     _metrics(seed, engine)
-    _round_controls(seed, engine, example_id)
+    # Proposals come from several seeds, not one example chip: there is no footprint to avoid.
+    filters = replace(filters, exclude_overlapping=False) if filters is not None else None
+    _round_controls(seed, engine, example_id, filters)
     _proposals(seed, grid)
     _downloads(seed, engine)
 
@@ -314,7 +318,8 @@ def _round_options(session_id: str) -> dict[str, Any]:
             "per_cell": int(value(f"label_per_cell-{session_id}") or 1)}
 
 
-def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None) -> None:
+def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None,
+                    filters: SearchFilters | None) -> None:
     sid = seed.session.session_id
     positives, negatives = seed.counts
     strategy_column, count_column, next_column, preview_column = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
@@ -339,10 +344,10 @@ def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None) ->
         spread_column.number_input("Spread cell (km)", min_value=0.0, max_value=1000.0, value=0.0, step=1.0,
                                    key=f"label_spread_km-{sid}", help="At most N proposals per cell; 0 = off.")
         per_cell_column.number_input("Per cell (N)", min_value=1, max_value=100, value=1, key=f"label_per_cell-{sid}")
-    next_column.button("Next round ▶", type="primary", on_click=_run_round, args=(seed, engine, example_id, True),
+    next_column.button("Next round ▶", type="primary", on_click=_run_round, args=(seed, engine, example_id, True, filters),
                        width="stretch", help="Rank the unlabelled chips, propose the best, and record the round "
                                              "with its figures. Labels given afterwards carry its number.")
-    preview_column.button("Preview", on_click=_run_round, args=(seed, engine, example_id, False), width="stretch",
+    preview_column.button("Preview", on_click=_run_round, args=(seed, engine, example_id, False, filters), width="stretch",
                           help="Show the proposals without recording a round.")
 
 
@@ -354,13 +359,15 @@ def _ranking_options(seed: Seed, example_id: str | None) -> dict[str, Any]:
     return kwargs
 
 
-def _run_round(seed: Seed, engine: SearchEngine, example_id: str | None, record: bool) -> None:
+def _run_round(seed: Seed, engine: SearchEngine, example_id: str | None, record: bool,
+               filters: SearchFilters | None = None) -> None:
     options = _round_options(seed.session.session_id)
     spread_km = options["spread_km"] or None
     try:
         proposals = (refine.next_round if record else refine.propose)(
             engine, seed.session, options["n"], uncertain=min(options["uncertain"], options["n"]),
-            spread_km=spread_km, per_cell=options["per_cell"], **_ranking_options(seed, example_id))
+            spread_km=spread_km, per_cell=options["per_cell"], filters=filters,
+            **_ranking_options(seed, example_id))
     except ChipscoutError as err:
         notice("error", f"Cannot rank: {err}")
         return

@@ -298,7 +298,13 @@ with seed_box:
     seed = labelling.sidebar(engine)
 labelling.show_notices()
 if seed is not None:
-    labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed))
+    try:
+        round_filters = state.search_filters(settings)
+    except ChipscoutError as err:  # a bad bbox or date range, also reported under Look-alikes
+        st.warning(f"Rounds ignore the sidebar filters until they are fixed: {err}")
+        round_filters = None
+    labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed),
+                    round_filters)
     st.divider()
 
 # ----------------------------------------------------------------------------- the example

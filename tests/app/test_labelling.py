@@ -7,6 +7,7 @@ Labels are checked in the store (`LabelStore`), never in the page's state.
 
 import io
 import json
+from datetime import date
 
 import pyarrow.parquet as pq
 import pytest
@@ -299,3 +300,17 @@ def test_labels_from_another_tab_show_up_and_are_never_lost(open_app, store):
     label(at, "hop", "negative", c)  # now it has seen it: the click applies (last write wins)
     assert store.label_map(session) == {a: "positive", b: "negative", c: "negative"}
     assert {x.chip_id: x.labelled_by for x in store.labels(session)}[a] == "other tab"
+
+
+def test_rounds_propose_only_chips_the_sidebar_filters_allow(open_app, store):
+    at = open_app(chip=QUERY)
+    create_session(at, "june only")
+    label(at, "example", "positive", QUERY)
+    click(at, "Preview")
+    unfiltered = grid_ids(at, "proposal")
+    assert any(c.startswith("cut-sept_") for c in unfiltered)  # both dates compete without a filter
+    at.date_input(key="date_to").set_value(date(2024, 6, 30)).run()
+    click(at, "Preview")
+    proposals = grid_ids(at, "proposal")
+    assert proposals and all(c.startswith("cut-june_") for c in proposals)
+    assert QUERY not in proposals
