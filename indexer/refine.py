@@ -26,7 +26,7 @@ import numpy as np
 
 from indexer.labels import NEGATIVE, POSITIVE, LabelError, LabelStore, RoundRecord, Session
 from indexer.search import MAX_K, ChipRecord, SearchEngine, SearchFilters
-from indexer.spread import grid_cell, validate_spread
+from indexer.spread import cap_per_cell
 
 
 class Strategy(str, Enum):
@@ -370,22 +370,12 @@ def rank_session(engine: SearchEngine, session: str | Session, *, strategy: str 
 def spread_items(items: Iterable[RankedChip], cell_km: float | None, per_cell: int, count: int,
                  taken: Counter | None = None) -> list[RankedChip]:
     """The first `count` items, at most `per_cell` per grid cell of `cell_km` (no spreading when
-    cell_km is None). Reuses `indexer.spread`'s km grid; `taken` carries cell counts across calls."""
+    cell_km is None); `taken` carries cell counts across calls."""
     if count <= 0:
         return []
     if cell_km is None:
         return list(items)[:count]
-    cell_km, per_cell = validate_spread(cell_km, per_cell)
-    taken = Counter() if taken is None else taken
-    kept = []
-    for item in items:
-        cell = grid_cell(item.chip.center_lon, item.chip.center_lat, cell_km)
-        if taken[cell] < per_cell:
-            taken[cell] += 1
-            kept.append(item)
-            if len(kept) == count:
-                break
-    return kept
+    return cap_per_cell(items, cell_km, per_cell, count, taken)
 
 
 # ----------------------------------------------------------------------------- quality

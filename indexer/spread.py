@@ -40,16 +40,28 @@ def grid_cell(lon: float, lat: float, cell_km: float) -> tuple[int, int]:
     return row, math.floor(lon * km_per_lon_degree / cell_km)
 
 
-def spread_results(results: Iterable[SearchResult], cell_km: float, per_cell: int) -> list[SearchResult]:
-    """The results in rank order, at most `per_cell` per grid cell (by chip centre), re-ranked 1..n."""
+def cap_per_cell(items: Iterable, cell_km: float, per_cell: int, count: int | None = None,
+                 taken: Counter | None = None) -> list:
+    """Items (anything with `.chip.center_lon/lat`) in order, at most `per_cell` per grid cell of
+    `cell_km`, stopping after `count` (None: all); `taken` carries cell counts across calls."""
     cell_km, per_cell = validate_spread(cell_km, per_cell)
-    taken: Counter[tuple[int, int]] = Counter()
+    taken = Counter() if taken is None else taken
     kept = []
-    for result in results:
-        cell = grid_cell(result.chip.center_lon, result.chip.center_lat, cell_km)
+    if count is not None and count <= 0:
+        return kept
+    for item in items:
+        cell = grid_cell(item.chip.center_lon, item.chip.center_lat, cell_km)
         if taken[cell] < per_cell:
             taken[cell] += 1
-            kept.append(result)
+            kept.append(item)
+            if len(kept) == count:
+                break
+    return kept
+
+
+def spread_results(results: Iterable[SearchResult], cell_km: float, per_cell: int) -> list[SearchResult]:
+    """The results in rank order, at most `per_cell` per grid cell (by chip centre), re-ranked 1..n."""
+    kept = cap_per_cell(results, cell_km, per_cell)
     return [replace(result, rank=rank) for rank, result in enumerate(kept, start=1)]
 
 

@@ -501,14 +501,8 @@ class ChipStore:
                 query = query.postfilter()
         if not use_index:
             query = query.bypass_vector_index()
-        elif tuning is not None:
-            # Exactly `nprobes` partitions: an open maximum makes LanceDB 0.40 search every
-            # partition. The caller retries when fewer than k rows come back.
-            query = query.nprobes(tuning.nprobes)
-            if tuning.refine_factor:
-                query = query.refine_factor(tuning.refine_factor)
-            if tuning.ef:
-                query = query.ef(tuning.ef)
+        else:
+            query = _tuned(query, tuning)
         return self._run(query)
 
     def nearest_row_ids(self, vector: np.ndarray, k: int, tuning: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -516,13 +510,7 @@ class ChipStore:
         no columns read beyond the refinement's vectors."""
         query = (self._query_table().vector_search(vector.astype(np.float32)).column("vector")
                  .distance_type("cosine").limit(k).select(["_distance"]).with_row_id())
-        if tuning is not None:
-            query = query.nprobes(tuning.nprobes)
-            if tuning.refine_factor:
-                query = query.refine_factor(tuning.refine_factor)
-            if tuning.ef:
-                query = query.ef(tuning.ef)
-        rows = self._run(query)
+        rows = self._run(_tuned(query, tuning))
         return rows["_rowid"].to_numpy(), rows["_distance"].to_numpy(zero_copy_only=False).astype(np.float32)
 
     def scan_with_row_ids(self, columns: Sequence[str]) -> pa.Table:
@@ -557,7 +545,7 @@ class ChipStore:
                 raise StoreError(f"table {self.table_name!r} changed while its vectors were read; try again")
             chunk = self._vectors_of(pa.Table.from_batches([batch]))
             if unit:
-                _unit_rows(chunk)
+                unit_rows(chunk)
             # torch converts to float16 with the CPU's vector instructions, ~5x numpy's speed.
             vectors[at: at + batch.num_rows] = (torch.from_numpy(chunk).half().numpy()
                                                 if vectors.dtype == np.float16 else chunk)
@@ -944,7 +932,21 @@ def storage_error_message(err: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+def _tuned(query, tuning: Any):
+    """`query` with the index knobs of `tuning` (`indexer.vector_index.QueryTuning`; None: LanceDB's
+    defaults). Exactly `nprobes` partitions: an open maximum makes LanceDB 0.40 search every
+    partition; callers retry when fewer than k rows come back."""
+    if tuning is None:
+        return query
+    query = query.nprobes(tuning.nprobes)
+    if tuning.refine_factor:
+        query = query.refine_factor(tuning.refine_factor)
+    if tuning.ef:
+        query = query.ef(tuning.ef)
+    return query
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Scale each row of `vectors` to unit length, in place (all-zero rows stay zero)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     np.divide(vectors, norms, out=vectors, where=norms > 0)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from indexer.errors import StoreError
+from indexer.store import unit_rows
 
 #: Vector index types chipscout builds. IVF_RQ (RaBitQ codes) builds fastest for its recall;
 #: IVF_PQ is the classic compressed index; IVF_HNSW_SQ is a graph per IVF partition.
@@ -478,12 +479,6 @@ def _unit_query(query: np.ndarray) -> np.ndarray:
     return query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-30)
 
 
-def _unit(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    np.divide(vectors, norms, out=vectors, where=norms > 0)
-    return vectors
-
-
 class MemoryVectors:
     """All vectors of a table version in memory, unit length, in row-id order: float32 for
     exact search (one matrix-vector product, several times faster than LanceDB's flat search
@@ -747,7 +742,7 @@ class VectorSearcher:
             positions, found = warm.filters.positions(row_ids)
             positions = positions[found]
             return warm.vectors.top(vector, k, positions)
-        vectors = _unit(self.store.vectors_by_row_id(row_ids))
+        vectors = unit_rows(self.store.vectors_by_row_id(row_ids))
         return _top(vectors @ _unit_query(vector), row_ids, k)
 
     def _count(self, state: _TableState, filters: FilterColumns, values: FilterValues,
@@ -788,7 +783,7 @@ class VectorSearcher:
         if plan.method == "exact":
             assert filters is not None and mask is not None
             allowed_ids = filters.row_ids[mask]
-            vectors = _unit(self.store.vectors_by_row_id(allowed_ids))
+            vectors = unit_rows(self.store.vectors_by_row_id(allowed_ids))
             row_ids, distances = _top(vectors @ _unit_query(vector), allowed_ids, k)
             return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact-scan":
