@@ -72,9 +72,20 @@ class Seed:
         return label.label if label else None
 
     @property
+    def label_map(self) -> dict[str, str]:
+        """{chip id: positive | negative} (what the maps colour footprints by)."""
+        return {chip_id: label.label for chip_id, label in self.labels.items()}
+
+    @property
     def counts(self) -> tuple[int, int]:
         positives = sum(label.is_positive for label in self.labels.values())
         return positives, len(self.labels) - positives
+
+    def map_legend(self, chip_ids: Sequence[str]) -> str:
+        """The legend line of a map showing `chip_ids`: how many of them this session labelled, and how."""
+        shown = [self.label_of(chip_id) for chip_id in chip_ids]
+        return (f"Labelled in “{self.session.name}”: :green[{shown.count(POSITIVE)} positive] filled green, "
+                f":red[{shown.count(NEGATIVE)} negative] filled red.")
 
     @property
     def fingerprint(self) -> str:

@@ -378,6 +378,8 @@ if query is not None:
                         "so results show as footprints only.")
             st.caption("Map: the example in magenta; look-alikes outlined from purple (least similar shown) "
                        "to yellow (most similar). Click a footprint to search from it.")
+            if seed is not None:
+                st.caption(seed.map_legend([r.chip.chip_id for r in shown]))
         if not shown:
             st.warning(f"The similarity threshold hides all {len(response.results)} results; "
                        "lower it to see them.")
@@ -385,7 +387,8 @@ if query is not None:
             with map_column:
                 show_map(maps.results_deck(query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
                                            context=overview_chips(db_uri, table, row_count),
-                                           context_pngs=mosaic_pngs(db_uri, table, row_count)),
+                                           context_pngs=mosaic_pngs(db_uri, table, row_count),
+                                           labels=seed.label_map if seed is not None else None),
                          f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
                          f"Map of the example and {len(shown)} look-alikes")
             with scores_column:

@@ -17,6 +17,7 @@ import pydeck as pdk
 from PIL import Image
 from shapely.geometry import Polygon
 
+from indexer.labels import NEGATIVE, POSITIVE
 from indexer.search import ChipRecord, SearchResult
 
 #: Layer ids the page reads selections from.
@@ -27,6 +28,10 @@ _RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 3
 QUERY_COLOUR = (255, 0, 200)
 CHIP_COLOUR = (200, 200, 200)
 GALLERY_COLOUR = (255, 140, 0)
+#: Look-alikes labelled in the open labelling session: the colours of the label buttons.
+LABEL_COLOURS = {POSITIVE: (46, 125, 50), NEGATIVE: (198, 40, 40)}
+#: Labelled footprints are filled more than the others, so the label shows over the thumbnail.
+LABEL_FILL_ALPHA = 110
 #: Side of the small thumbnails drawn as a mosaic under the maps (about 1 KB each as PNG).
 MOSAIC_SIZE_PX = 24
 MAP_HEIGHT_PX = 520
@@ -111,14 +116,23 @@ def _row(chip: ChipRecord, colour: Sequence[int], label: str, fill_alpha: int, l
             "label": label, "line": [*colour[:3], line_alpha], "fill": [*colour[:3], fill_alpha]}
 
 
-def result_rows(results: Sequence[SearchResult]) -> list[dict]:
+def result_rows(results: Sequence[SearchResult], labels: Mapping[str, str] | None = None) -> list[dict]:
+    """Footprint rows of the look-alikes: viridis by similarity, or the label's colour for chips
+    `labels` ({chip id: positive | negative}, the open session's) has a label for."""
     if not results:
         return []
     similarities = [r.similarity for r in results]
     low, high = min(similarities), max(similarities)
-    return [_row(r.chip, similarity_colour(r.similarity, low, high),
-                 f"#{r.rank} · similarity {r.similarity:.4f} · {_date(r.chip)}<br/>{r.chip.chip_id}", 40)
-            for r in results]
+    rows = []
+    for r in results:
+        label = (labels or {}).get(r.chip.chip_id)
+        text = f"#{r.rank} · similarity {r.similarity:.4f} · {_date(r.chip)}"
+        if label in LABEL_COLOURS:
+            rows.append(_row(r.chip, LABEL_COLOURS[label], f"{text} · labelled {label}<br/>{r.chip.chip_id}",
+                             LABEL_FILL_ALPHA))
+        else:
+            rows.append(_row(r.chip, similarity_colour(r.similarity, low, high), f"{text}<br/>{r.chip.chip_id}", 40))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -194,16 +208,18 @@ def _polygon_layer(layer_id: str, rows: list[dict], line_width_px: float) -> pdk
 
 def results_deck(query: ChipRecord, results: Sequence[SearchResult], thumbnails: Mapping[str, bytes | None],
                  basemap_url: str | None = None, show_thumbnails: bool = True, width_px: int = 650,
-                 context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None) -> pdk.Deck:
-    """The example (magenta) and its look-alikes (viridis by similarity) over their own thumbnails,
-    on a faded mosaic of other chips (`context`) for orientation."""
+                 context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None,
+                 labels: Mapping[str, str] | None = None) -> pdk.Deck:
+    """The example (magenta) and its look-alikes (viridis by similarity; green / red when `labels`
+    marks them positive / negative) over their own thumbnails, on a faded mosaic of other chips
+    (`context`) for orientation."""
     chips = [query, *(r.chip for r in results)]
     layers = []
     if show_thumbnails and context and context_pngs:
         layers.append(mosaic_layer(context, context_pngs, opacity=0.45))
     if show_thumbnails:
         layers += thumbnail_layers(chips, thumbnails)
-    layers.append(_polygon_layer(RESULTS_LAYER, result_rows(results), 2))
+    layers.append(_polygon_layer(RESULTS_LAYER, result_rows(results, labels), 2))
     layers.append(_polygon_layer(QUERY_LAYER, [
         _row(query, QUERY_COLOUR, f"example · {_date(query)}<br/>{query.chip_id}", 30)], 3))
     return _deck(layers, chips, basemap_url, width_px)

@@ -82,11 +82,15 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Cla
 PoolingOpt = Annotated[Optional[str], typer.Option("--pooling", help="MAE pooling: cls, mean or patch.")]
 NoLatLonOpt = Annotated[bool, typer.Option("--no-latlon", help="MAE: ignore location (location-agnostic search).")]
 NoTimeOpt = Annotated[bool, typer.Option("--no-time", help="MAE: ignore acquisition time.")]
+BiasOpt = Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")]
+BandStatsOpt = Annotated[bool, typer.Option("--band-stats", help="RCF: append each band's mean and standard deviation to the vector.")]
 
 
 def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_size: int | None,
                    seed: int | None, checkpoint: Path | None, pooling: str | None,
-                   no_latlon: bool, no_time: bool):
+                   no_latlon: bool, no_time: bool, *, bias: float | None = None,
+                   band_stats: bool = False):
+    """The encoder and the options the user gave; an option this encoder does not take is refused."""
     from encoders.base import encoder_parameters
     from indexer.pipeline import EncoderChoice
 
@@ -94,6 +98,7 @@ def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_
         "kernels": kernels, "features": features, "kernel_size": kernel_size, "seed": seed,
         "checkpoint": str(checkpoint) if checkpoint else None, "pooling": pooling,
         "use_latlon": False if no_latlon else None, "use_time": False if no_time else None,
+        "bias": bias, "band_stats": True if band_stats else None,
     }
     accepted = encoder_parameters(name)
     params = {}
@@ -127,6 +132,8 @@ def index_files(
     pooling: PoolingOpt = None,
     no_latlon: NoLatLonOpt = False,
     no_time: NoTimeOpt = False,
+    bias: BiasOpt = None,
+    band_stats: BandStatsOpt = False,
     max_nodata: Annotated[float, typer.Option("--max-nodata", help="Skip chips with more nodata than this fraction.")] = 0.5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Chips per encoder batch.")] = 32,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: a GPU when there is one).")] = None,
@@ -151,7 +158,7 @@ def index_files(
     sources = [local_source(p, sensor=sensor, file_bands=_split(file_bands), acquired=acquired,
                             source_id=source_id) for p in paths]
     choice = encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
-                            no_latlon, no_time)
+                            no_latlon, no_time, bias=bias, band_stats=band_stats)
     summary = run_index(
         sources, cluster, scheduler, db_uri=_db(db), table_name=table, encoder=choice,
         grid=ChipGrid(size, stride or size), bands=_split(bands), max_nodata_fraction=max_nodata,
@@ -472,6 +479,8 @@ def evaluate(
     features: FeaturesOpt = None,
     kernel_size: KernelSizeOpt = None,
     seed: SeedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    pooling: PoolingOpt = None,
     sensor: Annotated[Optional[str], typer.Option(help="Band table (default: from the files).")] = None,
     bands: Annotated[Optional[str], typer.Option(help="Bands to use, comma-separated.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
@@ -480,15 +489,16 @@ def evaluate(
         "--transform", help="Compare vector transforms side by side (repeatable): a spec such as "
                             "'power:0.4,standardize,pca-whiten:64:10,l2', 'default' or 'none'. "
                             "The table always has the band-stats baseline and the raw vectors.")] = None,
-    bias: Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")] = None,
+    bias: BiasOpt = None,
+    band_stats: BandStatsOpt = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Leave-one-out retrieval quality (precision@k, mAP) on a labelled folder."""
+    """Leave-one-out retrieval quality (precision@k, mAP) on a labelled folder, each image embedded
+    as indexing embeds a chip (the encoder's input scaling, the files' GSD)."""
     from indexer.evaluate import compare_transforms, evaluate_folder, format_comparison, format_report
 
-    choice = encoder_choice(encoder, kernels, features, kernel_size, seed, None, None, False, False)
-    if bias is not None:
-        choice.params["bias"] = bias
+    choice = encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
+                            False, False, bias=bias, band_stats=band_stats)
     if transform:
         rows = compare_transforms(path, transform, encoder=choice.name, encoder_params=choice.params,
                                   sensor=sensor, bands=_split(bands), batch_size=batch_size,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -24,6 +24,9 @@ from rasterio.errors import RasterioError
 from encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_parameters
 from indexer.errors import ChipscoutError
 from indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
+
+if TYPE_CHECKING:
+    from indexer.store import Normalization
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -103,6 +106,8 @@ class _Layout:
     indexes: tuple[int, ...]  # 0-based file bands to read, in the order the encoder sees them
     band_names: tuple[str, ...] | None
     waves_um: tuple[float, ...] | None
+    gsd_m: float | None
+    """The first file's pixel size when its CRS is projected, else the chosen bands' nominal GSD."""
 
 
 def evaluate_folder(
@@ -131,9 +136,12 @@ def evaluate_folder(
     file_bands: names of the files' bands in file order, when the files do not describe them and
         the default (EuroSAT's layout for 13-band sentinel-2-l1c, else the sensor's order) is wrong.
 
-    Images are scaled to reflectance (DN * dn_scale + dn_offset); pixels that the files mark as
-    nodata (or that are not finite) are passed to the encoder as invalid. Encoders that need
-    fitting (empirical RCF) are fitted on all the images of the folder first.
+    Images are scaled to reflectance (DN * dn_scale + dn_offset), then as indexing scales them
+    for this encoder (`indexer.embedding.normalization_for`: Clay standardises each band with the
+    sensor's mean/std), with the ground sample distance of the files; pixels that the files mark
+    as nodata (or that are not finite) are passed to the encoder as invalid, and zeroed as
+    indexing zeroes them. Encoders that need fitting (empirical RCF) are fitted on all the images
+    of the folder first.
 
     Raises EvaluationError for a folder with fewer than two classes, a class with fewer than two
     images (leave-one-out needs another of its class), an unreadable image (named), images whose
@@ -218,16 +226,19 @@ def embed_folder(
     pixels, valid = _read_all(paths, layout, progress)
     model = _build_encoder(encoder, encoder_params, len(layout.indexes))
     model = model.to(torch_device).eval()
+    normalization = _input_normalization(model, layout, paths[0])
     waves = None if layout.waves_um is None else torch.tensor(layout.waves_um, device=torch_device)
     started = time.perf_counter()
     if model.requires_fit and not model.is_fitted:
+        fit_pixels = pixels if normalization is None else normalization.apply(pixels)
         try:
-            model.fit(pixels.to(torch_device), None if valid is None else valid.to(torch_device),
+            model.fit(fit_pixels.to(torch_device), None if valid is None else valid.to(torch_device),
                       waves)
         except EncoderError as err:
             raise EvaluationError(f"fitting {model.name} on {root}: {err}") from err
     fitted = time.perf_counter()
-    vectors = _embed(model, pixels, valid, waves, paths, batch_size, torch_device, progress)
+    vectors = _embed(model, normalization, pixels, valid, waves, layout.gsd_m, paths, batch_size,
+                     torch_device, progress)
     encoded = time.perf_counter()
     return EmbeddedFolder(vectors, np.asarray(labels), class_names, list(paths), model, layout,
                           torch_device, round(fitted - started, 3), round(encoded - fitted, 3))
@@ -444,10 +455,13 @@ def _layout_for(path: Path, sensor_name: str | None, bands: Sequence[str] | None
             with rasterio.open(path) as dataset:
                 count, size = dataset.count, (dataset.height, dataset.width)
                 dtype, descriptions = dataset.dtypes[0], list(dataset.descriptions)
+                projected = dataset.crs is not None and dataset.crs.is_projected
+                file_gsd_m = abs(dataset.transform.a) if projected else None
         except RasterioError as err:
             raise EvaluationError(f"cannot read image {path}: {err}") from None
     else:
         count, size, dtype, descriptions = 3, _read_pillow(path)[0].shape[1:], "uint8", []
+        file_gsd_m = None
     try:
         sensor = get_sensor(sensor_name) if sensor_name else _guess_sensor(path, kind, count, dtype)
     except UnknownBandError as err:
@@ -483,6 +497,7 @@ def _layout_for(path: Path, sensor_name: str | None, bands: Sequence[str] | None
         indexes=indexes,
         band_names=None if chosen is None else tuple(b.name for b in chosen),
         waves_um=None if chosen is None else tuple(b.wavelength_um for b in chosen),
+        gsd_m=file_gsd_m or (min(b.gsd_m for b in chosen) if chosen else None),
     )
 
 
@@ -531,6 +546,7 @@ def _read_image(path: Path, layout: _Layout, first: Path) -> tuple[np.ndarray, n
         )
     reflectance = dn * np.float32(layout.sensor.dn_scale) + np.float32(layout.sensor.dn_offset)
     valid &= np.isfinite(reflectance).all(axis=0)
+    reflectance[:, ~valid] = 0.0  # as `RasterReader.read_window` leaves nodata for indexing
     return reflectance, valid
 
 
@@ -572,17 +588,42 @@ def _build_encoder(encoder: str | Callable[[int], ChipEncoder], params: dict[str
         raise EvaluationError(f"encoder {name}: {err}") from err
 
 
-def _embed(model: ChipEncoder, pixels: torch.Tensor, valid: torch.Tensor | None,
-           waves: torch.Tensor | None, paths: Sequence[Path], batch_size: int,
-           device: torch.device, progress: bool) -> torch.Tensor:
+def _input_normalization(model: ChipEncoder, layout: _Layout, first: Path) -> Normalization | None:
+    """The scaling indexing gives `model`'s input (`normalization_for`); None for plain
+    reflectance, so a large folder is not copied to divide it by one."""
+    from indexer.embedding import normalization_for
+
+    if layout.band_names is None:
+        if model.input_scaling == "reflectance":
+            return None
+        raise EvaluationError(
+            f"encoder {model.name} scales each band by its statistics ({model.input_scaling}), but "
+            f"nothing says which band of {first} is which; name them with sensor, bands or file_bands")
+    try:
+        normalization = normalization_for(model, layout.sensor, layout.band_names)
+    except ChipscoutError as err:
+        raise EvaluationError(str(err)) from None
+    return None if normalization.kind == "reflectance" else normalization
+
+
+def _embed(model: ChipEncoder, normalization: Normalization | None, pixels: torch.Tensor,
+           valid: torch.Tensor | None, waves: torch.Tensor | None, gsd_m: float | None,
+           paths: Sequence[Path], batch_size: int, device: torch.device,
+           progress: bool) -> torch.Tensor:
+    """Vectors of `pixels` (reflectance) batch by batch, scaled and masked as `Embedder` does."""
     batches = range(0, pixels.shape[0], batch_size)
     vectors = []
     with torch.no_grad():
         for start in _progress(batches, progress, "encoding"):
             stop = start + batch_size
+            batch = pixels[start:stop].to(device)
             mask = None if valid is None else valid[start:stop].to(device)
+            if normalization is not None:
+                batch = normalization.apply(batch)
+                if mask is not None:
+                    batch = torch.where(mask[:, None], batch, torch.zeros((), device=device))
             try:
-                out = model(pixels[start:stop].to(device), waves, valid_mask=mask)
+                out = model(batch, waves, valid_mask=mask, gsd_m=gsd_m)
             except EncoderError as err:
                 names = f"{paths[start].name} .. {paths[min(stop, len(paths)) - 1].name}"
                 raise EvaluationError(f"encoding images {names} with {model.name}: {err}") from err

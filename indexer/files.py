@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +336,19 @@ def parse_datetime(text: str, what: str = "date") -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def acquisition_time(value: datetime | date | str, what: str = "acquired date") -> datetime:
+    """A caller's acquisition time as an aware datetime: a datetime (naive taken as UTC), a date
+    (midnight UTC) or an ISO 8601 string; anything else is refused here, not deep in an encoder."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    if isinstance(value, str):
+        return parse_datetime(value, what)
+    raise SourceError(f"bad {what} {value!r}: expected a datetime, a date or an ISO 8601 string "
+                      f"such as 2024-06-01, not {type(value).__name__}")
+
+
 def _date_from_metadata(tags: dict[str, str], name: str) -> datetime | None:
     for key in _DATE_TAGS:
         if key in tags:
@@ -378,16 +391,22 @@ def local_source(
     path: str | Path,
     sensor: str | Sensor = "sentinel-2-l2a",
     file_bands: Sequence[str] | None = None,
-    acquired: datetime | None = None,
+    acquired: datetime | date | str | None = None,
     source_id: str | None = None,
 ) -> RasterSource:
     """Describe a local scene: one multi-band raster, or a folder of single-band files.
 
     `file_bands` names the bands of a multi-band file in file order (needed when the file's
     band descriptions do not say). Single-band files are matched to bands by a token of their
-    name (`T18SVF_20240601_B04.tif`, `s2_B8A.jp2`, `red.tif`).
+    name (`T18SVF_20240601_B04.tif`, `s2_B8A.jp2`, `red.tif`). `acquired` (a datetime, a date
+    or an ISO 8601 string) overrides the date found in the file's tags or name.
     """
     path = Path(path).expanduser()
+    if acquired is not None:
+        try:
+            acquired = acquisition_time(acquired)
+        except SourceError as err:
+            raise SourceError(f"{path}: {err}") from None
     sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")

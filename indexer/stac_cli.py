@@ -38,6 +38,8 @@ def index_stac_command():
         pooling: cli.PoolingOpt = None,
         no_latlon: cli.NoLatLonOpt = False,
         no_time: cli.NoTimeOpt = False,
+        bias: cli.BiasOpt = None,
+        band_stats: cli.BandStatsOpt = False,
         max_nodata: Annotated[float, typer.Option("--max-nodata", help="Skip chips with more nodata than this fraction.")] = 0.5,
         max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Chips per encoder batch.")] = 32,
@@ -63,7 +65,7 @@ def index_stac_command():
         query = StacQuery.build(url, collection, bbox=bbox, intersects=intersects, datetime=datetime,
                                 max_cloud_cover=max_cloud, max_items=limit)
         choice = cli.encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
-                                    no_latlon, no_time)
+                                    no_latlon, no_time, bias=bias, band_stats=band_stats)
         grid = ChipGrid(size, stride or size)
         search = StacSearch(query, sensor=sensor)
         if search.unsigned_warning:

@@ -236,8 +236,20 @@ class ChipStore:
         return list(getattr(listing, "tables", listing))
 
     def table_names(self) -> list[str]:
-        """The chip tables here (companion tables such as `x__state` left out)."""
-        return sorted(n for n in self._all_table_names() if "__" not in n)
+        """The chip tables here that exist: committed ones, as `exists()` sees them (companion
+        tables such as `x__state`, and folders of a `create`/`refit` killed before its first
+        commit, left out)."""
+        return sorted(n for n in self._all_table_names() if "__" not in n and self._is_committed(n))
+
+    def _is_committed(self, name: str) -> bool:
+        """Whether listed table `name` has a committed version (see `_open_if_committed`)."""
+        try:
+            self._db.open_table(name)
+        except ValueError as err:  # "Table 'x' was not found": listed, but no committed version
+            if "not found" in str(err):
+                return False
+            raise StoreError(f"cannot open table {name!r} in {self.db_uri}: {err}") from err
+        return True
 
     def _open_if_committed(self, name: str):
         """Table `name`, or None when it is missing or was never committed.

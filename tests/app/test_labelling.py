@@ -314,3 +314,28 @@ def test_rounds_propose_only_chips_the_sidebar_filters_allow(open_app, store):
     proposals = grid_ids(at, "proposal")
     assert proposals and all(c.startswith("cut-june_") for c in proposals)
     assert QUERY not in proposals
+
+
+# ----------------------------------------------------------------------------- the results map
+def test_labelled_look_alikes_are_coloured_on_the_results_map(open_app, store):
+    from tests.app.test_app import layer, results_map
+
+    def rows(at: AppTest) -> dict[str, dict]:
+        return {row["chip_id"]: row for row in layer(results_map(at), "results")["data"]}
+
+    session = store.create_session("map colours")
+    at = open_session(open_app(chip=QUERY), session)
+    before = rows(at)
+    liked, disliked, *others = list(before)
+    label(at, "hop", "positive", liked)
+    label(at, "hop", "negative", disliked)
+    after = rows(at)
+    assert list(after) == list(before)  # same look-alikes, same order
+    assert after[liked]["line"] == [46, 125, 50, 255] and after[liked]["fill"][:3] == [46, 125, 50]
+    assert after[disliked]["line"] == [198, 40, 40, 255] and after[disliked]["fill"][:3] == [198, 40, 40]
+    assert "labelled positive" in after[liked]["label"] and "labelled negative" in after[disliked]["label"]
+    for chip_id in others:  # unlabelled look-alikes keep their similarity colours
+        assert after[chip_id] == before[chip_id]
+    assert "“map colours”: :green[1 positive] filled green, :red[1 negative] filled red" in texts(at.caption)
+    label(at, "hop", "positive", liked)  # clicking the highlighted button again clears the label
+    assert rows(at)[liked] == before[liked]

@@ -117,3 +117,47 @@ def test_bad_search_parameters_fail_clearly(cli_db, args, culprit):
 def test_missing_table_fails_clearly(cli_db):
     result = chipscout("search", "x_r000000_c000000_s64", "--db", cli_db, "--table", "nope", check=False)
     assert result.returncode == 1 and "no table 'nope'" in result.stderr
+
+
+def test_index_files_takes_rcf_bias_and_band_stats(small_scene_dir, tmp_path):
+    db = tmp_path / "db"
+    result = chipscout("index", "files", small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64",
+                       *TINY, "--bias", "-0.5", "--band-stats", "--db", db, "--table", "tuned", "--json")
+    assert json.loads(result.stdout)["chips_new"] == 16
+    config = json.loads(chipscout("info", "--db", db, "--table", "tuned", "--json").stdout)["config"]
+    assert config["encoder_label"] == "rcf-gaussian+band-stats"
+    assert config["encoder_config"]["bias"] == -0.5 and config["encoder_config"]["band_stats"] is True
+
+
+@pytest.mark.parametrize("command", [["index", "files"], ["eval"]])
+@pytest.mark.parametrize("flag", [["--bias", "-0.5"], ["--band-stats"]])
+def test_rcf_options_are_refused_for_other_encoders(command, flag, small_scene_dir, tmp_path):
+    where = ["--db", tmp_path / "db"] if command[0] == "index" else []
+    result = chipscout(*command, small_scene_dir, "--encoder", "band-stats", *flag, *where, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"encoder band-stats does not take {flag[0]}" in result.stderr
+
+
+def test_eval_takes_clay_pooling_and_standardises(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("fields", "water"):
+        (tmp_path / name).mkdir()
+        for i in range(6):  # eval scores P@10: each query needs 10 others
+            with rasterio.open(tmp_path / name / f"{i}.tif", "w", driver="GTiff", width=16, height=16,
+                               count=4, dtype="uint16", crs="EPSG:32618",
+                               transform=rasterio.Affine(10, 0, 400000, 0, -10, 4200000)) as out:
+                out.write(rng.integers(100, 3000, size=(4, 16, 16)).astype(np.uint16))
+                for band, code in enumerate(("B02", "B03", "B04", "B08"), start=1):
+                    out.set_band_description(band, code)
+    result = chipscout("eval", tmp_path, "--encoder", "clay-tiny", "--pooling", "mean",
+                       "--sensor", "sentinel-2-l2a", "--json")
+    report = json.loads(result.stdout)
+    assert report["encoder"] == "clay-tiny/mean" and report["overall"]["n_images"] == 12
+
+
+def test_index_stac_takes_the_same_rcf_options(tmp_path):
+    # The encoder options are checked before any request: no server is needed to see the refusal.
+    result = chipscout("index", "stac", "--url", "http://127.0.0.1:9", "--collection", "sentinel-2-l2a",
+                       "--encoder", "band-stats", "--bias", "-0.5", "--db", tmp_path / "db", check=False)
+    assert result.returncode == 1 and "encoder band-stats does not take --bias" in result.stderr
+    assert "--band-stats" in chipscout("index", "stac", "--help").stdout

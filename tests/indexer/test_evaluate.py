@@ -322,3 +322,51 @@ def test_report_type(tmp_path):
     report = evaluate_folder(separable_folder(tmp_path, per_class=2), "band-stats",
                              sensor="sentinel-2-l2a", k_values=(1,), batch_size=1)
     assert isinstance(report, EvalReport) and report.overall.precision_at_k == {1: 1.0}
+
+
+# -- the encoder sees what indexing gives it --------------------------------------------------
+
+class StandardisingRecorder(Recorder):
+    """A Recorder that asks for standardised input, as Clay does; remembers the GSD it got."""
+
+    input_scaling = "standardize"
+    gsds: list
+
+    def forward(self, pixels, waves_um=None, *, valid_mask=None, gsd_m=None, time=None,
+                latlon=None):
+        self.gsds = [*getattr(self, "gsds", []), gsd_m]
+        return super().forward(pixels, waves_um, valid_mask=valid_mask)
+
+
+def test_standardising_encoders_see_the_input_scaling_of_indexing(tmp_path):
+    from indexer.embedding import normalization_for
+    from indexer.sensors import get_sensor
+
+    rng = np.random.default_rng(2)
+    for name in ("a", "b"):
+        for i in range(2):
+            dn = rng.integers(100, 4000, size=(3, 8, 8)).astype(np.uint16)
+            dn[:, 0, :] = 0  # a nodata row
+            write_tiff(tmp_path / name / f"{i}.tif", dn, nodata=0, descriptions=["B02", "B03", "B04"])
+    holder: list[Recorder] = []
+    make = lambda bands: holder.append(StandardisingRecorder(bands)) or holder[-1]  # noqa: E731
+    evaluate_folder(tmp_path, make, sensor="sentinel-2-l2a", k_values=(1,))
+    seen, _, mask = holder[0].seen[0]
+    sensor = get_sensor("sentinel-2-l2a")
+    normalization = normalization_for(holder[0], sensor, ["blue", "green", "red"])
+    assert normalization.kind == "standardize"
+    with rasterio.open(tmp_path / "a" / "0.tif") as dataset:
+        reflectance = torch.from_numpy(dataset.read().astype(np.float32) * np.float32(1e-4))
+    expected = normalization.apply(reflectance[None])[0]
+    np.testing.assert_allclose(seen[0, :, 1:], expected[:, 1:], rtol=1e-5, atol=1e-6)
+    assert (seen[:, :, 0] == 0).all() and not mask[:, 0].any()  # nodata zeroed after scaling
+    assert holder[0].gsds == [10.0]  # the files' 10 m pixels, as indexing passes the grid's GSD
+
+
+def test_clay_is_evaluated_on_standardised_reflectance(tmp_path):
+    root = separable_folder(tmp_path / "data", bands=4, per_class=2, size=16)
+    report = evaluate_folder(root, "clay-tiny", {"pooling": "mean"}, sensor="sentinel-2-l2a",
+                             file_bands=["B02", "B03", "B04", "B08"], k_values=(1,))
+    assert report.encoder == "clay-tiny/mean" and report.n_images == 6
+    with pytest.raises(EvaluationError, match="clay-tiny/cls .*which band"):
+        evaluate_folder(root, "clay-tiny", {}, sensor="sentinel-2-l2a", k_values=(1,))

@@ -1,6 +1,6 @@
 """Local and HTTP raster sources: band discovery, windowed reads, resampling, bad files."""
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -123,3 +123,19 @@ def test_date_comes_from_file_name(tmp_path, small_cog):
     source = local_source(named, sensor="sentinel-2-l2a")
     assert source.acquired == datetime(2024, 6, 15, 15, 48, 9, tzinfo=timezone.utc)
     assert [a.band.name for a in source.bands] == ["red"]
+
+
+def test_acquired_accepts_datetime_date_and_iso_strings(small_cog):
+    midnight = datetime(2024, 11, 2, tzinfo=timezone.utc)
+    for given in ["2024-11-02", "2024-11-02T00:00:00Z", date(2024, 11, 2), datetime(2024, 11, 2),
+                  datetime(2024, 11, 2, 1, tzinfo=timezone(timedelta(hours=1)))]:
+        acquired = local_source(small_cog, acquired=given).acquired
+        assert isinstance(acquired, datetime) and acquired.tzinfo is not None
+        assert acquired == midnight, given
+
+
+def test_acquired_nonsense_is_refused_at_the_entry_point_naming_the_value(small_cog):
+    for bad in ["2024-13-45", "last tuesday", 20241102]:
+        with pytest.raises(SourceError, match=f"acquired date {bad!r}") as caught:
+            local_source(small_cog, acquired=bad)
+        assert str(small_cog) in str(caught.value)

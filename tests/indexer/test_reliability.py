@@ -348,3 +348,19 @@ def test_table_killed_while_being_created_is_created_again(small_cog, tmp_path):
     assert not ChipStore(str(db), "chips").exists()
     summary = index([local_source(small_cog, source_id="cut")], db)
     assert summary.chips_new == 64 and ChipStore(str(db), "chips").count() == 64
+
+
+def test_tables_killed_before_their_first_commit_are_not_listed(small_cog, tmp_path):
+    """`table_names` (and so `chipscout info` and the missing-table error) agrees with `exists`."""
+    db = tmp_path / "db"
+    index([local_source(small_cog, source_id="cut")], db, table="kept")
+    versions = db / "created.lance" / "_versions"  # a create killed inside create_table
+    versions.mkdir(parents=True)
+    (versions / "18446744073709551614.manifest#1").write_bytes(b"")
+    (db / "refitted.lance" / "data").mkdir(parents=True)  # a refit killed before it committed
+    assert not ChipStore(str(db), "created").exists() and not ChipStore(str(db), "refitted").exists()
+    assert ChipStore(str(db), "created").table_names() == ["kept"]
+    info = CliRunner().invoke(cli_app, ["info", "--db", str(db)])
+    assert info.exit_code == 0 and "created" not in info.output and "refitted" not in info.output
+    with pytest.raises(StoreError, match=r"tables there: kept\)"):
+        ChipStore(str(db), "created").table
