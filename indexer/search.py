@@ -399,9 +399,10 @@ class SearchEngine:
                               filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
         overlap_with = query.footprint if (query and filters.exclude_overlapping) else None
         fetch = (k if overlap_with is None else k * 2 + 16) + len(excluded)
-        used_index, methods = False, []
+        used_index, methods, version = False, [], None
         while True:
             rows, plan = self.searcher.nearest(vector, fetch, values, where, METADATA_COLUMNS + ["_distance"])
+            version = plan.table_version
             used_index = used_index or plan.used_index
             methods.append(plan.method)
             records = _records(rows)
@@ -416,7 +417,7 @@ class SearchEngine:
         elapsed = (time.perf_counter() - started) * 1000
         return SearchResponse(query.chip_id if query else None, results, elapsed,
                               used_index=used_index,
-                              table_version=self.store.table.version, filters=filters,
+                              table_version=version, filters=filters,
                               method="+".join(dict.fromkeys(methods)))
 
 

@@ -226,6 +226,7 @@ class ChipStore:
         self._table = None
         self._async_table = None  # the same table for queries, see `_query_table`
         self._async_version: int | None = None
+        self._config: tuple[tuple[int, int], IndexConfig] | None = None
 
     # ------------------------------------------------------------------ discovery
     def _all_table_names(self) -> list[str]:
@@ -239,26 +240,19 @@ class ChipStore:
         """The chip tables here that exist: committed ones, as `exists()` sees them (companion
         tables such as `x__state`, and folders of a `create`/`refit` killed before its first
         commit, left out)."""
-        return sorted(n for n in self._all_table_names() if "__" not in n and self._is_committed(n))
-
-    def _is_committed(self, name: str) -> bool:
-        """Whether listed table `name` has a committed version (see `_open_if_committed`)."""
-        try:
-            self._db.open_table(name)
-        except ValueError as err:  # "Table 'x' was not found": listed, but no committed version
-            if "not found" in str(err):
-                return False
-            raise StoreError(f"cannot open table {name!r} in {self.db_uri}: {err}") from err
-        return True
+        return sorted(n for n in self._all_table_names()
+                      if "__" not in n and self._open_listed(n) is not None)
 
     def _open_if_committed(self, name: str):
-        """Table `name`, or None when it is missing or was never committed.
+        """Table `name`, or None when it is missing or was never committed."""
+        return self._open_listed(name) if name in self._all_table_names() else None
+
+    def _open_listed(self, name: str):
+        """Listed table `name`, or None when it was never committed.
 
         A writer killed while creating a table leaves a folder without a committed version;
         LanceDB still lists it, cannot open it, and creates the table over it without complaint.
         """
-        if name not in self._all_table_names():
-            return None
         try:
             return self._db.open_table(name)
         except ValueError as err:  # "Table 'x' was not found": listed, but no committed version
@@ -288,10 +282,16 @@ class ChipStore:
 
     @property
     def config(self) -> IndexConfig:
-        metadata = self.table.schema.metadata or {}
-        if METADATA_KEY not in metadata:
-            raise StoreError(f"table {self.table_name!r} in {self.db_uri} was not written by chipscout")
-        return IndexConfig.from_json(metadata[METADATA_KEY].decode())
+        # Parsed once per table version: the metadata holds the fitted transform (tens of kB of
+        # JSON, ~1 ms to read and parse), and every query asks for the dimension.
+        table = self.table
+        key = (id(table), table.version)
+        if self._config is None or self._config[0] != key:
+            metadata = table.schema.metadata or {}
+            if METADATA_KEY not in metadata:
+                raise StoreError(f"table {self.table_name!r} in {self.db_uri} was not written by chipscout")
+            self._config = (key, IndexConfig.from_json(metadata[METADATA_KEY].decode()))
+        return self._config[1]
 
     # ------------------------------------------------------------------ state blobs
     def _state_table(self, create: bool = False):

@@ -343,6 +343,8 @@ class SearchPlan:
     they are many (see `IndexPolicy.exact_count_rows`)."""
     tuning: QueryTuning | None = None
     fetch: int = 0
+    table_version: int | None = None
+    """The table version the query read."""
 
     @property
     def used_index(self) -> bool:
@@ -764,6 +766,11 @@ class VectorSearcher:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `values` allows,
         and how they were found. `where` is the same filter as SQL, for LanceDB's own paths."""
         version = self.store.table.version
+        rows, plan = self._nearest(version, vector, k, values, where, columns)
+        return rows, replace(plan, table_version=version)
+
+    def _nearest(self, version: int, vector: np.ndarray, k: int, values: FilterValues | None,
+                 where: str | None, columns: list[str]) -> tuple[pa.Table, SearchPlan]:
         state = self._current(version)
         warm = self._warm_cache(version)
         values = None if values is None or values.empty else values
