@@ -33,8 +33,8 @@ an option rather than a default).
 
 Both halves come from one convolution through the identity relu(-x) = relu(x) - x: we pool
 relu(x) and x itself, never materialising relu(-x). The convolution runs over chunks of chips
-(and, for big chips, of kernels) small enough to stay in cache on a CPU; on CUDA it runs under
-bf16 (else fp16) autocast, and pooling is always accumulated in float32.
+(and, for big chips, of kernels) small enough to stay in cache on a CPU; on CUDA it runs
+channels-last under bf16 (else fp16) autocast, and pooling is always accumulated in float32.
 
 Nodata: given a valid_mask, only output positions whose whole k x k window is valid are
 averaged, so nodata never pulls a vector towards zero; a chip without one such window is an
@@ -429,8 +429,14 @@ class RandomConvolutionalFeatures(ChipEncoder):
     def _convolve(self, pixels: torch.Tensor, kernels: slice) -> torch.Tensor:
         weight, bias = self.weight[kernels], self.bias[kernels]
         if pixels.device.type == "cuda":
-            # Tensor cores: bf16 where the GPU has it, else fp16. Pooling stays float32.
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Tensor cores: bf16 where the GPU has it, else fp16 (pre-Ampere GPUs such as the T4
+            # report bf16 only with emulation counted). Channels-last: on an H100, cuDNN's NCHW
+            # bf16 kernels ran slower than fp32 for 10 or 13 bands, NHWC ones 1.0-3.1x faster
+            # than NCHW (BENCHMARKS.md, RCF). Pooling stays float32.
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            dtype = torch.bfloat16 if native_bf16 else torch.float16
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=dtype):
                 return F.conv2d(pixels, weight, bias)
         return F.conv2d(pixels, weight, bias)
