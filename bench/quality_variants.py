@@ -5,7 +5,38 @@ experiment only (none is part of chipscout). Each is scored with the transforms 
 held-out protocols of `bench/quality.py` (all / images / classes), next to the chosen default.
 BENCHMARKS.md (quality) lists the results; they explain why the default is what it is.
 
+Search-time remedies (`Search`, `evaluate_search`): database-side augmentation (DBA,
+Arandjelovic & Zisserman 2012) and alpha query expansion (alpha-QE, Radenovic et al. 2018), alone,
+together, and on top of the hybrid late fusion. They change the database vectors and the query
+depending on *which other chips exist*, so leave-one-out needs more care than for a transform:
+
+- deployment being modelled: the database holds every chip but the query; the query is new.
+  DBA is computed offline on the database (each stored vector + its k nearest *other* stored
+  vectors, weighted by similarity ** alpha, then L2); alpha-QE searches with the query, takes the
+  top m results (database vectors as stored, i.e. DBA'd where DBA is on), forms
+  normalise(q + sum similarity ** alpha * result) and searches again: one extra search per query.
+  "DBA, query augmented too" (like the older `DatabaseAugmentation` row) also adds to the query
+  its k nearest *plain* database vectors: one extra search (of plain vectors) per query;
+- the query chip is never a result: it is not in the database (similarity -inf, dropped from the
+  ranking), so neither is it a QE neighbour;
+- the query chip is never a DBA neighbour of a database chip: for each query, every database
+  vector that had the query among its k DBA neighbours is rebuilt with its (k+1)-th neighbour
+  instead (exactly what DBA over "all chips but the query" gives, without N recomputations).
+  The older `DatabaseAugmentation` row does not do this (in "all", database vectors were
+  augmented with the query itself when it was among their neighbours: a small leak);
+- the vector transform is fitted as in `bench/quality.py`: on everything in "all" (the index
+  case), on the other half of the images in "images" (the query fold is never fitted on), on the
+  other five classes in "classes" (the database is the five held-out classes only). In "images"
+  every chip is in the database (the other fold's chips = chips appended after the fit), so the
+  other chips of the query's fold may be DBA neighbours and QE results, the query itself never.
+  `dba_from="fit"` instead draws DBA neighbours from the transform's fit chips only (DBA frozen
+  at fit time, like the transform);
+- labels are used only to score.
+
     python bench/quality_variants.py --ms /work/shared/data/eurosat-ms
+    python bench/quality_variants.py --ms /work/shared/data/eurosat-ms --only "search:"
+    python bench/quality_variants.py --rgb /work/shared/data/eurosat-rgb --only "search:" \
+        --transforms "QE m3 a3" "DBA k5 a3 + QE m3"
 """
 
 from __future__ import annotations
@@ -32,7 +63,7 @@ from encoders.rcf import (  # noqa: E402
     zca_whiten,
 )
 from indexer.evaluate import _labelled_images, _layout_for, _read_all  # noqa: E402
-from indexer.transform import VectorTransform  # noqa: E402
+from indexer.transform import TransformError, VectorTransform  # noqa: E402
 
 P4_32 = "power:0.4,standardize,pca-whiten:32:10,l2"
 
@@ -259,7 +290,10 @@ class LateFusion:
 
 class DatabaseAugmentation:
     """DBA (Arandjelovic & Zisserman 2012): after `spec`, each vector plus its k nearest fit
-    vectors weighted by similarity ** alpha, then L2."""
+    vectors weighted by similarity ** alpha, then L2. Kept for the older table row only: queries
+    are augmented too, in "all" a chip counts as its own neighbour and database chips may be
+    augmented with the query, and in "classes" the neighbours come from the other five classes.
+    `Search` is the leave-one-out-honest form."""
 
     def __init__(self, spec: str, k: int, alpha: float) -> None:
         self.transform, self.k, self.alpha = VectorTransform(spec), k, alpha
@@ -289,15 +323,128 @@ def evaluate_with(make: Callable, vectors: np.ndarray, labels: np.ndarray, proto
         quality.VectorTransform = original
 
 
+class Search:
+    """DBA on the database and/or alpha-QE on the query, applied at search time to transformed
+    vectors; see the module docstring for what each step may see. Extra searches per query:
+    1 for alpha-QE, 1 for the query's own augmentation (`query_dba`), 0 for database-only DBA."""
+
+    def __init__(self, dba_k: int = 0, dba_alpha: float = 3.0, query_dba: bool = False,
+                 qe_m: int = 0, qe_alpha: float = 1.0, dba_from: str = "database") -> None:
+        self.dba_k, self.dba_alpha, self.query_dba = dba_k, dba_alpha, query_dba
+        self.qe_m, self.qe_alpha, self.dba_from = qe_m, qe_alpha, dba_from
+
+    @property
+    def extra_searches(self) -> int:
+        return int(self.qe_m > 0) + int(self.query_dba)
+
+    def scores(self, x: np.ndarray, labels: np.ndarray, queries: np.ndarray,
+               fitted: np.ndarray) -> np.ndarray:
+        """[P@1, P@5, P@10, mAP] over `queries` (indices into x), each searched against all other
+        rows of x (the database), as `indexer.evaluate.retrieval_scores` ranks them."""
+        n, k = len(x), self.dba_k
+        similarity = x @ x.T
+        np.fill_diagonal(similarity, -np.inf)  # no chip is its own DBA neighbour or result
+        reference = similarity.copy()
+        if self.dba_from == "fit" and fitted.any():  # "classes": no fit chip is in the database
+            reference[:, ~fitted] = -np.inf
+        database, nearest = x, None
+        if k:
+            nearest = np.argsort(-reference, axis=1, kind="stable")[:, : k + 1]
+            weights = np.clip(np.take_along_axis(similarity, nearest, 1), 0, None) ** self.dba_alpha
+            weights[~np.isfinite(np.take_along_axis(reference, nearest, 1))] = 0.0
+            raw = x + np.einsum("nk,nkd->nd", weights[:, :k], x[nearest[:, :k]])
+            spare = weights[:, k, None] * x[nearest[:, k]]
+            database = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+        out = []
+        for i in queries:
+            db = database
+            if k:  # the query is not in the database: rebuild the vectors it augmented
+                rows, slots = np.nonzero(nearest[:, :k] == i)
+                if len(rows):
+                    db = database.copy()
+                    fixed = raw[rows] - weights[rows, slots, None] * x[i] + spare[rows]
+                    db[rows] = fixed / np.linalg.norm(fixed, axis=1, keepdims=True)
+            query = x[i]
+            if self.query_dba:  # + its k nearest plain database vectors
+                near = np.argsort(-reference[i], kind="stable")[:k]
+                w = np.clip(similarity[i, near], 0, None) ** self.dba_alpha
+                w[~np.isfinite(reference[i, near])] = 0.0
+                query = query + w @ x[near]
+                query = query / np.linalg.norm(query)
+            sim = db @ query
+            sim[i] = -np.inf
+            if self.qe_m:  # alpha-QE: the query + its top m results, searched again
+                top = np.argsort(-sim, kind="stable")[: self.qe_m]
+                query = query + (np.clip(sim[top], 0, None) ** self.qe_alpha) @ db[top]
+                sim = db @ (query / np.linalg.norm(query))
+                sim[i] = -np.inf
+            order = np.argsort(-sim, kind="stable")[: n - 1]
+            relevant = labels[order] == labels[i]
+            hits = np.cumsum(relevant)
+            ap = (hits / np.arange(1, n) * relevant).sum() / relevant.sum()
+            out.append([relevant[:1].mean(), relevant[:5].mean(), relevant[:10].mean(), ap])
+        return np.mean(out, axis=0)
+
+
+def protocol_folds(labels: np.ndarray, protocol: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(fit, database, queries) boolean masks of each fold, as `quality.evaluate` splits them."""
+    everything = np.ones(len(labels), bool)
+    if protocol == "all":
+        return [(everything, everything, everything)]
+    if protocol == "images":
+        rank = np.zeros(len(labels), int)
+        for c in np.unique(labels):
+            rank[labels == c] = np.arange((labels == c).sum())
+        return [(rank % 2 == r, everything, rank % 2 != r) for r in (0, 1)]
+    classes = np.unique(labels)
+    first = np.isin(labels, classes[: len(classes) // 2])
+    return [(first, ~first, ~first), (~first, first, first)]
+
+
+def evaluate_search(make: Callable, search: Search, vectors: np.ndarray, labels: np.ndarray,
+                    protocol: str):
+    """[P@1, P@5, P@10, mAP] of transform `make()` then `search`, or None if a fit fails."""
+    out = []
+    try:
+        for fit, database, queries in protocol_folds(labels, protocol):
+            x = make().fit(vectors[fit]).apply(vectors[database]).astype(np.float64)
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            out.append(search.scores(x, labels[database], np.flatnonzero(queries[database]),
+                                     fit[database]))
+    except TransformError:
+        return None
+    return np.mean(out, axis=0)
+
+
+def searches(name: str, make: Callable, configs: list[tuple[str, Search]]) -> list:
+    """(transform name, factory, Search) entries of the variants list."""
+    return [(f"{name}, {label} (+{search.extra_searches} search)", make, search)
+            for label, search in configs]
+
+
 # -- the list --------------------------------------------------------------------------------------
 
 def variants(bands: int) -> list[tuple[str, Callable, list]]:
-    """(label, pixels -> vectors, transforms: specs or (name, factory) pairs)."""
+    """(label, pixels -> vectors, transforms: specs, (name, factory) pairs or (name, factory,
+    Search) triples). Written for MS; with --rgb select rows with --only/--transforms (some
+    MS variants do not fit 3 bands and print "-")."""
     stats = slice(1024, 1024 + 2 * bands)
     cov = slice(1024, 1024 + bands + bands * (bands + 1) // 2)
+    cov_spec = P4_32.replace(":32:", f":{min(32, cov.stop - cov.start)}:")  # 9-d for RGB
     rcf = default_rcf
+    default = lambda: VectorTransform(DEFAULT)  # noqa: E731
+    hybrid = lambda: LateFusion([(slice(0, 1024), DEFAULT, 1.0), (cov, cov_spec, 0.6)])  # noqa: E731
+    qe = [(f"alpha-QE m{m} a{a}", Search(qe_m=m, qe_alpha=a)) for m in (3, 5, 10) for a in (1, 3)]
+    dba = [("DBA k5 a3", Search(dba_k=5)),
+           ("DBA k5 a3, query augmented too", Search(dba_k=5, query_dba=True)),
+           ("DBA k5 a3 from the fit chips only", Search(dba_k=5, dba_from="fit")),
+           ("DBA k3 a3", Search(dba_k=3)), ("DBA k10 a3", Search(dba_k=10))]
+    dba_qe = [(f"DBA k5 a3 + alpha-QE m{m} a{a}", Search(dba_k=5, qe_m=m, qe_alpha=a))
+              for m in (3, 5, 10) for a in (1, 3)]
+    fused = f"late fusion: default + 0.6 x ({cov_spec.removesuffix(',l2')})"
     return [
-        ("default: rcf empirical 5x5 b-0.2", lambda p: rcf(p), [DEFAULT]),
+        ("default: rcf empirical 5x5 b-0.2", lambda p: rcf(p),
+         [DEFAULT, *searches("default", default, [("no DBA, no QE", Search())] + qe + dba + dba_qe)]),
         ("input: log reflectance", lambda p: rcf(per_band(p, "log")), [DEFAULT]),
         ("input: log reflectance, bias -0.5", lambda p: rcf(per_band(p, "log"), bias=-0.5), [DEFAULT]),
         ("input: per-band standardised", lambda p: rcf(per_band(p, "standardize")), [DEFAULT]),
@@ -339,8 +486,8 @@ def variants(bands: int) -> list[tuple[str, Callable, list]]:
                                (stats, "standardize,pca-whiten:16:1,l2", 0.6)]))]),
         ("hybrid: default + spectral covariance",
          lambda p: np.concatenate([rcf(p), spectral_covariance(p)], 1),
-         [DEFAULT, ("late fusion: default + 0.6 x (power:0.4,standardize,pca-whiten:32:10)",
-                    lambda: LateFusion([(slice(0, 1024), DEFAULT, 1.0), (cov, P4_32, 0.6)]))]),
+         [DEFAULT, (fused, hybrid),
+          *searches("late fusion", hybrid, qe + dba[:2] + dba_qe)]),
         ("DBA: default + 5 nearest fit vectors (alpha 3)", lambda p: rcf(p),
          [("default, DBA k5 a3", lambda: DatabaseAugmentation(DEFAULT, 5, 3.0))]),
     ]
@@ -348,34 +495,48 @@ def variants(bands: int) -> list[tuple[str, Callable, list]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ms", type=Path, required=True, help="EuroSAT MS folder")
+    parser.add_argument("--ms", type=Path, help="EuroSAT MS folder (13-band GeoTIFFs)")
+    parser.add_argument("--rgb", type=Path, help="EuroSAT RGB folder (JPEGs)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/chipscout-quality/variants"))
     parser.add_argument("--only", nargs="*", help="labels containing one of these strings")
+    parser.add_argument("--transforms", nargs="*", help="only the transforms whose name contains "
+                        "one of these strings")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not (args.ms or args.rgb):
+        parser.error("give --ms and/or --rgb")
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    pixels, labels = read_folder(args.ms, MS_BANDS)
     protocols = ("all", "images", "classes")
     rows = []
     print("| variant | transform | " + " | ".join(f"{p}: P@10 / mAP" for p in protocols) + " |")
     print("|---|---|" + "---|" * len(protocols))
-    for label, embed, transforms in variants(pixels.shape[1]):
-        if args.only and not any(s in label for s in args.only):
+    for data, root, bands in [("ms", args.ms, MS_BANDS), ("rgb", args.rgb, None)]:
+        if root is None:
             continue
-        path = args.cache / (hashlib.sha1(label.encode()).hexdigest()[:16] + ".npy")
-        if not path.exists():
-            torch.manual_seed(0)
-            np.save(path, np.asarray(embed(pixels), dtype=np.float32))
-        vectors = np.load(path).astype(np.float64)
-        for transform in transforms:
-            name, make = (transform, None) if isinstance(transform, str) else transform
-            results = [evaluate(name, vectors, labels, p) if make is None
-                       else evaluate_with(make, vectors, labels, p) for p in protocols]
-            cells = ["-" if r is None else f"{r[2]:.3f} / {r[3]:.3f}" for r in results]
-            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
-            rows.append({"variant": label, "transform": name,
-                         "scores": [None if r is None else r.tolist() for r in results]})
+        pixels, labels = read_folder(root, bands)
+        for label, embed, transforms in variants(pixels.shape[1]):
+            if args.only and not any(s in label for s in args.only):
+                continue
+            key = ("" if data == "ms" else f"{data}-") + hashlib.sha1(label.encode()).hexdigest()[:16]
+            path = args.cache / f"{key}.npy"
+            if not path.exists():
+                torch.manual_seed(0)
+                np.save(path, np.asarray(embed(pixels), dtype=np.float32))
+            vectors = np.load(path).astype(np.float64)
+            for transform in transforms:
+                name, make, search = ((transform, None, None) if isinstance(transform, str)
+                                      else (*transform, None)[:3])
+                if args.transforms and not any(s in name for s in args.transforms):
+                    continue
+                results = [evaluate(name, vectors, labels, p) if make is None
+                           else evaluate_with(make, vectors, labels, p) if search is None
+                           else evaluate_search(make, search, vectors, labels, p) for p in protocols]
+                cells = ["-" if r is None else f"{r[2]:.3f} / {r[3]:.3f}" for r in results]
+                shown = label if data == "ms" else f"eurosat-{data}: {label}"
+                print(f"| {shown} | {name} | " + " | ".join(cells) + " |", flush=True)
+                rows.append({"data": data, "variant": label, "transform": name,
+                             "scores": [None if r is None else r.tolist() for r in results]})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
