@@ -19,6 +19,7 @@ from indexer.search import BBox, SearchFilters, validate_chip_id
 K_RANGE = (1, 100)
 SPREAD_KM_RANGE = (0.0, 1000.0)
 PER_CELL_RANGE = (1, 100)
+EXPAND_RANGE = (0, 20)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Settings:
     spread_km: float = 0.0
     """Grid cell size for spreading results; 0 turns spreading off."""
     per_cell: int = 1
+    expand: int = 0
+    """Query expansion: results folded into the query before searching again; 0 turns it off."""
     min_similarity: float | None = None
     """Results below this similarity are hidden (after the search); None shows all."""
 
@@ -46,7 +49,7 @@ class Settings:
 URL_NAMES = {
     "table": "table", "chip_id": "chip", "k": "k", "date_from": "from", "date_to": "to", "bbox": "bbox",
     "max_cloud": "cloud", "max_nodata": "nodata", "exclude_overlap": "overlap", "spread_km": "spread_km",
-    "per_cell": "per_cell", "min_similarity": "min_sim",
+    "per_cell": "per_cell", "expand": "expand", "min_similarity": "min_sim",
 }
 WIDGET_FIELDS = tuple(f.name for f in fields(Settings) if f.name not in ("table", "min_similarity"))
 
@@ -95,6 +98,7 @@ _PARSERS = {
     "exclude_overlap": _flag,
     "spread_km": lambda t: _number(t, *SPREAD_KM_RANGE),
     "per_cell": lambda t: _whole(t, *PER_CELL_RANGE),
+    "expand": lambda t: _whole(t, *EXPAND_RANGE),
     "min_similarity": lambda t: _number(t, -1.0, 1.0),
 }
 
@@ -166,6 +170,8 @@ def describe_filters(settings: Settings) -> list[str]:
         parts.append("excluding chips that overlap the example")
     if settings.spread_km > 0:
         parts.append(f"at most {settings.per_cell} per {settings.spread_km:g} km cell")
+    if settings.expand:
+        parts.append(f"query expanded with its {settings.expand} nearest results")
     return parts
 
 

@@ -198,6 +198,7 @@ def search(
     max_cloud: Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum cloud fraction 0..1.")] = None,
     max_nodata: Annotated[Optional[float], typer.Option("--max-nodata", help="Maximum nodata fraction 0..1.")] = None,
     exclude_overlapping: Annotated[bool, typer.Option("--exclude-overlapping", help="Drop chips overlapping the query chip.")] = False,
+    expand: Annotated[int, typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again (5 is a good start; 0 = off).")] = 0,
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
@@ -208,12 +209,13 @@ def search(
 
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
     engine = SearchEngine(_db(db), table, storage_options=_storage_options(storage_option))
-    response = engine.similar_to_chip(chip_id, k, filters)
+    response = engine.similar_to_chip(chip_id, k, filters, expand=expand)
     if as_json:
         _print_json(response.to_dict())
         return
     typer.echo(f"neighbours of {chip_id} ({len(response.results)} in {response.elapsed_ms:.1f} ms, "
-               f"{'ANN index' if response.used_index else 'exact search'})")
+               f"{'ANN index' if response.used_index else 'exact search'}"
+               f"{f', query expanded with {response.expansion} results' if response.expansion else ''})")
     typer.echo(f"{'rank':>4}  {'similarity':>10}  {'lon':>9}  {'lat':>8}  {'date':10}  chip_id")
     for r in response.results:
         when = r.chip.acquired.date().isoformat() if r.chip.acquired else "unknown"

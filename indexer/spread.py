@@ -66,7 +66,7 @@ def spread_results(results: Iterable[SearchResult], cell_km: float, per_cell: in
 
 
 def similar_spread(engine: SearchEngine, chip_id: str, k: int, filters: SearchFilters | None,
-                   cell_km: float, per_cell: int) -> SearchResponse:
+                   cell_km: float, per_cell: int, expand: int = 0) -> SearchResponse:
     """Like `SearchEngine.similar_to_chip`, with at most `per_cell` results per grid cell.
 
     Fetches more neighbours than k (growing fourfold) until k survive the spreading or the table
@@ -77,7 +77,7 @@ def similar_spread(engine: SearchEngine, chip_id: str, k: int, filters: SearchFi
     fetch = min(max(4 * k, k + 16), MAX_K)
     elapsed_ms = 0.0
     while True:
-        response = engine.similar_to_chip(chip_id, fetch, filters)
+        response = engine.similar_to_chip(chip_id, fetch, filters, expand=expand)
         elapsed_ms += response.elapsed_ms
         kept = spread_results(response.results, cell_km, per_cell)
         if len(kept) >= k or len(response.results) < fetch or fetch >= MAX_K:

@@ -10,6 +10,7 @@ from datetime import date
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from indexer.search import SearchFilters
 from indexer.spread import grid_cell
 
 QUERY = "cut-june_r000064_c000064_s64"
@@ -168,6 +169,18 @@ def test_spread_keeps_one_result_per_cell(open_app, engine):
     at.number_input(key="per_cell").set_value(2).run()
     cells = [grid_cell(c.center_lon, c.center_lat, 1.0) for c in map(engine.get_chip, result_ids(at))]
     assert max(cells.count(c) for c in cells) <= 2 and at.query_params["per_cell"] == "2"
+
+
+def test_query_expansion_reranks_with_the_api_and_goes_into_the_link(open_app, engine):
+    at = open_app(chip=QUERY, k="5")
+    plain_captions = result_captions(at)
+    at.number_input(key="expand").set_value(3).run()
+    assert result_captions(at) != plain_captions  # scores against the expanded query
+    expected = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True), expand=3)
+    assert expected.expansion == 3
+    assert result_ids(at) == [r.chip.chip_id for r in expected.results]
+    assert at.query_params["expand"] == "3"
+    assert any("expanded:3" in c.value for c in at.caption)
 
 
 def test_threshold_hides_results_below_it(open_app):

@@ -15,7 +15,7 @@ def test_defaults_make_a_short_link():
 def test_every_setting_survives_the_round_trip():
     settings = Settings(table="summer", chip_id="A_r000064_c000064_s64", k=30, date_from=date(2024, 6, 1),
                         date_to=date(2024, 8, 31), bbox="-76,37,-75,38", max_cloud=0.2, max_nodata=0.1,
-                        exclude_overlap=False, spread_km=2.5, per_cell=3, min_similarity=0.99875)
+                        exclude_overlap=False, spread_km=2.5, per_cell=3, expand=5, min_similarity=0.99875)
     params = to_query_params(settings)
     assert params["chip"] == settings.chip_id and params["overlap"] == "0" and params["from"] == "2024-06-01"
     assert from_query_params(params, "chips") == (settings, [])
@@ -24,9 +24,10 @@ def test_every_setting_survives_the_round_trip():
 def test_bad_values_in_a_link_fall_back_to_defaults_with_a_reason():
     settings, problems = from_query_params(
         {"table": "t", "chip": "x'; DROP", "k": "5000", "from": "June", "bbox": "1,2,3", "cloud": "2",
-         "overlap": "maybe", "spread_km": "nan", "per_cell": "0", "min_sim": "high"}, "chips")
+         "overlap": "maybe", "spread_km": "nan", "per_cell": "0", "min_sim": "high", "expand": "21"},
+        "chips")
     assert settings == Settings(table="t")
-    assert len(problems) == 9 and all(p.startswith("ignored `") for p in problems)
+    assert len(problems) == 10 and all(p.startswith("ignored `") for p in problems)
 
 
 def test_an_inverted_date_range_from_a_link_is_dropped():

@@ -45,6 +45,12 @@ def test_search_prints_neighbours_as_json(cli_db):
     assert payload["results"][0]["similarity"] >= payload["results"][-1]["similarity"]
     text = chipscout("search", query, "-k", "3", "--db", cli_db, "--table", "scene").stdout
     assert "rank" in text and ids[0] in text
+    expanded = chipscout("search", query, "-k", "5", "--expand", "4", "--db", cli_db, "--table", "scene",
+                         "--json")
+    payload = json.loads(expanded.stdout)
+    assert payload["expansion"] == 4 and payload["method"].endswith("+expanded:4")
+    assert "query expanded with 4 results" in chipscout(
+        "search", query, "--expand", "4", "--db", cli_db, "--table", "scene").stdout
 
 
 def test_info_reports_encoder_and_bands(cli_db):
@@ -107,6 +113,7 @@ def test_bad_input_fails_clearly_and_leaves_table_untouched(case, cli_db, small_
     (["--from", "last tuesday"], "bad start date"),
     (["-k", "0"], "k must be within"),
     (["--max-cloud", "7"], "within 0..1"),
+    (["--expand", "500"], "query expansion must be within 0..100"),
 ])
 def test_bad_search_parameters_fail_clearly(cli_db, args, culprit):
     result = chipscout("search", "S2-small_r000000_c000000_s64", *args, "--db", cli_db, "--table", "scene",

@@ -122,3 +122,43 @@ def test_gallery_sample_is_reproducible(engine):
     assert first == [c.chip_id for c in engine.sample(8, seed=3)]
     assert len(set(first)) == 8
     assert first != [c.chip_id for c in engine.sample(8, seed=4)]
+
+
+def _all_vectors(engine):
+    ids = [r.chip_id for r in engine.sample(10_000)]
+    found, vectors = engine.vectors(ids)
+    return np.array(found), vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_query_expansion_searches_the_query_plus_its_weighted_neighbours(engine):
+    from indexer.search import QE_ALPHA
+
+    ids, vectors = _all_vectors(engine)
+    query = vectors[list(ids).index(QUERY)]
+    june = SearchFilters.build(date_from="2024-06-01", date_to="2024-06-30")
+    allowed = np.array([engine.get_chip(c).acquired.month == 6 for c in ids]) & (ids != QUERY)
+    similarity = np.where(allowed, vectors @ query, -np.inf)
+    top = np.argsort(-similarity, kind="stable")[:5]
+    expanded = query + (np.clip(similarity[top], 0, None) ** QE_ALPHA) @ vectors[top]
+    expanded /= np.linalg.norm(expanded)
+    expected = np.where(allowed, vectors @ expanded, -np.inf)
+    expected_ids = ids[np.argsort(-expected, kind="stable")[:10]]
+
+    response = engine.similar_to_chip(QUERY, k=10, filters=june, expand=5)
+    assert response.expansion == 5 and response.method.endswith("+expanded:5")
+    assert [r.chip.chip_id for r in response.results] == list(expected_ids)
+    assert [r.similarity for r in response.results] == pytest.approx(
+        np.sort(expected)[::-1][:10], abs=1e-5)
+    # Expansion moves the query: the ranking is not the plain one (else the test proves nothing).
+    plain = engine.similar_to_chip(QUERY, k=10, filters=june)
+    assert plain.expansion == 0 and [r.similarity for r in plain.results] != [r.similarity for r in response.results]
+    # By vector, with the chip excluded, it is the same search.
+    by_vector = engine.similar_to_vector(query, k=10, filters=june, exclude_ids=[QUERY], expand=5)
+    assert [r.chip.chip_id for r in by_vector.results] == list(expected_ids)
+    assert by_vector.to_dict()["expansion"] == 5
+
+
+@pytest.mark.parametrize("expand", [-1, 101, 2.5, True, "5"])
+def test_bad_query_expansion_is_refused(engine, expand):
+    with pytest.raises(QueryError, match="query expansion"):
+        engine.similar_to_chip(QUERY, k=10, expand=expand)
