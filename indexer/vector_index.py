@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -84,6 +86,14 @@ class IndexPolicy:
     """Above this many rows a filter's share is first estimated on a 1-in-16 sample of the
     filter columns (~0.3 ms at a million rows instead of ~4 ms); the allowed rows are counted
     exactly only when the estimate says they are few enough for exact search."""
+    sketch_min_rows: int = 100_000
+    """A warmed searcher holding the vectors of at least this many rows also keeps a binary
+    sketch of each (`BinarySketch`) and answers from it instead of LanceDB's index: at a million
+    rows 3-7 ms and recall 0.99+ against LanceDB's 10-22 ms (BENCHMARKS.md (search)). 0: never."""
+    sketch_bits: int = 256
+    """Bits per row of the sketch (32 bytes at 256)."""
+    sketch_candidates: int = 1000
+    """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k."""
     tuning: QueryTuning | None = None
     """Search knobs to use instead of those recorded with the index (benchmarks, tests)."""
 
@@ -335,7 +345,8 @@ class SearchPlan:
     """How one query ran. `method`: `exact` (numpy over vectors of the allowed rows), `exact-scan`
     (LanceDB flat search, filter first), `ann` (the vector index, no filter), `ann-postfilter`
     (the index over-fetches, the filter keeps the allowed rows), `ann-prefilter` (the index
-    searches only the allowed rows: LanceDB's prefilter)."""
+    searches only the allowed rows: LanceDB's prefilter), `sketch` (a warmed searcher's binary
+    sketch picks candidates among the allowed rows, re-ranked exactly)."""
 
     method: str
     matches: int | None = None
@@ -348,7 +359,8 @@ class SearchPlan:
 
     @property
     def used_index(self) -> bool:
-        return self.method.startswith("ann")
+        """Whether an approximate index (LanceDB's, or the warm sketch) picked the candidates."""
+        return self.method.startswith("ann") or self.method == "sketch"
 
 
 _NO_TIME = np.iinfo(np.int64).min
@@ -415,10 +427,41 @@ class FilterColumns:
         keep[survivors] = True
         return keep if at is None else keep[at]
 
-    def _tests(self, values: FilterValues) -> list[Any]:
+    def window_mask(self, values: FilterValues, start: int, stop: int, dates: bool = True) -> np.ndarray:
+        """Which rows of positions start..stop `values` allows, every test run over contiguous
+        slices of the columns (no gathering); `dates=False` skips the date test (the window is
+        already a date range of date-ordered columns)."""
+        keep = np.ones(stop - start, dtype=bool)
+        with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
+            for test in self._tests(values, dates):
+                keep &= test(slice(start, stop))
+        return keep
+
+    def date_window(self, values: FilterValues) -> tuple[int, int]:
+        """(start, stop) of the rows within `values`' date range; valid on date-ordered columns only."""
+        start, stop = 0, len(self)
+        if values.date_from is not None:  # NULL dates are _NO_TIME, sorted first: never in a range
+            start = int(np.searchsorted(self.acquired_us, _micros(values.date_from), "left"))
+        elif values.date_to is not None:
+            start = int(np.searchsorted(self.acquired_us, _NO_TIME, "right"))
+        if values.date_to is not None:
+            stop = int(np.searchsorted(self.acquired_us, _micros(values.date_to), "right"))
+        return start, max(start, stop)
+
+    def reordered(self, order: np.ndarray) -> FilterColumns:
+        """The same columns with rows in `order` (positions of these)."""
+        copy = object.__new__(FilterColumns)
+        copy.version, copy.source_names = self.version, self.source_names
+        copy.row_ids, copy.acquired_us = self.row_ids[order], self.acquired_us[order]
+        copy.bounds = {c: a[order] for c, a in self.bounds.items()}
+        copy.cloud, copy.nodata = self.cloud[order], self.nodata[order]
+        copy.source_codes = self.source_codes[order]
+        return copy
+
+    def _tests(self, values: FilterValues, dates: bool = True) -> list[Any]:
         """The filter as tests of rows at given positions, the usually most selective first."""
         tests = []
-        if values.date_from is not None or values.date_to is not None:
+        if dates and (values.date_from is not None or values.date_to is not None):
             start = _micros(values.date_from) if values.date_from is not None else _NO_TIME + 1
             end = _micros(values.date_to) if values.date_to is not None else np.iinfo(np.int64).max
 
@@ -519,6 +562,120 @@ class MemoryVectors:
         return _top(self.scores(query, positions), self.row_ids[positions], k)
 
 
+class BinarySketch:
+    """256 bits per row of a warm table version, ordered by acquisition date, to pick candidates
+    fast; `MemoryVectors` then re-ranks them exactly.
+
+    The bits are signs of the centred vectors projected on their principal directions (fitted on
+    a sample) and randomly rotated, so every bit carries a share of the variance; the Hamming
+    distance between two rows then tracks the angle between them (SimHash on a PCA basis; RaBitQ
+    and the 1-bit codes of Earth Index and TerraBit are the same idea). A query scores every
+    allowed row: the rows of its date range are contiguous here, so the area, cloud and source
+    tests and the distances run over plain array slices (numpy, split across threads), and the
+    ~1000 nearest by Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
+    walk, no allowed row is skipped because of where it sits, so filters cost no recall; at a
+    million 768-d rows the true top 10 is among those candidates 99 % of the time or more
+    (BENCHMARKS.md (search))."""
+
+    SAMPLE_ROWS = 50_000
+    THREAD_MIN_ROWS = 100_000  # below this, one thread: the pool costs more than it saves
+
+    def __init__(self, vectors: MemoryVectors, filters: FilterColumns, bits: int = 256, seed: int = 0):
+        started = time.perf_counter()
+        rows, dim = vectors.vectors.shape
+        self.bits = bits
+        rng = np.random.default_rng(seed)
+        sample = vectors.vectors[np.sort(rng.choice(rows, min(rows, self.SAMPLE_ROWS), replace=False))]
+        sample = sample.astype(np.float32)
+        self.mean = sample.mean(axis=0)
+        sample -= self.mean
+        _, basis = np.linalg.eigh(sample.T @ sample)
+        kept = min(dim, bits)
+        principal = basis[:, ::-1][:, :kept]  # the `kept` directions of largest variance
+        # An orthogonal rotation when there are as many directions as bits, else random
+        # hyperplanes in the principal subspace.
+        mixing = (np.linalg.qr(rng.standard_normal((bits, bits)))[0] if kept == bits
+                  else rng.standard_normal((kept, bits)))
+        self.projection = np.ascontiguousarray(principal @ mixing, dtype=np.float32)
+        self.order = np.argsort(filters.acquired_us, kind="stable")
+        self.filters = filters.reordered(self.order)
+        codes = np.empty((rows, bits // 8), dtype=np.uint8)
+        projection, mean = torch.from_numpy(self.projection), torch.from_numpy(self.mean)
+        for start in range(0, rows, 65_536):
+            positions = self.order[start:start + 65_536]
+            block = torch.from_numpy(vectors.vectors[positions]).float() - mean
+            codes[start:start + len(positions)] = np.packbits((block @ projection).numpy() > 0, axis=1)
+        words = codes.view(np.uint64)
+        self.words = [np.ascontiguousarray(words[:, w]) for w in range(words.shape[1])]
+        self._threads = max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self._threads)
+        self.build_s = time.perf_counter() - started
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(w.nbytes for w in self.words) + self.order.nbytes + self.filters.nbytes
+                + self.projection.nbytes)
+
+    def _code(self, query: np.ndarray) -> np.ndarray:
+        return np.packbits(((query - self.mean) @ self.projection) > 0).view(np.uint64)
+
+    def _distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
+        distances = np.zeros(stop - start, dtype=np.uint16)
+        scratch = np.empty(stop - start, dtype=np.uint64)
+        counts = np.empty(stop - start, dtype=np.uint8)
+        for word, column in zip(code, self.words):
+            np.bitwise_xor(column[start:stop], word, out=scratch)
+            np.bitwise_count(scratch, out=counts)
+            distances += counts
+        return distances
+
+    def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        pieces = 1 if stop - start < self.THREAD_MIN_ROWS else self._threads
+        bounds = np.linspace(start, stop, pieces + 1).astype(int)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _map(self, work, chunks: list[tuple[int, int]]) -> list[Any]:
+        """`work` of every chunk, the first on the calling thread (one hand-off fewer)."""
+        others = [self._pool.submit(work, *chunk) for chunk in chunks[1:]]
+        return [work(*chunks[0]), *(future.result() for future in others)]
+
+    def search(self, query: np.ndarray, values: FilterValues | None, count: int,
+               exact_max: int) -> tuple[np.ndarray, int | None, bool]:
+        """(positions in row-id order as in `MemoryVectors`, rows `values` allows (None: no
+        filter), whether those positions are every allowed row). Up to `exact_max` allowed rows
+        all come back; more are narrowed down to at least `count` nearest `query` by Hamming
+        distance (ties included). The date window is cut into one chunk per thread, each tested,
+        scored and counted in one task."""
+        if values is None:
+            start, stop = 0, len(self.order)
+        else:
+            start, stop = self.filters.date_window(values)
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64), 0, True
+        chunks = self._chunks(start, stop)
+        code = self._code(_unit_query(query))
+
+        def score(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+            allowed = None if values is None else self.filters.window_mask(values, a, b, dates=False)
+            if allowed is not None and not allowed.any():
+                return allowed, None, np.zeros(self.bits + 1, dtype=np.int64)
+            distances = self._distances(code, a, b)
+            if allowed is not None:
+                np.copyto(distances, self.bits + 1, where=~allowed)
+            return allowed, distances, np.bincount(distances, minlength=self.bits + 2)[:self.bits + 1]
+
+        scored = self._map(score, chunks)
+        histogram = np.sum([h for _, _, h in scored], axis=0)
+        matches = None if values is None else int(histogram.sum())
+        if matches is not None and matches <= exact_max:
+            picked = [a + np.flatnonzero(allowed) for (a, _), (allowed, _, _) in zip(chunks, scored)]
+            return self.order[np.concatenate(picked)], matches, True
+        cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all allowed
+        picked = [a + np.flatnonzero(distances <= cutoff)
+                  for (a, _), (_, distances, _) in zip(chunks, scored) if distances is not None]
+        return self.order[np.concatenate(picked)], matches, False
+
+
 @dataclass
 class WarmCache:
     """What a warmed searcher keeps of one table version (`VectorSearcher.warm_up`)."""
@@ -530,15 +687,20 @@ class WarmCache:
     vectors: MemoryVectors | None
     """None when the vectors exceed `IndexPolicy.warm_cache_bytes`."""
     load_s: float
+    sketch: BinarySketch | None = None
+    """Kept from `IndexPolicy.sketch_min_rows` rows on, when the vectors are in memory."""
 
     @property
     def nbytes(self) -> int:
-        return self.records.nbytes + self.filters.nbytes + (self.vectors.nbytes if self.vectors else 0)
+        return (self.records.nbytes + self.filters.nbytes + (self.vectors.nbytes if self.vectors else 0)
+                + (self.sketch.nbytes if self.sketch else 0))
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "rows": self.records.num_rows, "load_s": round(self.load_s, 2),
                 "bytes": self.nbytes,
-                "vectors": None if self.vectors is None else str(self.vectors.vectors.dtype)}
+                "vectors": None if self.vectors is None else str(self.vectors.vectors.dtype),
+                "sketch": None if self.sketch is None else {"bits": self.sketch.bits,
+                                                            "build_s": round(self.sketch.build_s, 2)}}
 
 
 class _TableState:
@@ -581,7 +743,10 @@ class VectorSearcher:
         own prefiltered search when over-fetching would cost more.
     `warm_up` (for long-running front ends) also keeps the result columns and, within
     `IndexPolicy.warm_cache_bytes`, the vectors in memory: candidates are then re-ranked and
-    results read without touching disk, and exact search covers more filtered rows.
+    results read without touching disk, and exact search covers more filtered rows. From
+    `IndexPolicy.sketch_min_rows` rows it also keeps a `BinarySketch`, which then answers every
+    query instead of LanceDB: exact search when a filter allows few rows, else the sketch's
+    candidates among the allowed rows, re-ranked exactly (`sketch`).
     Caches are per table version (`refresh` a store to see new commits). Thread-safe.
     Measured choices and their numbers: BENCHMARKS.md (search)."""
 
@@ -636,10 +801,14 @@ class VectorSearcher:
                 vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
                 if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
                     raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
+                sketch = None
+                if (vectors is not None and self.policy.sketch_min_rows
+                        and rows >= self.policy.sketch_min_rows):
+                    sketch = BinarySketch(vectors, filters, self.policy.sketch_bits)
                 # One chunk: `take` on a table of many chunks concatenates them first, every call.
                 records = records.drop_columns(["_rowid"]).combine_chunks()
                 self._warm = WarmCache(version, records, filters, vectors,
-                                       time.perf_counter() - started)
+                                       time.perf_counter() - started, sketch)
             return self._warm
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
@@ -769,12 +938,27 @@ class VectorSearcher:
         rows, plan = self._nearest(version, vector, k, values, where, columns)
         return rows, replace(plan, table_version=version)
 
+    def _sketch_search(self, warm: WarmCache, memory: MemoryVectors, vector: np.ndarray, k: int,
+                       values: FilterValues | None, columns: list[str]) -> tuple[pa.Table, SearchPlan]:
+        """A warmed searcher's query: the allowed rows from the sketch's date-ordered filter
+        columns; up to twice the candidates it would pick are all re-ranked (exact), more are
+        narrowed down by the sketch first."""
+        assert warm.sketch is not None
+        wanted = max(self.policy.sketch_candidates, 20 * k)
+        # Re-ranking every allowed row costs little more than re-ranking `wanted` of them when
+        # they are at most twice as many, and is exact.
+        positions, matches, exact = warm.sketch.search(vector, values, wanted, 2 * wanted)
+        row_ids, distances = memory.top(vector, k, positions)
+        return self._rows(row_ids, distances, columns, warm), SearchPlan("exact" if exact else "sketch", matches)
+
     def _nearest(self, version: int, vector: np.ndarray, k: int, values: FilterValues | None,
                  where: str | None, columns: list[str]) -> tuple[pa.Table, SearchPlan]:
         state = self._current(version)
         warm = self._warm_cache(version)
         values = None if values is None or values.empty else values
         memory = self._memory_vectors(state, warm)
+        if warm is not None and warm.sketch is not None and memory is not None:
+            return self._sketch_search(warm, memory, vector, k, values, columns)
         in_memory = memory is not None
         filters = mask = matches = None
         if values is not None:
