@@ -319,10 +319,11 @@ class SearchEngine:
         self.store.refresh()
 
     def warm_up(self) -> dict[str, Any]:
-        """Keep what queries read in memory (result and filter columns, and the vectors within
-        `IndexPolicy.warm_cache_bytes`), for front ends that answer many queries: at a million
-        rows a filtered query drops from ~50 ms to ~10 ms (BENCHMARKS.md (search)), for seconds
-        of loading and ~1.7 GiB. Reloaded after the table changes. Returns what was loaded."""
+        """Keep what queries read in memory (result and filter columns, the vectors within
+        `IndexPolicy.warm_cache_bytes`, and from `IndexPolicy.sketch_min_rows` rows a binary
+        sketch), for front ends that answer many queries: at a million rows a filtered query
+        drops from ~40 ms to 5-10 ms (BENCHMARKS.md (search)), for ~20 s of loading and ~1.9 GiB.
+        Reloaded after the table changes. Returns what was loaded."""
         return self.searcher.warm_up(METADATA_COLUMNS).describe()
 
     def get_chip(self, chip_id: str) -> ChipRecord:
