@@ -283,20 +283,20 @@ QE_ALPHA = 3.0
 MAX_EXPAND = 100
 
 
+def _whole_number(value: Any, what: str, low: int, high: int, unit: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise QueryError(f"{what} must be a whole number{' of ' + unit if unit else ''}, got {value!r}")
+    if not low <= value <= high:
+        raise QueryError(f"{what} must be within {low}..{high}{' ' + unit if unit else ''}, got {value}")
+    return int(value)
+
+
 def validate_expand(expand: Any) -> int:
-    if isinstance(expand, bool) or not isinstance(expand, (int, np.integer)):
-        raise QueryError(f"query expansion must be a whole number of results, got {expand!r}")
-    if not 0 <= expand <= MAX_EXPAND:
-        raise QueryError(f"query expansion must be within 0..{MAX_EXPAND} results, got {expand}")
-    return int(expand)
+    return _whole_number(expand, "query expansion", 0, MAX_EXPAND, "results")
 
 
 def validate_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise QueryError(f"k must be a whole number, got {k!r}")
-    if not 1 <= k <= MAX_K:
-        raise QueryError(f"k must be within 1..{MAX_K}, got {k}")
-    return int(k)
+    return _whole_number(k, "k", 1, MAX_K)
 
 
 class SearchEngine:

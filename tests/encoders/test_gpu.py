@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from encoders import EncoderError
 from encoders.clay import ClayEncoder
 from encoders.rcf import RandomConvolutionalFeatures
+from tests.encoders.test_clay import tiny as jiggled_clay_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU; compares CUDA results with the CPU's")
@@ -160,14 +161,7 @@ def test_rcf_autocast_dtype_follows_native_bf16(monkeypatch, native_bf16, dtype)
 
 # -- Clay MAE encoder ----------------------------------------------------------------------
 
-def clay_tiny(seed: int = 0, **params) -> ClayEncoder:
-    """clay-tiny with every weight jiggled (as tests/encoders/test_clay.py), on the CPU."""
-    torch.manual_seed(seed)
-    encoder = ClayEncoder("clay-tiny", **params)
-    with torch.no_grad():
-        for param in encoder.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return encoder
+clay_tiny = jiggled_clay_tiny  # every weight jiggled, on the CPU (tests/encoders/test_clay.py)
 
 
 def with_precision(source: ClayEncoder, precision: str) -> ClayEncoder:
