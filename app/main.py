@@ -356,7 +356,7 @@ if query is not None:
 
     if response is not None:
         st.subheader("Look-alikes")
-        # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter.
+        # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter, sketch (warm, large tables).
         method = getattr(response, "method", "ann" if response.used_index else "exact")
         cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
         st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "

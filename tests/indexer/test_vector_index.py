@@ -447,13 +447,13 @@ def test_bad_vectors_are_refused(tables, vector, message):
         SearchEngine(db, "indexed", index_policy=POLICY).similar_to_vector(vector, k=5)
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("warm", [False, True, "sketch"], ids=["cold", "warm", "sketch"])
 def test_huge_k_returns_every_row_in_order(tables, warm):
     db, centres, vectors, rows = tables
     for table in ("indexed", "exact"):
-        engine = SearchEngine(db, table, index_policy=POLICY)
+        engine = SearchEngine(db, table, index_policy=SKETCH_POLICY if warm == "sketch" else POLICY)
         if warm:
-            engine.warm_up()
+            assert (engine.warm_up()["sketch"] is not None) == (warm == "sketch")
         response = engine.similar_to_vector(centres[0], k=10_000)
         distances = [r.distance for r in response.results]
         assert len(response.results) == rows.num_rows and distances == sorted(distances)
