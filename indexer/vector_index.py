@@ -101,6 +101,10 @@ class IndexPolicy:
         if self.index_type not in VECTOR_INDEX_TYPES:
             raise StoreError(f"unknown vector index type {self.index_type!r}; "
                              f"choose one of {', '.join(VECTOR_INDEX_TYPES)}")
+        if self.sketch_bits <= 0 or self.sketch_bits % 64:
+            raise StoreError(f"sketch_bits must be a positive multiple of 64, got {self.sketch_bits}")
+        if self.sketch_candidates < 1:
+            raise StoreError(f"sketch_candidates must be at least 1, got {self.sketch_candidates}")
 
 
 DEFAULT_POLICY = IndexPolicy()

@@ -147,6 +147,9 @@ def test_plans_follow_size_and_dimension():
         plan_vector_index(1000, 8, "FLAT")
     with pytest.raises(StoreError, match="unknown vector index type"):
         IndexPolicy(index_type="IVF_FOO")
+    for bad in ({"sketch_bits": 100}, {"sketch_bits": 0}, {"sketch_candidates": 0}):
+        with pytest.raises(StoreError, match="sketch_"):
+            IndexPolicy(**bad)
 
 
 def test_small_tables_get_no_index_and_no_commit(tables):
