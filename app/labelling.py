@@ -36,6 +36,10 @@ MEASURED = "label_measured"
 CONFIRM_DELETE = "label_confirm_delete"
 """The id of the session waiting for "Yes, delete"."""
 LABELLED_BY = "label_by"
+FROM_LINK = "label_session_from_link"
+"""The session id the page's link named on its first run, until the picker has checked it."""
+LINK_PARAM = "session"
+"""The URL parameter of the open session."""
 
 STRATEGIES = {
     "auto": "auto: the strongest the labels allow",
@@ -113,6 +117,12 @@ def _labelled_by() -> str | None:
 
 
 # ----------------------------------------------------------------------------- the sidebar: sessions
+def open_from_link(session_id: str | None) -> None:
+    """Open the session a shared link names (checked against the store by `sidebar`)."""
+    if session_id and session_id.strip():
+        st.session_state[SESSION] = st.session_state[FROM_LINK] = session_id.strip()
+
+
 def sidebar(engine: SearchEngine) -> Seed | None:
     """The session picker, new/rename/delete; returns the open session, or None when labelling is off."""
     st.header("Seed set")
@@ -124,9 +134,15 @@ def sidebar(engine: SearchEngine) -> Seed | None:
         st.caption(f"Labelling is unavailable: {err}")
         return None
     by_id = {s.session_id: s for s in sessions}
+    from_link = st.session_state.pop(FROM_LINK, None)
     if st.session_state.get(SESSION) and st.session_state[SESSION] not in by_id:
-        notice("warning", "The labelling session open in this tab no longer exists: it was deleted in another "
-                          "tab or by a script, with its labels.")
+        if from_link:
+            notice("warning", f"The link names labelling session `{from_link}`, which table "
+                              f"`{engine.store.table_name}` does not have (deleted, or another table's); "
+                              "labelling is off.")
+        else:
+            notice("warning", "The labelling session open in this tab no longer exists: it was deleted in "
+                              "another tab or by a script, with its labels.")
         st.session_state[SESSION] = ""
 
     def describe(session_id: str) -> str:

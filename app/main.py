@@ -123,6 +123,8 @@ def shuffle_gallery() -> None:
 def sync_link() -> dict[str, str]:
     """Write the current settings into the page URL (only when they changed) and return them."""
     params = state.to_query_params(state.from_session(st.session_state, st.session_state.table))
+    if st.session_state.get(labelling.SESSION):  # the open labelling session travels with the link
+        params[labelling.LINK_PARAM] = st.session_state[labelling.SESSION]
     if st.query_params.to_dict() != params:
         st.query_params.from_dict(params)
     return params
@@ -220,6 +222,7 @@ if "settings_loaded" not in st.session_state:
     st.session_state.update(state.as_session_values(from_link))
     st.session_state.update(settings_loaded=True, link_problems=link_problems, gallery_seed=0, gallery_page=0,
                             basemap_url=os.environ.get("CHIPSCOUT_BASEMAP_URL", ""), map_thumbnails=True)
+    labelling.open_from_link(st.query_params.get(labelling.LINK_PARAM))
 db_uri, table = args.db, st.session_state.table
 
 with st.sidebar:

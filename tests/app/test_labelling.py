@@ -339,3 +339,20 @@ def test_labelled_look_alikes_are_coloured_on_the_results_map(open_app, store):
     assert "“map colours”: :green[1 positive] filled green, :red[1 negative] filled red" in texts(at.caption)
     label(at, "hop", "positive", liked)  # clicking the highlighted button again clears the label
     assert rows(at)[liked] == before[liked]
+
+
+def test_the_open_session_travels_with_the_shareable_link(open_app, store):
+    session = store.create_session("shared by link")
+    at = open_session(open_app(chip=QUERY), session)
+    assert at.query_params["session"] == session.session_id
+    reopened = open_app(**{key: value for key, value in at.query_params.items() if key != "table"})
+    assert reopened.selectbox(key="label_session").value == session.session_id
+    label(reopened, "example", "positive", QUERY)
+    assert [lab.chip_id for lab in store.labels(session)] == [QUERY]
+    # Closing the session takes it out of the link.
+    reopened.selectbox(key="label_session").select("")
+    assert "session" not in run(reopened).query_params
+    # A link naming a session this table does not have opens with labelling off, and says so.
+    stale = open_app(chip=QUERY, session="no-such-session")
+    assert "does not have" in texts(stale.warning) and stale.selectbox(key="label_session").value == ""
+    assert not grid_ids(stale, "hop")
