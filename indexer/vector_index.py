@@ -378,6 +378,16 @@ def _micros(when: datetime) -> int:
     return (when - _EPOCH) // timedelta(microseconds=1)
 
 
+def _date_range_us(values: FilterValues) -> tuple[int, int] | None:
+    """The inclusive range of `acquired` (microseconds) a filter's dates allow, None without
+    dates. NULL dates are stored as _NO_TIME, below every start: never in a range, as in SQL."""
+    if values.date_from is None and values.date_to is None:
+        return None
+    start = _micros(values.date_from) if values.date_from is not None else _NO_TIME + 1
+    end = _micros(values.date_to) if values.date_to is not None else np.iinfo(np.int64).max
+    return start, end
+
+
 class FilterColumns:
     """The filter columns of every row of one table version, in memory (~60 bytes a row), so a
     filter's exact set of allowed rows costs milliseconds of numpy; LanceDB's scalar-index
@@ -443,13 +453,11 @@ class FilterColumns:
 
     def date_window(self, values: FilterValues) -> tuple[int, int]:
         """(start, stop) of the rows within `values`' date range; valid on date-ordered columns only."""
-        start, stop = 0, len(self)
-        if values.date_from is not None:  # NULL dates are _NO_TIME, sorted first: never in a range
-            start = int(np.searchsorted(self.acquired_us, _micros(values.date_from), "left"))
-        elif values.date_to is not None:
-            start = int(np.searchsorted(self.acquired_us, _NO_TIME, "right"))
-        if values.date_to is not None:
-            stop = int(np.searchsorted(self.acquired_us, _micros(values.date_to), "right"))
+        dates = _date_range_us(values)
+        if dates is None:
+            return 0, len(self)
+        start = int(np.searchsorted(self.acquired_us, dates[0], "left"))
+        stop = int(np.searchsorted(self.acquired_us, dates[1], "right"))
         return start, max(start, stop)
 
     def reordered(self, order: np.ndarray) -> FilterColumns:
@@ -465,14 +473,14 @@ class FilterColumns:
     def _tests(self, values: FilterValues, dates: bool = True) -> list[Any]:
         """The filter as tests of rows at given positions, the usually most selective first."""
         tests = []
-        if dates and (values.date_from is not None or values.date_to is not None):
-            start = _micros(values.date_from) if values.date_from is not None else _NO_TIME + 1
-            end = _micros(values.date_to) if values.date_to is not None else np.iinfo(np.int64).max
+        date_range = _date_range_us(values) if dates else None
+        if date_range is not None:
+            start, end = date_range
 
-            def dates(at):
-                acquired = self.acquired_us[at]  # NULL dates are _NO_TIME, below any start
+            def in_range(at):
+                acquired = self.acquired_us[at]
                 return (acquired >= start) & (acquired <= end)
-            tests.append(dates)
+            tests.append(in_range)
         if values.bbox is not None:
             min_lon, min_lat, max_lon, max_lat = (float(v) for v in values.bbox)
             b = self.bounds
