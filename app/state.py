@@ -39,8 +39,9 @@ class Settings:
     spread_km: float = 0.0
     """Grid cell size for spreading results; 0 turns spreading off."""
     per_cell: int = 1
-    expand: int = 0
-    """Query expansion: results folded into the query before searching again; 0 turns it off."""
+    expand: int | None = None
+    """Query expansion: results folded into the query before searching again; 0 turns it off,
+    None is the table's default (`SearchEngine.default_expand`)."""
     min_similarity: float | None = None
     """Results below this similarity are hidden (after the search); None shows all."""
 
@@ -133,9 +134,10 @@ def _url_text(value: Any) -> str:
     return str(value)
 
 
-def to_query_params(settings: Settings) -> dict[str, str]:
-    """URL parameters for the settings: the table always, everything else only when not default."""
-    defaults = Settings(table=settings.table)
+def to_query_params(settings: Settings, default_expand: int | None = None) -> dict[str, str]:
+    """URL parameters for the settings: the table always, everything else only when not default
+    (`default_expand`: the table's query expansion, which a link leaves out)."""
+    defaults = Settings(table=settings.table, expand=default_expand)
     params = {}
     for name, url_name in URL_NAMES.items():
         value = getattr(settings, name)

@@ -8,7 +8,9 @@ protocols:
           index do: a transform is fitted on the collection's own vectors);
 - images: 2-fold by image: within each class, even-numbered images are fold A, odd ones fold B.
           The transform is fitted on A only; every image is in the database, and only B's images
-          are queries (B = chips appended after the fit). Then A and B swap; scores are averaged;
+          are queries (B = chips appended after the fit). Then A and B swap; scores are averaged.
+          `images:K` is the same with K folds (image i of a class in fold i mod K): the transform
+          is fitted on K-1 folds, closer to an index's fit on thousands of chips than 2-fold's half;
 - classes: 2-fold by class: fitted on the images of classes 0-4, scored by leave-one-out among
           classes 5-9 only (classes the fit never saw), then swapped; averaged. Five classes
           instead of ten: compare these scores with each other, not with the other protocols.
@@ -16,6 +18,8 @@ protocols:
 Empirical kernels are fitted on all the images of the folder (unsupervised, as `chipscout eval`
 does); only the transform is held out. A configuration of several encoders is their vectors
 side by side, e.g. two kernel sizes with half the features each (multi-scale RCF).
+`--expand M` also scores every row with query expansion by M results, as a search does by default
+for RCF tables (`indexer.search.DEFAULT_EXPANSION`).
 
     python bench/quality.py --ms /work/shared/data/eurosat-ms --rgb /work/shared/data/eurosat-rgb
 """
@@ -106,31 +110,36 @@ def cached_vectors(cache: Path, data: str, root: Path, encoders: list[tuple[str,
     return np.concatenate(parts, axis=1).astype(np.float64), labels
 
 
-def scores(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    precision, average_precision, _ = retrieval_scores(torch.from_numpy(vectors), labels, K)
+def scores(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, expand: int = 0) -> np.ndarray:
+    precision, average_precision, _ = retrieval_scores(torch.from_numpy(vectors), labels, K, expand)
     return np.concatenate([precision[queries].mean(axis=0), [average_precision[queries].mean()]])
 
 
-def evaluate(spec: str, vectors: np.ndarray, labels: np.ndarray, protocol: str) -> np.ndarray | None:
-    """[P@1, P@5, P@10, mAP] of `spec`, or None when a fold is too small to fit it."""
+def evaluate(spec: str, vectors: np.ndarray, labels: np.ndarray, protocol: str,
+             expand: int = 0) -> np.ndarray | None:
+    """[P@1, P@5, P@10, mAP] of `spec` (then query expansion by `expand`), or None when a fold
+    is too small to fit it."""
     def fitted(on: np.ndarray) -> VectorTransform:
         return VectorTransform(spec).fit(vectors[on])
 
     try:
         if protocol == "all":
             return scores(fitted(np.ones(len(labels), bool)).apply(vectors), labels,
-                          np.ones(len(labels), bool))
-        if protocol == "images":
+                          np.ones(len(labels), bool), expand)
+        if protocol.startswith("images"):
+            count = int(protocol.partition(":")[2] or 2)
             rank = np.zeros(len(labels), int)
             for c in np.unique(labels):
                 rank[labels == c] = np.arange((labels == c).sum())
-            folds = [rank % 2 == 0, rank % 2 == 1]
-            return np.mean([scores(fitted(fit).apply(vectors), labels, ~fit) for fit in folds], axis=0)
+            queries = [rank % count == fold for fold in range(count)]
+            return np.mean([scores(fitted(~held).apply(vectors), labels, held, expand)
+                            for held in queries], axis=0)
         classes = np.unique(labels)
         halves = [np.isin(labels, classes[: len(classes) // 2]), np.isin(labels, classes[len(classes) // 2:])]
         out = []
         for fit, held in (halves, halves[::-1]):
-            out.append(scores(fitted(fit).apply(vectors[held]), labels[held], np.ones(held.sum(), bool)))
+            out.append(scores(fitted(fit).apply(vectors[held]), labels[held], np.ones(held.sum(), bool),
+                              expand))
         return np.mean(out, axis=0)
     except TransformError:
         return None
@@ -143,7 +152,10 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/chipscout-quality"))
     parser.add_argument("--only", nargs="*", help="run only the configurations whose label "
                         "contains one of these strings")
-    parser.add_argument("--protocols", nargs="*", default=["all", "images", "classes"])
+    parser.add_argument("--protocols", nargs="*", default=["all", "images", "classes"],
+                        help="all, images (2-fold), images:K (K-fold), classes")
+    parser.add_argument("--expand", type=int, default=0,
+                        help="also score every row with query expansion by this many results")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not (args.ms or args.rgb):
@@ -162,15 +174,17 @@ def main() -> None:
                 continue
             vectors, labels = cached_vectors(args.cache, data, root, encoders, bands)
             for spec in transforms:
-                results = {p: evaluate(spec, vectors, labels, p) for p in args.protocols}
-                cells = ["-" if r is None else f"{r[2]:.3f} / {r[3]:.3f}" for r in results.values()]
-                first = results.get("all")
-                cells.append("-" if first is None else f"{first[0]:.3f} / {first[1]:.3f}")
-                print(f"| eurosat-{data} | {label} | {spec} | " + " | ".join(cells) + " |", flush=True)
-                rows.append({"data": data, "configuration": label, "encoders": encoders,
-                             "transform": spec, "dim": int(vectors.shape[1]),
-                             "scores": {p: None if r is None else r.tolist()
-                                        for p, r in results.items()}})
+                for expand in dict.fromkeys([0, args.expand if spec != "none" else 0]):
+                    results = {p: evaluate(spec, vectors, labels, p, expand) for p in args.protocols}
+                    cells = ["-" if r is None else f"{r[2]:.3f} / {r[3]:.3f}" for r in results.values()]
+                    first = results.get("all")
+                    cells.append("-" if first is None else f"{first[0]:.3f} / {first[1]:.3f}")
+                    how = spec + (f", query expansion {expand}" if expand else "")
+                    print(f"| eurosat-{data} | {label} | {how} | " + " | ".join(cells) + " |", flush=True)
+                    rows.append({"data": data, "configuration": label, "encoders": encoders,
+                                 "transform": spec, "expand": expand, "dim": int(vectors.shape[1]),
+                                 "scores": {p: None if r is None else r.tolist()
+                                            for p, r in results.items()}})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

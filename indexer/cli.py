@@ -198,7 +198,7 @@ def search(
     max_cloud: Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum cloud fraction 0..1.")] = None,
     max_nodata: Annotated[Optional[float], typer.Option("--max-nodata", help="Maximum nodata fraction 0..1.")] = None,
     exclude_overlapping: Annotated[bool, typer.Option("--exclude-overlapping", help="Drop chips overlapping the query chip.")] = False,
-    expand: Annotated[int, typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again (5 is a good start; 0 = off).")] = 0,
+    expand: Annotated[Optional[int], typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again. Default: the table's (5 for RCF tables, else 0); 0 = the plain nearest neighbours.")] = None,
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
@@ -256,11 +256,14 @@ def info(
     from indexer.runlog import list_runs
     from indexer.vector_index import index_status
 
+    from indexer.search import default_expansion
+
     config = store.config
     recent = list_runs(store)
+    expand = default_expansion(config.encoder, bool(config.transform))
     payload = {
         "db": uri, "table": table, "rows": store.count(), "version": store.table.version,
-        "config": asdict(config), "indexes": store.index_description(),
+        "config": asdict(config), "default_expand": expand, "indexes": store.index_description(),
         "index": index_status(store),
         "runs_recorded": len(recent), "recent_runs": [r.to_dict() for r in recent[:3]],
     }
@@ -277,6 +280,8 @@ def info(
                    f"{config.embedding_dim}-d, fitted on {config.transform.get('fit_vectors')} vectors; {raw}")
     else:
         typer.echo("  transform none (L2-normalised encoder vectors)")
+    typer.echo(f"  search    query expansion {expand} by default" if expand else
+               "  search    plain nearest neighbours by default (no query expansion)")
     typer.echo(f"  sensor    {config.sensor}: {', '.join(config.bands)}")
     typer.echo(f"  scaling   {config.normalization.kind}")
     typer.echo(f"  chips     {config.chip_size_px} px, stride {config.chip_stride_px} px")
@@ -491,12 +496,18 @@ def evaluate(
         "--transform", help="Compare vector transforms side by side (repeatable): a spec such as "
                             "'power:0.4,standardize,pca-whiten:64:10,l2', 'default' or 'none'. "
                             "The table always has the band-stats baseline and the raw vectors.")] = None,
+    expand: Annotated[Optional[list[int]], typer.Option(
+        "--expand", help="Query expansion (repeatable when comparing transforms). Default: as a "
+                         "search of this encoder's table does (5 for rcf, else 0), and when "
+                         "comparing, also without (0).")] = None,
     bias: BiasOpt = None,
     band_stats: BandStatsOpt = False,
     as_json: JsonOption = False,
 ) -> None:
     """Leave-one-out retrieval quality (precision@k, mAP) on a labelled folder, each image embedded
-    as indexing embeds a chip (the encoder's input scaling, the files' GSD)."""
+    as indexing embeds a chip (the encoder's input scaling, the files' GSD) and ranked as a search
+    of its table ranks (the family's default transform and query expansion). --transform compares
+    transforms side by side instead, with the band-stats baseline and the raw vectors."""
     from indexer.evaluate import compare_transforms, evaluate_folder, format_comparison, format_report
 
     choice = encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
@@ -504,17 +515,21 @@ def evaluate(
     if transform:
         rows = compare_transforms(path, transform, encoder=choice.name, encoder_params=choice.params,
                                   sensor=sensor, bands=_split(bands), batch_size=batch_size,
-                                  device=device, progress=not as_json)
+                                  device=device, progress=not as_json, expands=expand or None)
         if as_json:
             _print_json([{"encoder": r.encoder, "transform": r.transform, "dim": r.output_dim,
+                          "expand": r.expand,
                           "precision_at_k": {str(k): v for k, v in r.scores.precision_at_k.items()},
                           "map": r.scores.mean_average_precision} for r in rows])
         else:
             typer.echo(format_comparison(rows, (1, 5, 10)))
         return
+    if expand and len(expand) > 1:
+        raise typer.BadParameter("one --expand without --transform (the report ranks one way)",
+                                 param_hint="--expand")
     report = evaluate_folder(path, encoder=choice.name, encoder_params=choice.params, sensor=sensor,
                              bands=_split(bands), batch_size=batch_size, device=device,
-                             progress=not as_json)
+                             progress=not as_json, expand=expand[0] if expand else None)
     if as_json:
         _print_json(report.to_dict())
     else:

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from rasterio.errors import RasterioError
 
 from encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_parameters
-from indexer.errors import ChipscoutError
+from indexer.errors import ChipscoutError, QueryError
 from indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 
 if TYPE_CHECKING:
@@ -80,6 +80,10 @@ class EvalReport:
     device: str
     fit_seconds: float
     encode_seconds: float
+    transform: str = "none"
+    """The vector transform fitted on the folder's vectors before ranking ("none": plain cosine)."""
+    expand: int = 0
+    """Query expansion of each query (`indexer.search`), 0 for none."""
 
     @property
     def n_images(self) -> int:
@@ -122,8 +126,12 @@ def evaluate_folder(
     progress: bool = False,
     *,
     file_bands: Sequence[str] | None = None,
+    transform: str = "default",
+    expand: int | None = None,
 ) -> EvalReport:
-    """Leave-one-out retrieval scores of an encoder on `root/<class>/<image>`.
+    """Leave-one-out retrieval scores of an encoder on `root/<class>/<image>`, ranked as an index
+    of these images would rank them: through the vector transform and query expansion a table
+    of this encoder gets by default.
 
     encoder: a registered name (`rcf`, `band-stats`...) built with `encoder_params`, its
         `in_channels` filled in from the data; or a callable band_count -> ChipEncoder.
@@ -135,6 +143,10 @@ def evaluate_folder(
         10/20 m bands of EuroSAT MS); None keeps every band of the files.
     file_bands: names of the files' bands in file order, when the files do not describe them and
         the default (EuroSAT's layout for 13-band sentinel-2-l1c, else the sensor's order) is wrong.
+    transform: a spec (`indexer.transform`), "default" for the encoder family's default (what
+        `chipscout index` fits), or "none"; fitted on all the images, as an index fits its own.
+    expand: query expansion (`SearchEngine.similar_to_chip`); None for the family's default
+        (`indexer.search.DEFAULT_EXPANSION`), 0 for the plain nearest neighbours.
 
     Images are scaled to reflectance (DN * dn_scale + dn_offset), then as indexing scales them
     for this encoder (`indexer.embedding.normalization_for`: Clay standardises each band with the
@@ -165,7 +177,10 @@ def evaluate_folder(
     started = 0.0
 
     labels_array = np.asarray(labels)
-    precision, average_precision, top = retrieval_scores(vectors, labels_array, k_values)
+    family = encoder if isinstance(encoder, str) else None
+    spec, ranked = _transformed(root, family, transform, vectors)
+    expand = _resolved_expand(family, expand, spec != "none")
+    precision, average_precision, top = retrieval_scores(ranked, labels_array, k_values, expand)
     per_class = {
         name: _scores(precision[labels_array == c], average_precision[labels_array == c], k_values)
         for c, name in enumerate(class_names)
@@ -186,7 +201,33 @@ def evaluate_folder(
         device=str(torch_device),
         fit_seconds=round(fitted - started, 3),
         encode_seconds=round(encoded - fitted, 3),
+        transform=spec,
+        expand=expand,
     )
+
+
+def _transformed(root: Path, encoder: str | None, transform: str,
+                 vectors: torch.Tensor) -> tuple[str, np.ndarray]:
+    """(the transform's spec, the vectors through it, fitted on all of them)."""
+    from indexer.transform import TransformError, fit_requested
+
+    raw = vectors.double().numpy()
+    try:
+        fitted = fit_requested(transform, encoder or "", raw)
+    except TransformError as err:
+        raise EvaluationError(f"transform {transform!r} on {root}: {err}") from err
+    return ("none", raw) if fitted is None else (fitted.spec, fitted.apply(raw))
+
+
+def _resolved_expand(encoder: str | None, expand: Any, transformed: bool = True) -> int:
+    from indexer.search import default_expansion, validate_expand
+
+    if expand is None:
+        return default_expansion(encoder or "", transformed)
+    try:
+        return validate_expand(expand)
+    except QueryError as err:
+        raise EvaluationError(str(err)) from None
 
 
 @dataclass
@@ -252,6 +293,7 @@ class TransformComparison:
     transform: str
     output_dim: int
     scores: ClassScores
+    expand: int = 0
 
 
 def compare_transforms(
@@ -265,67 +307,77 @@ def compare_transforms(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     progress: bool = False,
+    expands: Sequence[int] | None = None,
 ) -> list[TransformComparison]:
-    """Leave-one-out scores of `encoder` under each transform spec, side by side, after the trivial
-    per-band mean+std baseline (`band-stats`, raw cosine) and the encoder's raw vectors ("none").
+    """Leave-one-out scores of `encoder` under each transform spec and query expansion, side by
+    side, after the trivial per-band mean+std baseline (`band-stats`, raw cosine) and the encoder's
+    raw vectors ("none").
 
     The folder is embedded once; each transform is fitted on all its images, as an index fits
     its transform on its own vectors. "default" means the encoder family's measured default.
+    expands: the query expansions to score each transform with; None means without (0) and
+    with the expansion a table of this encoder and transform searches with by default, if any.
     """
-    from indexer.transform import TransformError, VectorTransform, default_transform_spec
-
     k_values = _checked_k_values(k_values)
     class_names, paths, labels = _labelled_images(Path(root))
     listing = (class_names, paths, labels)
     labels_array = np.asarray(labels)
+    chosen = None if expands is None else [_resolved_expand(encoder, e) for e in expands]
 
-    def row(name: str, spec: str, vectors: np.ndarray) -> TransformComparison:
-        precision, average_precision, _ = retrieval_scores(vectors, labels_array, k_values)
+    def row(name: str, spec: str, vectors: np.ndarray, expand: int = 0) -> TransformComparison:
+        precision, average_precision, _ = retrieval_scores(vectors, labels_array, k_values, expand)
         return TransformComparison(name, spec, vectors.shape[1],
-                                   _scores(precision, average_precision, k_values))
+                                   _scores(precision, average_precision, k_values), expand)
 
     baseline = embed_folder(root, "band-stats", None, sensor, bands, batch_size, device, progress,
                             listing=listing)
     rows = [row(baseline.model.name, "none", baseline.vectors.numpy())]
     embedded = embed_folder(root, encoder, encoder_params, sensor, bands, batch_size, device, progress,
                             listing=listing)
-    raw = embedded.vectors.double().numpy()
     for spec in ["none", *[t for t in transforms if t != "none"]]:
-        resolved = (default_transform_spec(encoder) or "none") if spec == "default" else spec
-        try:
-            transform = VectorTransform(resolved).fit(raw)
-        except TransformError as err:
-            raise EvaluationError(f"transform {resolved!r} on {root}: {err}") from err
-        rows.append(row(embedded.model.name, transform.spec if resolved != "none" else "none",
-                        transform.apply(raw)))
+        resolved, vectors = _transformed(Path(root), encoder, spec, embedded.vectors)
+        expands_here = chosen or [0, _resolved_expand(encoder, None, resolved != "none")]
+        rows += [row(embedded.model.name, resolved, vectors, e) for e in dict.fromkeys(expands_here)]
     return rows
 
 
 def format_comparison(rows: Sequence[TransformComparison], k_values: Sequence[int]) -> str:
     """Markdown table of `compare_transforms` rows."""
-    header = "| encoder | transform | dim | " + " | ".join(f"P@{k}" for k in k_values) + " | mAP |"
-    lines = [header, "|" + "---|" * (4 + len(k_values))]
+    header = ("| encoder | transform | dim | query expansion | "
+              + " | ".join(f"P@{k}" for k in k_values) + " | mAP |")
+    lines = [header, "|" + "---|" * (5 + len(k_values))]
     for r in rows:
         cells = " | ".join(f"{r.scores.precision_at_k[k]:.3f}" for k in k_values)
-        lines.append(f"| {r.encoder} | {r.transform} | {r.output_dim} | {cells} | "
+        lines.append(f"| {r.encoder} | {r.transform} | {r.output_dim} | {r.expand or '-'} | {cells} | "
                      f"{r.scores.mean_average_precision:.3f} |")
     return "\n".join(lines)
 
 
 def retrieval_scores(vectors: torch.Tensor | np.ndarray, labels: np.ndarray,
-                     k_values: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     k_values: Sequence[int], expand: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leave-one-out retrieval by cosine similarity.
 
     vectors (N, D), labels (N,) ints. Returns precision (N, len(k_values)): relevant among each
     query's top k, over k; average precision (N,) of each query's full ranking of the N - 1
     others; and the top max(k) neighbours' indices (N, max(k)). Ties keep index order. Every
-    label must occur at least twice.
+    label must occur at least twice. `expand` > 0 ranks by the query expanded as
+    `SearchEngine.similar_to_chip` expands it: plus its `expand` nearest others, each weighted by
+    similarity ** QE_ALPHA (the query itself is never among them).
     """
+    from indexer.search import QE_ALPHA
+
     embedded = torch.as_tensor(vectors, dtype=torch.float64)
     count = embedded.shape[0]
     unit = embedded / embedded.norm(dim=1, keepdim=True).clamp_min(1e-12)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-torch.inf)  # a query is not its own neighbour
+    if expand:
+        nearest = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :expand]
+        weights = similarity.gather(1, nearest).clamp_min(0.0) ** QE_ALPHA
+        expanded = unit + torch.zeros_like(similarity).scatter_(1, nearest, weights) @ unit
+        expanded = expanded / expanded.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        similarity = expanded @ unit.T
+        similarity.fill_diagonal_(-torch.inf)
     order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, : count - 1].numpy()
     relevant = labels[order] == labels[:, None]  # (N, N-1)
     precision = np.stack([relevant[:, :k].mean(axis=1) for k in k_values], axis=1)
@@ -347,6 +399,8 @@ def format_report(report: EvalReport) -> str:
         f"{height}x{width} px, sensor {report.sensor}, {bands}",
         f"method   leave-one-out nearest neighbours by cosine similarity on {report.device}; "
         f"fit {report.fit_seconds:.1f} s, encode {report.encode_seconds:.1f} s",
+        f"ranking  transform {report.transform}; "
+        + (f"query expanded with {report.expand} results" if report.expand else "no query expansion"),
         "",
     ]
     name_width = max(len("overall"), *(len(name) for name in report.per_class))

@@ -285,7 +285,9 @@ def _neighbours(engine: SearchEngine, vector: np.ndarray, k: int, skip: set[str]
     """Nearest unlabelled chips: asks for k more than the labelled count and drops the labelled,
     so a long label list never becomes a long SQL filter."""
     fetch = min(k + len(skip), MAX_K)
-    response = engine.similar_to_vector(vector, fetch, filters)
+    # No query expansion: the vector already pools the labelled examples, and folding unlabelled
+    # neighbours into it would dilute what the labels say.
+    response = engine.similar_to_vector(vector, fetch, filters, expand=0)
     return [RankedChip(r.chip, r.similarity) for r in response.results if r.chip.chip_id not in skip][:k]
 
 

@@ -30,8 +30,8 @@ import pyarrow as pa
 from indexer.embedding import with_transform
 from indexer.errors import ChipscoutError, StoreError
 from indexer.store import ChipStore, chip_schema
-from indexer.transform import NO_TRANSFORM, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform, \
-    default_transform_spec
+from indexer.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
+    fit_requested
 from indexer.vector_index import DEFAULT_POLICY, IndexPolicy, maintain_indexes
 
 RAW_COLUMN = "raw_vector"
@@ -58,18 +58,15 @@ class RefitReport:
 def _fit(spec: str | None, encoder_name: str, raw: np.ndarray) -> VectorTransform:
     """The new transform: `spec`, or the encoder family's default (falling back to
     `SMALL_SAMPLE_TRANSFORM` when there are too few vectors for its PCA, as indexing does)."""
-    explicit = spec not in (None, "default")
-    wanted = spec if explicit else default_transform_spec(encoder_name)
-    if wanted in (None, NO_TRANSFORM):
-        raise ChipscoutError(f"transform {wanted or NO_TRANSFORM!r} keeps no fitted state; a table "
-                             "without a transform needs no refit (index into a new table instead)")
-    chosen = VectorTransform(wanted)  # a bad spec fails here, before anything is read or written
-    if not explicit and len(raw) < chosen.min_vectors(raw.shape[1]):
-        chosen = VectorTransform(SMALL_SAMPLE_TRANSFORM)
     try:
-        return chosen.fit(raw)
+        fitted = fit_requested(spec, encoder_name, raw)
     except TransformError as err:
         raise ChipscoutError(f"refit: {err}") from err
+    if fitted is None:
+        wanted = spec if spec not in (None, "default") else default_transform_spec(encoder_name)
+        raise ChipscoutError(f"transform {wanted or NO_TRANSFORM!r} keeps no fitted state; a table "
+                             "without a transform needs no refit (index into a new table instead)")
+    return fitted
 
 
 def _raw_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:

@@ -281,6 +281,15 @@ def _checked_filters(filters: Any) -> SearchFilters:
 #: the best of m in {3, 5, 10} x alpha in {1, 3} on held-out EuroSAT queries (BENCHMARKS.md, quality).
 QE_ALPHA = 3.0
 MAX_EXPAND = 100
+#: Query expansion of a search that does not choose one (`expand=None`), per encoder family, for
+#: tables whose vectors went through a fitted transform. RCF: m = 5 gained on held-out queries of
+#: both EuroSAT sets (+0.010 to +0.017 precision@10, +0.02 mAP, BENCHMARKS.md (quality)); on raw
+#: RCF vectors (no transform) it lost 0.03. Other families have no measurement here: none.
+DEFAULT_EXPANSION: dict[str, int] = {"rcf": 5}
+
+
+def default_expansion(encoder_name: str, transformed: bool = True) -> int:
+    return DEFAULT_EXPANSION.get(encoder_name, 0) if transformed else 0
 
 
 def _whole_number(value: Any, what: str, low: int, high: int, unit: str = "") -> int:
@@ -371,23 +380,33 @@ class SearchEngine:
         by_id = {r.chip_id: r for r in _records(rows)}
         return [by_id[i] for i in ids if i in by_id]
 
+    @property
+    def default_expand(self) -> int:
+        """The query expansion a search gets when it passes `expand=None`: the table's encoder
+        family's measured default (`DEFAULT_EXPANSION`; 5 for RCF tables with a vector transform,
+        else 0)."""
+        config = self.config
+        return default_expansion(config.encoder, bool(config.transform))
+
     def similar_to_chip(self, chip_id: str, k: int = 10,
-                        filters: SearchFilters | None = None, expand: int = 0) -> SearchResponse:
+                        filters: SearchFilters | None = None, expand: int | None = None) -> SearchResponse:
         """The k chips nearest `chip_id` that `filters` allow (never the chip itself). `expand` > 0
         runs alpha-query expansion: the chip's vector plus its `expand` nearest allowed chips,
         weighted by similarity ** `QE_ALPHA`, is searched again (two searches; on EuroSAT +0.01
-        precision@10 and +0.02 mAP, BENCHMARKS.md (quality))."""
+        precision@10 and +0.02 mAP, BENCHMARKS.md (quality)). None: `default_expand`; 0: the
+        plain nearest neighbours of the chip."""
         filters = _checked_filters(filters)
-        expand = validate_expand(expand)
+        expand = self._resolved_expand(expand)
         query = self.get_chip(chip_id)
         vector = self.get_vector(chip_id)
         return self._expanded_search(vector, k, filters, query, (), expand)
 
     def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10,
                           filters: SearchFilters | None = None,
-                          exclude_ids: Sequence[str] = (), expand: int = 0) -> SearchResponse:
+                          exclude_ids: Sequence[str] = (), expand: int | None = None) -> SearchResponse:
         """The k chips nearest `vector` (any length; its direction counts) that `filters` allow,
-        leaving out `exclude_ids`; `expand` as in `similar_to_chip`."""
+        leaving out `exclude_ids`; `expand` as in `similar_to_chip`, so a stored chip's vector
+        finds what its id finds."""
         try:
             array = np.asarray(vector, dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
@@ -408,9 +427,12 @@ class SearchEngine:
             raise QueryError("exclude_overlapping needs a query chip; search by chip id instead")
         if isinstance(exclude_ids, (str, bytes)) or not isinstance(exclude_ids, (Sequence, set, frozenset)):
             raise QueryError(f"ids to exclude must be a list of chip ids, got {exclude_ids!r}")
-        expand = validate_expand(expand)
+        expand = self._resolved_expand(expand)
         return self._expanded_search((array / norm).astype(np.float32), k, filters, None,
                                      [validate_chip_id(c) for c in exclude_ids], expand)
+
+    def _resolved_expand(self, expand: Any) -> int:
+        return self.default_expand if expand is None else validate_expand(expand)
 
     def _expanded_search(self, vector: np.ndarray, k: int, filters: SearchFilters,
                          query: ChipRecord | None, exclude_ids: Sequence[str],

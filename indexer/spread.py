@@ -66,7 +66,7 @@ def spread_results(results: Iterable[SearchResult], cell_km: float, per_cell: in
 
 
 def similar_spread(engine: SearchEngine, chip_id: str, k: int, filters: SearchFilters | None,
-                   cell_km: float, per_cell: int, expand: int = 0) -> SearchResponse:
+                   cell_km: float, per_cell: int, expand: int | None = None) -> SearchResponse:
     """Like `SearchEngine.similar_to_chip`, with at most `per_cell` results per grid cell.
 
     Fetches more neighbours than k (growing fourfold) until k survive the spreading or the table

@@ -290,6 +290,29 @@ def default_transform_spec(encoder_name: str) -> str | None:
     return DEFAULT_TRANSFORMS.get(encoder_name)
 
 
+def fit_requested(requested: str | None, encoder_name: str,
+                  vectors: np.ndarray | torch.Tensor) -> VectorTransform | None:
+    """`requested` fitted on `vectors`: a spec; "none" (no transform: None); or "default" / None,
+    the encoder family's default (None when it has none), which falls back to
+    `SMALL_SAMPLE_TRANSFORM` where its PCA needs more vectors or dimensions than there are (small
+    tables). An explicit spec that cannot be fitted raises TransformError."""
+    explicit = requested not in (None, "default")
+    spec = requested if explicit else default_transform_spec(encoder_name)
+    if spec is None or spec == NO_TRANSFORM:
+        return None
+    chosen = VectorTransform(spec)
+    data = _as_matrix(vectors, "fit")
+    if not explicit and len(data) < chosen.min_vectors(data.shape[1]):
+        chosen = VectorTransform(SMALL_SAMPLE_TRANSFORM)
+    try:
+        return chosen.fit(data)
+    except TransformError:
+        if explicit:
+            raise
+        # The default keeps more PCA dimensions than this encoder has (e.g. 32 features).
+        return VectorTransform(SMALL_SAMPLE_TRANSFORM).fit(data)
+
+
 def _as_matrix(vectors: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     if isinstance(vectors, torch.Tensor):
         vectors = vectors.detach().cpu().double().numpy()

@@ -173,7 +173,16 @@ def test_spread_keeps_one_result_per_cell(open_app, engine):
 
 def test_query_expansion_reranks_with_the_api_and_goes_into_the_link(open_app, engine):
     at = open_app(chip=QUERY, k="5")
+    # The table's default expansion (an RCF table with a transform: 5), left out of the link.
+    assert engine.default_expand == 5 and at.number_input(key="expand").value == 5
+    assert "expand" not in at.query_params
+    default = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True))
+    assert default.expansion == 5 and result_ids(at) == [r.chip.chip_id for r in default.results]
+    at.number_input(key="expand").set_value(0).run()
+    plain = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True), expand=0)
+    assert result_ids(at) == [r.chip.chip_id for r in plain.results] and at.query_params["expand"] == "0"
     plain_captions = result_captions(at)
+    assert open_app(chip=QUERY, k="5", expand="0").number_input(key="expand").value == 0
     at.number_input(key="expand").set_value(3).run()
     assert result_captions(at) != plain_captions  # scores against the expanded query
     expected = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True), expand=3)

@@ -51,18 +51,26 @@ def test_search_prints_neighbours_as_json(cli_db):
     assert payload["expansion"] == 4 and payload["method"].endswith("+expanded:4")
     assert "query expanded with 4 results" in chipscout(
         "search", query, "--expand", "4", "--db", cli_db, "--table", "scene").stdout
+    # Without --expand, the table's default: an RCF table with a transform expands by 5.
+    default = json.loads(chipscout("search", query, "-k", "5", "--db", cli_db, "--table", "scene",
+                                   "--json").stdout)
+    plain = json.loads(chipscout("search", query, "-k", "5", "--expand", "0", "--db", cli_db,
+                                 "--table", "scene", "--json").stdout)
+    assert default["expansion"] == 5 and plain["expansion"] == 0 and "+expanded" not in plain["method"]
 
 
 def test_info_reports_encoder_and_bands(cli_db):
     payload = json.loads(chipscout("info", "--db", cli_db, "--table", "scene", "--json").stdout)
     assert payload["rows"] == 16
     assert payload["config"]["encoder_label"] == "rcf-gaussian"
+    assert payload["default_expand"] == 5  # an RCF table with a transform
     assert payload["config"]["bands"][:3] == ["blue", "green", "red"]
     listing = json.loads(chipscout("info", "--db", cli_db, "--json").stdout)
     assert listing["tables"] == ["scene"]
     text = chipscout("info", "--db", cli_db, "--table", "scene").stdout
     spec = payload["config"]["transform"]["spec"]
     assert f"transform {spec}: " in text and "fitted on 16 vectors; raw vectors kept" in text
+    assert "search    query expansion 5 by default" in text
 
 
 def test_reindex_via_cli_is_idempotent(cli_db, small_scene_dir):

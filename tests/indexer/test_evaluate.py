@@ -136,24 +136,81 @@ def test_retrieval_scores_by_hand():
     assert top[4].tolist()[:2] == [2, 3] and average_precision[4] == pytest.approx(0.5)
 
 
+def test_retrieval_scores_with_query_expansion_by_hand():
+    from indexer.search import QE_ALPHA
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((30, 6))
+    labels = np.repeat(np.arange(3), 10)
+    precision, average_precision, top = retrieval_scores(vectors, labels, (1, 5), expand=4)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for query in range(30):  # the query plus its 4 nearest others, weighted, then ranked again
+        similarity = unit @ unit[query]
+        similarity[query] = -np.inf
+        nearest = np.argsort(-similarity, kind="stable")[:4]
+        expanded = unit[query] + (np.clip(similarity[nearest], 0, None) ** QE_ALPHA) @ unit[nearest]
+        scores = unit @ (expanded / np.linalg.norm(expanded))
+        scores[query] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:29]
+        relevant = labels[order] == labels[query]
+        assert top[query].tolist() == order[:5].tolist()
+        assert precision[query].tolist() == pytest.approx([relevant[:1].mean(), relevant[:5].mean()])
+        hits = np.cumsum(relevant) / np.arange(1, 30)
+        assert average_precision[query] == pytest.approx((hits * relevant).sum() / relevant.sum())
+    plain, _, _ = retrieval_scores(vectors, labels, (1, 5))
+    assert not np.array_equal(plain, precision)  # expansion changed some ranking
+
+
+def test_the_report_ranks_as_the_table_would(tmp_path):
+    root = separable_folder(tmp_path / "data")
+    report = evaluate_folder(root, "rcf", {"features": 16}, sensor="sentinel-2-l2a", k_values=(1,))
+    # 12 images: too few for the default's 64 PCA dimensions, so indexing's small-sample fallback.
+    assert report.transform == "standardize,power:0.5,l2" and report.expand == 5
+    assert "query expanded with 5 results" in format_report(report)
+    raw = evaluate_folder(root, "rcf", {"features": 16}, sensor="sentinel-2-l2a", k_values=(1,),
+                          transform="none")
+    assert raw.transform == "none" and raw.expand == 0  # no expansion without a transform
+    chosen = evaluate_folder(root, "rcf", {"features": 16}, sensor="sentinel-2-l2a", k_values=(1,),
+                             transform="l2", expand=2)
+    assert chosen.transform == "l2" and chosen.expand == 2 and chosen.to_dict()["expand"] == 2
+    stats = evaluate_folder(root, "band-stats", sensor="sentinel-2-l2a", k_values=(1,))
+    assert stats.transform == "none" and stats.expand == 0  # no family default for band-stats
+    with pytest.raises(EvaluationError, match="query expansion must be"):
+        evaluate_folder(root, "rcf", {"features": 16}, sensor="sentinel-2-l2a", expand=-1)
+    with pytest.raises(EvaluationError, match="transform 'pca:99'"):
+        evaluate_folder(root, "rcf", {"features": 16}, sensor="sentinel-2-l2a", transform="pca:99")
+
+
 def test_compare_transforms_rows_and_the_family_default(tmp_path):
     root = separable_folder(tmp_path / "data", per_class=22)  # 66 images: enough for 64 PCA dims
     rows = compare_transforms(root, ["default", "standardize,l2", "none"], "rcf",
                               {"features": 128}, sensor="sentinel-2-l2a", k_values=(1, 5))
-    assert [(r.encoder, r.transform, r.output_dim) for r in rows] == [
-        ("band-stats", "none", 8),
-        ("rcf-empirical", "none", 128),  # raw vectors, once even when asked again
-        ("rcf-empirical", DEFAULT_TRANSFORMS["rcf"], 64),
-        ("rcf-empirical", "standardize,l2", 128),
+    # Each transform without and with the query expansion its table would search with (rcf: 5
+    # when transformed; raw vectors get none).
+    assert [(r.encoder, r.transform, r.output_dim, r.expand) for r in rows] == [
+        ("band-stats", "none", 8, 0),
+        ("rcf-empirical", "none", 128, 0),  # raw vectors, once even when asked again
+        ("rcf-empirical", DEFAULT_TRANSFORMS["rcf"], 64, 0),
+        ("rcf-empirical", DEFAULT_TRANSFORMS["rcf"], 64, 5),
+        ("rcf-empirical", "standardize,l2", 128, 0),
+        ("rcf-empirical", "standardize,l2", 128, 5),
     ]
     assert DEFAULT_TRANSFORMS["rcf"] == "power:0.4,standardize,pca-whiten:64:10,l2"
     for r in rows:  # separable classes: every transform keeps the right answer on top
         assert r.scores.precision_at_k[1] == 1.0 and r.scores.n_images == 66
     table = format_comparison(rows, (1, 5))
-    assert table.splitlines()[0] == "| encoder | transform | dim | P@1 | P@5 | mAP |"
-    assert f"| rcf-empirical | {DEFAULT_TRANSFORMS['rcf']} | 64 | 1.000 |" in table
+    assert table.splitlines()[0] == "| encoder | transform | dim | query expansion | P@1 | P@5 | mAP |"
+    assert f"| rcf-empirical | {DEFAULT_TRANSFORMS['rcf']} | 64 | - | 1.000 |" in table
+    assert f"| rcf-empirical | {DEFAULT_TRANSFORMS['rcf']} | 64 | 5 | 1.000 |" in table
+    chosen = compare_transforms(root, ["default"], "rcf", {"features": 128}, sensor="sentinel-2-l2a",
+                                k_values=(1,), expands=[3, 0, 3])
+    assert [(r.transform, r.expand) for r in chosen[1:]] == [
+        ("none", 3), ("none", 0), (DEFAULT_TRANSFORMS["rcf"], 3), (DEFAULT_TRANSFORMS["rcf"], 0)]
     with pytest.raises(EvaluationError, match="needs at least 129 vectors"):
         compare_transforms(root, ["pca:128"], "rcf", {"features": 128}, sensor="sentinel-2-l2a")
+    with pytest.raises(EvaluationError, match="query expansion must be within 0..100"):
+        compare_transforms(root, ["default"], "rcf", {"features": 128}, sensor="sentinel-2-l2a",
+                           expands=[101])
 
 
 # -- reading: bands, scaling, image kinds, nodata ------------------------------------------------

@@ -75,10 +75,11 @@ def test_a_refitted_table_embeds_queries_with_its_new_transform(source_db, small
     _, stored = store.vectors([chip.chip_id])
     np.testing.assert_allclose(vector, stored[0], atol=1e-5)
     search = SearchEngine(source_db, "chips_refit")
-    by_id = [(h.chip.chip_id, round(h.similarity, 4)) for h in search.similar_to_chip(chip.chip_id, k=5).results]
-    by_vector = [(h.chip.chip_id, round(h.similarity, 4)) for h in search.similar_to_vector(vector, k=6).results
-                 if h.chip.chip_id != chip.chip_id][:5]
-    assert [s for _, s in by_id] == [s for _, s in by_vector]
+    for expand in (0, None):  # plain, and the table's default query expansion
+        by_id = [round(h.similarity, 4) for h in search.similar_to_chip(chip.chip_id, k=5, expand=expand).results]
+        by_vector = [round(h.similarity, 4) for h in search.similar_to_vector(
+            vector, k=5, exclude_ids=[chip.chip_id], expand=expand).results]
+        assert by_id == by_vector and len(by_id) == 5
 
 
 def test_appends_to_a_refitted_table_reuse_its_transform(source_db, small_cog):

@@ -17,7 +17,7 @@ def engine(indexed_db):
 
 
 def test_neighbours_exclude_the_query_and_are_ranked(engine):
-    response = engine.similar_to_chip(QUERY, k=10)
+    response = engine.similar_to_chip(QUERY, k=10, expand=0)
     ids = [r.chip.chip_id for r in response.results]
     assert QUERY not in ids and len(ids) == 10
     similarities = [r.similarity for r in response.results]
@@ -150,12 +150,40 @@ def test_query_expansion_searches_the_query_plus_its_weighted_neighbours(engine)
     assert [r.similarity for r in response.results] == pytest.approx(
         np.sort(expected)[::-1][:10], abs=1e-5)
     # Expansion moves the query: the ranking is not the plain one (else the test proves nothing).
-    plain = engine.similar_to_chip(QUERY, k=10, filters=june)
+    plain = engine.similar_to_chip(QUERY, k=10, filters=june, expand=0)
     assert plain.expansion == 0 and [r.similarity for r in plain.results] != [r.similarity for r in response.results]
     # By vector, with the chip excluded, it is the same search.
     by_vector = engine.similar_to_vector(query, k=10, filters=june, exclude_ids=[QUERY], expand=5)
     assert [r.chip.chip_id for r in by_vector.results] == list(expected_ids)
     assert by_vector.to_dict()["expansion"] == 5
+
+
+def test_rcf_tables_expand_queries_by_default(engine, indexed_db):
+    from indexer.search import DEFAULT_EXPANSION
+
+    assert engine.config.encoder == "rcf" and engine.config.transform  # the fixture's table
+    assert engine.default_expand == DEFAULT_EXPANSION["rcf"] == 5
+    june = SearchFilters.build(date_from="2024-06-01", date_to="2024-06-30")
+    default = engine.similar_to_chip(QUERY, k=10, filters=june)
+    explicit = engine.similar_to_chip(QUERY, k=10, filters=june, expand=5)
+    assert default.expansion == 5 and default.method.endswith("+expanded:5")
+    assert default.to_dict()["results"] == explicit.to_dict()["results"]
+    vector = engine.get_vector(QUERY)
+    assert [r.chip.chip_id for r in engine.similar_to_vector(vector, 10, june, [QUERY]).results] == \
+        [r.chip.chip_id for r in default.results]
+
+
+def test_tables_without_a_transform_or_of_other_encoders_do_not_expand(tmp_path):
+    from indexer.search import default_expansion
+    from tests.indexer.test_vector_index import _grouped_vectors, _rows, _write
+
+    _, vectors = _grouped_vectors()
+    _write(str(tmp_path / "db"), "synthetic", _rows(vectors[:300], seed=0))
+    engine = SearchEngine(str(tmp_path / "db"), "synthetic")
+    assert engine.config.encoder != "rcf" and engine.default_expand == 0
+    assert engine.similar_to_vector(vectors[0], 5).expansion == 0
+    assert default_expansion("rcf") == 5 and default_expansion("rcf", transformed=False) == 0
+    assert default_expansion("clay-v1.5-large") == 0
 
 
 @pytest.mark.parametrize("expand", [-1, 101, 2.5, True, "5"])

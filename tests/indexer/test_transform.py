@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from indexer.chips import ChipGrid
 from indexer.embedding import Embedder
@@ -11,9 +10,10 @@ from indexer.files import local_source
 from indexer.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips
 from indexer.search import SearchEngine
 from indexer.store import ChipStore
-from indexer.transform import DEFAULT_TRANSFORMS, TransformError, VectorTransform, parse_spec
+from indexer.transform import (DEFAULT_TRANSFORMS, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,
+                               fit_requested, parse_spec)
 
-from .conftest import DATES, TINY_RCF, build_index
+from .conftest import DATES, TINY_RCF
 
 
 def correlated(n=2000, d=16, seed=0):
@@ -110,14 +110,17 @@ def test_index_and_query_paths_agree(indexed_db, small_cog):
     search = SearchEngine(indexed_db, "chips")
     # Each chip has an identical dated copy (similarity 1.0), so ties may order differently:
     # compare the similarities rank by rank and the neighbour sets.
-    by_id = [(hit.chip.chip_id, round(hit.similarity, 4))
-             for hit in search.similar_to_chip(chip.chip_id, k=5).results]
-    by_vector = [(hit.chip.chip_id, round(hit.similarity, 4))
-                 for hit in search.similar_to_vector(vector, k=6).results
-                 if hit.chip.chip_id != chip.chip_id][:5]
-    assert [s for _, s in by_id] == [s for _, s in by_vector]
-    assert by_id[0][1] == pytest.approx(1.0, abs=1e-4)  # the other date's copy
-    assert {c for c, s in by_id if s > by_id[-1][1]} == {c for c, s in by_vector if s > by_vector[-1][1]}
+    # Plain, and with the table's default query expansion (5 for this RCF table).
+    assert search.default_expand == 5
+    for expand in (0, None):
+        by_id = [(hit.chip.chip_id, round(hit.similarity, 4))
+                 for hit in search.similar_to_chip(chip.chip_id, k=5, expand=expand).results]
+        by_vector = [(hit.chip.chip_id, round(hit.similarity, 4)) for hit in search.similar_to_vector(
+            vector, k=5, exclude_ids=[chip.chip_id], expand=expand).results]
+        assert [s for _, s in by_id] == [s for _, s in by_vector] and len(by_id) == 5
+        assert {c for c, s in by_id if s > by_id[-1][1]} == {c for c, s in by_vector if s > by_vector[-1][1]}
+        if expand == 0:
+            assert by_id[0][1] == pytest.approx(1.0, abs=1e-4)  # the other date's copy
 
 
 def test_explicit_transform_reduces_dimension_and_appends_reuse_it(small_cog, tmp_path):
@@ -181,3 +184,17 @@ def test_family_defaults_fit_empirical_kernels_and_the_default_transform_at_inde
     vectors = embedder.embed(chips, 10.0)
     for chip, vector in zip(chips, vectors):
         assert np.allclose(vector, by_id[chip.chip_id], atol=1e-5)
+
+
+def test_fit_requested_resolves_the_family_default_and_its_small_sample_fallback():
+    rng = np.random.default_rng(0)
+    many, few = rng.standard_normal((100, 80)), rng.standard_normal((20, 80))
+    assert fit_requested("default", "rcf", many).spec == DEFAULT_TRANSFORMS["rcf"]
+    assert fit_requested(None, "rcf", many).spec == DEFAULT_TRANSFORMS["rcf"]
+    # Too few vectors (or dimensions) for the default's 64 PCA components: the small transform.
+    assert fit_requested("default", "rcf", few).spec == SMALL_SAMPLE_TRANSFORM
+    assert fit_requested("default", "rcf", rng.standard_normal((100, 32))).spec == SMALL_SAMPLE_TRANSFORM
+    assert fit_requested("none", "rcf", many) is None
+    assert fit_requested("default", "band-stats", many) is None  # no family default
+    with pytest.raises(TransformError, match="needs at least 65 vectors"):
+        fit_requested("pca-whiten:64,l2", "rcf", few)  # an explicit spec is never swapped
