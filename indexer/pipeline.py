@@ -26,8 +26,8 @@ from encoders.base import EncoderError
 from indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
 from indexer.embedding import (Embedder, build_config, make_encoder, normalization_for, pick_device,
                                with_transform)
-from indexer.transform import (NO_TRANSFORM, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,
-                               default_transform_spec)
+from indexer.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
+    fit_requested
 from indexer.errors import ChipscoutError, IncompatibleTableError, SourceError
 from indexer.files import RasterReader, RasterSource
 from indexer.runlog import finish_run, recorded_sources, start_run
@@ -470,16 +470,17 @@ def fit_transform(embedder: Embedder, requested: str | None, encoder_name: str,
                   gsd_of: Callable[[Chip], float]) -> VectorTransform | None:
     """The vector transform of a new table, fitted on the raw vectors of a fresh chip sample.
 
-    `requested`: a spec (`indexer.transform`), "none"/None for plain L2, or "default" for the
-    encoder family's measured default. A default whose PCA needs more vectors than the sample
-    gives (a small table) falls back to `SMALL_SAMPLE_TRANSFORM`; an explicit spec is refused.
-    Sample chips whose vector is not finite are left out of the fit.
+    `requested`: a spec (`indexer.transform`), "none" for plain L2, or "default"/None for the
+    encoder family's measured default (`transform.fit_requested`: a default whose PCA needs more
+    vectors than the sample gives, a small table, falls back to `SMALL_SAMPLE_TRANSFORM`; an
+    explicit spec that cannot be fitted is refused). Sample chips whose vector is not finite are
+    left out of the fit.
     """
     explicit = requested not in (None, "default")
     spec = requested if explicit else default_transform_spec(encoder_name)
     if spec is None or spec == NO_TRANSFORM:
         return None
-    chosen = VectorTransform(spec)  # parse errors before any chip is read
+    VectorTransform(spec)  # parse errors before any chip is read
     sample = list(draw_sample())
     if not sample:
         if not explicit:
@@ -488,18 +489,9 @@ def fit_transform(embedder: Embedder, requested: str | None, encoder_name: str,
     vectors = np.concatenate([embedder.embed_raw(sample[i:i + 64], gsd_of(sample[i]))
                               for i in range(0, len(sample), 64)])
     vectors = vectors[np.isfinite(vectors).all(axis=1)]
-    if not explicit and len(vectors) < chosen.min_vectors(vectors.shape[1]):
-        chosen = VectorTransform(SMALL_SAMPLE_TRANSFORM)
     try:
-        return chosen.fit(vectors)
+        return fit_requested(requested, encoder_name, vectors)
     except TransformError as err:
-        if not explicit:
-            # The family default keeps more PCA dimensions than this encoder has (e.g. 32
-            # features): fall back to the documented small transform rather than fail.
-            try:
-                return VectorTransform(SMALL_SAMPLE_TRANSFORM).fit(vectors)
-            except TransformError:
-                pass
         raise ChipscoutError(f"fitting transform: {err}") from err
 
 
