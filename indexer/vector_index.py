@@ -360,6 +360,11 @@ class SearchPlan:
     fetch: int = 0
     table_version: int | None = None
     """The table version the query read."""
+    candidates: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Warm sketch queries: the rows (positions in the warm cache) re-ranked exactly, which a
+    follow-up query near this one may re-rank instead of searching (`nearest(near=...)`)."""
+    positions: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """Warm sketch queries: each returned row's position in the warm cache (`warm_vectors`)."""
 
     @property
     def used_index(self) -> bool:
@@ -943,34 +948,56 @@ class VectorSearcher:
         return int(mask.sum()), mask
 
     def nearest(self, vector: np.ndarray, k: int, values: FilterValues | None, where: str | None,
-                columns: list[str]) -> tuple[pa.Table, SearchPlan]:
+                columns: list[str], near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `values` allows,
-        and how they were found. `where` is the same filter as SQL, for LanceDB's own paths."""
+        and how they were found. `where` is the same filter as SQL, for LanceDB's own paths.
+        `near`: the plan of an earlier query with the same filter whose neighbourhood holds this
+        one's (query expansion's second search); a warm sketch then re-ranks that query's
+        candidates instead of scanning the sketch again, when they are enough for k."""
         version = self.store.table.version
-        rows, plan = self._nearest(version, vector, k, values, where, columns)
+        rows, plan = self._nearest(version, vector, k, values, where, columns, near)
         return rows, replace(plan, table_version=version)
 
+    def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
+        """The unit vectors (float32) of rows `rows` (indices into the table `nearest` returned
+        with `plan`) from the warm cache; None when that query did not run on it."""
+        with self._lock:
+            warm = self._warm
+        if (plan.positions is None or warm is None or warm.version != plan.table_version
+                or warm.vectors is None):
+            return None  # not a warm query, or the cache has moved on to a newer version
+        return warm.vectors.vectors[plan.positions[np.asarray(rows, dtype=np.int64)]].astype(np.float32)
+
     def _sketch_search(self, warm: WarmCache, memory: MemoryVectors, vector: np.ndarray, k: int,
-                       values: FilterValues | None, columns: list[str]) -> tuple[pa.Table, SearchPlan]:
+                       values: FilterValues | None, columns: list[str],
+                       near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         """A warmed searcher's query: the allowed rows from the sketch's date-ordered filter
         columns; up to twice the candidates it would pick are all re-ranked (exact), more are
-        narrowed down by the sketch first."""
+        narrowed down by the sketch first. With `near` (see `nearest`), its candidates."""
         assert warm.sketch is not None
         wanted = max(self.policy.sketch_candidates, 20 * k)
-        # Re-ranking every allowed row costs little more than re-ranking `wanted` of them when
-        # they are at most twice as many, and is exact.
-        positions, matches, exact = warm.sketch.search(vector, values, wanted, 2 * wanted)
+        if (near is not None and near.candidates is not None and near.table_version == warm.version
+                and (near.method == "exact" or len(near.candidates) >= wanted)):
+            positions, matches, method = near.candidates, near.matches, near.method
+        else:
+            # Re-ranking every allowed row costs little more than re-ranking `wanted` of them
+            # when they are at most twice as many, and is exact.
+            positions, matches, exact = warm.sketch.search(vector, values, wanted, 2 * wanted)
+            method = "exact" if exact else "sketch"
         row_ids, distances = memory.top(vector, k, positions)
-        return self._rows(row_ids, distances, columns, warm), SearchPlan("exact" if exact else "sketch", matches)
+        found, _ = warm.filters.positions(row_ids)
+        return (self._rows(row_ids, distances, columns, warm),
+                SearchPlan(method, matches, candidates=positions, positions=found))
 
     def _nearest(self, version: int, vector: np.ndarray, k: int, values: FilterValues | None,
-                 where: str | None, columns: list[str]) -> tuple[pa.Table, SearchPlan]:
+                 where: str | None, columns: list[str],
+                 near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         state = self._current(version)
         warm = self._warm_cache(version)
         values = None if values is None or values.empty else values
         memory = self._memory_vectors(state, warm)
         if warm is not None and warm.sketch is not None and memory is not None:
-            return self._sketch_search(warm, memory, vector, k, values, columns)
+            return self._sketch_search(warm, memory, vector, k, values, columns, near)
         in_memory = memory is not None
         filters = mask = matches = None
         if values is not None:

@@ -341,6 +341,53 @@ def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
     assert not exact and 100 <= len(positions) < 400 and len(set(positions)) == len(positions)
 
 
+def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_path):
+    """A warm sketch's expanded search re-ranks the first search's candidates (no second scan):
+    the same answers as exact expansion on separated groups, nearly so on overlapping clusters."""
+    from indexer.search import QE_ALPHA
+
+    db = str(tmp_path / "db")
+    rng = np.random.default_rng(11)
+    latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
+    vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    rows = _rows(vectors, seed=11)
+    _write(db, "blurred", rows)
+    engine = SearchEngine(db, "blurred", index_policy=replace(SKETCH_POLICY, sketch_candidates=200))
+    engine.warm_up()
+    ids = np.array(rows["chip_id"].to_pylist())
+    found = []
+    for i in rng.choice(4000, 20, replace=False):
+        similarity = vectors @ vectors[i]
+        similarity[i] = -np.inf
+        nearest = np.argsort(-similarity)[:5]
+        expanded = vectors[i] + (np.clip(similarity[nearest], 0, None) ** QE_ALPHA) @ vectors[nearest]
+        scores = vectors @ (expanded / np.linalg.norm(expanded))
+        scores[i] = -np.inf
+        truth = set(ids[np.argsort(-scores)[:10]])
+        response = engine.similar_to_vector(vectors[i], k=10, exclude_ids=[ids[i]], expand=5)
+        assert response.method == "sketch+expanded:5" and response.expansion == 5
+        found.append(len(truth & {r.chip.chip_id for r in response.results}) / 10)
+    assert np.mean(found) >= 0.9
+
+    # The plan of a sketch search carries its candidates and its rows' positions in the cache.
+    searcher = engine.searcher
+    rows_found, plan = searcher.nearest(vectors[0], 5, None, None, ["chip_id", "_distance"])
+    assert plan.method == "sketch" and len(plan.candidates) >= 200 and len(plan.positions) == 5
+    np.testing.assert_allclose(searcher.warm_vectors(plan, [0, 4]), vectors[plan.positions[[0, 4]]],
+                               atol=2e-3)  # float16 in memory
+    assert list(ids[plan.positions]) == rows_found["chip_id"].to_pylist()
+    # A follow-up re-ranks those candidates only; one asking for more than they can serve scans.
+    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"], plan)
+    assert set(plan.candidates) >= set(near_plan.positions)
+    _, own_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"])
+    assert not set(plan.candidates) >= set(own_plan.positions)  # so the above did reuse them
+    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, None, ["chip_id", "_distance"], plan)
+    assert not set(plan.candidates) >= set(far_plan.positions)  # 1000 fresh candidates
+    stale = replace(plan, table_version=plan.table_version - 1)
+    assert searcher.warm_vectors(stale, [0]) is None
+
+
 def test_the_sketch_date_window_leaves_out_rows_without_a_date(tmp_path):
     db = str(tmp_path / "db")
     centres, vectors = _grouped_vectors(seed=3)
