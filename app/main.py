@@ -377,6 +377,10 @@ if query is not None:
         cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
         st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
                    f"table version {response.table_version}")
+        if response.expansion:
+            st.caption(f"The example's {response.expansion} nearest results were folded into the query "
+                       "(query expansion), so similarities are to that expanded query; set Query "
+                       "expansion to 0 in the sidebar for the plain nearest neighbours.")
         if not response.results:
             active = state.describe_filters(settings)
             if active:

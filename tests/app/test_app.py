@@ -178,9 +178,11 @@ def test_query_expansion_reranks_with_the_api_and_goes_into_the_link(open_app, e
     assert "expand" not in at.query_params
     default = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True))
     assert default.expansion == 5 and result_ids(at) == [r.chip.chip_id for r in default.results]
+    assert any("5 nearest results were folded into the query" in c.value for c in at.caption)
     at.number_input(key="expand").set_value(0).run()
     plain = engine.similar_to_chip(QUERY, 5, SearchFilters(exclude_overlapping=True), expand=0)
     assert result_ids(at) == [r.chip.chip_id for r in plain.results] and at.query_params["expand"] == "0"
+    assert not any("folded into the query" in c.value for c in at.caption)
     plain_captions = result_captions(at)
     assert open_app(chip=QUERY, k="5", expand="0").number_input(key="expand").value == 0
     at.number_input(key="expand").set_value(3).run()
