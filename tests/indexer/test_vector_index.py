@@ -318,18 +318,25 @@ def test_a_sketched_searcher_keeps_exactly_the_allowed_rows_and_finds_their_neig
         vectors, rows, centres[3], 10))
 
 
-def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
-    """On clusters that overlap (no easy groups), the sketch's 100 candidates of 4000 rows
-    (2.5 %) still hold nearly all of the exact top 10: random candidates would hold 2.5 %."""
-    db = str(tmp_path / "db")
-    rng = np.random.default_rng(7)
+def _blurred_table(tmp_path, seed: int, candidates: int):
+    """A warmed sketch engine over 4000 rows of 40 overlapping clusters (no easy groups), its
+    vectors, rows and random generator."""
+    rng = np.random.default_rng(seed)
     latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
     vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    rows = _rows(vectors, seed=7)
-    _write(db, "blurred", rows)
-    engine = SearchEngine(db, "blurred", index_policy=replace(SKETCH_POLICY, sketch_candidates=100))
+    rows = _rows(vectors, seed=seed)
+    _write(str(tmp_path / "db"), "blurred", rows)
+    engine = SearchEngine(str(tmp_path / "db"), "blurred",
+                          index_policy=replace(SKETCH_POLICY, sketch_candidates=candidates))
     engine.warm_up()
+    return engine, vectors, rows, rng
+
+
+def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
+    """On clusters that overlap (no easy groups), the sketch's 100 candidates of 4000 rows
+    (2.5 %) still hold nearly all of the exact top 10: random candidates would hold 2.5 %."""
+    engine, vectors, rows, rng = _blurred_table(tmp_path, seed=7, candidates=100)
     queries = vectors[rng.choice(4000, 30, replace=False)] + 0.2 * rng.standard_normal((30, DIM)).astype(np.float32)
     found = []
     for query in queries:
@@ -342,19 +349,11 @@ def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
 
 
 def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_path):
-    """A warm sketch's expanded search re-ranks the first search's candidates (no second scan):
-    the same answers as exact expansion on separated groups, nearly so on overlapping clusters."""
+    """A warm sketch's expanded search re-ranks the first search's candidates (no second scan)
+    and still finds nearly all of what exact expansion finds, on overlapping clusters."""
     from indexer.search import QE_ALPHA
 
-    db = str(tmp_path / "db")
-    rng = np.random.default_rng(11)
-    latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
-    vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    rows = _rows(vectors, seed=11)
-    _write(db, "blurred", rows)
-    engine = SearchEngine(db, "blurred", index_policy=replace(SKETCH_POLICY, sketch_candidates=200))
-    engine.warm_up()
+    engine, vectors, rows, rng = _blurred_table(tmp_path, seed=11, candidates=200)
     ids = np.array(rows["chip_id"].to_pylist())
     found = []
     for i in rng.choice(4000, 20, replace=False):
