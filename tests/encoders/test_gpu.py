@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from encoders import EncoderError
 from encoders.clay import ClayEncoder
 from encoders.rcf import RandomConvolutionalFeatures
+from tests.encoders.synthetic import reflectance_chips
 from tests.encoders.test_clay import tiny as jiggled_clay_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -32,12 +33,7 @@ GSD = 10.0
 
 
 def reflectance(batch: int = 3, channels: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Reflectance-like chips in [0, 0.5) with a spatial ramp (as tests/encoders/test_rcf.py)."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand((batch, channels, size, size), generator=generator) * 0.3
-    ramp = torch.linspace(0, 0.2, size)
-    per_band = torch.arange(1, channels + 1)[None, :, None, None] / channels
-    return noise + ramp[None, None, :, None] * per_band
+    return reflectance_chips(batch, channels, size, seed)
 
 
 def rcf(kernels: str, channels: int = 4, features: int = 256, **params

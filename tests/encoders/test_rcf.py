@@ -15,21 +15,15 @@ from encoders.rcf import (
     RandomConvolutionalFeatures,
     normalize_patches,
     sample_patches,
-    valid_windows,
     zca_whiten,
 )
 from indexer.embedding import build_config
 from indexer.sensors import get_sensor
 from indexer.store import Normalization
+from tests.encoders.synthetic import reflectance_chips
 
 
-def chips(batch: int = 3, channels: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Reflectance-like chips with some spatial structure."""
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.rand((batch, channels, size, size), generator=generator) * 0.3
-    ramp = torch.linspace(0, 0.2, size)
-    per_band = torch.arange(1, channels + 1)[None, :, None, None] / channels
-    return noise + ramp[None, None, :, None] * per_band
+chips = reflectance_chips
 
 
 def gaussian(channels: int = 4, **params) -> RandomConvolutionalFeatures:
