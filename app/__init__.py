@@ -1,1 +1,1 @@
-"""chipscout's Streamlit front end (a thin layer over `indexer.search`)."""
+"""chipscout's Streamlit front end (a thin layer over `chipscout.indexer.search.engine`)."""

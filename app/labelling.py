@@ -1,7 +1,7 @@
 """Seed-set labelling in the app: the session picker, label buttons, rounds, metrics and downloads.
 
-A thin Streamlit layer over `indexer.labels` (sessions and labels), `indexer.refine` (rankings, rounds,
-metrics) and `indexer.export` (GeoJSON / GeoParquet). Labels are read from the store on every run and
+A thin Streamlit layer over `chipscout.indexer.seedsets.labels` (sessions and labels), `chipscout.indexer.seedsets.refine` (rankings, rounds,
+metrics) and `chipscout.indexer.seedsets.export` (GeoJSON / GeoParquet). Labels are read from the store on every run and
 never kept in `st.session_state`, so a label given in another browser tab shows on the next rerun.
 A label button acts on the label the page showed: if the store holds another one by the time of the
 click (another tab or a script labelled that chip meanwhile), the click changes nothing and says so,
@@ -18,11 +18,11 @@ from typing import Any
 
 import streamlit as st
 
-from indexer import refine
-from indexer.errors import ChipscoutError
-from indexer.export import FORMATS, ExportSummary, export_formats
-from indexer.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
-from indexer.search import ChipRecord, SearchEngine, SearchFilters
+from chipscout.indexer.seedsets import refine
+from chipscout.indexer.errors import ChipscoutError
+from chipscout.indexer.seedsets.export import FORMATS, ExportSummary, export_formats
+from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
+from chipscout.indexer.search.engine import ChipRecord, SearchEngine, SearchFilters
 
 # st.session_state keys (per-session widgets add `-<session id>` to theirs).
 SESSION = "label_session"

@@ -1,7 +1,7 @@
 """chipscout's Streamlit page: pick an example chip, see the places that look like it.
 
 Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAME`). A thin layer
-over `indexer.search` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
+over `chipscout.indexer.search.engine` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
 page reads top to bottom: settings from the link, the sidebar controls, the open labelling session's
 panel, the example, its look-alikes (histogram, grid, map), then the gallery and map to pick another
 example from.
@@ -22,11 +22,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app import labelling, maps, state
-from indexer.errors import ChipscoutError
-from indexer.paths import default_db_uri
-from indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse
-from indexer.spread import similar_spread
+from chipscout.app import labelling, maps, state
+from chipscout.indexer.errors import ChipscoutError
+from chipscout.indexer.paths import default_db_uri
+from chipscout.indexer.search.engine import ChipRecord, SearchEngine, SearchFilters, SearchResponse
+from chipscout.indexer.search.spread import similar_spread
 
 SENTINEL_ATTRIBUTION = "Contains modified Copernicus Sentinel data."
 GALLERY_SIZE = 12

@@ -17,8 +17,9 @@ import pydeck as pdk
 from PIL import Image
 from shapely.geometry import Polygon
 
-from indexer.labels import NEGATIVE, POSITIVE
-from indexer.search import ChipRecord, SearchResult
+from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE
+from chipscout.indexer.search.engine import ChipRecord, SearchResult
+from chipscout.indexer.errors import BasemapError  # noqa: F401  (raised here, defined with the others)
 
 #: Layer ids the page reads selections from.
 RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER = "results", "query", "chips"
@@ -36,10 +37,6 @@ LABEL_FILL_ALPHA = 110
 MOSAIC_SIZE_PX = 24
 MAP_HEIGHT_PX = 520
 _TOOLTIP_STYLE = {"backgroundColor": "#222", "color": "#fff", "fontSize": "12px"}
-
-
-class BasemapError(ValueError):
-    """A basemap setting that is neither an XYZ tile template nor a style URL."""
 
 
 def basemap_style(url: str | None) -> str | None:

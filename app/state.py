@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import date
 from typing import Any
 
-from indexer.errors import QueryError
-from indexer.search import BBox, SearchFilters, validate_chip_id
+from chipscout.indexer.errors import QueryError
+from chipscout.indexer.search.engine import BBox, SearchFilters, validate_chip_id
 
 K_RANGE = (1, 100)
 SPREAD_KM_RANGE = (0.0, 1000.0)

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from encoders.clay import PRESETS, ClayEncoder  # noqa: E402
-from encoders.clay_vit import NUM_WEIGHT_TOKENS, WAVE_DIM, Attention  # noqa: E402
+from chipscout.encoders.clay import PRESETS, ClayEncoder  # noqa: E402
+from chipscout.encoders.clay_vit import NUM_WEIGHT_TOKENS, WAVE_DIM, Attention  # noqa: E402
 
 S2_WAVES_UM = [0.493, 0.56, 0.665, 0.704, 0.74, 0.783, 0.842, 0.865, 1.61, 2.19]
 #: Dense peak FLOP/s by GPU name fragment: (bf16 tensor core, fp32 without TF32).

@@ -1,7 +1,7 @@
 """Retrieval quality of encoder configurations and vector transforms on EuroSAT, with held-out fits.
 
 Embeds each folder once per encoder configuration (raw vectors cached as .npz), then scores
-transform specs by leave-one-out retrieval (`indexer.evaluate.retrieval_scores`) under three
+transform specs by leave-one-out retrieval (`chipscout.indexer.evaluate.retrieval.retrieval_scores`) under three
 protocols:
 
 - all:    the transform is fitted on every image of the folder (what `chipscout eval` and an
@@ -19,7 +19,7 @@ Empirical kernels are fitted on all the images of the folder (unsupervised, as `
 does); only the transform is held out. A configuration of several encoders is their vectors
 side by side, e.g. two kernel sizes with half the features each (multi-scale RCF).
 `--expand M` also scores every row with query expansion by M results, as a search does by default
-for RCF tables (`indexer.search.DEFAULT_EXPANSION`).
+for RCF tables (`chipscout.indexer.search.engine.DEFAULT_EXPANSION`).
 
     python bench/quality.py --ms /work/shared/data/eurosat-ms --rgb /work/shared/data/eurosat-rgb
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.evaluate import embed_folder, retrieval_scores
-from indexer.transform import DEFAULT_TRANSFORMS, TransformError, VectorTransform
+from chipscout.indexer.evaluate.retrieval import embed_folder, retrieval_scores
+from chipscout.indexer.ingest.transform import DEFAULT_TRANSFORMS, TransformError, VectorTransform
 
 MS_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
 DEFAULT = DEFAULT_TRANSFORMS["rcf"]  # power:0.4,standardize,pca-whiten:64:10,l2

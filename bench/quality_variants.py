@@ -55,15 +55,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import DEFAULT, MS_BANDS, evaluate, scores  # noqa: E402  (bench/quality.py)
 
-from encoders.baseline import band_statistics  # noqa: E402
-from encoders.rcf import (  # noqa: E402
+from chipscout.encoders.baseline import band_statistics  # noqa: E402
+from chipscout.encoders.rcf import (  # noqa: E402
     RandomConvolutionalFeatures,
     normalize_patches,
     sample_patches,
     zca_whiten,
 )
-from indexer.evaluate import _labelled_images, _layout_for, _read_all  # noqa: E402
-from indexer.transform import TransformError, VectorTransform  # noqa: E402
+from chipscout.indexer.evaluate.retrieval import _labelled_images, _layout_for, _read_all  # noqa: E402
+from chipscout.indexer.ingest.transform import TransformError, VectorTransform  # noqa: E402
 
 P4_32 = "power:0.4,standardize,pca-whiten:32:10,l2"
 
@@ -341,7 +341,7 @@ class Search:
     def scores(self, x: np.ndarray, labels: np.ndarray, queries: np.ndarray,
                fitted: np.ndarray) -> np.ndarray:
         """[P@1, P@5, P@10, mAP] over `queries` (indices into x), each searched against all other
-        rows of x (the database), as `indexer.evaluate.retrieval_scores` ranks them."""
+        rows of x (the database), as `chipscout.indexer.evaluate.retrieval.retrieval_scores` ranks them."""
         n, k = len(x), self.dba_k
         similarity = x @ x.T
         np.fill_diagonal(similarity, -np.inf)  # no chip is its own DBA neighbour or result

@@ -1,6 +1,6 @@
 """Retrieval quality of RCF (Gaussian vs empirical kernels) and the band-statistics baseline.
 
-Runs `indexer.evaluate.evaluate_folder` on EuroSAT-style folders (root/<class>/<image>) and
+Runs `chipscout.indexer.evaluate.retrieval.evaluate_folder` on EuroSAT-style folders (root/<class>/<image>) and
 prints one markdown table of precision@k and mAP (leave-one-out, cosine similarity).
 
     python bench/rcf_quality.py --ms /path/to/eurosat-ms --rgb /path/to/eurosat-rgb
@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from indexer.evaluate import evaluate_folder
+from chipscout.indexer.evaluate.retrieval import evaluate_folder
 
 #: EuroSAT MS without the 60 m atmospheric bands (coastal B01, water vapour B09, cirrus B10).
 MS_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]

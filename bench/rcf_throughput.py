@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from encoders.rcf import RandomConvolutionalFeatures
+from chipscout.encoders.rcf import RandomConvolutionalFeatures
 
 
 def tutorial_reference(pixels: torch.Tensor, weight: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Scaling of cluster indexing (`indexer.distributed`) on this machine: chips/s with 1 and 2 Dask
+"""Scaling of cluster indexing (`chipscout.indexer.ingest.cluster`) on this machine: chips/s with 1 and 2 Dask
 worker processes, the scaling efficiency, and what one commit of a batch of units costs.
 
 Indexes the real demo scene (Sentinel-2 L1C, 1933 x 1947 px, 10 bands) into fresh tables: in one
@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 import distributed  # noqa: E402
 import torch  # noqa: E402
 
-from indexer.chips import ChipGrid  # noqa: E402
-from indexer.demo import DEMO_SOURCE_ID, prepare_demo_scene  # noqa: E402
-from indexer.distributed import index_on_cluster  # noqa: E402
-from indexer.files import local_source  # noqa: E402
-from indexer.pipeline import EncoderChoice, index_sources  # noqa: E402
+from chipscout.indexer.chips import ChipGrid  # noqa: E402
+from chipscout.indexer.sources.demo import DEMO_SOURCE_ID, prepare_demo_scene  # noqa: E402
+from chipscout.indexer.ingest.cluster import index_on_cluster  # noqa: E402
+from chipscout.indexer.sources.files import local_source  # noqa: E402
+from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources  # noqa: E402
 
 
 def free_port() -> int:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import refine
-from indexer.chips import ChipGrid
-from indexer.evaluate import EUROSAT_MS_FILE_BANDS
-from indexer.files import local_source
-from indexer.labels import LabelStore
-from indexer.pipeline import EncoderChoice, index_sources
-from indexer.search import SearchEngine
+from chipscout.indexer.seedsets import refine
+from chipscout.indexer.chips import ChipGrid
+from chipscout.indexer.evaluate.retrieval import EUROSAT_MS_FILE_BANDS
+from chipscout.indexer.sources.files import local_source
+from chipscout.indexer.seedsets.labels import LabelStore
+from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.search.engine import SearchEngine
 
 #: EuroSAT MS without the 60 m atmospheric bands (coastal B01, water vapour B09, cirrus B10).
 MS_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]

@@ -128,6 +128,6 @@ def load_encoder(registered_name: str, config: dict[str, Any],
 
 def _load_builtin_encoders() -> None:
     # Imported lazily: the family modules import this one to register themselves.
-    import encoders.baseline  # noqa: F401
-    import encoders.clay  # noqa: F401
-    import encoders.rcf  # noqa: F401
+    import chipscout.encoders.baseline  # noqa: F401
+    import chipscout.encoders.clay  # noqa: F401
+    import chipscout.encoders.rcf  # noqa: F401

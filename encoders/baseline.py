@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
 
 
 def band_statistics(pixels: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:

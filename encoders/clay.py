@@ -18,14 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from encoders.base import ChipEncoder, EncoderError, register_encoder
-from encoders.clay_checkpoint import (
+from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.clay_checkpoint import (
     ClayDims,
     encoder_state,
     load_encoder_state,
     read_checkpoint,
 )
-from encoders.clay_vit import ClayViTEncoder
+from chipscout.encoders.clay_vit import ClayViTEncoder
 
 #: name -> (dim, depth, heads, dim_head, mlp_ratio). v1 and v1.5 are Clay's `clay_mae_base`
 #: and `clay_mae_large`; "clay-tiny" is chipscout's own test size, no weights exist for it.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from encoders.base import EncoderError
+from chipscout.encoders.base import EncoderError
 
 #: Where the encoder lives inside a Lightning state_dict (ClayMAEModule.model.encoder) or a
 #: state dict saved from an encoder wrapper; bare Clay names are accepted too.

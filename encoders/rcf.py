@@ -53,8 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from encoders.base import ChipEncoder, EncoderError, register_encoder
-from encoders.baseline import band_statistics
+from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.baseline import band_statistics
 
 KERNEL_SOURCES = ("gaussian", "empirical")
 #: What `kernel_size` and `bias` left as None become, per kernel source. Gaussian: the Planetary

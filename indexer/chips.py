@@ -16,7 +16,7 @@ from pyproj.exceptions import CRSError, ProjError
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
-from indexer.errors import ChipSpecError, SourceError
+from chipscout.indexer.errors import ChipSpecError, SourceError
 
 CHIP_ID_PATTERN = r"[A-Za-z0-9_.-]{1,120}_r\d{6}_c\d{6}_s\d{1,5}"
 

@@ -14,13 +14,7 @@ band means/stds from the Clay foundation model's public `configs/metadata.yaml`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-
-class UnknownBandError(KeyError):
-    """A band name that no sensor in the table knows."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; users want plain text
-        return str(self.args[0])
+from chipscout.indexer.errors import UnknownBandError  # noqa: F401  (raised here, defined with the others)
 
 
 @dataclass(frozen=True)

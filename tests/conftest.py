@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ import pytest
 import rasterio
 from rasterio.windows import from_bounds
 
-from indexer.demo import prepare_demo_scene
+from chipscout.indexer.chips import ChipGrid
+from chipscout.indexer.sources.files import local_source
+from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.sources.demo import prepare_demo_scene
 
 #: A 2.56 x 2.56 km square of the demo scene (marsh, farmland and water), in EPSG:32618.
 SMALL_BOUNDS = (443730.0, 4168900.0, 446290.0, 4171460.0)
@@ -109,4 +113,24 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CHIPSCOUT_CACHE", str(tmp_path / "cache"))
 
 
-TINY_RCF = {"kernels": "gaussian", "features": 64, "seed": 0}
+
+# ----------------------------------------------------------------------------- small real indexes
+TINY_RCF = EncoderChoice("rcf", {"kernels": "gaussian", "features": 64, "seed": 0})
+DATES = {"june": datetime(2024, 6, 15, tzinfo=timezone.utc),
+         "sept": datetime(2024, 9, 20, tzinfo=timezone.utc)}
+
+
+def build_index(db_uri, small_cog, table="chips", grid=ChipGrid(64, 32)):
+    """Two dated copies of the 4-band cut: 2 x 49 overlapping 64 px chips."""
+    sources = [local_source(small_cog, sensor="sentinel-2-l2a", acquired=when, source_id=f"cut-{name}")
+               for name, when in DATES.items()]
+    return index_sources(sources, db_uri=str(db_uri), table_name=table, encoder=TINY_RCF, grid=grid,
+                         bands=["blue", "green", "red", "nir"], progress=False)
+
+
+@pytest.fixture(scope="session")
+def indexed_db(small_cog, tmp_path_factory):
+    db = tmp_path_factory.mktemp("indexed") / "db"
+    summary = build_index(db, small_cog)
+    assert summary.chips_new == 98, summary
+    return str(db)

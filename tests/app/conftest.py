@@ -7,9 +7,9 @@ import lancedb
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from indexer.chips import ChipGrid
-from indexer.search import SearchEngine
-from tests.indexer.conftest import build_index
+from chipscout.indexer.chips import ChipGrid
+from chipscout.indexer.search.engine import SearchEngine
+from tests.conftest import build_index
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 

@@ -19,8 +19,8 @@ try:
 except ImportError:  # reported as a skip by the fixture below
     sync_playwright = None
 
-from app.screenshot import CHROMIUM_ARGS, find_chromium, serve_app, wait_for_page
-from indexer.labels import LabelStore
+from chipscout.app.screenshot import CHROMIUM_ARGS, find_chromium, serve_app, wait_for_page
+from chipscout.indexer.seedsets.labels import LabelStore
 
 pytestmark = pytest.mark.browser
 

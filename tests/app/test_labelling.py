@@ -18,8 +18,8 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1 import app_test as app_test_module
 
-from indexer.labels import LabelStore
-from indexer.search import SearchFilters
+from chipscout.indexer.seedsets.labels import LabelStore
+from chipscout.indexer.search.engine import SearchFilters
 from tests.app.test_app import TWIN, click_map
 
 QUERY = "cut-june_r000064_c000064_s64"

@@ -4,8 +4,8 @@ from datetime import date
 
 import pytest
 
-from app.state import Settings, from_query_params, search_filters, to_query_params
-from indexer.errors import QueryError
+from chipscout.app.state import Settings, from_query_params, search_filters, to_query_params
+from chipscout.indexer.errors import QueryError
 
 
 def test_defaults_make_a_short_link():

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders.base import EncoderError
-from encoders.clay import PRESETS, ClayEncoder, preset_dims
-from encoders.clay_checkpoint import load_encoder_state, main as checkpoint_cli
-from encoders.clay_vit import ClayViTEncoder, position_encoding
+from chipscout.encoders.base import EncoderError
+from chipscout.encoders.clay import PRESETS, ClayEncoder, preset_dims
+from chipscout.encoders.clay_checkpoint import load_encoder_state, main as checkpoint_cli
+from chipscout.encoders.clay_vit import ClayViTEncoder, position_encoding
 
 WAVES = [0.493, 0.56, 0.665, 0.842]  # Sentinel-2 blue, green, red, nir
 GSD = 10.0
@@ -213,7 +213,7 @@ def test_config_and_state_rebuild_identical(encoder):
 
 
 def test_registered_names():
-    from encoders import base
+    from chipscout.encoders import base
 
     try:
         built = base.build_encoder("clay-tiny", pooling="mean")

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import EncoderError
-from encoders.clay import ClayEncoder
-from encoders.rcf import RandomConvolutionalFeatures
+from chipscout.encoders import EncoderError
+from chipscout.encoders.clay import ClayEncoder
+from chipscout.encoders.rcf import RandomConvolutionalFeatures
 from tests.encoders.synthetic import reflectance_chips
 from tests.encoders.test_clay import tiny as jiggled_clay_tiny
 
@@ -241,7 +241,7 @@ def test_clay_takes_cpu_inputs_and_cuda_wavelengths():
 def demo_chips(count: int, channels: int, size: int, seed: int = 0) -> list:
     from shapely.geometry import box
 
-    from indexer.chips import Chip
+    from chipscout.indexer.chips import Chip
 
     generator = np.random.default_rng(seed)
     chips = []
@@ -262,7 +262,7 @@ def demo_chips(count: int, channels: int, size: int, seed: int = 0) -> list:
 
 
 def test_pick_device_prefers_cuda():
-    embedding = pytest.importorskip("indexer.embedding")
+    embedding = pytest.importorskip("chipscout.indexer.ingest.embedding")
     assert embedding.pick_device().type == "cuda"
     assert embedding.pick_device("cpu").type == "cpu"
     assert embedding.pick_device("cuda:0") == torch.device("cuda:0")
@@ -270,8 +270,8 @@ def test_pick_device_prefers_cuda():
 
 @pytest.mark.parametrize("which", ["rcf-empirical", "clay-tiny/patch"])
 def test_embedder_on_cuda_matches_cpu(which):
-    embedding = pytest.importorskip("indexer.embedding")
-    from indexer.store import Normalization
+    embedding = pytest.importorskip("chipscout.indexer.ingest.embedding")
+    from chipscout.indexer.store.table import Normalization
 
     chips = demo_chips(4, len(WAVES), 32)
     if which == "rcf-empirical":

@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoders import EncoderError, build_encoder, encoder_names, load_encoder
-from encoders.baseline import BandStatistics, band_statistics
-from encoders.rcf import (
+from chipscout.encoders import EncoderError, build_encoder, encoder_names, load_encoder
+from chipscout.encoders.baseline import BandStatistics, band_statistics
+from chipscout.encoders.rcf import (
     SOURCE_DEFAULTS,
     RandomConvolutionalFeatures,
     normalize_patches,
     sample_patches,
     zca_whiten,
 )
-from indexer.embedding import build_config
-from indexer.sensors import get_sensor
-from indexer.store import Normalization
+from chipscout.indexer.ingest.embedding import build_config
+from chipscout.indexer.sensors import get_sensor
+from chipscout.indexer.store.table import Normalization
 from tests.encoders.synthetic import reflectance_chips
 
 

@@ -4,8 +4,8 @@ import pytest
 from affine import Affine
 from rasterio.crs import CRS
 
-from indexer.chips import ChipGrid, FootprintProjector, make_chip_id
-from indexer.errors import ChipSpecError, SourceError
+from chipscout.indexer.chips import ChipGrid, FootprintProjector, make_chip_id
+from chipscout.indexer.errors import ChipSpecError, SourceError
 
 # UTM 18N corners of a 1.28 km chip at (443730 E, 4171460 N); lon/lat from NOAA-style UTM
 # inversion (pyproj/PROJ), rounded to 1e-7 degrees (~1 cm).

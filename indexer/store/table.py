@@ -1,0 +1,984 @@
+"""The LanceDB store: one chip table per index, its recorded configuration, and fitted state.
+
+This is the only module that talks to LanceDB. A table's Arrow schema metadata (`chipscout`)
+records how its vectors were made (encoder, parameters, bands, normalisation, version); fitted
+tensors (RCF kernels, model weights' digest, vector transforms) live in a companion table
+`<name>__state`, so a query from anywhere is embedded exactly like the stored chips.
+Filter values reach LanceDB only through `sql_literal`, never as raw text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import torch
+
+from chipscout.indexer import __version__
+from chipscout.indexer.errors import IncompatibleTableError, QueryError, StoreError
+
+METADATA_KEY = b"chipscout"
+STATE_SUFFIX = "__state"
+PATCH_SUFFIX = "__patches"
+TABLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+DEFAULT_TABLE = "chips"
+
+_GEOARROW_WKB = {
+    b"ARROW:extension:name": b"geoarrow.wkb",
+    b"ARROW:extension:metadata": json.dumps({"crs": "OGC:CRS84"}).encode(),
+}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-band affine scaling applied to reflectance before the encoder: (x - shift) / scale."""
+
+    kind: str
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        shift = torch.tensor(self.shift, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        scale = torch.tensor(self.scale, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - shift) / scale
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Everything that decides what a stored vector means. Two tables agree iff these agree."""
+
+    encoder: str
+    """Registered encoder name (`rcf`, `clay-v1.5-large`, ...)."""
+    encoder_config: dict[str, Any]
+    encoder_label: str
+    """Human name, e.g. `rcf-empirical` or `clay-v1.5-large/cls`."""
+    embedding_dim: int
+    sensor: str
+    bands: tuple[str, ...]
+    band_wavelengths_um: tuple[float, ...]
+    normalization: Normalization
+    chip_size_px: int
+    chip_stride_px: int
+    state_sha256: str = ""
+    transform: dict[str, Any] | None = None
+    metric: str = "cosine"
+    chipscout_version: str = __version__
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexConfig:
+        raw = json.loads(text)
+        raw["normalization"] = Normalization(
+            raw["normalization"]["kind"], tuple(raw["normalization"]["shift"]),
+            tuple(raw["normalization"]["scale"]))
+        raw["bands"] = tuple(raw["bands"])
+        raw["band_wavelengths_um"] = tuple(raw["band_wavelengths_um"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def mismatches(self, other: IndexConfig) -> list[str]:
+        """Human-readable differences that make vectors of `other` incomparable with ours."""
+        differences = []
+        for name in ("encoder", "encoder_config", "sensor", "bands", "normalization", "encoder_dim"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                differences.append(f"{name}: table has {_short(mine)}, this run has {_short(theirs)}")
+        return differences
+
+    @property
+    def encoder_dim(self) -> int:
+        """The encoder's output dimension; `embedding_dim` is the stored vectors' (after any
+        dimension-reducing transform, `chipscout.indexer.ingest.transform`)."""
+        if self.transform and self.transform.get("input_dim"):
+            return int(self.transform["input_dim"])
+        return self.embedding_dim
+
+
+def _short(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def chip_schema(config: IndexConfig) -> pa.Schema:
+    """The chip table's columns; a table with a fitted vector transform also keeps each chip's
+    raw encoder vector (`raw_vector`), which `chipscout refit` fits a new transform on."""
+    raw = [pa.field("raw_vector", pa.list_(pa.float32(), config.encoder_dim))] if config.transform else []
+    return pa.schema(
+        [
+            pa.field("chip_id", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), config.embedding_dim)),
+            pa.field("footprint", pa.binary(), metadata=_GEOARROW_WKB),
+            pa.field("min_lon", pa.float64()),
+            pa.field("min_lat", pa.float64()),
+            pa.field("max_lon", pa.float64()),
+            pa.field("max_lat", pa.float64()),
+            pa.field("center_lon", pa.float64()),
+            pa.field("center_lat", pa.float64()),
+            pa.field("acquired", pa.timestamp("us", tz="UTC")),
+            pa.field("source_id", pa.string()),
+            pa.field("source_path", pa.string()),
+            pa.field("sensor", pa.string()),
+            pa.field("crs", pa.string()),
+            pa.field("row_off", pa.int32()),
+            pa.field("col_off", pa.int32()),
+            pa.field("size_px", pa.int32()),
+            pa.field("gsd_m", pa.float32()),
+            pa.field("nodata_fraction", pa.float32()),
+            pa.field("cloud_fraction", pa.float32()),
+            pa.field("radiometry", pa.string()),
+            pa.field("thumbnail", pa.binary()),
+            pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+            *raw,
+        ],
+        metadata={METADATA_KEY: config.to_json().encode()},
+    )
+
+
+def validate_table_name(name: str) -> str:
+    if not isinstance(name, str) or not TABLE_NAME_PATTERN.match(name) or "__" in name:
+        raise StoreError(
+            f"bad table name {name!r}: use letters, digits, '_', '-' or '.', at most 100 "
+            "characters, without '__' (reserved for companion tables)"
+        )
+    return name
+
+
+def sql_literal(value: Any) -> str:
+    """A value as a SQL literal for a LanceDB filter. Only typed, checked values pass."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise QueryError(f"filter value must be a finite number, got {value!r}")
+        return repr(float(value))
+    if isinstance(value, datetime):
+        try:
+            utc = value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        except OverflowError:
+            raise QueryError(f"date {value!r} is out of range") from None
+        # isoformat zero-pads years before 1000, which strftime('%Y') does not on glibc.
+        return f"TIMESTAMP '{utc.replace(tzinfo=None).isoformat(sep=' ', timespec='microseconds')}'"
+    if isinstance(value, date):
+        return f"TIMESTAMP '{value.isoformat()} 00:00:00'"
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise QueryError("filter text must not contain NUL characters")
+        return "'" + value.replace("'", "''") + "'"
+    raise QueryError(f"unsupported filter value type {type(value).__name__}")
+
+
+def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
+    return buffer.getvalue()
+
+
+def bytes_to_tensors(blob: bytes) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class ChipStore:
+    """A chip table (existing, or created on the first write) in a LanceDB database."""
+
+    def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
+                 storage_options: dict[str, str] | None = None):
+        self.db_uri = str(db_uri)
+        self.table_name = validate_table_name(table_name)
+        self.storage_options = {**storage_options_from_env(), **(storage_options or {})} or None
+        """Object-store options (credentials, endpoint, region...) on top of the AWS_* / GOOGLE_* /
+        AZURE_* environment variables, which the store reads itself."""
+        try:
+            self._db = lancedb.connect(self.db_uri, storage_options=self.storage_options)
+        except Exception as err:  # lancedb raises plain ValueError/OSError/RuntimeError here
+            raise StoreError(f"cannot open database {self.db_uri}: {storage_error_message(err)}") from err
+        self._table = None
+        self._async_table = None  # the same table for queries, see `_query_table`
+        self._async_version: int | None = None
+        self._config: tuple[tuple[int, int], IndexConfig] | None = None
+
+    # ------------------------------------------------------------------ discovery
+    def _all_table_names(self) -> list[str]:
+        try:
+            listing = self._db.list_tables()
+        except Exception as err:  # unreachable object store, permissions...
+            raise StoreError(f"cannot list tables in {self.db_uri}: {storage_error_message(err)}") from err
+        return list(getattr(listing, "tables", listing))
+
+    def table_names(self) -> list[str]:
+        """The chip tables here that exist: committed ones, as `exists()` sees them (companion
+        tables such as `x__state`, and folders of a `create`/`refit` killed before its first
+        commit, left out)."""
+        return sorted(n for n in self._all_table_names()
+                      if "__" not in n and self._open_listed(n) is not None)
+
+    def _open_if_committed(self, name: str):
+        """Table `name`, or None when it is missing or was never committed."""
+        return self._open_listed(name) if name in self._all_table_names() else None
+
+    def _open_listed(self, name: str):
+        """Listed table `name`, or None when it was never committed.
+
+        A writer killed while creating a table leaves a folder without a committed version;
+        LanceDB still lists it, cannot open it, and creates the table over it without complaint.
+        """
+        try:
+            return self._db.open_table(name)
+        except ValueError as err:  # "Table 'x' was not found": listed, but no committed version
+            if "not found" in str(err):
+                return None
+            raise StoreError(f"cannot open table {name!r} in {self.db_uri}: {err}") from err
+
+    def exists(self) -> bool:
+        if self._table is None:
+            self._table = self._open_if_committed(self.table_name)
+        return self._table is not None
+
+    @property
+    def table(self):
+        if not self.exists():
+            available = ", ".join(self.table_names()) or "none"
+            raise StoreError(
+                f"no table {self.table_name!r} in {self.db_uri} (tables there: {available}); "
+                "run `chipscout index` or `chipscout demo` first"
+            )
+        return self._table
+
+    def refresh(self) -> None:
+        """See commits made by other writers since this store was opened."""
+        if self._table is not None:
+            self._table.checkout_latest()
+
+    @property
+    def config(self) -> IndexConfig:
+        # Parsed once per table version: the metadata holds the fitted transform (tens of kB of
+        # JSON, ~1 ms to read and parse), and every query asks for the dimension.
+        table = self.table
+        key = (id(table), table.version)
+        if self._config is None or self._config[0] != key:
+            metadata = table.schema.metadata or {}
+            if METADATA_KEY not in metadata:
+                raise StoreError(f"table {self.table_name!r} in {self.db_uri} was not written by chipscout")
+            self._config = (key, IndexConfig.from_json(metadata[METADATA_KEY].decode()))
+        return self._config[1]
+
+    # ------------------------------------------------------------------ state blobs
+    def _state_table(self, create: bool = False):
+        name = self.table_name + STATE_SUFFIX
+        table = self._open_if_committed(name)
+        if table is not None:
+            return table
+        if not create:
+            return None
+        schema = pa.schema([pa.field("key", pa.string()), pa.field("sha256", pa.string()),
+                            pa.field("blob", pa.large_binary())])
+        return self._db.create_table(name, schema=schema)
+
+    def put_state(self, key: str, state: dict[str, torch.Tensor]) -> str:
+        digest = state_digest(state)
+        rows = pa.table({"key": [key], "sha256": [digest], "blob": [tensors_to_bytes(state)]},
+                        schema=pa.schema([pa.field("key", pa.string()), pa.field("sha256", pa.string()),
+                                          pa.field("blob", pa.large_binary())]))
+        table = self._state_table(create=True)
+        (table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all()
+         .execute(rows))
+        return digest
+
+    def get_state(self, key: str) -> dict[str, torch.Tensor] | None:
+        table = self._state_table()
+        if table is None:
+            return None
+        rows = table.search().where(f"key = {sql_literal(key)}").limit(1).to_arrow()
+        if rows.num_rows == 0:
+            return None
+        state = bytes_to_tensors(rows["blob"][0].as_py())
+        if state_digest(state) != rows["sha256"][0].as_py():
+            raise StoreError(f"stored state {key!r} of table {self.table_name!r} is corrupt (digest mismatch)")
+        return state
+
+    # ------------------------------------------------------------------ writing
+    def create(self, config: IndexConfig, encoder_state: dict[str, torch.Tensor],
+               keep_state: bool = True) -> None:
+        """Create the table for `config`; refuse if one exists.
+
+        `keep_state` stores the encoder's tensors in the companion table. Encoders whose weights
+        come from a user's checkpoint file (Clay) keep only the weights' digest, so a table never
+        duplicates a multi-GB checkpoint; the digest proves the same weights are used later.
+        """
+        if self.exists():
+            raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
+        digest = self.put_state("encoder", encoder_state) if keep_state else state_digest(encoder_state)
+        config = dataclasses.replace(config, state_sha256=digest)
+        self._table = self._db.create_table(self.table_name, schema=chip_schema(config))
+
+    def create_with_rows(self, config: IndexConfig, rows: Iterator[pa.RecordBatch],
+                         encoder_state: dict[str, torch.Tensor] | None,
+                         states: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Create the table for `config` holding `rows` (batches of `chip_schema(config)`) in a
+        single commit, after storing `encoder_state` and the other `states`: a writer killed
+        before the commit leaves no table. `encoder_state` None keeps only the digest recorded
+        in `config` (encoders whose weights are a user's checkpoint file)."""
+        if self.exists():
+            raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
+        if encoder_state is not None and self.put_state("encoder", encoder_state) != config.state_sha256:
+            raise StoreError(f"the encoder state given for {self.table_name!r} is not the one its "
+                             "configuration records")
+        for key, state in (states or {}).items():
+            self.put_state(key, state)
+        schema = chip_schema(config)
+        reader = pa.RecordBatchReader.from_batches(schema, rows)
+        self._table = self._db.create_table(self.table_name, data=reader, schema=schema)
+
+    def check_compatible(self, requested: IndexConfig) -> None:
+        problems = self.config.mismatches(requested)
+        if problems:
+            raise IncompatibleTableError(
+                f"table {self.table_name!r} in {self.db_uri} holds vectors of another kind; "
+                + "; ".join(problems)
+                + ". Use another --table, or the table's own settings (see `chipscout info`)."
+            )
+
+    def upsert(self, rows: pa.Table) -> int:
+        """Insert rows, replacing any with the same chip_id; one atomic commit."""
+        if rows.num_rows == 0:
+            return 0
+        schema = self.table.schema
+        rows = rows.select(schema.names).cast(schema)
+        result = (self.table.merge_insert("chip_id").when_matched_update_all()
+                  .when_not_matched_insert_all().execute(rows))
+        return int(getattr(result, "num_inserted_rows", rows.num_rows))
+
+    # Distributed writes (chipscout.indexer.ingest.cluster): workers write fragments, one client commits them.
+    @property
+    def lance_uri(self) -> str:
+        """Where the table's Lance dataset lives (`<db>/<table>.lance`)."""
+        return self.table.to_lance().uri
+
+    def write_fragments(self, rows: pa.Table) -> list[Any]:
+        """Write `rows` as new data files of the table without committing them: returns Lance
+        `FragmentMetadata` for `commit_fragments`. Uncommitted files are invisible to readers
+        (and deleted by `cleanup(..., delete_unverified=True)`)."""
+        import lance.fragment
+
+        if rows.num_rows == 0:
+            return []
+        schema = self.table.schema
+        rows = rows.select(schema.names).cast(schema)
+        try:
+            return lance.fragment.write_fragments(rows, self.lance_uri, schema=schema, mode="append",
+                                                  storage_options=self.storage_options)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise StoreError(f"cannot write data files of {self.table_name!r} in {self.db_uri}: "
+                             f"{storage_error_message(err)}") from err
+
+    def commit_fragments(self, fragments: Sequence[Any], read_version: int) -> int:
+        """Append `fragments` (from `write_fragments`, possibly of other processes) in one atomic
+        commit on top of `read_version`; returns the new version. Appends by other writers since
+        `read_version` are kept (appends never conflict)."""
+        import lance
+
+        if not fragments:
+            return self.table.version
+        try:
+            dataset = lance.LanceDataset.commit(self.lance_uri, lance.LanceOperation.Append(list(fragments)),
+                                                read_version=read_version,
+                                                storage_options=self.storage_options)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise StoreError(f"cannot commit to {self.table_name!r} in {self.db_uri}: "
+                             f"{storage_error_message(err)}") from err
+        self.table.checkout_latest()
+        return int(dataset.version)
+
+    def upsert_patches(self, rows: pa.Table) -> None:
+        """Per-patch vectors (chip_id, patch_row, patch_col, vector) in `<table>__patches`."""
+        if rows.num_rows == 0:
+            return
+        name = self.table_name + PATCH_SUFFIX
+        table = self._open_if_committed(name)
+        if table is not None:
+            (table.merge_insert(["chip_id", "patch_row", "patch_col"]).when_matched_update_all()
+             .when_not_matched_insert_all().execute(rows.cast(table.schema)))
+        else:
+            self._db.create_table(name, data=rows)
+
+    def patch_vectors(self, chip_id: str) -> pa.Table:
+        name = self.table_name + PATCH_SUFFIX
+        if name not in self._all_table_names():
+            raise StoreError(f"table {self.table_name!r} keeps no patch vectors (built without --pooling patch)")
+        return (self._db.open_table(name).search().where(f"chip_id = {sql_literal(chip_id)}")
+                .limit(None).to_arrow())
+
+    # ------------------------------------------------------------------ reading
+    def count(self) -> int:
+        return self.table.count_rows()
+
+    def chip_ids_of_source(self, source_id: str) -> set[str]:
+        rows = (self.table.search().where(f"source_id = {sql_literal(source_id)}")
+                .select(["chip_id"]).limit(None).to_arrow())
+        return set(rows["chip_id"].to_pylist())
+
+    def fetch(self, chip_ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+        if not chip_ids:
+            return self.table.schema.empty_table()
+        literals = ", ".join(sql_literal(c) for c in chip_ids)
+        query = self.table.search().where(f"chip_id IN ({literals})").limit(len(chip_ids))
+        if columns:
+            query = query.select(list(columns))
+        return query.to_arrow()
+
+    def scan(self, columns: Sequence[str], where: str | None = None, limit: int | None = None,
+             offset: int = 0) -> pa.Table:
+        query = self.table.search()
+        if where:
+            query = query.where(where)
+        query = query.select(list(columns))
+        if offset:
+            query = query.offset(offset)
+        return query.limit(limit).to_arrow()
+
+    def take_offsets(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
+        return self.table.take_offsets(list(offsets)).select(list(columns)).to_arrow()
+
+    # Queries go through LanceDB's async API, at the version the sync table is at: the sync
+    # query builder of lancedb 0.40 asks the table for its schema 3-4 times per query, a round
+    # trip each to LanceDB's event loop (~10 ms a query on a busy 2-core machine).
+    def _query_table(self):
+        from lancedb.background_loop import LOOP
+
+        version = self.table.version
+        if self._async_table is None or self._async_version != version:
+            async def open_at_version():
+                table = self._async_table
+                if table is None:
+                    connection = await lancedb.connect_async(self.db_uri, storage_options=self.storage_options)
+                    table = await connection.open_table(self.table_name)
+                await table.checkout(version)
+                return table
+
+            self._async_table = LOOP.run(open_at_version())
+            self._async_version = version
+        return self._async_table
+
+    @staticmethod
+    def _run(query) -> pa.Table:
+        from lancedb.background_loop import LOOP
+
+        return LOOP.run(query.to_arrow())
+
+    def nearest(self, vector: np.ndarray, k: int, where: str | None, columns: Sequence[str], *,
+                use_index: bool = True, tuning: Any = None, prefilter: bool = True) -> pa.Table:
+        """The k nearest rows by cosine distance, nearest first, with `_distance`.
+
+        `use_index=False` is exact (flat) search over the rows `where` allows; otherwise the
+        vector index answers when there is one, with `tuning` (`nprobes`, `refine_factor`, `ef`:
+        see `chipscout.indexer.search.vector_index.QueryTuning`). `prefilter=False` applies `where` to the ANN
+        candidates only (fewer than k rows may come back).
+        """
+        query = (self._query_table().vector_search(vector.astype(np.float32)).column("vector")
+                 .distance_type("cosine").limit(k).select(list(columns)))
+        if where:
+            query = query.where(where)
+            if not prefilter:
+                query = query.postfilter()
+        if not use_index:
+            query = query.bypass_vector_index()
+        else:
+            query = _tuned(query, tuning)
+        return self._run(query)
+
+    def nearest_row_ids(self, vector: np.ndarray, k: int, tuning: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """(`_rowid`s, cosine distances) of the k nearest rows by the vector index, unfiltered:
+        no columns read beyond the refinement's vectors."""
+        query = (self._query_table().vector_search(vector.astype(np.float32)).column("vector")
+                 .distance_type("cosine").limit(k).select(["_distance"]).with_row_id())
+        rows = self._run(_tuned(query, tuning))
+        return rows["_rowid"].to_numpy(), rows["_distance"].to_numpy(zero_copy_only=False).astype(np.float32)
+
+    def scan_with_row_ids(self, columns: Sequence[str]) -> pa.Table:
+        """`columns` and `_rowid` of every row, in row-id order (valid for this version only)."""
+        rows = self.table.search().select(list(columns)).with_row_id(True).limit(None).to_arrow()
+        import pyarrow.compute as pc
+
+        order = pc.sort_indices(rows["_rowid"])
+        return rows if _is_identity(order) else rows.take(order)
+
+    def _vectors_of(self, rows: pa.Table) -> np.ndarray:
+        dim = self.config.embedding_dim
+        vectors = np.empty((rows.num_rows, dim), dtype=np.float32)
+        at = 0
+        for chunk in rows["vector"].chunks:  # chunk by chunk: no second full-size temporary
+            vectors[at: at + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            at += len(chunk)
+        return vectors
+
+    def all_vectors(self, dtype: Any = np.float32, unit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(`_rowid`s, (n, D) vectors as `dtype`, scaled to unit length if `unit`) of every row,
+        in row-id order. Read batch by batch into one preallocated array: a float16 copy of a
+        million 768-d vectors peaks at its own 1.4 GiB plus one batch, not the 2.9 GiB float32."""
+        total, dim = self.count(), self.config.embedding_dim
+        row_ids = np.empty(total, dtype=np.uint64)
+        vectors = np.empty((total, dim), dtype=dtype)
+        at = 0
+        reader = (self.table.search().select(["vector"]).with_row_id(True).limit(None)
+                  .to_batches(batch_size=32_768))
+        for batch in reader:
+            if at + batch.num_rows > total:
+                raise StoreError(f"table {self.table_name!r} changed while its vectors were read; try again")
+            chunk = self._vectors_of(pa.Table.from_batches([batch]))
+            if unit:
+                unit_rows(chunk)
+            # torch converts to float16 with the CPU's vector instructions, ~5x numpy's speed.
+            vectors[at: at + batch.num_rows] = (torch.from_numpy(chunk).half().numpy()
+                                                if vectors.dtype == np.float16 else chunk)
+            row_ids[at: at + batch.num_rows] = batch.column("_rowid").to_numpy()
+            at += batch.num_rows
+        if at != total:
+            raise StoreError(f"table {self.table_name!r} changed while its vectors were read; try again")
+        if total and np.any(row_ids[1:] < row_ids[:-1]):
+            order = np.argsort(row_ids, kind="stable")
+            row_ids, vectors = row_ids[order], vectors[order]
+        return row_ids, vectors
+
+    def vectors_by_row_id(self, row_ids: np.ndarray) -> np.ndarray:
+        """(n, D) float32 vectors of `row_ids`, in that order."""
+        if len(row_ids) == 0:
+            return np.zeros((0, self.config.embedding_dim), np.float32)
+        rows = self._run(self._query_table().take_row_ids([int(r) for r in row_ids]).select(["vector"]).with_row_id())
+        position = {int(r): i for i, r in enumerate(rows["_rowid"].to_pylist())}
+        return self._vectors_of(rows.take([position[int(r)] for r in row_ids]))
+
+    def take_rows(self, row_ids: np.ndarray, distances: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """Rows by `_rowid`, in the order given, with `_distance` set to `distances`."""
+        wanted = [c for c in columns if c != "_distance"]
+        if len(row_ids) == 0:
+            empty = self.table.schema.empty_table().select(wanted)
+            return empty.append_column("_distance", pa.array([], pa.float32()))
+        rows = self._run(self._query_table().take_row_ids([int(r) for r in row_ids]).select(wanted).with_row_id())
+        position = {int(r): i for i, r in enumerate(rows["_rowid"].to_pylist())}
+        rows = rows.take([position[int(r)] for r in row_ids]).drop_columns(["_rowid"])
+        rows = rows.append_column("_distance", pa.array(distances, pa.float32()))
+        return rows.select(list(columns)) if "_distance" in columns else rows
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Committed versions, oldest first: `version`, `timestamp` and `metadata` (`total_rows`...)."""
+        return self.table.list_versions()
+
+    def restore(self, version: int) -> int:
+        """Make `version` the table's content again, as a new version (later ones are kept).
+
+        Returns the new version number. Companion tables are left as they are: fitted state never
+        changes after creation, and patch rows of chips the restore dropped are never looked up.
+        """
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise StoreError(f"version must be a whole number, got {version!r}")
+        known = [v["version"] for v in self.versions()]
+        if version not in known:
+            raise StoreError(f"table {self.table_name!r} has no version {version} "
+                             f"(versions kept: {_version_ranges(known)}; older ones were cleaned up)")
+        try:
+            self.table.restore(version)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise StoreError(f"cannot restore version {version} of {self.table_name!r}: {err}") from err
+        self.table.checkout_latest()
+        return self.table.version
+
+    def cleanup(self, older_than_s: float, delete_unverified: bool = False) -> dict[str, int]:
+        """Delete versions older than `older_than_s` seconds (never the latest) of the table and
+        its companions, compacting small files first; returns versions and bytes before/after.
+
+        Readers still on a deleted version fail, so pass 0 only when nothing else uses the table.
+        `delete_unverified` also deletes files of writes that never committed (killed runs)
+        younger than 7 days, which is only safe when no writer is running.
+        """
+        import warnings
+        from datetime import timedelta
+
+        if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) \
+                or not math.isfinite(older_than_s) or older_than_s < 0:
+            raise StoreError(f"age must be a number of seconds >= 0, got {older_than_s!r}")
+        report = {"versions_before": 0, "versions_after": 0, "bytes_before": 0, "bytes_after": 0}
+        names = [self.table_name] + sorted(n for n in self._all_table_names()
+                                           if n.startswith(self.table_name + "__"))
+        for name in names:
+            table = self._open_if_committed(name)
+            if table is None:
+                continue
+            folder = _local_folder(self.db_uri, name)
+            report["versions_before"] += len(table.list_versions())
+            report["bytes_before"] += _folder_bytes(folder) if folder else 0
+            with warnings.catch_warnings():  # LanceDB warns about age 0; the caller chose it
+                warnings.simplefilter("ignore", UserWarning)
+                table.optimize(cleanup_older_than=timedelta(seconds=older_than_s),
+                               delete_unverified=delete_unverified)
+            table.checkout_latest()
+            report["versions_after"] += len(table.list_versions())
+            report["bytes_after"] += _folder_bytes(folder) if folder else 0
+        if self._table is not None:
+            self._table.checkout_latest()
+        return report
+
+    def index_description(self) -> list[dict[str, Any]]:
+        return [
+            {"name": getattr(i, "name", ""), "type": str(getattr(i, "index_type", "")),
+             "columns": list(getattr(i, "columns", []))}
+            for i in self.table.list_indices()
+        ]
+
+    # ------------------------------------------------------------------ indexes
+    # What to build and when is decided in `chipscout.indexer.search.vector_index`; these are the LanceDB calls.
+    def _vector_index_entry(self):
+        return next((i for i in self.table.list_indices() if list(getattr(i, "columns", [])) == ["vector"]),
+                    None)
+
+    def vector_index_stats(self) -> dict[str, Any] | None:
+        """The vector index as LanceDB describes it (type, metric, rows covered, size, creation
+        time, codec details), or None when the table has none."""
+        entry = self._vector_index_entry()
+        if entry is None:
+            return None
+        stats = self.table.index_stats(entry.name)
+        created = getattr(entry, "created_at", None)
+        return {
+            "name": entry.name,
+            "index_type": getattr(stats, "index_type", str(entry.index_type)),
+            "distance_type": getattr(stats, "distance_type", None),
+            "num_indexed_rows": getattr(stats, "num_indexed_rows", None),
+            "num_unindexed_rows": getattr(stats, "num_unindexed_rows", None),
+            "size_bytes": getattr(entry, "size_bytes", None),
+            "created_at": created.isoformat(timespec="seconds") if created else None,
+            "details": getattr(entry, "index_details", None) or {},
+        }
+
+    def scalar_indexed_columns(self) -> set[str]:
+        return {list(i.columns)[0] for i in self.table.list_indices()
+                if len(list(i.columns)) == 1 and list(i.columns) != ["vector"]}
+
+    def missing_scalar_indexes(self, columns: Sequence[str]) -> list[str]:
+        present = self.scalar_indexed_columns()
+        return [c for c in columns if c not in present]
+
+    def unindexed_rows(self) -> int:
+        """Most rows any index does not cover yet (rows added since it was built or updated)."""
+        return max((int(getattr(i, "num_unindexed_rows", 0) or 0) for i in self.table.list_indices()),
+                   default=0)
+
+    def fragment_stats(self) -> dict[str, Any]:
+        stats = self.table.stats()
+        fragments = stats.get("fragment_stats", {}) if isinstance(stats, dict) else {}
+        return {"num_fragments": int(fragments.get("num_fragments", 0)),
+                "num_small_fragments": int(fragments.get("num_small_fragments", 0)),
+                "total_bytes": int(stats.get("total_bytes", 0)) if isinstance(stats, dict) else 0}
+
+    def create_scalar_index(self, column: str) -> None:
+        try:
+            from lancedb.index import BTree
+
+            self.table.create_index(column, config=BTree(), replace=True)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise StoreError(f"cannot index column {column!r} of {self.table_name!r}: {err}") from err
+
+    def create_vector_index(self, spec: Any) -> None:
+        """Build (or replace) the vector index of `spec` (`chipscout.indexer.search.vector_index.VectorIndexSpec`);
+        one commit at the end, so an interrupted build leaves the table as it was."""
+        from lancedb.index import IvfHnswSq, IvfPq, IvfRq
+
+        common = {"distance_type": "cosine", "num_partitions": spec.num_partitions,
+                  "max_iterations": spec.max_iterations, "sample_rate": spec.sample_rate}
+        if spec.index_type == "IVF_RQ":
+            config = IvfRq(num_bits=spec.num_bits, **common)
+        elif spec.index_type == "IVF_PQ":
+            config = IvfPq(num_sub_vectors=spec.num_sub_vectors, num_bits=spec.num_bits, **common)
+        elif spec.index_type == "IVF_HNSW_SQ":
+            config = IvfHnswSq(m=spec.m, ef_construction=spec.ef_construction, **common)
+        else:
+            raise StoreError(f"unknown vector index type {spec.index_type!r}")
+        try:
+            self.table.create_index("vector", config=config, replace=True)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise StoreError(f"cannot build the {spec.index_type} index of {self.table_name!r}: {err}") from err
+
+    def optimize(self) -> None:
+        """Compact small fragments and fold new rows into the existing indexes (one commit per
+        step). Old versions are kept: pruning them is `cleanup`'s job, asked for explicitly."""
+        from datetime import timedelta
+
+        try:
+            self.table.optimize(cleanup_older_than=timedelta(days=365 * 1000))
+        except (ValueError, OSError, RuntimeError) as err:
+            raise StoreError(f"cannot optimize {self.table_name!r}: {err}") from err
+        self.table.checkout_latest()
+
+    @staticmethod
+    def lancedb_version() -> str:
+        return getattr(lancedb, "__version__", "unknown")
+
+    # ------------------------------------------------------------------ companion tables
+    # Generic storage for modules that keep per-table data beside the chips (labelling sessions,
+    # labels, round history): `<table>__<suffix>`. Every call opens the companion table afresh, so
+    # rows committed by another writer (a second browser tab, a CLI run) are always seen.
+    def _companion_name(self, suffix: str) -> str:
+        if not isinstance(suffix, str) or not _COMPANION_SUFFIX.match(suffix):
+            raise StoreError(f"bad companion table suffix {suffix!r}")
+        return f"{self.table_name}__{suffix}"
+
+    def _companion(self, suffix: str, schema: pa.Schema | None = None):
+        name = self._companion_name(suffix)
+        table = self._open_if_committed(name)
+        if table is not None:
+            return table
+        if schema is None:
+            return None
+        # exist_ok: two writers creating it at once both end up with the same table.
+        return self._db.create_table(name, schema=schema, exist_ok=True)
+
+    def companion_exists(self, suffix: str) -> bool:
+        return self._open_if_committed(self._companion_name(suffix)) is not None
+
+    def companion_upsert(self, suffix: str, rows: pa.Table, on: Sequence[str], *,
+                         update: bool = True) -> int:
+        """Merge `rows` into `<table>__<suffix>` on the key columns `on`; one atomic commit.
+
+        The companion table is created with `rows.schema` when missing. `update=False` only
+        inserts rows whose key is new (existing rows are kept). Concurrent writers: Lance retries
+        a merge whose commit conflicts by re-applying it on the newer version, so rows with
+        different keys from two writers are all kept, and for one key the last commit wins.
+        Writers in one process (threads: the app's browser tabs) are serialised per companion
+        table. Writers in separate processes that insert the same new key at the same moment can
+        both insert it (Lance sees two appends, not a conflict); readers must then keep one row per
+        key (the next merge on that key updates both). Returns the number of rows written.
+        """
+        if rows.num_rows == 0:
+            return 0
+        with _writer_lock(self.db_uri, self._companion_name(suffix)):
+            return self._companion_merge(suffix, rows, on, update)
+
+    def _companion_merge(self, suffix: str, rows: pa.Table, on: Sequence[str], update: bool) -> int:
+        table = self._companion(suffix, rows.schema)
+        rows = rows.select(table.schema.names).cast(table.schema)
+        for attempt in range(_COMMIT_ATTEMPTS):
+            builder = table.merge_insert(list(on))
+            if update:
+                builder = builder.when_matched_update_all()
+            try:
+                result = builder.when_not_matched_insert_all().execute(rows)
+                break
+            except Exception as err:  # lance reports commit conflicts as plain OSError/RuntimeError
+                if "conflict" not in str(err).lower() or attempt == _COMMIT_ATTEMPTS - 1:
+                    raise StoreError(f"cannot write to {self._companion_name(suffix)}: {err}") from err
+                time.sleep(0.05 * 2 ** attempt)
+                table = self._companion(suffix)
+        inserted = getattr(result, "num_inserted_rows", None)
+        updated = getattr(result, "num_updated_rows", 0) or 0
+        return rows.num_rows if inserted is None else int(inserted) + int(updated)
+
+    def companion_rows(self, suffix: str, equals: Mapping[str, Any] | None = None,
+                       within: tuple[str, Sequence[Any]] | None = None,
+                       columns: Sequence[str] | None = None) -> pa.Table | None:
+        """Rows of `<table>__<suffix>` whose columns equal `equals` (and whose `within[0]` is one
+        of `within[1]`); None when the companion table does not exist."""
+        table = self._companion(suffix)
+        if table is None:
+            return None
+        if within is not None and not within[1]:
+            return table.schema.empty_table() if not columns else table.schema.empty_table().select(list(columns))
+        query = table.search()
+        where = _equality_filter(equals or {}, within)
+        if where:
+            query = query.where(where)
+        if columns:
+            query = query.select(list(columns))
+        return query.limit(None).to_arrow()
+
+    def companion_delete(self, suffix: str, equals: Mapping[str, Any],
+                         within: tuple[str, Sequence[Any]] | None = None) -> int:
+        """Delete the matching rows of `<table>__<suffix>`; returns how many there were."""
+        if not equals and within is None:
+            raise StoreError("refusing to delete every row of a companion table without a filter")
+        table = self._companion(suffix)
+        if table is None or (within is not None and not within[1]):
+            return 0
+        where = _equality_filter(equals, within)
+        with _writer_lock(self.db_uri, self._companion_name(suffix)):
+            matched = table.count_rows(where)
+            if matched:
+                table.delete(where)
+        return matched
+
+    def companion_version(self, suffix: str) -> int | None:
+        table = self._companion(suffix)
+        return None if table is None else table.version
+
+    def drop_companion(self, suffix: str) -> None:
+        if self.companion_exists(suffix):
+            self._db.drop_table(self._companion_name(suffix))
+
+    # ------------------------------------------------------------------ vectors of many chips
+    def vectors(self, chip_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The stored vectors of `chip_ids`, in the order asked, for those that exist:
+        (found ids, (n, D) float32). Fetched in chunks so a long list stays one small filter each."""
+        found: dict[str, np.ndarray] = {}
+        unique = list(dict.fromkeys(chip_ids))
+        for start in range(0, len(unique), _FETCH_CHUNK):
+            rows = self.fetch(unique[start:start + _FETCH_CHUNK], ["chip_id", "vector"])
+            if rows.num_rows:
+                matrix = np.asarray(rows["vector"].combine_chunks().flatten(), dtype=np.float32)
+                matrix = matrix.reshape(rows.num_rows, -1)
+                found.update(zip(rows["chip_id"].to_pylist(), matrix))
+        ids = [c for c in unique if c in found]
+        dim = self.config.embedding_dim
+        return ids, (np.stack([found[c] for c in ids]) if ids else np.zeros((0, dim), np.float32))
+
+
+#: Companion suffixes are code constants (`labels`, `sessions`...), never user text.
+_COMPANION_SUFFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+_COLUMN_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+_COMMIT_ATTEMPTS = 6
+_FETCH_CHUNK = 500
+_WRITER_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(db_uri: str, table_name: str) -> threading.Lock:
+    """One lock per companion table in this process, so writers in one process never race."""
+    with _WRITER_LOCKS_GUARD:
+        return _WRITER_LOCKS.setdefault((db_uri, table_name), threading.Lock())
+
+
+def _equality_filter(equals: Mapping[str, Any], within: tuple[str, Sequence[Any]] | None) -> str | None:
+    """`a = 'x' AND b IN (...)` with every value through `sql_literal`."""
+    terms = []
+    for column, value in equals.items():
+        if not _COLUMN_NAME.match(column):
+            raise StoreError(f"bad column name {column!r}")
+        terms.append(f"{column} = {sql_literal(value)}")
+    if within is not None:
+        column, values = within
+        if not _COLUMN_NAME.match(column):
+            raise StoreError(f"bad column name {column!r}")
+        terms.append(f"{column} IN ({', '.join(sql_literal(v) for v in values)})")
+    return " AND ".join(terms) or None
+
+
+def _version_ranges(versions: Sequence[int]) -> str:
+    """`1-3, 7, 9-12` for a sorted list of version numbers."""
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+#: Environment variable with default storage options (a JSON object), for processes started by
+#: chipscout itself (the app) that are given `--storage-option`s.
+STORAGE_OPTIONS_ENV = "CHIPSCOUT_STORAGE_OPTIONS"
+
+
+def storage_options_from_env() -> dict[str, str]:
+    text = os.environ.get(STORAGE_OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"${STORAGE_OPTIONS_ENV} is not a JSON object of storage options: {err}") from None
+    if not isinstance(options, dict):
+        raise StoreError(f"${STORAGE_OPTIONS_ENV} must be a JSON object, e.g. {{\"allow_http\": \"true\"}}")
+    return {str(k): str(v) for k, v in options.items()}
+
+
+#: Object-store failures a user can act on, found in the store's long error text.
+_STORAGE_FAILURES = (
+    ("NoSuchBucket", "the bucket does not exist"),
+    ("InvalidAccessKeyId", "the access key id is not known to the object store (check AWS_ACCESS_KEY_ID "
+                           "or --storage-option aws_access_key_id=...)"),
+    ("SignatureDoesNotMatch", "the secret access key is wrong (check AWS_SECRET_ACCESS_KEY or "
+                              "--storage-option aws_secret_access_key=...)"),
+    ("AccessDenied", "access denied: these credentials may not use this bucket or path"),
+    ("ExpiredToken", "the session token has expired"),
+    ("Connection refused", "nothing answers at the object store's endpoint (check AWS_ENDPOINT_URL "
+                           "or --storage-option aws_endpoint=...)"),
+    ("dns error", "the object store's endpoint host name does not resolve"),
+)
+
+
+def storage_error_message(err: BaseException) -> str:
+    """A one-line reason for an object-store failure (the store's own text is pages long)."""
+    text = str(err)
+    for marker, reason in _STORAGE_FAILURES:
+        if marker.lower() in text.lower():
+            bucket = re.search(r"<BucketName>([^<]+)</BucketName>", text)
+            return reason + (f" (bucket {bucket.group(1)!r})" if bucket else "")
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _tuned(query, tuning: Any):
+    """`query` with the index knobs of `tuning` (`chipscout.indexer.search.vector_index.QueryTuning`; None: LanceDB's
+    defaults). Exactly `nprobes` partitions: an open maximum makes LanceDB 0.40 search every
+    partition; callers retry when fewer than k rows come back."""
+    if tuning is None:
+        return query
+    query = query.nprobes(tuning.nprobes)
+    if tuning.refine_factor:
+        query = query.refine_factor(tuning.refine_factor)
+    if tuning.ef:
+        query = query.ef(tuning.ef)
+    return query
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Scale each row of `vectors` to unit length, in place (all-zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    np.divide(vectors, norms, out=vectors, where=norms > 0)
+    return vectors
+
+
+def _is_identity(order: pa.Array) -> bool:
+    positions = order.to_numpy()
+    return bool(np.all(positions == np.arange(len(positions))))
+
+
+def _local_folder(db_uri: str, table_name: str):
+    """The table's folder when the database is on a local disk (None for object stores)."""
+    from pathlib import Path
+
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        return None
+    folder = Path(db_uri.removeprefix("file://")).expanduser() / f"{table_name}.lance"
+    return folder if folder.is_dir() else None
+
+
+def _folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

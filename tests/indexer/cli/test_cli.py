@@ -1,0 +1,178 @@
+"""`chipscout` end to end, as a user runs it: real processes, real files, real tables."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import rasterio
+
+from chipscout.indexer.store.table import ChipStore
+
+TINY = ["--encoder", "rcf", "--kernels", "gaussian", "--features", "64", "--seed", "0"]
+
+
+def chipscout(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *map(str, args)],
+                            capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"chipscout {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_db(small_scene_dir, tmp_path_factory):
+    db = tmp_path_factory.mktemp("cli") / "db"
+    result = chipscout("index", "files", small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64",
+                       *TINY, "--db", db, "--table", "scene", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["chips_new"] == 16 and summary["table_rows"] == 16 and summary["failures"] == []
+    return db
+
+
+def _state(db, table="scene"):
+    store = ChipStore(str(db), table)
+    return store.table.version, store.count()
+
+
+def test_search_prints_neighbours_as_json(cli_db):
+    query = "S2-small_r000064_c000064_s64"
+    result = chipscout("search", query, "-k", "5", "--db", cli_db, "--table", "scene", "--json")
+    payload = json.loads(result.stdout)
+    ids = [r["chip_id"] for r in payload["results"]]
+    assert len(ids) == 5 and query not in ids
+    assert payload["results"][0]["similarity"] >= payload["results"][-1]["similarity"]
+    text = chipscout("search", query, "-k", "3", "--db", cli_db, "--table", "scene").stdout
+    assert "rank" in text and ids[0] in text
+    expanded = chipscout("search", query, "-k", "5", "--expand", "4", "--db", cli_db, "--table", "scene",
+                         "--json")
+    payload = json.loads(expanded.stdout)
+    assert payload["expansion"] == 4 and payload["method"].endswith("+expanded:4")
+    assert "query expanded with 4 results" in chipscout(
+        "search", query, "--expand", "4", "--db", cli_db, "--table", "scene").stdout
+    # Without --expand, the table's default: an RCF table with a transform expands by 5.
+    default = json.loads(chipscout("search", query, "-k", "5", "--db", cli_db, "--table", "scene",
+                                   "--json").stdout)
+    plain = json.loads(chipscout("search", query, "-k", "5", "--expand", "0", "--db", cli_db,
+                                 "--table", "scene", "--json").stdout)
+    assert default["expansion"] == 5 and plain["expansion"] == 0 and "+expanded" not in plain["method"]
+
+
+def test_info_reports_encoder_and_bands(cli_db):
+    payload = json.loads(chipscout("info", "--db", cli_db, "--table", "scene", "--json").stdout)
+    assert payload["rows"] == 16
+    assert payload["config"]["encoder_label"] == "rcf-gaussian"
+    assert payload["default_expand"] == 5  # an RCF table with a transform
+    assert payload["config"]["bands"][:3] == ["blue", "green", "red"]
+    listing = json.loads(chipscout("info", "--db", cli_db, "--json").stdout)
+    assert listing["tables"] == ["scene"]
+    text = chipscout("info", "--db", cli_db, "--table", "scene").stdout
+    spec = payload["config"]["transform"]["spec"]
+    assert f"transform {spec}: " in text and "fitted on 16 vectors; raw vectors kept" in text
+    assert "search    query expansion 5 by default" in text
+
+
+def test_reindex_via_cli_is_idempotent(cli_db, small_scene_dir):
+    before = _state(cli_db)
+    result = chipscout("index", "files", small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64",
+                       *TINY, "--db", cli_db, "--table", "scene", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["chips_new"] == 0 and summary["chips_present"] == 16
+    assert _state(cli_db) == before
+
+
+def _no_crs_file(tmp_path):
+    path = tmp_path / "nocrs.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16") as out:
+        out.write(np.full((4, 64, 64), 500, dtype=np.uint16))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing-file", "missing-bands", "chip-too-large", "no-crs",
+                                  "bad-date", "other-encoder", "bad-size"])
+def test_bad_input_fails_clearly_and_leaves_table_untouched(case, cli_db, small_scene_dir, small_cog, tmp_path):
+    before = _state(cli_db)
+    base = ["index", "files"]
+    common = ["--db", cli_db, "--table", "scene", "--no-progress"]
+    args, culprit = {
+        "missing-file": ([tmp_path / "absent.tif", *TINY], "absent.tif: no such file"),
+        "missing-bands": ([small_cog, "--sensor", "sentinel-2-l1c", "--size", "64", *TINY],
+                          "missing band(s) rededge1"),
+        "chip-too-large": ([small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "512", *TINY],
+                           "chip size 512 px is larger than"),
+        "no-crs": ([_no_crs_file(tmp_path), "--file-bands", "B02,B03,B04,B08", "--bands",
+                    "blue,green,red,nir", "--size", "64", *TINY, "--table", "fresh"], "no CRS"),
+        "bad-date": ([small_scene_dir, "--date", "2024-13-45", *TINY], "bad --date '2024-13-45'"),
+        "other-encoder": ([small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64", "--encoder", "rcf",
+                           "--features", "128"], "holds vectors of another kind"),
+        "bad-size": ([small_scene_dir, "--size", "0", *TINY], "size_px must be a positive integer"),
+    }[case]
+    result = chipscout(*base, *map(str, common), *map(str, args), check=False)
+    assert result.returncode != 0
+    assert culprit in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _state(cli_db) == before
+    assert ChipStore(str(cli_db), "scene").table_names() == ["scene"]  # no stray table either
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--bbox", "10,50,5,40"], "bbox is inverted"),
+    (["--from", "last tuesday"], "bad start date"),
+    (["-k", "0"], "k must be within"),
+    (["--max-cloud", "7"], "within 0..1"),
+    (["--expand", "500"], "query expansion must be within 0..100"),
+])
+def test_bad_search_parameters_fail_clearly(cli_db, args, culprit):
+    result = chipscout("search", "S2-small_r000000_c000000_s64", *args, "--db", cli_db, "--table", "scene",
+                       check=False)
+    assert result.returncode == 1 and culprit in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_table_fails_clearly(cli_db):
+    result = chipscout("search", "x_r000000_c000000_s64", "--db", cli_db, "--table", "nope", check=False)
+    assert result.returncode == 1 and "no table 'nope'" in result.stderr
+
+
+def test_index_files_takes_rcf_bias_and_band_stats(small_scene_dir, tmp_path):
+    db = tmp_path / "db"
+    result = chipscout("index", "files", small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64",
+                       *TINY, "--bias", "-0.5", "--band-stats", "--db", db, "--table", "tuned", "--json")
+    assert json.loads(result.stdout)["chips_new"] == 16
+    config = json.loads(chipscout("info", "--db", db, "--table", "tuned", "--json").stdout)["config"]
+    assert config["encoder_label"] == "rcf-gaussian+band-stats"
+    assert config["encoder_config"]["bias"] == -0.5 and config["encoder_config"]["band_stats"] is True
+
+
+@pytest.mark.parametrize("command", [["index", "files"], ["eval"]])
+@pytest.mark.parametrize("flag", [["--bias", "-0.5"], ["--band-stats"]])
+def test_rcf_options_are_refused_for_other_encoders(command, flag, small_scene_dir, tmp_path):
+    where = ["--db", tmp_path / "db"] if command[0] == "index" else []
+    result = chipscout(*command, small_scene_dir, "--encoder", "band-stats", *flag, *where, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"encoder band-stats does not take {flag[0]}" in result.stderr
+
+
+def test_eval_takes_clay_pooling_and_standardises(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("fields", "water"):
+        (tmp_path / name).mkdir()
+        for i in range(6):  # eval scores P@10: each query needs 10 others
+            with rasterio.open(tmp_path / name / f"{i}.tif", "w", driver="GTiff", width=16, height=16,
+                               count=4, dtype="uint16", crs="EPSG:32618",
+                               transform=rasterio.Affine(10, 0, 400000, 0, -10, 4200000)) as out:
+                out.write(rng.integers(100, 3000, size=(4, 16, 16)).astype(np.uint16))
+                for band, code in enumerate(("B02", "B03", "B04", "B08"), start=1):
+                    out.set_band_description(band, code)
+    result = chipscout("eval", tmp_path, "--encoder", "clay-tiny", "--pooling", "mean",
+                       "--sensor", "sentinel-2-l2a", "--json")
+    report = json.loads(result.stdout)
+    assert report["encoder"] == "clay-tiny/mean" and report["overall"]["n_images"] == 12
+
+
+def test_index_stac_takes_the_same_rcf_options(tmp_path):
+    # The encoder options are checked before any request: no server is needed to see the refusal.
+    result = chipscout("index", "stac", "--url", "http://127.0.0.1:9", "--collection", "sentinel-2-l2a",
+                       "--encoder", "band-stats", "--bias", "-0.5", "--db", tmp_path / "db", check=False)
+    assert result.returncode == 1 and "encoder band-stats does not take --bias" in result.stderr
+    assert "--band-stats" in chipscout("index", "stac", "--help").stdout

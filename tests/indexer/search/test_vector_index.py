@@ -1,0 +1,625 @@
+"""Vector and filter indexes: plans, indexed against exact search, filters with and without the
+index, `used_index`, bad input, and a build killed half-way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import shapely
+from typer.testing import CliRunner
+
+from chipscout.indexer.errors import QueryError, StoreError
+from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.store.table import ChipStore, chip_schema
+from tests.indexer.synthetic_chips import synthetic_config
+from chipscout.indexer.search.vector_index import (
+    FilterValues, IndexPolicy, QueryTuning, VectorSearcher, index_status, maintain_indexes, plan_vector_index,
+    read_record,
+)
+
+DIM = 64
+GROUPS, PER_GROUP = 400, 10  # 4000 rows: groups of 10 near-duplicates, far from each other
+FIRST_DAY = datetime(2023, 1, 1, tzinfo=timezone.utc)
+#: Small-table thresholds, so 4000 rows get an index of 16 partitions and every query method.
+POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000, exact_max_matches=150)
+#: The same, with LanceDB's prefiltered ANN for any filter too wide to over-fetch 50 rows for,
+#: and exact search over filtered rows done by chipscout (vectors read by row id), as for
+#: tables too large for LanceDB's own.
+PREFILTER_POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000,
+                               exact_max_matches=150, max_postfilter_fetch=50, scan_max_rows=0)
+
+
+def _rows(vectors: np.ndarray, seed: int, first: int = 0) -> pa.Table:
+    """Chip rows in the pipeline's layout: each group of 10 shares a place, a day (over two
+    years of a 20 x 10 degree region) and its quality figures (cloud 10 % unknown), so every
+    filter keeps or drops whole groups."""
+    n, dim = vectors.shape
+    group = (np.arange(n) + first) // PER_GROUP
+    group_rng = np.random.default_rng(1000 + seed)
+    lon = group_rng.uniform(0, 20, 10_000)[group]
+    lat = group_rng.uniform(40, 50, 10_000)[group]
+    day = group_rng.integers(0, 730, 10_000)[group]
+    cloud = group_rng.random(10_000).astype(np.float32)[group]
+    unknown_cloud = (group_rng.random(10_000) < 0.1)[group]
+    nodata = (group_rng.random(10_000) * 0.3).astype(np.float32)[group]
+    boxes = shapely.box(lon, lat, lon + 0.01, lat + 0.01)
+    when = [FIRST_DAY + timedelta(days=int(d), hours=10) for d in day]
+    return pa.table({
+        "chip_id": [f"g{g:04d}_r{i:05d}" for g, i in zip(group, np.arange(n) + first)],
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim),
+        "footprint": shapely.to_wkb(boxes).tolist(),
+        "min_lon": lon, "min_lat": lat, "max_lon": lon + 0.01, "max_lat": lat + 0.01,
+        "center_lon": lon + 0.005, "center_lat": lat + 0.005,
+        "acquired": pa.array(when, pa.timestamp("us", tz="UTC")),
+        "source_id": [f"src-{g % 7}" for g in group], "source_path": ["/synthetic.tif"] * n,
+        "sensor": ["sentinel-2-l2a"] * n, "crs": ["EPSG:4326"] * n,
+        "row_off": pa.array([0] * n, pa.int32()), "col_off": pa.array([0] * n, pa.int32()),
+        "size_px": pa.array([64] * n, pa.int32()), "gsd_m": pa.array([10.0] * n, pa.float32()),
+        "nodata_fraction": pa.array(nodata, pa.float32()),
+        "cloud_fraction": pa.array(np.where(unknown_cloud, None, cloud).tolist(), pa.float32()),
+        "radiometry": ["reflectance"] * n, "thumbnail": [None] * n,
+        "indexed_at": pa.array([FIRST_DAY] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=chip_schema(synthetic_config(dim)))
+
+
+def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(centres, vectors): each centre's 10 rows lie within ~0.05 of it, centres far apart."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((GROUPS, DIM))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors = np.repeat(centres, PER_GROUP, axis=0) + 0.05 / np.sqrt(DIM) * rng.standard_normal(
+        (GROUPS * PER_GROUP, DIM))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return centres.astype(np.float32), vectors.astype(np.float32)
+
+
+def _write(db: str, table: str, rows: pa.Table) -> ChipStore:
+    store = ChipStore(db, table)
+    store.create(synthetic_config(rows.schema.field("vector").type.list_size), {})
+    for start in range(0, rows.num_rows, 500):  # many commits, as an ingest makes them
+        store.upsert(rows.slice(start, 500))
+    return store
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    """The same 4000 rows twice: `exact` (never indexed) and `indexed` (IVF_RQ, BTREEs)."""
+    db = str(tmp_path_factory.mktemp("vector-index") / "db")
+    centres, vectors = _grouped_vectors()
+    rows = _rows(vectors, seed=0)
+    _write(db, "exact", rows)
+    store = _write(db, "indexed", rows)
+    report = maintain_indexes(store, POLICY)
+    assert report.vector_index == "built" and len(report.scalar_indexes_built) == 9
+    return db, centres, vectors, rows
+
+
+def _truth(vectors: np.ndarray, rows: pa.Table, query: np.ndarray, k: int,
+           keep: np.ndarray | None = None) -> list[str]:
+    scores = vectors @ (query / np.linalg.norm(query))
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    order = [i for i in np.argsort(-scores, kind="stable") if np.isfinite(scores[i])][:k]
+    return [rows["chip_id"][int(i)].as_py() for i in order]
+
+
+def _keep(rows: pa.Table, filters: SearchFilters) -> np.ndarray:
+    """The filter evaluated in numpy, independently of LanceDB."""
+    keep = np.ones(rows.num_rows, dtype=bool)
+    acquired = np.array(rows["acquired"].to_pylist(), dtype=object)
+    if filters.date_from:
+        keep &= np.array([a is not None and a >= filters.date_from for a in acquired])
+    if filters.date_to:
+        keep &= np.array([a is not None and a <= filters.date_to for a in acquired])
+    if filters.bbox:
+        b = filters.bbox
+        keep &= ((rows["max_lon"].to_numpy() >= b.min_lon) & (rows["min_lon"].to_numpy() <= b.max_lon)
+                 & (rows["max_lat"].to_numpy() >= b.min_lat) & (rows["min_lat"].to_numpy() <= b.max_lat))
+    if filters.max_cloud_fraction is not None:
+        cloud = np.array([np.nan if c is None else c for c in rows["cloud_fraction"].to_pylist()])
+        keep &= np.isnan(cloud) | (cloud <= filters.max_cloud_fraction)
+    if filters.max_nodata_fraction is not None:
+        keep &= rows["nodata_fraction"].to_numpy().astype(np.float64) <= filters.max_nodata_fraction
+    if filters.source_ids:
+        keep &= np.isin(np.array(rows["source_id"].to_pylist()), filters.source_ids)
+    return keep
+
+
+# ----------------------------------------------------------------------------- plans
+def test_plans_follow_size_and_dimension():
+    small, large = plan_vector_index(100_000, 768), plan_vector_index(1_000_000, 768)
+    assert small.index_type == large.index_type == "IVF_RQ" and large.num_bits == 1
+    assert small.num_partitions == 24 and large.num_partitions == 244
+    pq = plan_vector_index(1_000_000, 768, "IVF_PQ")
+    assert pq.num_sub_vectors == 48 and 768 % pq.num_sub_vectors == 0
+    assert plan_vector_index(10_000, 100, "IVF_PQ").num_sub_vectors == 10  # 100 = 10 x 10 dims
+    assert plan_vector_index(600_000, 768, "IVF_HNSW_SQ").num_partitions == 3
+    with pytest.raises(StoreError, match="unknown vector index type"):
+        plan_vector_index(1000, 8, "FLAT")
+    with pytest.raises(StoreError, match="unknown vector index type"):
+        IndexPolicy(index_type="IVF_FOO")
+    for bad in ({"sketch_bits": 100}, {"sketch_bits": 0}, {"sketch_candidates": 0}):
+        with pytest.raises(StoreError, match="sketch_"):
+            IndexPolicy(**bad)
+
+
+def test_small_tables_get_no_index_and_no_commit(tables):
+    db, *_ = tables
+    store = ChipStore(db, "exact")
+    version = store.table.version
+    report = maintain_indexes(store)  # default policy: 4000 rows is far below the threshold
+    assert report.vector_index == "none" and report.scalar_indexes_built == []
+    assert store.table.version == version and store.vector_index_stats() is None
+
+
+# ----------------------------------------------------------------------------- indexed = exact
+def test_indexed_search_returns_the_exact_neighbours_on_separated_data(tables):
+    db, centres, vectors, rows = tables
+    indexed = SearchEngine(db, "indexed", index_policy=POLICY)
+    exact = SearchEngine(db, "exact", index_policy=POLICY)
+    for group in range(0, GROUPS, 20):
+        query = centres[group]
+        from_index = indexed.similar_to_vector(query, k=10)
+        from_scan = exact.similar_to_vector(query, k=10)
+        ids = [r.chip.chip_id for r in from_index.results]
+        assert from_index.used_index is True and from_scan.used_index is False
+        assert ids == [r.chip.chip_id for r in from_scan.results] == _truth(vectors, rows, query, 10)
+        assert all(i.startswith(f"g{group:04d}_") for i in ids)
+        np.testing.assert_allclose([r.distance for r in from_index.results],
+                                   [r.distance for r in from_scan.results], atol=1e-5)
+
+
+def test_exact_numpy_search_equals_lancedb_flat_search(tables):
+    db, centres, _, _ = tables
+    store = ChipStore(db, "exact")
+    searcher = VectorSearcher(store, POLICY)
+    where = "acquired >= TIMESTAMP '2024-01-01 00:00:00'"
+    values = FilterValues(date_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    for query in centres[:10]:
+        for clause in (None, where):
+            rows, plan = searcher.nearest(query, 25, values if clause else None, clause, ["chip_id", "_distance"])
+            flat = store.nearest(query, 25, clause, ["chip_id", "_distance"], use_index=False)
+            assert plan.method == "exact" and rows["chip_id"].to_pylist() == flat["chip_id"].to_pylist()
+            np.testing.assert_allclose(rows["_distance"].to_numpy(), flat["_distance"].to_numpy(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- filters
+FILTERS = {  # name: (filter, policy, the method the indexed table must use for it)
+    "one source, low cloud": (SearchFilters.build(max_cloud_fraction=0.3, source_ids=["src-3"]), POLICY,
+                              "ann-postfilter"),
+    "a season": (SearchFilters.build(date_from="2023-06-01", date_to="2023-08-31"), POLICY, "ann-postfilter"),
+    "a season, prefiltered": (SearchFilters.build(date_from="2023-06-01", date_to="2023-08-31"),
+                              PREFILTER_POLICY, "ann-prefilter"),
+    "a small box and year": (SearchFilters.build(date_from="2024-01-01", date_to="2024-12-31",
+                                                 bbox=(2.0, 42.0, 6.0, 45.0)), POLICY, "exact-scan"),
+    "a small box and year, by row id": (SearchFilters.build(date_from="2024-01-01", date_to="2024-12-31",
+                                                            bbox=(2.0, 42.0, 6.0, 45.0)), PREFILTER_POLICY, "exact"),
+    "most of it": (SearchFilters.build(max_cloud_fraction=0.8, max_nodata_fraction=0.25), POLICY,
+                   "ann-postfilter"),
+    "nothing": (SearchFilters.build(bbox=(-60.0, -10.0, -50.0, 0.0)), POLICY, "exact-scan"),
+}
+
+
+def _values(filters: SearchFilters) -> FilterValues:
+    return FilterValues(filters.date_from, filters.date_to, filters.bbox.as_tuple() if filters.bbox else None,
+                        filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
+    db, centres, vectors, rows = tables
+    filters, policy, method = FILTERS[name]
+    keep = _keep(rows, filters)
+    indexed = SearchEngine(db, "indexed", index_policy=policy)
+    exact = SearchEngine(db, "exact", index_policy=policy)
+    matches = indexed.searcher.matches(_values(filters))
+    assert matches == keep.sum()  # the in-memory filter agrees with an independent evaluation
+    assert indexed.searcher.plan(10, matches).method == method
+    allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
+    allowed_groups = sorted({int(c[1:5]) for c in allowed})
+    others = [g for g in range(0, GROUPS, 50) if g not in allowed_groups]
+    for group in allowed_groups[:8] + others[:3]:
+        truth = _truth(vectors, rows, centres[group], 10, keep)
+        for engine in (indexed, exact):
+            response = engine.similar_to_vector(centres[group], k=10, filters=filters)
+            ids = [r.chip.chip_id for r in response.results]
+            assert set(ids) <= allowed, f"{name}: a result the filter excludes"
+            assert len(ids) == min(10, len(allowed))
+            assert response.used_index == (engine is indexed and method.startswith("ann"))
+            assert response.method == (method if engine is indexed else "exact")
+            if group in allowed_groups or not response.used_index:
+                # A group the filter keeps is the answer, in exact order, whichever the method.
+                assert ids == truth, f"{name}: group {group}"
+
+
+#: How a warmed searcher (vectors in memory) answers each of FILTERS: exact search over the
+#: allowed rows in memory instead of LanceDB's scan or reads by row id.
+WARM_METHOD = {"exact-scan": "exact", "exact": "exact", "ann-postfilter": "ann-postfilter",
+               "ann-prefilter": "ann-prefilter"}
+
+
+@pytest.mark.parametrize("vector_bytes", [1 << 30, 0], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_a_warmed_searcher_gives_the_same_answers(tables, name, vector_bytes):
+    """Warmed (columns and vectors in memory: float32, or float16 when float32 exceeds the
+    budget), every filter keeps exactly its rows and known answers come back in exact order."""
+    db, centres, vectors, rows = tables
+    filters, policy, method = FILTERS[name]
+    policy = replace(policy, warm_exact_max_matches=policy.exact_max_matches, exact_cache_bytes=vector_bytes)
+    engine = SearchEngine(db, "indexed", index_policy=policy)
+    loaded = engine.warm_up()
+    assert loaded["rows"] == rows.num_rows and loaded["vectors"] == ("float32" if vector_bytes else "float16")
+    keep = _keep(rows, filters)
+    allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
+    allowed_groups = sorted({int(c[1:5]) for c in allowed})
+    exact = SearchEngine(db, "exact", index_policy=POLICY)
+    for group in allowed_groups[:6]:
+        response = engine.similar_to_vector(centres[group], k=10, filters=filters)
+        ids = [r.chip.chip_id for r in response.results]
+        assert set(ids) <= allowed and len(ids) == min(10, len(allowed))
+        assert response.method == WARM_METHOD[method]
+        truth = _truth(vectors, rows, centres[group], 10, keep)
+        expected = exact.similar_to_vector(centres[group], k=10, filters=filters)
+        if vector_bytes:
+            assert ids == truth, f"{name}: group {group}"
+            assert [r.chip.to_dict() for r in response.results] == [r.chip.to_dict() for r in expected.results]
+        else:  # float16 re-ranking may swap near-ties (distances ~1e-4 apart) within the group
+            assert set(ids) == set(truth), f"{name}: group {group}"
+        np.testing.assert_allclose([r.distance for r in response.results],
+                                   [r.distance for r in expected.results], atol=1e-5 if vector_bytes else 1e-3)
+    unfiltered = engine.similar_to_vector(centres[3], k=10)
+    assert unfiltered.method == "ann" and {r.chip.chip_id for r in unfiltered.results} == set(_truth(
+        vectors, rows, centres[3], 10))
+
+
+#: Warm, with the binary sketch from 1000 rows on: for k = 10 it hands 20 k = 200 candidates to
+#: the exact re-ranking, so filters allowing more than 400 rows are answered by the sketch.
+SKETCH_POLICY = replace(POLICY, sketch_min_rows=1000, sketch_candidates=40)
+
+
+@pytest.mark.parametrize("vector_bytes", [1 << 30, 0], ids=["float32", "float16"])
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_a_sketched_searcher_keeps_exactly_the_allowed_rows_and_finds_their_neighbours(tables, name, vector_bytes):
+    db, centres, vectors, rows = tables
+    filters = FILTERS[name][0]
+    engine = SearchEngine(db, "indexed", index_policy=replace(SKETCH_POLICY, exact_cache_bytes=vector_bytes))
+    assert engine.warm_up()["sketch"]["bits"] == 256
+    sketch = engine.searcher._warm.sketch
+    keep = _keep(rows, filters)
+    # The sketch's date window and slice tests select exactly the rows an independent check keeps.
+    positions, matches, exact = sketch.search(centres[0], _values(filters), 10**9, 10**9)
+    assert exact and matches == keep.sum() and sorted(positions) == list(np.flatnonzero(keep))
+    allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
+    allowed_groups = sorted({int(c[1:5]) for c in allowed})
+    for group in allowed_groups[:6]:
+        response = engine.similar_to_vector(centres[group], k=10, filters=filters)
+        ids = [r.chip.chip_id for r in response.results]
+        assert set(ids) <= allowed and len(ids) == min(10, len(allowed))
+        assert response.method == ("exact" if len(allowed) <= 400 else "sketch")
+        assert response.used_index == (response.method == "sketch")
+        truth = _truth(vectors, rows, centres[group], 10, keep)
+        if vector_bytes:
+            assert ids == truth, f"{name}: group {group}"
+        else:  # float16 re-ranking may swap near-ties within the group
+            assert set(ids) == set(truth), f"{name}: group {group}"
+    if not allowed:
+        assert engine.similar_to_vector(centres[0], k=10, filters=filters).results == []
+    unfiltered = engine.similar_to_vector(centres[3], k=10)
+    assert unfiltered.method == "sketch" and {r.chip.chip_id for r in unfiltered.results} == set(_truth(
+        vectors, rows, centres[3], 10))
+
+
+def _blurred_table(tmp_path, seed: int, candidates: int):
+    """A warmed sketch engine over 4000 rows of 40 overlapping clusters (no easy groups), its
+    vectors, rows and random generator."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
+    vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    rows = _rows(vectors, seed=seed)
+    _write(str(tmp_path / "db"), "blurred", rows)
+    engine = SearchEngine(str(tmp_path / "db"), "blurred",
+                          index_policy=replace(SKETCH_POLICY, sketch_candidates=candidates))
+    engine.warm_up()
+    return engine, vectors, rows, rng
+
+
+def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
+    """On clusters that overlap (no easy groups), the sketch's 100 candidates of 4000 rows
+    (2.5 %) still hold nearly all of the exact top 10: random candidates would hold 2.5 %."""
+    engine, vectors, rows, rng = _blurred_table(tmp_path, seed=7, candidates=100)
+    queries = vectors[rng.choice(4000, 30, replace=False)] + 0.2 * rng.standard_normal((30, DIM)).astype(np.float32)
+    found = []
+    for query in queries:
+        response = engine.similar_to_vector(query, k=10)
+        assert response.method == "sketch"
+        found.append(len({r.chip.chip_id for r in response.results} & set(_truth(vectors, rows, query, 10))) / 10)
+    assert np.mean(found) >= 0.9
+    positions, _, exact = engine.searcher._warm.sketch.search(queries[0], None, 100, 0)
+    assert not exact and 100 <= len(positions) < 400 and len(set(positions)) == len(positions)
+
+
+def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_path):
+    """A warm sketch's expanded search re-ranks the first search's candidates (no second scan)
+    and still finds nearly all of what exact expansion finds, on overlapping clusters."""
+    from chipscout.indexer.search.engine import QE_ALPHA
+
+    engine, vectors, rows, rng = _blurred_table(tmp_path, seed=11, candidates=200)
+    ids = np.array(rows["chip_id"].to_pylist())
+    found = []
+    for i in rng.choice(4000, 20, replace=False):
+        similarity = vectors @ vectors[i]
+        similarity[i] = -np.inf
+        nearest = np.argsort(-similarity)[:5]
+        expanded = vectors[i] + (np.clip(similarity[nearest], 0, None) ** QE_ALPHA) @ vectors[nearest]
+        scores = vectors @ (expanded / np.linalg.norm(expanded))
+        scores[i] = -np.inf
+        truth = set(ids[np.argsort(-scores)[:10]])
+        response = engine.similar_to_vector(vectors[i], k=10, exclude_ids=[ids[i]], expand=5)
+        assert response.method == "sketch+expanded:5" and response.expansion == 5
+        found.append(len(truth & {r.chip.chip_id for r in response.results}) / 10)
+    assert np.mean(found) >= 0.9
+
+    # The plan of a sketch search carries its candidates and its rows' positions in the cache.
+    searcher = engine.searcher
+    rows_found, plan = searcher.nearest(vectors[0], 5, None, None, ["chip_id", "_distance"])
+    assert plan.method == "sketch" and len(plan.candidates) >= 200 and len(plan.positions) == 5
+    np.testing.assert_allclose(searcher.warm_vectors(plan, [0, 4]), vectors[plan.positions[[0, 4]]],
+                               atol=2e-3)  # float16 in memory
+    assert list(ids[plan.positions]) == rows_found["chip_id"].to_pylist()
+    # A follow-up re-ranks those candidates only; one asking for more than they can serve scans.
+    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"], plan)
+    assert set(plan.candidates) >= set(near_plan.positions)
+    _, own_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"])
+    assert not set(plan.candidates) >= set(own_plan.positions)  # so the above did reuse them
+    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, None, ["chip_id", "_distance"], plan)
+    assert not set(plan.candidates) >= set(far_plan.positions)  # 1000 fresh candidates
+    stale = replace(plan, table_version=plan.table_version - 1)
+    assert searcher.warm_vectors(stale, [0]) is None
+
+
+def test_the_sketch_date_window_leaves_out_rows_without_a_date(tmp_path):
+    db = str(tmp_path / "db")
+    centres, vectors = _grouped_vectors(seed=3)
+    rows = _rows(vectors, seed=3)
+    undated = np.arange(rows.num_rows) % 3 == 0
+    acquired = pa.array([None if u else a for u, a in zip(undated, rows["acquired"].to_pylist())],
+                        pa.timestamp("us", tz="UTC"))
+    rows = rows.set_column(rows.schema.get_field_index("acquired"), rows.schema.field("acquired"), acquired)
+    _write(db, "undated", rows)
+    engine = SearchEngine(db, "undated", index_policy=SKETCH_POLICY)
+    engine.warm_up()
+    sketch = engine.searcher._warm.sketch
+    for filters in (SearchFilters.build(date_to="2023-12-31"), SearchFilters.build(date_from="2024-01-01"),
+                    SearchFilters.build(date_from="2023-03-01", date_to="2023-03-31"), SearchFilters.build(),
+                    SearchFilters.build(max_cloud_fraction=0.5)):
+        positions, _, _ = sketch.search(centres[0], _values(filters) if filters != SearchFilters() else None,
+                                        10**9, 10**9)
+        keep = _keep(rows, filters)  # SQL: a NULL date is in no date range
+        if filters.date_from or filters.date_to:
+            assert not (keep & undated).any()
+        assert sorted(positions) == list(np.flatnonzero(keep)), filters
+
+
+@pytest.mark.parametrize("policy", [POLICY, SKETCH_POLICY], ids=["index", "sketch"])
+def test_a_warmed_searcher_follows_new_versions_and_refuses_unknown_columns(tmp_path, policy):
+    db = str(tmp_path / "db")
+    centres, vectors = _grouped_vectors(seed=5)
+    rows = _rows(vectors, seed=5)
+    store = _write(db, "growing", rows.slice(0, 2000))
+    maintain_indexes(store, POLICY)
+    engine = SearchEngine(db, "growing", index_policy=policy)
+    assert engine.warm_up()["rows"] == 2000
+    late_group = GROUPS - 1  # its rows arrive in the second write
+    assert not [r for r in engine.similar_to_vector(centres[late_group], k=10).results
+                if r.chip.chip_id.startswith(f"g{late_group:04d}_")]
+    store.upsert(rows.slice(2000))
+    engine.refresh()
+    ids = [r.chip.chip_id for r in engine.similar_to_vector(centres[late_group], k=10).results]
+    assert ids == _truth(vectors, rows, centres[late_group], 10)
+    assert engine.warm_up()["rows"] == rows.num_rows
+    with pytest.raises(StoreError, match="no such columns"):
+        engine.searcher.warm_up(["chip_id", "colour"])
+
+
+def test_excluded_ids_and_overlap_never_come_back(tables):
+    db, centres, vectors, rows = tables
+    engine = SearchEngine(db, "indexed", index_policy=POLICY)
+    group = [f"g0007_r{i:05d}" for i in range(70, 80)]
+    response = engine.similar_to_vector(centres[7], k=10, exclude_ids=group[:4])
+    ids = [r.chip.chip_id for r in response.results]
+    assert ids[:6] == [i for i in _truth(vectors, rows, centres[7], 10) if i not in group[:4]][:6]
+    assert not set(ids) & set(group[:4]) and len(ids) == 10 and response.used_index
+    by_chip = engine.similar_to_chip(group[0], k=10, filters=SearchFilters(exclude_overlapping=True))
+    assert group[0] not in {r.chip.chip_id for r in by_chip.results}
+    assert not {r.chip.chip_id for r in by_chip.results} & set(group)  # all ten share one footprint
+
+
+# ----------------------------------------------------------------------------- used_index
+def test_used_index_is_truthful(tmp_path):
+    """With a deliberately crude index (1 of 16 partitions, no refinement) on structureless
+    vectors, answers that claim the index differ from exact search, and answers that claim
+    exact search are exact."""
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((GROUPS * PER_GROUP, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = _rows(vectors, seed=3)
+    store = _write(str(tmp_path / "db"), "noise", rows)
+    crude = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000,
+                        exact_max_matches=150, tuning=QueryTuning(nprobes=1))
+    engine = SearchEngine(str(tmp_path / "db"), "noise", index_policy=crude)
+    queries = rng.standard_normal((12, DIM)).astype(np.float32)
+    before = [engine.similar_to_vector(q, k=10) for q in queries]
+    assert not any(r.used_index for r in before)
+    assert all([x.chip.chip_id for x in r.results] == _truth(vectors, rows, q, 10) for r, q in zip(before, queries))
+
+    maintain_indexes(store, crude)
+    engine.refresh()
+    after = [engine.similar_to_vector(q, k=10) for q in queries]
+    assert all(r.used_index for r in after)
+    differing = sum([x.chip.chip_id for x in r.results] != _truth(vectors, rows, q, 10) for r, q in zip(after, queries))
+    assert differing >= len(queries) // 2
+    selective = SearchFilters.build(source_ids=["src-1"], date_from="2023-01-01", date_to="2023-03-31")
+    keep = _keep(rows, selective)
+    for q in queries[:4]:
+        response = engine.similar_to_vector(q, k=10, filters=selective)
+        assert response.used_index is False
+        assert [x.chip.chip_id for x in response.results] == _truth(vectors, rows, q, 10, keep)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("k", [0, -1, 10_001, 10**12, True, 2.5, "10", None])
+def test_bad_k_is_refused_with_and_without_index(tables, k):
+    db, centres, _, _ = tables
+    for table in ("indexed", "exact"):
+        with pytest.raises(QueryError, match="k must"):
+            SearchEngine(db, table, index_policy=POLICY).similar_to_vector(centres[0], k=k)
+
+
+@pytest.mark.parametrize("vector, message", [
+    (np.ones(DIM - 1), "must have 64 values"), (np.ones((2, DIM)), "must have 64 values"),
+    (np.full(DIM, np.nan), "NaN"), (np.r_[np.ones(DIM - 1), np.inf], "NaN or infinite"),
+    (np.zeros(DIM), "all zeros"), ([], "must have 64 values"),
+])
+def test_bad_vectors_are_refused(tables, vector, message):
+    db, *_ = tables
+    with pytest.raises(QueryError, match=message):
+        SearchEngine(db, "indexed", index_policy=POLICY).similar_to_vector(vector, k=5)
+
+
+@pytest.mark.parametrize("warm", [False, True, "sketch"], ids=["cold", "warm", "sketch"])
+def test_huge_k_returns_every_row_in_order(tables, warm):
+    db, centres, vectors, rows = tables
+    for table in ("indexed", "exact"):
+        engine = SearchEngine(db, table, index_policy=SKETCH_POLICY if warm == "sketch" else POLICY)
+        if warm:
+            assert (engine.warm_up()["sketch"] is not None) == (warm == "sketch")
+        response = engine.similar_to_vector(centres[0], k=10_000)
+        distances = [r.distance for r in response.results]
+        assert len(response.results) == rows.num_rows and distances == sorted(distances)
+        assert len({r.chip.chip_id for r in response.results}) == rows.num_rows
+
+
+# ----------------------------------------------------------------------------- maintenance
+def test_maintenance_is_idempotent_and_folds_in_new_rows(tmp_path):
+    centres, vectors = _grouped_vectors(seed=5)
+    db = str(tmp_path / "db")
+    store = _write(db, "growing", _rows(vectors[:2000], seed=5))
+    first = maintain_indexes(store, POLICY)
+    assert first.vector_index == "built" and set(first.scalar_indexes_built) >= {"acquired", "min_lon", "chip_id"}
+    record = read_record(store)
+    assert record.rows_at_build == 2000 and record.spec.num_partitions == 8 and record.build_s > 0
+    version = store.table.version
+    assert maintain_indexes(store, POLICY).vector_index == "current" and store.table.version == version
+
+    store.upsert(_rows(vectors[2000:3000], seed=5, first=2000))  # +50 %: a delta, not a retrain
+    assert store.vector_index_stats()["num_unindexed_rows"] == 1000
+    assert maintain_indexes(store, POLICY).vector_index == "updated"
+    assert store.vector_index_stats()["num_unindexed_rows"] == 0 and read_record(store).rows_at_build == 2000
+    store.upsert(_rows(vectors[3000:], seed=5, first=3000))  # twice the rows trained on: retrain
+    assert maintain_indexes(store, POLICY).vector_index == "rebuilt"
+    assert read_record(store).rows_at_build == 4000
+    pq = maintain_indexes(store, POLICY, index_type="IVF_PQ")
+    assert pq.vector_index == "rebuilt" and store.vector_index_stats()["index_type"] == "IVF_PQ"
+    engine = SearchEngine(db, "growing", index_policy=POLICY)
+    response = engine.similar_to_vector(centres[321], k=10)
+    assert response.used_index and [r.chip.chip_id for r in response.results] == \
+        [f"g0321_r{i:05d}" for i in sorted(range(3210, 3220), key=lambda i: -vectors[i] @ centres[321])]
+
+
+def test_cli_optimize_and_info_report_the_index(tmp_path):
+    from chipscout.indexer.cli.commands import app
+
+    _, vectors = _grouped_vectors(seed=6)
+    db = str(tmp_path / "db")
+    _write(db, "cli", _rows(vectors[:1500], seed=6))
+    runner = CliRunner()
+    before = json.loads(runner.invoke(app, ["info", "--db", db, "--table", "cli", "--json"]).stdout)
+    assert before["index"]["vector"] is None
+    text = runner.invoke(app, ["info", "--db", db, "--table", "cli"]).stdout
+    assert "no index: exact search" in text
+    result = runner.invoke(app, ["optimize", "--db", db, "--table", "cli", "--index-type", "ivf_pq", "--json"])
+    assert result.exit_code == 0, result.stdout
+    # 1500 rows is below the default threshold: compacted and filter-indexed only.
+    assert json.loads(result.stdout)["vector_index"] == "none"
+    status = index_status(ChipStore(db, "cli"))
+    assert status["vector"] is None and status["fragments"]["num_fragments"] == 1
+    maintain_indexes(ChipStore(db, "cli"), POLICY, index_type="IVF_PQ")
+    info = json.loads(runner.invoke(app, ["info", "--db", db, "--table", "cli", "--json"]).stdout)
+    vector = info["index"]["vector"]
+    assert vector["index_type"] == "IVF_PQ" and vector["num_indexed_rows"] == 1500
+    built = vector["chipscout"]
+    assert built["params"]["num_sub_vectors"] == 4 and built["rows_at_build"] == 1500
+    assert built["build_s"] > 0 and built["built_at"] and built["query"]["refine_factor"] == 10
+    text = runner.invoke(app, ["info", "--db", db, "--table", "cli"]).stdout
+    assert "IVF_PQ (cosine), 1500 rows indexed" in text and "built " in text
+    bad = runner.invoke(app, ["optimize", "--db", db, "--table", "cli", "--index-type", "FLAT"])
+    assert bad.exit_code != 0
+
+
+# ----------------------------------------------------------------------------- interrupted build
+_BUILD = """
+import sys
+from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.search.vector_index import VectorIndexSpec
+store = ChipStore(sys.argv[1], "killed")
+print("building", flush=True)
+store.create_vector_index(VectorIndexSpec("IVF_HNSW_SQ", 4, m=32, ef_construction=400))
+print("built", flush=True)
+"""
+
+
+def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((20_000, 128)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    db = str(tmp_path / "db")
+    rows = _rows(vectors, seed=9)
+    store = ChipStore(db, "killed")
+    store.create(synthetic_config(128), {})
+    store.upsert(rows)
+    version = store.table.version
+    folder = Path(db) / "killed.lance"
+    versions_on_disk = sorted(os.listdir(folder / "_versions"))
+
+    root = Path(__file__).resolve().parents[2]
+    builder = subprocess.Popen([sys.executable, "-c", _BUILD, db], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        deadline = time.monotonic() + 120
+        # Index files being written, nothing committed yet: the middle of the build.
+        while not (folder / "_indices").is_dir() or not any((folder / "_indices").iterdir()):
+            assert builder.poll() is None and time.monotonic() < deadline, "build ended before it was seen"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert builder.poll() is None, "the build finished before it could be killed; make it bigger"
+        builder.send_signal(signal.SIGKILL)
+        assert builder.wait(30) == -signal.SIGKILL
+    finally:
+        if builder.poll() is None:
+            builder.kill()
+            builder.wait()
+
+    left_over = [p for p in (folder / "_indices").rglob("*") if p.is_file()]
+    assert left_over, "the killed build should have left uncommitted index files behind"
+    assert sorted(os.listdir(folder / "_versions")) == versions_on_disk  # no commit happened
+    reopened = ChipStore(db, "killed")
+    assert reopened.table.version == version and reopened.vector_index_stats() is None
+    engine = SearchEngine(db, "killed", index_policy=POLICY)
+    for q in rng.standard_normal((3, 128)):
+        response = engine.similar_to_vector(q, k=10)
+        assert response.used_index is False
+        assert [r.chip.chip_id for r in response.results] == _truth(vectors, rows, q, 10)
+    # The leftovers do not stand in the way of the next build.
+    report = maintain_indexes(reopened, IndexPolicy(min_rows=1000, scalar_min_rows=1000, rows_per_partition=2000))
+    assert report.vector_index == "built" and reopened.vector_index_stats()["num_indexed_rows"] == 20_000

@@ -1,0 +1,195 @@
+"""Tables on object storage: a real S3-compatible server (moto in server mode on 127.0.0.1, checking
+every request's credentials) holds tables that are indexed there (in one process, and on a Dask
+cluster through the CLI), searched and described; wrong credentials and a missing bucket are one
+clear line each, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("moto")
+
+from chipscout.indexer.chips import ChipGrid  # noqa: E402
+from chipscout.indexer.errors import StoreError  # noqa: E402
+from chipscout.indexer.sources.files import local_source  # noqa: E402
+from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources  # noqa: E402
+from chipscout.indexer.search.engine import SearchEngine  # noqa: E402
+from chipscout.indexer.store.table import ChipStore  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+BUCKET = "chipscout-test"
+TINY = EncoderChoice("rcf", {"kernels": "gaussian", "features": 32, "seed": 0})
+TINY_FLAGS = ["--encoder", "rcf", "--kernels", "gaussian", "--features", "32", "--seed", "0",
+              "--size", "32", "--batch-size", "8", "--file-bands", "B02,B03,B04,B08",
+              "--bands", "blue,green,red,nir", "--source-id", "cut", "--transform", "none"]
+
+
+@dataclass(frozen=True)
+class S3:
+    endpoint: str
+    key_id: str
+    secret: str
+
+    def options(self, **changes: str) -> dict[str, str]:
+        return {"aws_access_key_id": self.key_id, "aws_secret_access_key": self.secret,
+                "aws_endpoint": self.endpoint, "aws_region": "us-east-1", "allow_http": "true",
+                **changes}
+
+    def flags(self) -> list[str]:
+        return [arg for key, value in self.options().items() for arg in ("--storage-option", f"{key}={value}")]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 on a loopback port. Its first three requests (creating a user, its policy and its
+    key) go unsigned; every later request must carry that user's valid signature."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1",
+                     "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client("iam", **anonymous)
+        iam.create_user(UserName="indexer")
+        iam.put_user_policy(UserName="indexer", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="indexer")["AccessKey"]
+        server = S3(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        boto3.client("s3", **{**anonymous, "aws_access_key_id": server.key_id,
+                              "aws_secret_access_key": server.secret}).create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def chipscout(capsys, monkeypatch):
+    """Runs the `chipscout` command line in this process (its imports are paid once here):
+    returns (exit code, stdout, stderr)."""
+    from chipscout.indexer.cli.commands import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["chipscout", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_table(s3, small_cog):
+    """A table written to the bucket by the single-process pipeline: (db URI, its rows by id)."""
+    db = f"s3://{BUCKET}/single"
+    source = local_source(small_cog, sensor="sentinel-2-l2a", source_id="cut")
+    summary = index_sources([source], db_uri=db, table_name="chips", encoder=TINY, grid=ChipGrid(32, 32),
+                            bands=["blue", "green", "red", "nir"], batch_size=8, progress=False,
+                            transform="none", storage_options=s3.options())
+    assert summary.chips_new == 64 and not summary.failures
+    store = ChipStore(db, "chips", s3.options())
+    return db, store.scan(["chip_id", "vector", "footprint"]).sort_by("chip_id")
+
+
+def test_table_on_s3_is_searched_and_described(s3, single_table, chipscout, monkeypatch):
+    db, rows = single_table
+    engine = SearchEngine(db, "chips", storage_options=s3.options())
+    response = engine.similar_to_chip("cut_r000000_c000000_s32", 5)
+    assert len(response.results) == 5 and response.results[0].chip.chip_id != "cut_r000000_c000000_s32"
+
+    code, out, err = chipscout("info", "--db", db, "--table", "chips", "--json", *s3.flags())
+    assert code == 0, err
+    described = json.loads(out)
+    assert described["rows"] == 64 and described["config"]["embedding_dim"] == 32
+
+    # Credentials and endpoint from the usual environment variables alone.
+    for name, value in {"AWS_ACCESS_KEY_ID": s3.key_id, "AWS_SECRET_ACCESS_KEY": s3.secret,
+                        "AWS_ENDPOINT_URL": s3.endpoint, "AWS_REGION": "us-east-1",
+                        "AWS_ALLOW_HTTP": "true"}.items():
+        monkeypatch.setenv(name, value)
+    assert ChipStore(db, "chips").count() == 64
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    # What `chipscout app --storage-option ...` hands the app's process.
+    monkeypatch.setenv("CHIPSCOUT_STORAGE_OPTIONS", json.dumps(s3.options()))
+    assert ChipStore(db, "chips").count() == 64
+    code, out, err = chipscout("search", "cut_r000032_c000032_s32", "--db", db, "--table", "chips",
+                               "-k", "3", "--json")  # credentials from the environment
+    assert code == 0, err
+    assert len(json.loads(out)["results"]) == 3
+
+
+def test_cli_indexes_on_a_cluster_straight_into_the_bucket(s3, single_table, small_cog, chipscout):
+    db = f"s3://{BUCKET}/cluster"
+    code, out, err = chipscout("index", "files", small_cog, *TINY_FLAGS, "--commit-every", "16",
+                               "--cluster", "local:2", "--db", db, "--table", "chips", "--json", *s3.flags())
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["chips_new"] == 64 and summary["workers"] == 2 and summary["failures"] == []
+    rows = ChipStore(db, "chips", s3.options()).scan(["chip_id", "vector", "footprint"]).sort_by("chip_id")
+    expected = single_table[1]
+    assert rows["chip_id"].to_pylist() == expected["chip_id"].to_pylist()
+    np.testing.assert_array_equal(np.stack(rows["vector"].to_numpy(zero_copy_only=False)),
+                                  np.stack(expected["vector"].to_numpy(zero_copy_only=False)))
+    assert rows["footprint"].to_pylist() == expected["footprint"].to_pylist()
+
+
+def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table, small_cog, chipscout,
+                                                               monkeypatch):
+    db = single_table[0]
+    with pytest.raises(StoreError, match="access key id is not known"):
+        ChipStore(db, "chips", s3.options(aws_access_key_id="AKIANOSUCHKEY"))
+    with pytest.raises(StoreError, match="secret access key is wrong"):
+        ChipStore(db, "chips", s3.options(aws_secret_access_key="not-the-secret"))
+    with pytest.raises(StoreError, match="bucket does not exist.*'no-such-bucket'"):
+        ChipStore("s3://no-such-bucket/db", "chips", s3.options())
+
+    # A cluster run fails on the client before any cluster is started.
+    from chipscout.indexer.ingest import cluster as distributed
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a bucket that does not exist")
+
+    monkeypatch.setattr(distributed, "dask_client", no_cluster)
+    source = local_source(small_cog, sensor="sentinel-2-l2a", source_id="cut")
+    with pytest.raises(StoreError, match="bucket does not exist"):
+        distributed.index_on_cluster([source], db_uri="s3://no-such-bucket/db", table_name="chips",
+                                     cluster="local:1", storage_options=s3.options(), progress=False)
+
+    code, _, err = chipscout("info", "--db", "s3://no-such-bucket/db", "--table", "chips", *s3.flags())
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "error: cannot open database s3://no-such-bucket/db: the bucket does not exist "
+        "(bucket 'no-such-bucket')"]
+    # Nothing was written anywhere: the bucket holds the two tables of the other tests only.
+    listing = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
+                           aws_access_key_id=s3.key_id, aws_secret_access_key=s3.secret)
+    prefixes = {o["Key"].split("/")[0] for o in listing.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    assert prefixes <= {"single", "cluster"}
