@@ -1,5 +1,13 @@
-"""chipscout encoders: pure torch modules turning (B, C, H, W) chips into (B, D) vectors."""
+"""chipscout encoders: pure torch modules turning (B, C, H, W) chips into (B, D) vectors.
 
-from chipscout.encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_names, load_encoder
+Importing the package imports every family, each of which registers itself in `registry`, so
+`build_encoder(name)` knows every built-in name without lazy loading.
+"""
 
-__all__ = ["ChipEncoder", "EncoderError", "build_encoder", "encoder_names", "load_encoder"]
+from chipscout.encoders import baseline, clay, rcf  # noqa: F401  (the families register themselves)
+from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.registry import (build_encoder, encoder_names, encoder_parameters, load_encoder,
+                                         register_encoder)
+
+__all__ = ["ChipEncoder", "EncoderError", "build_encoder", "encoder_names", "encoder_parameters",
+           "load_encoder", "register_encoder"]

@@ -1,4 +1,4 @@
-"""The contract every chipscout encoder meets, and the registry that builds them by name.
+"""The contract every chipscout encoder meets (`ChipEncoder`) and its error (`EncoderError`).
 
 Encoders are plain torch modules: they see scaled pixels, band wavelengths and optional
 per-chip metadata, and return one float32 vector per chip. They know nothing of storage,
@@ -8,15 +8,18 @@ STAC or files, so an index's encoder can be rebuilt anywhere from `config()` + `
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from chipscout.encoders.errors import EncoderError
+# The registry functions are re-exported here: the indexer imports them from `base`.
+from chipscout.encoders.registry import (EncoderFactory, build_encoder, encoder_names, encoder_parameters,
+                                         load_encoder, register_encoder)
 
-class EncoderError(ValueError):
-    """An encoder was asked for something it cannot do (bad parameters, bands, checkpoint...)."""
+__all__ = ["ChipEncoder", "EncoderError", "EncoderFactory", "build_encoder", "encoder_names",
+           "encoder_parameters", "load_encoder", "register_encoder"]
 
 
 class ChipEncoder(nn.Module, abc.ABC):
@@ -78,56 +81,3 @@ class ChipEncoder(nn.Module, abc.ABC):
         time, latlon: (B, 4) sin/cos encodings, zeros meaning "unknown".
         Returns (B, D) float32; a batch of one gives (1, D).
         """
-
-
-EncoderFactory = Callable[..., ChipEncoder]
-_REGISTRY: dict[str, EncoderFactory] = {}
-
-
-def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
-    """Register a factory under `name` so `build_encoder(name, **params)` finds it."""
-
-    def decorate(factory: EncoderFactory) -> EncoderFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
-
-
-def encoder_names() -> list[str]:
-    _load_builtin_encoders()
-    return sorted(_REGISTRY)
-
-
-def encoder_parameters(name: str) -> set[str]:
-    """Constructor parameters the encoder registered as `name` accepts."""
-    import inspect
-
-    _load_builtin_encoders()
-    if name not in _REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return set(inspect.signature(_REGISTRY[name]).parameters)
-
-
-def build_encoder(name: str, **params: Any) -> ChipEncoder:
-    """A fresh encoder of the registered kind `name` with constructor `params`."""
-    _load_builtin_encoders()
-    if name not in _REGISTRY:
-        raise EncoderError(f"unknown encoder {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**params)
-
-
-def load_encoder(registered_name: str, config: dict[str, Any],
-                 state: dict[str, torch.Tensor] | None) -> ChipEncoder:
-    """Rebuild the encoder a table was written with, bit for bit."""
-    encoder = build_encoder(registered_name, **config)
-    if state is not None:
-        encoder.load_state_dict(state, strict=True)
-    return encoder
-
-
-def _load_builtin_encoders() -> None:
-    # Imported lazily: the family modules import this one to register themselves.
-    import chipscout.encoders.baseline  # noqa: F401
-    import chipscout.encoders.clay  # noqa: F401
-    import chipscout.encoders.rcf  # noqa: F401

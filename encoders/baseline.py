@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.registry import register_encoder
 
 
 def band_statistics(pixels: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:

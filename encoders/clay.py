@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.registry import register_encoder
 from chipscout.encoders.clay_checkpoint import (
     ClayDims,
     encoder_state,

@@ -53,7 +53,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chipscout.encoders.base import ChipEncoder, EncoderError, register_encoder
+from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.registry import register_encoder
 from chipscout.encoders.baseline import band_statistics
 
 KERNEL_SOURCES = ("gaussian", "empirical")
