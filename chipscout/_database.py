@@ -94,6 +94,10 @@ class Table:
             return Results(self.engine.similar_to_chip(query, k, compiled, expand))
         return Results(self.engine.similar_to_vector(query, k, compiled, exclude, expand))
 
+    def sample(self, n: int = 10, seed: int = 0) -> list[ChipRecord]:
+        """`n` chips picked at random (the same for the same `seed`), to look at or start from."""
+        return self.engine.sample(n, seed=seed)
+
     def chip(self, chip_id: str) -> ChipRecord:
         """The stored record of one chip (footprint, date, source, quality figures)."""
         return self.engine.get_chip(chip_id)

@@ -21,7 +21,7 @@ def table(indexed_db):
 
 
 def first_chip(table) -> str:
-    return table.engine.sample(1)[0].chip_id
+    return table.sample(1)[0].chip_id
 
 
 def test_import_loads_neither_torch_nor_lancedb_nor_streamlit():
@@ -131,7 +131,7 @@ def test_label_then_export(indexed_db, tmp_path):
     name = "facade-" + tmp_path.name[-20:].replace("_", "-")
     session = table.session(name)
     assert table.session(name).session_id == session.session_id  # opened, not created again
-    chips = [c.chip_id for c in table.engine.sample(3, seed=4)]
+    chips = [c.chip_id for c in table.sample(3, seed=4)]
     table.label(name, chips[:2], "positive")
     table.label(session, chips[2], False)
     assert table.labels(name) == {chips[0]: "positive", chips[1]: "positive", chips[2]: "negative"}
