@@ -1,5 +1,5 @@
 """Search at scale: chipscout's default configuration against LanceDB flat search, numpy brute
-force and FAISS HNSW, on synthetic tables of clustered 768-d chips (`bench/synthetic.py`).
+force and FAISS HNSW, on synthetic tables of clustered 768-d chips (`tests/synthetic.py`).
 
 For each table size: ingest rate through `ChipStore.upsert`, the index build of
 `maintain_indexes` (what `chipscout optimize` runs), on-disk size, then for no filter and for
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.synthetic import FootprintIndex, SyntheticChips, bench_config  # noqa: E402
+from tests.synthetic import FootprintIndex, SyntheticChips, bench_config  # noqa: E402
 
 K = 10
 TABLE = "bench"

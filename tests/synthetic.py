@@ -1,18 +1,24 @@
-"""Synthetic chip tables for the search benchmark: clustered vectors and continental metadata.
+"""Synthetic chip tables, one home for the tests and the benchmarks (`bench/search.py` imports
+`tests.synthetic`): rows in ChipStore's layout with known vectors and footprints.
 
-Vectors: a mixture of Gaussian "land-cover" clusters in a 64-d latent space, lifted to `dim`
-dimensions by a fixed random map, plus a little isotropic noise, then L2-normalised: learned
-embeddings have a low intrinsic dimension, and pure 768-d noise would make every method look
-the same (and ANN look worse than it is on real data).
-Metadata: scenes of 100 chips (a 10 x 10 grid of 1.28 km chips) placed uniformly over Europe
-(lon -10..40, lat 36..70), each acquired on a random day of 2023-2024, with Beta-distributed
-cloud and mostly-zero nodata fractions. Everything is seeded: the same arguments give the
-same rows.
+- Small tables whose right answer is known exactly (labelling, refine, search): `write_table`,
+  `clustered_table`, written through ChipStore in the pipeline's row layout.
+- `SyntheticChips`: large seeded tables for the search benchmark. Vectors: a mixture of Gaussian
+  "land-cover" clusters in a 64-d latent space, lifted to `dim` dimensions by a fixed random map,
+  plus a little isotropic noise, then L2-normalised: learned embeddings have a low intrinsic
+  dimension, and pure 768-d noise would make every method look the same (and ANN look worse than
+  it is on real data). Metadata: scenes of 100 chips (a 10 x 10 grid of 1.28 km chips) placed
+  uniformly over Europe (lon -10..40, lat 36..70), each acquired on a random day of 2023-2024,
+  with Beta-distributed cloud and mostly-zero nodata fractions. Everything is seeded: the same
+  arguments give the same rows.
+
+Synthetic pixels for the encoder tests are elsewhere (`tests/encoders/synthetic.py`): they must
+import torch only, so the GPU tests run where LanceDB is not installed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -20,8 +26,74 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from chipscout.indexer.store.table import IndexConfig, Normalization
+from chipscout.indexer.store.table import ChipStore, IndexConfig, Normalization, chip_schema
 
+# ----------------------------------------------------------------------------- small exact tables
+WHEN = datetime(2024, 6, 15, tzinfo=timezone.utc)
+
+
+def synthetic_config(dim: int, label: str = "synthetic-test", chip_size_px: int = 64) -> IndexConfig:
+    """The table config of synthetic vectors: encoder `synthetic`, four reflectance bands."""
+    return IndexConfig(
+        encoder="synthetic", encoder_config={"dim": dim}, encoder_label=label,
+        embedding_dim=dim, sensor="sentinel-2-l2a", bands=("blue", "green", "red", "nir"),
+        band_wavelengths_um=(0.493, 0.56, 0.665, 0.842),
+        normalization=Normalization("reflectance", (0.0,) * 4, (1.0,) * 4),
+        chip_size_px=chip_size_px, chip_stride_px=chip_size_px)
+
+
+def write_table(db_uri: str, table: str, chip_ids: Sequence[str], vectors: np.ndarray,
+                centres: Sequence[tuple[float, float]], size_deg: float = 0.01) -> ChipStore:
+    """A table of square footprints `size_deg` wide around `centres` (lon, lat)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    half = size_deg / 2
+    boxes = [shapely.box(lon - half, lat - half, lon + half, lat + half) for lon, lat in centres]
+    n, dim = vectors.shape
+    config = synthetic_config(dim)
+    rows = pa.table({
+        "chip_id": list(chip_ids),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        "footprint": shapely.to_wkb(np.array(boxes, dtype=object)).tolist(),
+        "min_lon": [b.bounds[0] for b in boxes], "min_lat": [b.bounds[1] for b in boxes],
+        "max_lon": [b.bounds[2] for b in boxes], "max_lat": [b.bounds[3] for b in boxes],
+        "center_lon": [c[0] for c in centres], "center_lat": [c[1] for c in centres],
+        "acquired": pa.array([WHEN] * n, pa.timestamp("us", tz="UTC")),
+        "source_id": ["synthetic"] * n, "source_path": ["/synthetic.tif"] * n,
+        "sensor": ["sentinel-2-l2a"] * n, "crs": ["EPSG:4326"] * n,
+        "row_off": pa.array([0] * n, pa.int32()), "col_off": pa.array([0] * n, pa.int32()),
+        "size_px": pa.array([64] * n, pa.int32()), "gsd_m": pa.array([10.0] * n, pa.float32()),
+        "nodata_fraction": pa.array([0.0] * n, pa.float32()),
+        "cloud_fraction": pa.array([None] * n, pa.float32()),
+        "radiometry": ["reflectance"] * n, "thumbnail": [None] * n,
+        "indexed_at": pa.array([WHEN] * n, pa.timestamp("us", tz="UTC")),
+    }, schema=chip_schema(config))
+    store = ChipStore(db_uri, table)
+    store.create(config, {}, keep_state=False)
+    store.upsert(rows)
+    return store
+
+
+def clustered_table(db_uri: str, table: str = "clusters", per_cluster: int = 12, dim: int = 16,
+                    seed: int = 0) -> dict[str, list[str]]:
+    """Three well-separated clusters `a`, `b`, `c` of chips on a 0.02-degree grid;
+    returns {cluster: chip ids}."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[:3] * 3 + 1.0  # a shared component, like real embeddings have
+    ids, vectors, places = [], [], []
+    members: dict[str, list[str]] = {}
+    for k, name in enumerate("abc"):
+        for i in range(per_cluster):
+            chip_id = f"{name}{i:02d}"
+            members.setdefault(name, []).append(chip_id)
+            ids.append(chip_id)
+            vectors.append(centres[k] + 0.6 * rng.standard_normal(dim))
+            places.append((10.0 + 0.02 * i, 45.0 + 0.02 * k))
+    write_table(db_uri, table, ids, np.array(vectors), places)
+    return members
+
+
+# ----------------------------------------------------------------------------- benchmark tables
 CONTINENT = (-10.0, 36.0, 40.0, 70.0)  # lon/lat box of the footprints
 FIRST_DAY = datetime(2023, 1, 1, tzinfo=timezone.utc)
 DAYS = 731
@@ -31,12 +103,7 @@ LATENT_DIM = 64
 
 
 def bench_config(dim: int) -> IndexConfig:
-    return IndexConfig(
-        encoder="synthetic", encoder_config={"dim": dim}, encoder_label="synthetic-clusters",
-        embedding_dim=dim, sensor="sentinel-2-l2a", bands=("blue", "green", "red", "nir"),
-        band_wavelengths_um=(0.493, 0.56, 0.665, 0.842),
-        normalization=Normalization("reflectance", (0.0,) * 4, (1.0,) * 4),
-        chip_size_px=128, chip_stride_px=128)
+    return synthetic_config(dim, label="synthetic-clusters", chip_size_px=128)
 
 
 @dataclass
