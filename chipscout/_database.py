@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chipscout._filters import Filters
 from chipscout._results import Results
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from chipscout.indexer.search.engine import ChipRecord, SearchEngine
+    from chipscout.indexer.store.table import IndexConfig
     from chipscout.indexer.seedsets.export import ExportSummary
     from chipscout.indexer.seedsets.labels import Label, LabelStore, Session
 
@@ -73,7 +74,7 @@ class Table:
         return self.engine.count()
 
     @property
-    def config(self) -> Any:
+    def config(self) -> IndexConfig:
         """What the table records about its vectors: encoder and parameters, bands, dimension..."""
         return self.engine.config
 

@@ -287,8 +287,13 @@ def test_no_import_cycles():
         if imp.runtime and imp.imported in ours:
             edges.setdefault(imp.importer, set()).add(imp.imported)
     cycles = find_cycles(edges)
+    lines = []
+    for cycle in cycles:
+        lines.append(" -> ".join(cycle))
+        lines += [f"    {imp.where()}: {imp.importer} imports {imp.imported}" for imp in IMPORTS
+                  if imp.runtime and (imp.importer, imp.imported) in zip(cycle, cycle[1:])]
     if cycles:
-        pytest.fail(report(f"{CYCLE_RULE} Found:", [" -> ".join(cycle) for cycle in cycles]), pytrace=False)
+        pytest.fail(report(f"{CYCLE_RULE} Found:", lines), pytrace=False)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.importers[0])
