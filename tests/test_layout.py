@@ -277,7 +277,8 @@ def test_docs_state_the_same_rules():
     architecture = (REPO / "docs" / "architecture.md").read_text()
     missing = [text for text in ALL_RULE_TEXTS if text not in " ".join(architecture.split())]
     if missing:
-        pytest.fail(report("docs/architecture.md does not state these rules word for word:", missing), pytrace=False)
+        pytest.fail(report("docs/architecture.md does not state these rules word for word:", missing),
+                    pytrace=False)
 
 
 def test_no_import_cycles():
