@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from chipscout.indexer.store.table import IndexConfig, Normalization
+from chipscout.indexer.store import IndexConfig, Normalization
 
 CONTINENT = (-10.0, 36.0, 40.0, 70.0)  # lon/lat box of the footprints
 FIRST_DAY = datetime(2023, 1, 1, tzinfo=timezone.utc)

@@ -24,7 +24,7 @@ import torch
 
 from chipscout.encoders.base import EncoderError
 from chipscout.indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
-from chipscout.indexer.ingest.embedding import (Embedder, build_config, make_encoder, normalization_for, pick_device,
+from chipscout.indexer.ingest.embedding import (Embedder, build_config, make_encoder, normalise, normalization_for, pick_device,
                                with_transform)
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
     fit_requested
@@ -32,7 +32,7 @@ from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError, Sou
 from chipscout.indexer.sources.files import RasterReader, RasterSource
 from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
 from chipscout.indexer.sensors import Sensor
-from chipscout.indexer.store.table import ChipStore, IndexConfig
+from chipscout.indexer.store import ChipStore, IndexConfig
 from chipscout.indexer.ingest.thumbnails import thumbnail_png
 from chipscout.indexer.search.vector_index import maintain_indexes
 
@@ -457,7 +457,7 @@ def fit_encoder(embedder: Embedder, sample: Sequence[Chip], config: IndexConfig,
     if not sample:
         raise SourceError("no valid chips to fit the encoder on (all sources failed or were nodata)")
     pixels, valid = embedder.batch_tensors(sample, len(config.bands))
-    pixels = embedder.normalization.apply(pixels)
+    pixels = normalise(pixels, embedder.normalization)
     try:
         embedder.encoder.fit(pixels.to(device), valid.to(device),
                              torch.tensor(config.band_wavelengths_um))
@@ -735,7 +735,7 @@ def index_sources(
             # Compaction, filter and vector indexes once the table is big enough for them to pay.
             maintain_indexes(store)
             summary.table_rows = store.count()
-            summary.table_version = store.table.version
+            summary.table_version = store.version
     except BaseException as err:
         summary.elapsed_s = time.perf_counter() - started
         try:  # the run's own error matters more than a failure to log it

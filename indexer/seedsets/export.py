@@ -106,7 +106,7 @@ def session_rows(engine: SearchEngine, session: str | Session, *, candidates: in
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "db": engine.store.db_uri,
         "table": engine.store.table_name,
-        "table_version": int(engine.store.table.version),
+        "table_version": int(engine.store.version),
         "encoder": config.encoder,
         "encoder_label": config.encoder_label,
         "encoder_config": config.encoder_config,

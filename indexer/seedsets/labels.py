@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from chipscout.indexer.errors import ChipscoutError, QueryError
 from chipscout.indexer.search.engine import validate_chip_id
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.errors import LabelError  # noqa: F401  (raised here, defined with the others)
 
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -196,7 +196,7 @@ class LabelStore:
 
     def __init__(self, store: ChipStore):
         self.store = store
-        self.store.table  # a session labels chips of an existing table; fail early and clearly
+        self.store.ensure_exists()  # a session labels chips of an existing table; fail early and clearly
 
     @classmethod
     def open(cls, db_uri: str, table_name: str, storage_options: dict[str, str] | None = None) -> LabelStore:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from chipscout.indexer.store.table import ChipStore, IndexConfig, Normalization, chip_schema
+from chipscout.indexer.store import ChipStore, IndexConfig, Normalization, chip_schema
 
 WHEN = datetime(2024, 6, 15, tzinfo=timezone.utc)
 

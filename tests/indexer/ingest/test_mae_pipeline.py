@@ -11,7 +11,7 @@ from chipscout.indexer.errors import IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
 from chipscout.indexer.search.engine import SearchEngine
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 
 BANDS = ["blue", "green", "red", "nir"]
 

@@ -48,7 +48,7 @@ def test_geojson_export_reads_back(engine, labelled, footprints, tmp_path):
     document = json.loads((tmp_path / "seed.geojson").read_text())
     assert document["type"] == "FeatureCollection" and "crs" not in document
     provenance = document["chipscout"]
-    assert provenance["table"] == "chips" and provenance["table_version"] == engine.store.table.version
+    assert provenance["table"] == "chips" and provenance["table_version"] == engine.store.version
     assert provenance["encoder"] == "rcf" and provenance["encoder_config"]["features"] == 64
     assert provenance["candidates"]["strategy"] == "mean" and provenance["session"] == "export-me"
     by_id = {f["id"]: f for f in document["features"]}
