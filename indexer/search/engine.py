@@ -503,6 +503,11 @@ class SearchEngine:
                                   method="+".join(dict.fromkeys(methods)))
         return response, plan, [i for i, _, _ in kept[:k]]
 
+    @property
+    def version(self) -> int:
+        """The version of the table this engine searches (a cache key: it changes with every commit)."""
+        return self.store.version
+
 
 def _overlaps(a: Polygon, b: Polygon) -> bool:
     if not a.intersects(b):
