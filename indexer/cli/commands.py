@@ -17,6 +17,10 @@ import typer
 
 from chipscout.encoders.base import EncoderError
 from chipscout.indexer.errors import ChipscoutError
+from chipscout.indexer.cli.options import (  # noqa: F401  (cli.stac reads them from here)
+    ClusterOption, DbOption, JsonOption, SchedulerOption, StorageOption, TableOption,
+    db_uri as _db, storage_options as _storage_options,
+)
 
 app = typer.Typer(
     name="chipscout",
@@ -28,19 +32,6 @@ app = typer.Typer(
 index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
-TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
-ClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Index on a Dask cluster of worker processes on this machine: local (one per core) or local:N.")]
-SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Index on a running Dask cluster: its scheduler, tcp://HOST:PORT.")]
-
-
-def _db(db: str | None) -> str:
-    from chipscout.indexer.paths import default_db_uri
-
-    return db or default_db_uri()
-
 
 def _print_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
@@ -48,17 +39,6 @@ def _print_json(payload: Any) -> None:
 
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, str] | None:
-    """`--storage-option KEY=VALUE` options as a dict (None when none were given)."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ChipscoutError(f"bad --storage-option {pair!r}: expected KEY=VALUE, e.g. allow_http=true")
-        options[key.strip()] = value.strip()
-    return options or None
 
 
 def run_index(sources, cluster: str | None, scheduler: str | None, **options):
