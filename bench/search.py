@@ -152,6 +152,7 @@ def child(spec_path: str) -> None:
 
 # ----------------------------------------------------------------------------- one table size
 def run_size(args, rows: int) -> dict:
+    from chipscout.indexer.ingest.fitted_state import encode_state
     from chipscout.indexer.store import ChipStore
     from chipscout.indexer.search.vector_index import DEFAULT_POLICY, index_status, maintain_indexes
 
@@ -166,7 +167,7 @@ def run_size(args, rows: int) -> dict:
     if not reuse:
         shutil.rmtree(db, ignore_errors=True)
         store = ChipStore(db, TABLE)
-        store.create(bench_config(args.dim), {})
+        store.create(bench_config(args.dim), encode_state({}))
     upsert_wall = upsert_cpu = 0.0
     at = 0
     loop_started = time.perf_counter()

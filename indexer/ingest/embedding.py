@@ -21,7 +21,7 @@ from chipscout.indexer.chips import Chip
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sensors import Sensor
 from chipscout.indexer.store import ChipStore, IndexConfig, Normalization
-from chipscout.indexer.store.fitted_state import state_digest
+from chipscout.indexer.ingest.fitted_state import load_state, state_digest
 from chipscout.indexer.ingest.transform import TransformError, VectorTransform, transform_digest
 
 
@@ -107,7 +107,7 @@ class Embedder:
         `checkpoint` points at the same weights if the file has moved since.
         """
         config = store.config
-        state = store.get_state("encoder")
+        state = load_state(store, "encoder")
         encoder_config = dict(config.encoder_config)
         if "checkpoint" in encoder_config:
             if state is not None:
@@ -191,7 +191,7 @@ def stored_transform(store: ChipStore) -> VectorTransform | None:
     if not description:
         return None
     try:
-        transform = VectorTransform.from_state(description, store.get_state("transform"))
+        transform = VectorTransform.from_state(description, load_state(store, "transform"))
     except TransformError as err:
         raise IncompatibleTableError(f"table {store.table_name!r}: {err}") from err
     if transform_digest(transform) != description.get("state_sha256"):

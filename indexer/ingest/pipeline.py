@@ -26,6 +26,7 @@ from chipscout.encoders.base import EncoderError
 from chipscout.indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
 from chipscout.indexer.ingest.embedding import (Embedder, build_config, make_encoder, normalise, normalization_for, pick_device,
                                with_transform)
+from chipscout.indexer.ingest.fitted_state import encode_state, save_state
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
     fit_requested
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError, SourceError
@@ -675,8 +676,8 @@ def index_sources(
             if not store.exists():
                 keep_state = not embedder.encoder.config().get("checkpoint")
                 if embedder.transform is not None:
-                    store.put_state("transform", embedder.transform.to_state())
-                store.create(config, embedder.encoder.state_dict(), keep_state=keep_state)
+                    save_state(store, "transform", embedder.transform.to_state())
+                store.create(config, encode_state(embedder.encoder.state_dict()), keep_state=keep_state)
             if pending_patches:
                 # Patches first: a crash between the two commits leaves patches without a chip row,
                 # which a re-run overwrites, never a chip without its patches.

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from chipscout.indexer.ingest.embedding import with_transform
+from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.errors import ChipscoutError, StoreError
 from chipscout.indexer.store import ChipStore, chip_schema
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
@@ -136,8 +137,8 @@ def refit_table(db_uri: str, source_table: str, target_table: str, spec: str | N
             if progress is not None:
                 progress(written)
 
-    target.create_with_rows(new_config, batches(), source.get_state("encoder"),
-                            {"transform": transform.to_state()})
+    target.create_with_rows(new_config, batches(), source.fitted_state("encoder"),
+                            {"transform": encode_state(transform.to_state())})
     index = maintain_indexes(target, policy)
     return RefitReport(source_table, target_table, transform.spec,
                        (config.transform or {}).get("spec", NO_TRANSFORM), rows=written,

@@ -1,12 +1,13 @@
 """The store: chip tables in LanceDB, their recorded configuration, companion tables and run log.
 
-The only package that imports `lancedb` or `lance`. Fitted-state encoding (torch) lives in
-`chipscout.indexer.store.fitted_state`, imported where tensors are at hand.
+The only package that imports `lancedb` or `lance`; it keeps fitted state as bytes
+(`FittedState`), encoded from and to tensors by `chipscout.indexer.ingest.fitted_state`.
 """
 
 from chipscout.indexer.store.chip_store import (
     STORAGE_OPTIONS_ENV,
     ChipStore,
+    FittedState,
     sql_literal,
     storage_error_message,
     storage_options_from_env,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_TABLE",
     "STORAGE_OPTIONS_ENV",
     "ChipStore",
+    "FittedState",
     "IndexConfig",
     "Normalization",
     "chip_schema",

@@ -18,8 +18,9 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lancedb
 import numpy as np
@@ -29,11 +30,18 @@ from chipscout.indexer.errors import IncompatibleTableError, QueryError, StoreEr
 from chipscout.indexer.store.config import (DEFAULT_TABLE, METADATA_KEY, IndexConfig, chip_schema,
                                             validate_table_name)
 
-if TYPE_CHECKING:
-    import torch
-
 STATE_SUFFIX = "__state"
 PATCH_SUFFIX = "__patches"
+
+
+@dataclass(frozen=True)
+class FittedState:
+    """Fitted tensors (encoder weights, RCF kernels, a vector transform) as the store keeps them:
+    serialised bytes and the digest of the tensors. Encoding them is the caller's part
+    (`chipscout.indexer.ingest.fitted_state`), so the store does not depend on torch."""
+
+    blob: bytes
+    sha256: str
 
 
 def sql_literal(value: Any) -> str:
@@ -173,36 +181,28 @@ class ChipStore:
                             pa.field("blob", pa.large_binary())])
         return self._db.create_table(name, schema=schema)
 
-    def put_state(self, key: str, state: dict[str, torch.Tensor]) -> str:
-        from chipscout.indexer.store.fitted_state import state_digest, tensors_to_bytes  # torch: see there
-
-        digest = state_digest(state)
-        rows = pa.table({"key": [key], "sha256": [digest], "blob": [tensors_to_bytes(state)]},
+    def put_fitted_state(self, key: str, state: FittedState) -> None:
+        """Keep `state` under `key` in `<table>__state` (replacing what was there)."""
+        rows = pa.table({"key": [key], "sha256": [state.sha256], "blob": [state.blob]},
                         schema=pa.schema([pa.field("key", pa.string()), pa.field("sha256", pa.string()),
                                           pa.field("blob", pa.large_binary())]))
         table = self._state_table(create=True)
         (table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all()
          .execute(rows))
-        return digest
 
-    def get_state(self, key: str) -> dict[str, torch.Tensor] | None:
+    def fitted_state(self, key: str) -> FittedState | None:
+        """The state kept under `key`, as stored (None when there is none)."""
         table = self._state_table()
         if table is None:
             return None
         rows = table.search().where(f"key = {sql_literal(key)}").limit(1).to_arrow()
         if rows.num_rows == 0:
             return None
-        from chipscout.indexer.store.fitted_state import bytes_to_tensors, state_digest  # torch: see there
-
-        state = bytes_to_tensors(rows["blob"][0].as_py())
-        if state_digest(state) != rows["sha256"][0].as_py():
-            raise StoreError(f"stored state {key!r} of table {self.table_name!r} is corrupt (digest mismatch)")
-        return state
+        return FittedState(rows["blob"][0].as_py(), rows["sha256"][0].as_py())
 
     # ------------------------------------------------------------------ writing
-    def create(self, config: IndexConfig, encoder_state: dict[str, torch.Tensor],
-               keep_state: bool = True) -> None:
-        """Create the table for `config`; refuse if one exists.
+    def create(self, config: IndexConfig, encoder_state: FittedState, keep_state: bool = True) -> None:
+        """Create the table for `config`, recording the digest of `encoder_state`; refuse if one exists.
 
         `keep_state` stores the encoder's tensors in the companion table. Encoders whose weights
         come from a user's checkpoint file (Clay) keep only the weights' digest, so a table never
@@ -210,26 +210,26 @@ class ChipStore:
         """
         if self.exists():
             raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        from chipscout.indexer.store.fitted_state import state_digest  # torch: see there
-
-        digest = self.put_state("encoder", encoder_state) if keep_state else state_digest(encoder_state)
-        config = dataclasses.replace(config, state_sha256=digest)
+        if keep_state:
+            self.put_fitted_state("encoder", encoder_state)
+        config = dataclasses.replace(config, state_sha256=encoder_state.sha256)
         self._opened = self._db.create_table(self.table_name, schema=chip_schema(config))
 
     def create_with_rows(self, config: IndexConfig, rows: Iterator[pa.RecordBatch],
-                         encoder_state: dict[str, torch.Tensor] | None,
-                         states: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
+                         encoder_state: FittedState | None,
+                         states: Mapping[str, FittedState] | None = None) -> None:
         """Create the table for `config` holding `rows` (batches of `chip_schema(config)`) in a
         single commit, after storing `encoder_state` and the other `states`: a writer killed
         before the commit leaves no table. `encoder_state` None keeps only the digest recorded
         in `config` (encoders whose weights are a user's checkpoint file)."""
         if self.exists():
             raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        if encoder_state is not None and self.put_state("encoder", encoder_state) != config.state_sha256:
+        if encoder_state is not None and encoder_state.sha256 != config.state_sha256:
             raise StoreError(f"the encoder state given for {self.table_name!r} is not the one its "
                              "configuration records")
-        for key, state in (states or {}).items():
-            self.put_state(key, state)
+        for key, state in {**({"encoder": encoder_state} if encoder_state is not None else {}),
+                           **(states or {})}.items():
+            self.put_fitted_state(key, state)
         schema = chip_schema(config)
         reader = pa.RecordBatchReader.from_batches(schema, rows)
         self._opened = self._db.create_table(self.table_name, data=reader, schema=schema)
@@ -845,8 +845,8 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def _as_float16(vectors: np.ndarray) -> np.ndarray:
-    # torch converts to float16 with the CPU's vector instructions, ~5x numpy's speed; only the
-    # warm cache of a large table asks for it, and it has torch loaded already.
+    # torch converts to float16 with the CPU's vector instructions, 2-5x numpy's speed; only the
+    # warm cache of a large table (chipscout.indexer.search, which loads torch anyway) asks for it.
     import torch
 
     return torch.from_numpy(vectors).half().numpy()

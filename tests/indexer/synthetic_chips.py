@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
+from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.store import ChipStore, IndexConfig, Normalization, chip_schema
 
 WHEN = datetime(2024, 6, 15, tzinfo=timezone.utc)
@@ -51,7 +52,7 @@ def write_table(db_uri: str, table: str, chip_ids: Sequence[str], vectors: np.nd
         "indexed_at": pa.array([WHEN] * n, pa.timestamp("us", tz="UTC")),
     }, schema=chip_schema(config))
     store = ChipStore(db_uri, table)
-    store.create(config, {}, keep_state=False)
+    store.create(config, encode_state({}), keep_state=False)
     store.upsert(rows)
     return store
 

@@ -37,7 +37,7 @@ from chipscout.indexer.sources.files import BandAsset, local_source  # noqa: E40
 from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips  # noqa: E402
 from chipscout.indexer.store.runlog import list_runs  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
-from chipscout.indexer.store.fitted_state import state_digest  # noqa: E402
+from chipscout.indexer.ingest.fitted_state import load_state, state_digest  # noqa: E402
 from tests.conftest import raw_table  # noqa: E402
 
 SIZE_PX = 32
@@ -195,11 +195,11 @@ def test_empirical_kernels_are_fitted_on_the_sample_the_workers_read(client, sma
                                encoder=EMPIRICAL, tile_chips=TILE, **OPTIONS)
     assert summary.chips_new == 128
     store = ChipStore(db, "chips")
-    assert store.get_state("encoder")["fitted"].item()
+    assert load_state(store, "encoder")["fitted"].item()
     # The same sample as a single-process run, hence the same kernels, transform and vectors.
     for name in ("encoder", "transform"):
-        assert state_digest(store.get_state(name)) == state_digest(
-            ChipStore(str(tmp_path / "single"), "chips").get_state(name)), name
+        assert state_digest(load_state(store, name)) == state_digest(
+            load_state(ChipStore(str(tmp_path / "single"), "chips"), name)), name
     assert_same_table(rows_by_id(store), expected)
 
 

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from chipscout.indexer.errors import QueryError, StoreError
 from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.store import ChipStore, chip_schema
 from tests.indexer.synthetic_chips import synthetic_config
 from chipscout.indexer.search.vector_index import (
@@ -84,7 +85,7 @@ def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def _write(db: str, table: str, rows: pa.Table) -> ChipStore:
     store = ChipStore(db, table)
-    store.create(synthetic_config(rows.schema.field("vector").type.list_size), {})
+    store.create(synthetic_config(rows.schema.field("vector").type.list_size), encode_state({}))
     for start in range(0, rows.num_rows, 500):  # many commits, as an ingest makes them
         store.upsert(rows.slice(start, 500))
     return store
@@ -585,7 +586,7 @@ def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
     db = str(tmp_path / "db")
     rows = _rows(vectors, seed=9)
     store = ChipStore(db, "killed")
-    store.create(synthetic_config(128), {})
+    store.create(synthetic_config(128), encode_state({}))
     store.upsert(rows)
     version = store.version
     folder = Path(db) / "killed.lance"
