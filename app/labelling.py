@@ -127,7 +127,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
     """The session picker, new/rename/delete; returns the open session, or None when labelling is off."""
     st.header("Seed set")
     try:
-        store = LabelStore(engine.store)
+        store = LabelStore.for_engine(engine)
         sessions = store.sessions()
         counts = store.counts_by_session()
     except ChipscoutError as err:
@@ -468,7 +468,7 @@ def _downloads(seed: Seed, engine: SearchEngine) -> None:
             "scoring at least", min_value=-1.0, max_value=1.0, value=0.5, step=0.05, key=f"label_threshold-{sid}",
             help="A cosine similarity, or a probability when the ranking is the classifier's.")
     options = _round_options(sid)
-    where = f"{engine.store.db_uri}|{engine.store.table_name}@{engine.store.table.version}|{sid}"
+    where = f"{engine.store.db_uri}|{engine.store.table_name}@{engine.version}|{sid}"
     try:
         files = _exports(engine, seed.session, where, seed.fingerprint, int(candidates),
                          float(threshold) if candidates else None, options["strategy"] or seed.session.strategy,

@@ -31,7 +31,7 @@ from chipscout.indexer.sources.demo import prepare_demo_scene  # noqa: E402
 from chipscout.indexer.ingest.embedding import Embedder  # noqa: E402
 from chipscout.indexer.ingest.pipeline import Chip, ChipReader, EncoderChoice  # noqa: E402
 from chipscout.indexer.sources.stac import StacQuery, StacSearch, index_search  # noqa: E402
-from chipscout.indexer.store.table import ChipStore  # noqa: E402
+from chipscout.indexer.store import ChipStore  # noqa: E402
 from tests.conftest import LoopbackFileServer  # noqa: E402
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, write_catalog, write_item_assets  # noqa: E402
 

@@ -85,7 +85,7 @@ def rss_bytes() -> int:
 
 
 def where_of(box) -> str:
-    from chipscout.indexer.store.table import sql_literal
+    from chipscout.indexer.store import sql_literal
 
     b = box["bbox"]
     return (f"acquired >= {sql_literal(box['date_from'])} AND acquired <= {sql_literal(box['date_to'])} AND "
@@ -130,7 +130,9 @@ def child(spec_path: str) -> None:
     out["chipscout_rss_bytes"] = rss_bytes()
     out["chipscout_rss_start_bytes"] = rss_start
     out["chipscout_peak_rss_bytes"] = peak_rss_bytes()
-    table = engine.store.table
+    import lancedb  # the baseline: LanceDB's own flat search on the same table, without chipscout
+
+    table = lancedb.connect(engine.store.db_uri).open_table(engine.store.table_name)
     flat_n = spec["flat_queries"] if spec["mode"] == "cold" else 0
     for name, boxes in cases.items():
         ids, walls, cpus = [], [], []
@@ -150,7 +152,8 @@ def child(spec_path: str) -> None:
 
 # ----------------------------------------------------------------------------- one table size
 def run_size(args, rows: int) -> dict:
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.ingest.fitted_state import encode_state
+    from chipscout.indexer.store import ChipStore
     from chipscout.indexer.search.vector_index import DEFAULT_POLICY, index_status, maintain_indexes
 
     result: dict = {"rows": rows, "dim": args.dim, "queries": args.queries}
@@ -164,7 +167,7 @@ def run_size(args, rows: int) -> dict:
     if not reuse:
         shutil.rmtree(db, ignore_errors=True)
         store = ChipStore(db, TABLE)
-        store.create(bench_config(args.dim), {})
+        store.create(bench_config(args.dim), encode_state({}))
     upsert_wall = upsert_cpu = 0.0
     at = 0
     loop_started = time.perf_counter()

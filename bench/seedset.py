@@ -67,7 +67,7 @@ def build_table(root: Path, db: str) -> tuple[SearchEngine, dict[str, str]]:
 
 def simulate(engine: SearchEngine, truth: dict[str, str], strategy: str, options: dict, seeds: int,
              rounds: int, per_round: int, reps: int) -> dict:
-    store = LabelStore(engine.store)
+    store = LabelStore.for_engine(engine)
     classes = sorted(set(truth.values()))
     precision = np.zeros((len(classes) * reps, rounds))
     recall = np.zeros(len(classes) * reps)

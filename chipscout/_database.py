@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from chipscout.indexer.search.engine import ChipRecord, SearchEngine
-    from chipscout.indexer.store.table import IndexConfig
+    from chipscout.indexer.store import IndexConfig
     from chipscout.indexer.seedsets.export import ExportSummary
     from chipscout.indexer.seedsets.labels import Label, LabelStore, Session
 
@@ -44,7 +44,7 @@ class Database:
 
     def table_names(self) -> list[str]:
         """The chip tables (companion tables of labels and fitted state are left out)."""
-        from chipscout.indexer.store.table import ChipStore
+        from chipscout.indexer.store import ChipStore
 
         return ChipStore(self.uri, "chips", self.storage_options).table_names()
 

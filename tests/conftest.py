@@ -120,6 +120,14 @@ DATES = {"june": datetime(2024, 6, 15, tzinfo=timezone.utc),
          "sept": datetime(2024, 9, 20, tzinfo=timezone.utc)}
 
 
+def raw_table(store):
+    """The LanceDB table behind `store`, for tests that set up or inspect what the store never
+    offers (deleting rows behind its back, reading old versions)."""
+    import lancedb
+
+    return lancedb.connect(store.db_uri, storage_options=store.storage_options).open_table(store.table_name)
+
+
 def build_index(db_uri, small_cog, table="chips", grid=ChipGrid(64, 32)):
     """Two dated copies of the 4-band cut: 2 x 49 overlapping 64 px chips."""
     sources = [local_source(small_cog, sensor="sentinel-2-l2a", acquired=when, source_id=f"cut-{name}")

@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from chipscout.indexer.store.table import ChipStore, IndexConfig, Normalization, chip_schema
+from chipscout.indexer.ingest.fitted_state import encode_state
+from chipscout.indexer.store import ChipStore, IndexConfig, Normalization, chip_schema
 
 # ----------------------------------------------------------------------------- small exact tables
 WHEN = datetime(2024, 6, 15, tzinfo=timezone.utc)
@@ -69,7 +70,7 @@ def write_table(db_uri: str, table: str, chip_ids: Sequence[str], vectors: np.nd
         "indexed_at": pa.array([WHEN] * n, pa.timestamp("us", tz="UTC")),
     }, schema=chip_schema(config))
     store = ChipStore(db_uri, table)
-    store.create(config, {}, keep_state=False)
+    store.create(config, encode_state({}), keep_state=False)
     store.upsert(rows)
     return store
 

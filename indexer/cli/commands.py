@@ -17,6 +17,10 @@ import typer
 
 from chipscout.encoders.base import EncoderError
 from chipscout.indexer.errors import ChipscoutError
+from chipscout.indexer.cli.options import (  # noqa: F401  (cli.stac reads them from here)
+    ClusterOption, DbOption, JsonOption, SchedulerOption, StorageOption, TableOption,
+    db_uri as _db, storage_options as _storage_options,
+)
 
 app = typer.Typer(
     name="chipscout",
@@ -28,19 +32,6 @@ app = typer.Typer(
 index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
-DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
-TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
-ClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Index on a Dask cluster of worker processes on this machine: local (one per core) or local:N.")]
-SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Index on a running Dask cluster: its scheduler, tcp://HOST:PORT.")]
-
-
-def _db(db: str | None) -> str:
-    from chipscout.indexer.paths import default_db_uri
-
-    return db or default_db_uri()
-
 
 def _print_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
@@ -48,17 +39,6 @@ def _print_json(payload: Any) -> None:
 
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def _storage_options(pairs: list[str] | None) -> dict[str, str] | None:
-    """`--storage-option KEY=VALUE` options as a dict (None when none were given)."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ChipscoutError(f"bad --storage-option {pair!r}: expected KEY=VALUE, e.g. allow_http=true")
-        options[key.strip()] = value.strip()
-    return options or None
 
 
 def run_index(sources, cluster: str | None, scheduler: str | None, **options):
@@ -235,7 +215,7 @@ def info(
     """Describe a table: rows, encoder, bands, normalisation, versions, indexes, recent runs."""
     from dataclasses import asdict
 
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.store import ChipStore
 
     uri = _db(db)
     options = _storage_options(storage_option)
@@ -262,7 +242,7 @@ def info(
     recent = list_runs(store)
     expand = default_expansion(config.encoder, bool(config.transform))
     payload = {
-        "db": uri, "table": table, "rows": store.count(), "version": store.table.version,
+        "db": uri, "table": table, "rows": store.count(), "version": store.version,
         "config": asdict(config), "default_expand": expand, "indexes": store.index_description(),
         "index": index_status(store),
         "runs_recorded": len(recent), "recent_runs": [r.to_dict() for r in recent[:3]],
@@ -274,7 +254,7 @@ def info(
     typer.echo(f"  encoder   {config.encoder_label} ({config.encoder}) {json.dumps(config.encoder_config)}")
     typer.echo(f"  vectors   {config.embedding_dim}-d, {config.metric}, state sha256 {config.state_sha256[:12]}")
     if config.transform:
-        raw = "raw vectors kept (`chipscout refit`)" if "raw_vector" in store.table.schema.names else \
+        raw = "raw vectors kept (`chipscout refit`)" if "raw_vector" in store.schema.names else \
             "no raw vectors (made before chipscout kept them)"
         typer.echo(f"  transform {config.transform.get('spec')}: {config.encoder_dim}-d -> "
                    f"{config.embedding_dim}-d, fitted on {config.transform.get('fit_vectors')} vectors; {raw}")
@@ -334,13 +314,13 @@ def optimize(
     as_json: JsonOption = False,
 ) -> None:
     """Compact the table and build or update its vector and filter indexes."""
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.store import ChipStore
     from chipscout.indexer.search.vector_index import DEFAULT_POLICY, VECTOR_INDEX_TYPES, maintain_indexes
 
     if index_type is not None and index_type.upper() not in VECTOR_INDEX_TYPES:
         raise ChipscoutError(f"unknown index type {index_type!r}; choose one of {', '.join(VECTOR_INDEX_TYPES)}")
     store = ChipStore(_db(db), table)
-    store.table  # the missing-table error, with the tables there are
+    store.ensure_exists()  # the missing-table error, with the tables there are
     report = maintain_indexes(store, DEFAULT_POLICY, index_type=index_type.upper() if index_type else None,
                               rebuild=rebuild, compact=True)
     if as_json:
@@ -375,7 +355,7 @@ def refit(
     from tqdm import tqdm
 
     from chipscout.indexer.ingest.refit import refit_table
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.store import ChipStore
 
     if sample < 0:
         raise ChipscoutError(f"--sample must be 0 (all) or a number of vectors >= 2, got {sample}")
@@ -412,7 +392,7 @@ def _show_runs(store, as_json: bool) -> None:
 
 def _show_versions(store, as_json: bool) -> None:
     versions = store.versions()
-    current = store.table.version
+    current = store.version
     if as_json:
         _print_json({"db": store.db_uri, "table": store.table_name, "current": current,
                      "versions": [{"version": v["version"], "timestamp": v["timestamp"],
@@ -436,10 +416,10 @@ def restore(
 ) -> None:
     """Make an earlier version of a table current again (as a new version; nothing is deleted)."""
     from chipscout.indexer.store.runlog import record_action
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.store import ChipStore
 
     store = ChipStore(_db(db), table)
-    before = store.table.version
+    before = store.version
     current = store.restore(version)
     rows = store.count()
     record_action(store, "restore", {"version": version},
@@ -460,12 +440,12 @@ def cleanup(
 ) -> None:
     """Delete a table's old versions (and compact its files). Readers on a deleted version fail."""
     from chipscout.indexer.store.runlog import record_action
-    from chipscout.indexer.store.table import ChipStore
+    from chipscout.indexer.store import ChipStore
 
     if not older_than >= 0:
         raise ChipscoutError(f"--older-than must be a number of days >= 0, got {older_than}")
     store = ChipStore(_db(db), table)
-    before = store.table.version
+    before = store.version
     report = store.cleanup(older_than * 86400.0, delete_unverified=delete_unverified)
     record_action(store, "cleanup", {"older_than_days": older_than,
                                      "delete_unverified": delete_unverified}, report, before)
@@ -541,7 +521,7 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
                storage_options: dict[str, str] | None = None) -> None:
     import os
 
-    from chipscout.indexer.store.table import STORAGE_OPTIONS_ENV
+    from chipscout.indexer.store import STORAGE_OPTIONS_ENV
 
     env = None
     if storage_options:  # the app's stores read them from the environment

@@ -1,6 +1,8 @@
 """`chipscout label ...` and `chipscout export`: labelling sessions from the command line, for scripts.
 
-Registered by indexer/cli.py (`app.add_typer(label_app, name="label")`, `app.command("export")`).
+Registered by `chipscout.indexer.cli.commands` (`app.add_typer(label_app, name="label")`,
+`app.command("export")`). Every subcommand takes the options the other commands share
+(`--db`, `--table`, `--storage-option`, `--json`; `chipscout.indexer.cli.options`).
 Errors are LabelError (a ChipscoutError), which `chipscout` prints as one red line.
 """
 
@@ -11,31 +13,24 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from chipscout.indexer.cli.options import DbOption, JsonOption, StorageOption, TableOption, db_uri, storage_options
+
 label_app = typer.Typer(help="Label chips into seed sets: sessions, labels, proposals, quality.",
                         no_args_is_help=True)
 
-# The same options as indexer/cli.py's, defined here so either module may be imported first.
-DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
-TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 SessionArg = Annotated[str, typer.Argument(help="Session name.")]
 ByOption = Annotated[Optional[str], typer.Option("--by", help="Who labels (default: $USER).")]
 StrategyOption = Annotated[Optional[str], typer.Option("--strategy", help="auto, single, mean, rocchio or classifier (default: the session's).")]
 BetaOption = Annotated[Optional[float], typer.Option("--beta", help="Rocchio weight of the negatives (default 0.5).")]
 
 
-def _engine(db: Optional[str], table: str):
-    from chipscout.indexer.paths import default_db_uri
+def _labels(db: Optional[str], table: str, storage_option: Optional[list[str]]):
+    """The search engine over the table, and its labelling sessions."""
     from chipscout.indexer.search.engine import SearchEngine
-
-    return SearchEngine(db or default_db_uri(), table)
-
-
-def _labels(db: Optional[str], table: str):
     from chipscout.indexer.seedsets.labels import LabelStore
 
-    engine = _engine(db, table)
-    return engine, LabelStore(engine.store)
+    engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
+    return engine, LabelStore.for_engine(engine)
 
 
 def _print_json(payload: Any) -> None:
@@ -47,9 +42,10 @@ def _options(beta: Optional[float]) -> dict[str, Any]:
 
 
 @label_app.command("sessions")
-def sessions(db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+def sessions(db: DbOption = None, table: TableOption = "chips",
+             storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """List the labelling sessions of a table."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     rows = [{**s.to_dict(), **store.counts(s)} for s in store.sessions()]
     if as_json:
         _print_json({"table": table, "sessions": rows})
@@ -67,9 +63,10 @@ def sessions(db: DbOption = None, table: TableOption = "chips", as_json: JsonOpt
 def new(name: SessionArg, strategy: Annotated[str, typer.Option(help="Default ranking strategy.")] = "auto",
         notes: Annotated[str, typer.Option(help="Free text kept with the session.")] = "",
         by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+        storage_option: StorageOption = None,
         as_json: JsonOption = False) -> None:
     """Create a labelling session."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     session = store.create_session(name, strategy=strategy, notes=notes, created_by=by)
     if as_json:
         _print_json(session.to_dict())
@@ -79,9 +76,10 @@ def new(name: SessionArg, strategy: Annotated[str, typer.Option(help="Default ra
 
 @label_app.command("rename")
 def rename(name: SessionArg, new_name: Annotated[str, typer.Argument(help="New name.")],
-           db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+           db: DbOption = None, table: TableOption = "chips",
+           storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Rename a session (its labels stay with it)."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     session = store.rename_session(name, new_name)
     if as_json:
         _print_json(session.to_dict())
@@ -91,9 +89,10 @@ def rename(name: SessionArg, new_name: Annotated[str, typer.Argument(help="New n
 
 @label_app.command("delete")
 def delete(name: SessionArg, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
-           db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+           db: DbOption = None, table: TableOption = "chips",
+           storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Delete a session and all its labels."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     session = store.session(name)
     if not yes:
         counts = store.counts(session)
@@ -110,9 +109,10 @@ def delete(name: SessionArg, yes: Annotated[bool, typer.Option("--yes", help="Do
 def add(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Chip ids to label.")],
         negative: Annotated[bool, typer.Option("--negative", help="Label them negative (default: positive).")] = False,
         by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+        storage_option: StorageOption = None,
         as_json: JsonOption = False) -> None:
     """Label chips positive (or --negative); a chip labelled before gets the new label."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     written = store.set_labels(name, {c: not negative for c in chip_ids}, by=by, origin="cli")
     if as_json:
         _print_json({"session": name, "labels": [label.to_dict() for label in written]})
@@ -123,9 +123,10 @@ def add(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Ch
 
 @label_app.command("remove")
 def remove(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Chip ids to unlabel.")],
-           db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+           db: DbOption = None, table: TableOption = "chips",
+           storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Remove chips' labels from a session."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     removed = store.remove_labels(name, chip_ids)
     if as_json:
         _print_json({"session": name, "removed": removed})
@@ -135,9 +136,10 @@ def remove(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help=
 
 @label_app.command("labels")
 def show_labels(name: SessionArg, db: DbOption = None, table: TableOption = "chips",
+                storage_option: StorageOption = None,
                 as_json: JsonOption = False) -> None:
     """List a session's labels."""
-    _, store = _labels(db, table)
+    _, store = _labels(db, table, storage_option)
     labels = store.labels(name)
     if as_json:
         _print_json({"session": name, "labels": [label.to_dict() for label in labels]})
@@ -156,11 +158,12 @@ def propose(name: SessionArg,
             spread_km: Annotated[Optional[float], typer.Option("--spread-km", help="Grid cell size in km for spreading proposals.")] = None,
             per_cell: Annotated[int, typer.Option("--per-cell", help="At most this many proposals per cell.")] = 1,
             dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show; do not start a new round.")] = False,
-            db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+            db: DbOption = None, table: TableOption = "chips",
+            storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Propose the next chips to label (starting the session's next round unless --dry-run)."""
     from chipscout.indexer.seedsets import refine
 
-    engine, store = _labels(db, table)
+    engine, store = _labels(db, table, storage_option)
     run = refine.propose if dry_run else refine.next_round
     result = run(engine, name, n, uncertain=uncertain, strategy=strategy, spread_km=spread_km,
                  per_cell=per_cell, labels=store, **_options(beta))
@@ -200,11 +203,12 @@ def _metrics_text(metrics) -> str:
 
 @label_app.command("metrics")
 def metrics(name: SessionArg, strategy: StrategyOption = None, beta: BetaOption = None,
-            db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False) -> None:
+            db: DbOption = None, table: TableOption = "chips",
+            storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """How good the seed set is: cross-validated classifier precision/recall, ranking stability."""
     from chipscout.indexer.seedsets import refine
 
-    engine, store = _labels(db, table)
+    engine, store = _labels(db, table, storage_option)
     result = refine.seed_set_metrics(engine, name, strategy=strategy, labels=store, **_options(beta))
     rounds = store.rounds(name)
     if as_json:
@@ -220,12 +224,13 @@ def import_places(name: SessionArg, path: Annotated[Path, typer.Argument(help="G
                   date_from: Annotated[Optional[str], typer.Option("--from", help="Only chips acquired on or after.")] = None,
                   date_to: Annotated[Optional[str], typer.Option("--to", help="Only chips acquired on or before.")] = None,
                   by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+                  storage_option: StorageOption = None,
                   as_json: JsonOption = False) -> None:
     """Label the chips intersecting a GeoJSON's features (creating the session if needed)."""
     from chipscout.indexer.seedsets.export import import_geojson
     from chipscout.indexer.search.engine import SearchFilters
 
-    engine, store = _labels(db, table)
+    engine, store = _labels(db, table, storage_option)
     filters = SearchFilters.build(date_from, date_to)
     summary = import_geojson(engine, path, name, label="negative" if negative else "positive",
                              create=not no_create, by=by, filters=filters, labels=store)
@@ -244,12 +249,13 @@ def export_command(
     candidates: Annotated[int, typer.Option("--candidates", help="Also export the top N unlabelled chips as candidates.")] = 0,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Only candidates scoring at least this.")] = None,
     strategy: StrategyOption = None, beta: BetaOption = None,
-    db: DbOption = None, table: TableOption = "chips", as_json: JsonOption = False,
+    db: DbOption = None, table: TableOption = "chips",
+    storage_option: StorageOption = None, as_json: JsonOption = False,
 ) -> None:
     """Export a labelling session (and optional candidates) as GeoJSON or GeoParquet."""
     from chipscout.indexer.seedsets.export import export_session
 
-    engine, store = _labels(db, table)
+    engine, store = _labels(db, table, storage_option)
     summary = export_session(engine, name, out, fmt, candidates=candidates, threshold=threshold,
                              strategy=strategy, labels=store, **_options(beta))
     if as_json:

@@ -23,11 +23,12 @@ from rasterio.errors import RasterioError
 
 from chipscout.encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_parameters
 from chipscout.indexer.errors import ChipscoutError, QueryError
+from chipscout.indexer.ingest.embedding import normalise
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 from chipscout.indexer.errors import EvaluationError  # noqa: F401  (raised here, defined with the others)
 
 if TYPE_CHECKING:
-    from chipscout.indexer.store.table import Normalization
+    from chipscout.indexer.store import Normalization
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 PILLOW_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -268,7 +269,7 @@ def embed_folder(
     waves = None if layout.waves_um is None else torch.tensor(layout.waves_um, device=torch_device)
     started = time.perf_counter()
     if model.requires_fit and not model.is_fitted:
-        fit_pixels = pixels if normalization is None else normalization.apply(pixels)
+        fit_pixels = pixels if normalization is None else normalise(pixels, normalization)
         try:
             model.fit(fit_pixels.to(torch_device), None if valid is None else valid.to(torch_device),
                       waves)
@@ -670,7 +671,7 @@ def _embed(model: ChipEncoder, normalization: Normalization | None, pixels: torc
             batch = pixels[start:stop].to(device)
             mask = None if valid is None else valid[start:stop].to(device)
             if normalization is not None:
-                batch = normalization.apply(batch)
+                batch = normalise(batch, normalization)
                 if mask is not None:
                     batch = torch.where(mask[:, None], batch, torch.zeros((), device=device))
             try:

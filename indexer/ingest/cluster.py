@@ -52,7 +52,8 @@ from chipscout.indexer.ingest.pipeline import (
     transform_label,
 )
 from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
-from chipscout.indexer.store.table import ChipStore, state_digest
+from chipscout.indexer.store import ChipStore
+from chipscout.indexer.ingest.fitted_state import encode_state, save_state, state_digest
 from chipscout.indexer.ingest.transform import VectorTransform
 from chipscout.indexer.search.vector_index import maintain_indexes
 from chipscout.indexer.errors import ClusterError  # noqa: F401  (raised here, defined with the others)
@@ -516,7 +517,7 @@ def embed_sample(samples: list[tuple[list[Chip], float]], picks: list[tuple[int,
     """Runs on a worker: raw encoder vectors (before any transform) of the sample chips `picks`
     ((sample, chip) indexes into `samples`), embedded as one batch."""
     from chipscout.encoders.base import load_encoder
-    from chipscout.indexer.store.table import bytes_to_tensors
+    from chipscout.indexer.ingest.fitted_state import bytes_to_tensors
 
     worker_torch_device = worker_device(device, dict(slots).get(_worker_address(), 0))
     key = (spec.digest, worker_torch_device)
@@ -586,7 +587,7 @@ def _fit_transform_on_cluster(client: Any, embedder: Embedder, config: Any, enco
                               slots: tuple[tuple[str, int], ...], retries: int) -> VectorTransform | None:
     """`chipscout.indexer.ingest.pipeline.fit_transform` with its sample read and embedded by the workers: the
     chips stay there, only their raw vectors come back to the client, which fits."""
-    from chipscout.indexer.store.table import tensors_to_bytes
+    from chipscout.indexer.ingest.fitted_state import tensors_to_bytes
 
     state = embedder.encoder.state_dict()
     spec = EncoderSpec(config.encoder, embedder.encoder.config(),
@@ -768,8 +769,8 @@ def index_on_cluster(
         if not store.exists():
             keep_state = not embedder.encoder.config().get("checkpoint")
             if embedder.transform is not None:
-                store.put_state("transform", embedder.transform.to_state())
-            store.create(config, embedder.encoder.state_dict(), keep_state=keep_state)
+                save_state(store, "transform", embedder.transform.to_state())
+            store.create(config, encode_state(embedder.encoder.state_dict()), keep_state=keep_state)
 
         job = UnitJob(
             db_uri=store.db_uri, table_name=table_name, storage_options=storage_options,
@@ -811,7 +812,7 @@ def index_on_cluster(
         units = plan_units(admitted(stream), chip_reader, batch_size, tile_chips)
         bar = _progress_bar(progress)
         waiting: list[UnitResult] = []
-        read_version = store.table.version
+        read_version = store.version
         run_key = uuid.uuid4().hex[:12]
 
         def submit_next(done: Any) -> bool:
@@ -872,7 +873,7 @@ def index_on_cluster(
         summary.elapsed_s = time.perf_counter() - started
         maintain_indexes(store)
         summary.table_rows = store.count()
-        summary.table_version = store.table.version
+        summary.table_version = store.version
     except BaseException as err:
         if in_flight:
             client.cancel([future for _, future in in_flight.values()])

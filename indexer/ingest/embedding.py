@@ -20,7 +20,8 @@ from chipscout.encoders.base import ChipEncoder, EncoderError, build_encoder, en
 from chipscout.indexer.chips import Chip
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sensors import Sensor
-from chipscout.indexer.store.table import ChipStore, IndexConfig, Normalization, state_digest
+from chipscout.indexer.store import ChipStore, IndexConfig, Normalization
+from chipscout.indexer.ingest.fitted_state import load_state, state_digest
 from chipscout.indexer.ingest.transform import TransformError, VectorTransform, transform_digest
 
 
@@ -43,6 +44,13 @@ def make_encoder(name: str, params: dict, band_count: int) -> ChipEncoder:
         raise ChipscoutError(f"encoder {name}: {err}") from err
     except TypeError as err:  # an option this encoder does not take
         raise ChipscoutError(f"encoder {name}: {err}") from err
+
+
+def normalise(pixels: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """`pixels` (B, C, H, W) scaled per band as the table records: (x - shift) / scale."""
+    shift = torch.tensor(normalization.shift, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    scale = torch.tensor(normalization.scale, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels - shift) / scale
 
 
 def normalization_for(encoder: ChipEncoder, sensor: Sensor, bands: Sequence[str]) -> Normalization:
@@ -99,7 +107,7 @@ class Embedder:
         `checkpoint` points at the same weights if the file has moved since.
         """
         config = store.config
-        state = store.get_state("encoder")
+        state = load_state(store, "encoder")
         encoder_config = dict(config.encoder_config)
         if "checkpoint" in encoder_config:
             if state is not None:
@@ -158,7 +166,7 @@ class Embedder:
         """Chip vectors, and (N, L, D) L2-normalised patch vectors when the encoder keeps them."""
         band_count = len(self.band_wavelengths_um)
         pixels, valid = self.batch_tensors(chips, band_count)
-        pixels = self.normalization.apply(pixels.to(self.device, non_blocking=True))
+        pixels = normalise(pixels.to(self.device, non_blocking=True), self.normalization)
         valid = valid.to(self.device, non_blocking=True)
         pixels = torch.where(valid[:, None], pixels, torch.zeros((), device=self.device))
         time = torch.tensor([time_encoding(c.acquired) for c in chips], device=self.device)
@@ -183,7 +191,7 @@ def stored_transform(store: ChipStore) -> VectorTransform | None:
     if not description:
         return None
     try:
-        transform = VectorTransform.from_state(description, store.get_state("transform"))
+        transform = VectorTransform.from_state(description, load_state(store, "transform"))
     except TransformError as err:
         raise IncompatibleTableError(f"table {store.table_name!r}: {err}") from err
     if transform_digest(transform) != description.get("state_sha256"):

@@ -24,15 +24,16 @@ import torch
 
 from chipscout.encoders.base import EncoderError
 from chipscout.indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
-from chipscout.indexer.ingest.embedding import (Embedder, build_config, make_encoder, normalization_for, pick_device,
+from chipscout.indexer.ingest.embedding import (Embedder, build_config, make_encoder, normalise, normalization_for, pick_device,
                                with_transform)
+from chipscout.indexer.ingest.fitted_state import encode_state, save_state
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
     fit_requested
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError, SourceError
 from chipscout.indexer.sources.files import RasterReader, RasterSource
 from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
 from chipscout.indexer.sensors import Sensor
-from chipscout.indexer.store.table import ChipStore, IndexConfig
+from chipscout.indexer.store import ChipStore, IndexConfig
 from chipscout.indexer.ingest.thumbnails import thumbnail_png
 from chipscout.indexer.search.vector_index import maintain_indexes
 
@@ -457,7 +458,7 @@ def fit_encoder(embedder: Embedder, sample: Sequence[Chip], config: IndexConfig,
     if not sample:
         raise SourceError("no valid chips to fit the encoder on (all sources failed or were nodata)")
     pixels, valid = embedder.batch_tensors(sample, len(config.bands))
-    pixels = embedder.normalization.apply(pixels)
+    pixels = normalise(pixels, embedder.normalization)
     try:
         embedder.encoder.fit(pixels.to(device), valid.to(device),
                              torch.tensor(config.band_wavelengths_um))
@@ -675,8 +676,8 @@ def index_sources(
             if not store.exists():
                 keep_state = not embedder.encoder.config().get("checkpoint")
                 if embedder.transform is not None:
-                    store.put_state("transform", embedder.transform.to_state())
-                store.create(config, embedder.encoder.state_dict(), keep_state=keep_state)
+                    save_state(store, "transform", embedder.transform.to_state())
+                store.create(config, encode_state(embedder.encoder.state_dict()), keep_state=keep_state)
             if pending_patches:
                 # Patches first: a crash between the two commits leaves patches without a chip row,
                 # which a re-run overwrites, never a chip without its patches.
@@ -735,7 +736,7 @@ def index_sources(
             # Compaction, filter and vector indexes once the table is big enough for them to pay.
             maintain_indexes(store)
             summary.table_rows = store.count()
-            summary.table_version = store.table.version
+            summary.table_version = store.version
     except BaseException as err:
         summary.elapsed_s = time.perf_counter() - started
         try:  # the run's own error matters more than a failure to log it

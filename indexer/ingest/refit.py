@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 
 from chipscout.indexer.ingest.embedding import with_transform
+from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.errors import ChipscoutError, StoreError
-from chipscout.indexer.store.table import ChipStore, chip_schema
+from chipscout.indexer.store import ChipStore, chip_schema
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
     fit_requested
 from chipscout.indexer.search.vector_index import DEFAULT_POLICY, IndexPolicy, maintain_indexes
@@ -93,7 +94,7 @@ def refit_table(db_uri: str, source_table: str, target_table: str, spec: str | N
         raise ChipscoutError(f"sample must be at least 2 vectors, got {sample}")
     source = ChipStore(db_uri, source_table, storage_options)
     config = source.config
-    if RAW_COLUMN not in source.table.schema.names:
+    if RAW_COLUMN not in source.schema.names:
         reason = ("it has no fitted transform (plain L2 vectors)" if not config.transform else
                   "it was indexed before chipscout kept raw encoder vectors")
         raise ChipscoutError(f"table {source_table!r} cannot be refitted: {reason}; index the "
@@ -123,9 +124,7 @@ def refit_table(db_uri: str, source_table: str, target_table: str, spec: str | N
 
     def batches() -> Iterator[pa.RecordBatch]:
         nonlocal written
-        reader = (source.table.search().select(schema.names).limit(None)
-                  .to_batches(batch_size=BATCH_ROWS))
-        for batch in reader:
+        for batch in source.scan_batches(schema.names, BATCH_ROWS):
             rows = pa.Table.from_batches([batch])
             vectors = transform.apply(_raw_matrix(rows[RAW_COLUMN], dim))
             rows = rows.set_column(rows.schema.get_field_index("vector"), "vector",
@@ -138,8 +137,8 @@ def refit_table(db_uri: str, source_table: str, target_table: str, spec: str | N
             if progress is not None:
                 progress(written)
 
-    target.create_with_rows(new_config, batches(), source.get_state("encoder"),
-                            {"transform": transform.to_state()})
+    target.create_with_rows(new_config, batches(), source.fitted_state("encoder"),
+                            {"transform": encode_state(transform.to_state())})
     index = maintain_indexes(target, policy)
     return RefitReport(source_table, target_table, transform.spec,
                        (config.transform or {}).get("spec", NO_TRANSFORM), rows=written,

@@ -1,6 +1,6 @@
 """The search API every front end uses: nearest chips of a chip or vector, with typed filters.
 
-Inputs are validated here and turned into typed values; `chipscout.indexer.store.table` turns them into LanceDB
+Inputs are validated here and turned into typed values; `chipscout.indexer.store` turns them into LanceDB
 filters through `sql_literal`, so user text never becomes query syntax.
 """
 
@@ -20,7 +20,7 @@ import shapely
 from shapely.geometry import Polygon
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.store.table import DEFAULT_TABLE, ChipStore, IndexConfig, sql_literal, unit_rows
+from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, sql_literal, unit_rows
 from chipscout.indexer.search.vector_index import DEFAULT_POLICY, FilterValues, IndexPolicy, SearchPlan, VectorSearcher
 
 MAX_K = 10_000
@@ -314,7 +314,7 @@ class SearchEngine:
     def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
                  storage_options: dict[str, str] | None = None, index_policy: IndexPolicy | None = None):
         self.store = ChipStore(db_uri, table_name, storage_options)
-        self.store.table  # fail early, with the list of tables, when it is missing
+        self.store.ensure_exists()  # fail early, with the list of tables, when it is missing
         self.searcher = VectorSearcher(self.store, index_policy or DEFAULT_POLICY)
 
     @property
@@ -502,6 +502,11 @@ class SearchEngine:
                                   table_version=version, filters=filters,
                                   method="+".join(dict.fromkeys(methods)))
         return response, plan, [i for i, _, _ in kept[:k]]
+
+    @property
+    def version(self) -> int:
+        """The version of the table this engine searches (a cache key: it changes with every commit)."""
+        return self.store.version
 
 
 def _overlaps(a: Polygon, b: Polygon) -> bool:

@@ -2,7 +2,7 @@
 which parameters; scalar indexes for the filter columns; compaction; and, per query, whether
 to answer from the ANN index (filters applied before or after it) or by exact search.
 
-Policy lives here; the LanceDB calls live in `chipscout.indexer.store.table`. Every build is recorded (type,
+Policy lives here; the LanceDB calls live in `chipscout.indexer.store`. Every build is recorded (type,
 parameters, rows, seconds, lancedb version) in the companion table `<table>__indexes`, which
 `chipscout info` reports beside LanceDB's own index statistics.
 """
@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from chipscout.indexer.errors import StoreError
-from chipscout.indexer.store.table import unit_rows
+from chipscout.indexer.store import unit_rows
 
 #: Vector index types chipscout builds. IVF_RQ (RaBitQ codes) builds fastest for its recall;
 #: IVF_PQ is the classic compressed index; IVF_HNSW_SQ is a graph per IVF partition.
@@ -303,7 +303,7 @@ def maintain_indexes(store, policy: IndexPolicy = DEFAULT_POLICY, *, index_type:
         report.vector_build_s = time.perf_counter() - build_started
         record = IndexRecord(spec, default_tuning(spec),
                              datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                             report.vector_build_s, rows, dim, store.table.version, store.lancedb_version())
+                             report.vector_build_s, rows, dim, store.version, store.lancedb_version())
         _write_record(store, record)
         report.vector_index = "rebuilt" if existing is not None else "built"
     elif existing is not None:
@@ -405,7 +405,7 @@ class FilterColumns:
 
     def __init__(self, store, table: pa.Table | None = None):
         """From `table` (these columns and `_rowid`, in row-id order) when given, else scanned."""
-        self.version = store.table.version
+        self.version = store.version
         if table is None:
             table = store.scan_with_row_ids(list(self.COLUMNS))
         self.row_ids = table["_rowid"].to_numpy()
@@ -548,7 +548,7 @@ class MemoryVectors:
     filter allows, where their ~1e-4 error in a cosine distance does not reorder real neighbours."""
 
     def __init__(self, store, dtype: Any = np.float32):
-        self.version = store.table.version
+        self.version = store.version
         self.row_ids, self.vectors = store.all_vectors(dtype=dtype, unit=True)
 
     @property
@@ -724,7 +724,7 @@ class _TableState:
     """What the planner knows of one table version."""
 
     def __init__(self, store, policy: IndexPolicy):
-        self.version = store.table.version
+        self.version = store.version
         self.rows = store.count()
         self.index = store.vector_index_stats()
         self.spec: VectorIndexSpec | None = None
@@ -780,7 +780,7 @@ class VectorSearcher:
     def _current(self, version: int | None = None) -> _TableState:
         # Each `table.version` is a round trip to LanceDB's event loop (~0.1-2 ms): a query reads
         # it once and hands it on.
-        version = self.store.table.version if version is None else version
+        version = self.store.version if version is None else version
         with self._lock:
             if self._state is None or self._state.version != version:
                 self._state = _TableState(self.store, self.policy)
@@ -791,13 +791,13 @@ class VectorSearcher:
         vectors of the table's current version in memory, reloading after each new version;
         returns what was loaded. Costs seconds at a million rows, so one-shot commands skip it."""
         wanted = tuple(dict.fromkeys([*columns, *FilterColumns.COLUMNS]))
-        missing = [c for c in wanted if c not in self.store.table.schema.names]
+        missing = [c for c in wanted if c not in self.store.schema.names]
         if missing:
             raise StoreError(f"cannot keep columns {missing} in memory: table "
                              f"{self.store.table_name!r} has no such columns")
         with self._lock:
             self._warm_columns = wanted
-        cache = self._warm_cache(self.store.table.version)
+        cache = self._warm_cache(self.store.version)
         assert cache is not None
         return cache
 
@@ -829,7 +829,7 @@ class VectorSearcher:
             return self._warm
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
-        version = self.store.table.version if version is None else version
+        version = self.store.version if version is None else version
         warm = self._warm_cache(version)
         if warm is not None:
             return warm.filters
@@ -954,7 +954,7 @@ class VectorSearcher:
         `near`: the plan of an earlier query with the same filter whose neighbourhood holds this
         one's (query expansion's second search); a warm sketch then re-ranks that query's
         candidates instead of scanning the sketch again, when they are enough for k."""
-        version = self.store.table.version
+        version = self.store.version
         rows, plan = self._nearest(version, vector, k, values, where, columns, near)
         return rows, replace(plan, table_version=version)
 

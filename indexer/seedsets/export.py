@@ -28,6 +28,7 @@ from shapely.validation import explain_validity
 
 from chipscout.indexer import __version__
 from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, LabelError, LabelStore, Session, normalise_label
+from chipscout.indexer.seedsets.refine import rank_session
 from chipscout.indexer.search.engine import BBox, SearchEngine, SearchFilters
 from chipscout.indexer.errors import ExportError, GeoJSONImportError  # noqa: F401  (raised here, defined with the others)
 
@@ -81,9 +82,7 @@ def session_rows(engine: SearchEngine, session: str | Session, *, candidates: in
     the session's own) whose score is at least `threshold`: a cosine similarity for the
     similarity strategies, a probability for the classifier.
     """
-    from chipscout.indexer.seedsets.refine import rank_session  # refine needs no export; keep the import one-way
-
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     current = store.session(session)
     labelled = store.labels(current)
     if not labelled:
@@ -106,7 +105,7 @@ def session_rows(engine: SearchEngine, session: str | Session, *, candidates: in
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "db": engine.store.db_uri,
         "table": engine.store.table_name,
-        "table_version": int(engine.store.table.version),
+        "table_version": int(engine.store.version),
         "encoder": config.encoder,
         "encoder_label": config.encoder_label,
         "encoder_config": config.encoder_config,
@@ -377,7 +376,7 @@ def import_geojson(engine: SearchEngine, source: str | Path | bytes | Mapping[st
     if not chips:
         raise GeoJSONImportError(f"none of the {len(geometries)} feature(s) intersects a chip of table "
                                  f"{engine.store.table_name!r} (within the filters given)")
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     created = False
     if not store.exists(session):
         if not create:

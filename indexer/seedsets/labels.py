@@ -23,13 +23,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from enum import Enum
 from typing import Any
 
 import pyarrow as pa
 
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.search.engine import validate_chip_id
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.search.engine import SearchEngine, validate_chip_id
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.errors import LabelError  # noqa: F401  (raised here, defined with the others)
 
 POSITIVE, NEGATIVE = "positive", "negative"
@@ -191,16 +192,32 @@ class RoundRecord:
         return data
 
 
+class Strategy(str, Enum):
+    """How a session ranks chips from its labels (`chipscout.indexer.seedsets.refine` does the ranking);
+    kept here because a session records its strategy."""
+
+    AUTO = "auto"
+    SINGLE = "single"
+    MEAN = "mean"
+    ROCCHIO = "rocchio"
+    CLASSIFIER = "classifier"
+
+
 class LabelStore:
     """The labelling sessions of one chip table."""
 
     def __init__(self, store: ChipStore):
         self.store = store
-        self.store.table  # a session labels chips of an existing table; fail early and clearly
+        self.store.ensure_exists()  # a session labels chips of an existing table; fail early and clearly
 
     @classmethod
     def open(cls, db_uri: str, table_name: str, storage_options: dict[str, str] | None = None) -> LabelStore:
         return cls(ChipStore(db_uri, table_name, storage_options))
+
+    @classmethod
+    def for_engine(cls, engine: SearchEngine) -> LabelStore:
+        """The sessions of the table `engine` searches (sharing its store: one LanceDB connection)."""
+        return cls(engine.store)
 
     @property
     def table_name(self) -> str:
@@ -424,8 +441,6 @@ def _latest_rows(rows: pa.Table) -> list[dict[str, Any]]:
 
 
 def _check_strategy(strategy: str) -> str:
-    from chipscout.indexer.seedsets.refine import Strategy  # refine imports this module; the names live there
-
     try:
         return Strategy(strategy).value
     except ValueError:

@@ -19,22 +19,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from enum import Enum
 from typing import Any
 
 import numpy as np
 
-from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, LabelError, LabelStore, RoundRecord, Session
+from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, LabelError, LabelStore, RoundRecord, Session, Strategy
 from chipscout.indexer.search.engine import MAX_K, ChipRecord, SearchEngine, SearchFilters
 from chipscout.indexer.search.spread import cap_per_cell
-
-
-class Strategy(str, Enum):
-    AUTO = "auto"
-    SINGLE = "single"
-    MEAN = "mean"
-    ROCCHIO = "rocchio"
-    CLASSIFIER = "classifier"
 
 
 #: Weight of the negatives' mean in Rocchio; see BENCHMARKS.md (seedset) for the comparison.
@@ -361,7 +352,7 @@ def _split_labels(labels: dict[str, str]) -> tuple[list[str], list[str]]:
 def rank_session(engine: SearchEngine, session: str | Session, *, strategy: str | Strategy | None = None,
                  labels: LabelStore | None = None, **options: Any) -> Ranking:
     """`rank` on a session's labels (strategy: the session's own unless given)."""
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     current = store.session(session)
     ordered = store.labels(current)  # oldest first: the `single` strategy's example is the first positive
     positives, negatives = _split_labels({label.chip_id: label.label for label in ordered})
@@ -440,7 +431,7 @@ def seed_set_metrics(engine: SearchEngine, session: str | Session, *, strategy: 
                      labels: LabelStore | None = None, track_n: int = TRACK_N, **options: Any) -> SeedSetMetrics:
     """Cross-validated precision/recall of the classifier on the session's labels, and how the
     current ranking differs from the last recorded round's."""
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     current = store.session(session)
     label_map = store.label_map(current)
     positives, negatives = _split_labels(label_map)
@@ -538,7 +529,7 @@ def propose(engine: SearchEngine, session: str | Session, n: int = 20, *, uncert
             labels: LabelStore | None = None, **options: Any) -> Proposals:
     """The next chips to label in a session, without recording anything (safe to call on every
     app rerun). Options: beta, filters, example, pool_size, min_per_class, c."""
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     current = store.session(session)
     ranking = rank_session(engine, current, strategy=strategy, labels=store,
                            depth=_depth(n, spread_km, options.pop("depth", None)), **options)
@@ -553,7 +544,7 @@ def next_round(engine: SearchEngine, session: str | Session, n: int = 20, *, unc
     """Start the session's next round: rank, propose, measure the seed set, and record the round
     (its top `track_n` list and figures) so the next round can say how much the ranking moved.
     Labels given after this carry the new round's number."""
-    store = labels or LabelStore(engine.store)
+    store = labels or LabelStore.for_engine(engine)
     current = store.session(session)
     label_map = store.label_map(current)
     positives, negatives = _split_labels(label_map)

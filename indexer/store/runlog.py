@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from chipscout.indexer import __version__
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store.chip_store import ChipStore
 
 RUNS_SUFFIX = "runs"
 """Companion suffix: the run log of table `x` is `x__runs`."""
@@ -128,7 +128,7 @@ def _write(store: ChipStore, run: RunRecord) -> RunRecord:
 
 
 def _table_version(store: ChipStore) -> int | None:
-    return store.table.version if store.exists() else None
+    return store.version if store.exists() else None
 
 
 def start_run(store: ChipStore, request: dict[str, Any], kind: str = "index") -> RunRecord:

@@ -27,7 +27,7 @@ QUERY = "cut-june_r000064_c000064_s64"
 
 @pytest.fixture
 def store(engine):
-    return LabelStore(engine.store)
+    return LabelStore.for_engine(engine)
 
 
 @pytest.fixture

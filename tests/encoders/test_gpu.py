@@ -271,7 +271,7 @@ def test_pick_device_prefers_cuda():
 @pytest.mark.parametrize("which", ["rcf-empirical", "clay-tiny/patch"])
 def test_embedder_on_cuda_matches_cpu(which):
     embedding = pytest.importorskip("chipscout.indexer.ingest.embedding")
-    from chipscout.indexer.store.table import Normalization
+    from chipscout.indexer.store import Normalization
 
     chips = demo_chips(4, len(WAVES), 32)
     if which == "rcf-empirical":

@@ -19,7 +19,7 @@ from chipscout.encoders.rcf import (
 )
 from chipscout.indexer.ingest.embedding import build_config
 from chipscout.indexer.sensors import get_sensor
-from chipscout.indexer.store.table import Normalization
+from chipscout.indexer.store import Normalization
 from tests.encoders.synthetic import reflectance_chips
 
 

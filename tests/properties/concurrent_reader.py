@@ -19,7 +19,7 @@ from chipscout.indexer.search.engine import SearchEngine, SearchFilters
 
 
 def one_round(engine: SearchEngine, query_id: str) -> dict:
-    version = engine.store.table.version
+    version = engine.version
     count = engine.count()
     searches = {
         "chip": engine.similar_to_chip(query_id, 10),
@@ -28,7 +28,7 @@ def one_round(engine: SearchEngine, query_id: str) -> dict:
         "vector": engine.similar_to_vector(engine.get_vector(query_id), 8),
     }
     return {
-        "version": version, "count": count, "after_version": engine.store.table.version,
+        "version": version, "count": count, "after_version": engine.version,
         "searches": {name: {"table_version": r.table_version,
                             "ids": [x.chip.chip_id for x in r.results],
                             "distances": [x.distance for x in r.results]}

@@ -14,7 +14,8 @@ import pytest
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
+from tests.conftest import raw_table
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = EncoderChoice("rcf", {"kernels": "gaussian", "features": 32, "seed": 0})
@@ -45,14 +46,14 @@ def test_searches_stay_consistent_while_an_indexer_appends(small_cog, tmp_path):
     rounds = seen["rounds"]
 
     store = ChipStore(db, "chips")
-    final_version = store.table.version
+    final_version = store.version
     versions_seen = sorted({r["version"] for r in rounds})
     assert len(versions_seen) >= 3, "the reader did not overlap the writer"
     ids_at: dict[int, set[str]] = {}
+    table = raw_table(store)
     for version in versions_seen:
-        store.table.checkout(version)
-        ids_at[version] = set(store.table.to_arrow()["chip_id"].to_pylist())
-    store.table.checkout_latest()
+        table.checkout(version)
+        ids_at[version] = set(table.to_arrow()["chip_id"].to_pylist())
 
     previous_count = 0
     for r in rounds:

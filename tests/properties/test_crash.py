@@ -27,7 +27,7 @@ from rasterio.windows import transform as window_transform
 
 from chipscout.indexer.chips import make_chip_id
 from chipscout.indexer.store.runlog import list_runs
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 
 WORKER = Path(__file__).resolve().parents[1] / "crash_worker.py"
 SEED = 20240615
@@ -139,7 +139,7 @@ class Worker:
 
 
 def table_rows(db: Path, table: str) -> dict[str, dict]:
-    rows = ChipStore(str(db), table).table.to_arrow().drop_columns(["indexed_at"])
+    rows = ChipStore(str(db), table).scan().drop_columns(["indexed_at"])
     return {r["chip_id"]: r for r in rows.to_pylist()}
 
 
@@ -228,11 +228,11 @@ def test_killed_and_resumed_runs_equal_an_uninterrupted_run(crash_spec, tmp_path
         # Run again over the complete table: nothing is read or written, the table keeps its
         # version.
         ref_store = ChipStore(str(tmp_path / "ref"), "chips")
-        ref_version = ref_store.table.version
+        ref_version = ref_store.version
         pid = worker.start(tmp_path / "ref", "chips")
         code, again, commits = worker.run_to_end(pid)
         assert code == 0 and again["chips_new"] == 0 and again["chips_present"] == len(reference)
-        assert commits == [] and ChipStore(str(tmp_path / "ref"), "chips").table.version == ref_version
+        assert commits == [] and ChipStore(str(tmp_path / "ref"), "chips").version == ref_version
 
         # The same job killed at random moments and resumed until a run completes unkilled. A
         # round that completes before MIN_KILLS kills is followed by another on a fresh table.

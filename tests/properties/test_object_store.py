@@ -25,7 +25,7 @@ from chipscout.indexer.errors import StoreError  # noqa: E402
 from chipscout.indexer.sources.files import local_source  # noqa: E402
 from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources  # noqa: E402
 from chipscout.indexer.search.engine import SearchEngine  # noqa: E402
-from chipscout.indexer.store.table import ChipStore  # noqa: E402
+from chipscout.indexer.store import ChipStore  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 BUCKET = "chipscout-test"
@@ -193,3 +193,20 @@ def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table,
                            aws_access_key_id=s3.key_id, aws_secret_access_key=s3.secret)
     prefixes = {o["Key"].split("/")[0] for o in listing.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
     assert prefixes <= {"single", "cluster"}
+
+
+def test_label_commands_and_export_reach_a_table_on_s3(s3, single_table, chipscout, tmp_path):
+    db, rows = single_table
+    where = ["--db", db, "--table", "chips", *s3.flags()]
+    chips = rows["chip_id"].to_pylist()[:3]
+    code, out, err = chipscout("label", "new", "on-s3", *where)
+    assert code == 0, err
+    code, out, err = chipscout("label", "add", "on-s3", *chips, *where)
+    assert code == 0 and "labelled 3 chip(s) positive" in out, err
+    code, out, err = chipscout("label", "labels", "on-s3", "--json", *where)
+    assert code == 0 and sorted(x["chip_id"] for x in json.loads(out)["labels"]) == chips, err
+    code, out, err = chipscout("export", "on-s3", "--out", tmp_path / "seed.geojson", *where)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "seed.geojson").read_text())["features"]) == 3
+    code, out, err = chipscout("label", "delete", "on-s3", "--yes", *where)
+    assert code == 0 and "deleted session 'on-s3' and its 3 labels" in out, err

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from chipscout.indexer.errors import QueryError
 from chipscout.indexer.search.engine import BBox, SearchEngine, SearchFilters, SearchResponse
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -51,12 +51,12 @@ def engine(indexed_db) -> SearchEngine:
 
 @pytest.fixture(scope="module")
 def chip_ids(indexed_db) -> list[str]:
-    return ChipStore(indexed_db, "chips").table.to_arrow()["chip_id"].to_pylist()
+    return ChipStore(indexed_db, "chips").scan()["chip_id"].to_pylist()
 
 
 def table_state(db: str) -> tuple[int, int, list[str]]:
     store = ChipStore(db, "chips")
-    return store.table.version, store.count(), store._all_table_names()
+    return store.version, store.count(), store._all_table_names()
 
 
 def check_response(response: SearchResponse, engine: SearchEngine, k: int) -> None:

@@ -21,8 +21,8 @@ from chipscout.indexer.errors import StoreError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources
 from chipscout.indexer.store.runlog import list_runs
-from chipscout.indexer.store.table import ChipStore
-from tests.conftest import LoopbackFileServer, free_port
+from chipscout.indexer.store import ChipStore
+from tests.conftest import LoopbackFileServer, free_port, raw_table
 
 FAST = EncoderChoice("rcf", {"kernels": "gaussian", "features": 32, "seed": 0})
 BANDS = ["blue", "green", "red", "nir"]
@@ -40,7 +40,7 @@ def index(sources, db, table="chips", **overrides):
 
 def rows_by_id(db, table="chips") -> dict[str, dict]:
     """Rows by chip id, without what names where and when they were read (path or URL, time)."""
-    rows = ChipStore(str(db), table).table.to_arrow().drop_columns(["indexed_at", "source_path"])
+    rows = ChipStore(str(db), table).scan().drop_columns(["indexed_at", "source_path"])
     return {r["chip_id"]: r for r in rows.to_pylist()}
 
 
@@ -277,8 +277,9 @@ def test_resumed_run_reads_only_missing_chips(small_cog, tmp_path, monkeypatch, 
     db = tmp_path / "db"
     index([source], db)
     store = ChipStore(str(db), "chips")
-    store.table.delete("row_off >= 128")  # as if the run had stopped half-way
-    version = store.table.version
+    raw_table(store).delete("row_off >= 128")  # as if the run had stopped half-way
+    store.refresh()
+    version = store.version
     reads = []
     original = ChipReader.read
     monkeypatch.setattr(ChipReader, "read", lambda self, *a: reads.append(a[-2:]) or original(self, *a))
@@ -289,7 +290,7 @@ def test_resumed_run_reads_only_missing_chips(small_cog, tmp_path, monkeypatch, 
     reads.clear()
     again = index([source], db)  # complete: nothing read, nothing written
     assert reads == [] and again.chips_new == 0 and again.chips_present == 64
-    assert ChipStore(str(db), "chips").table.version == version + 8  # 32 chips / commit_every 4
+    assert ChipStore(str(db), "chips").version == version + 8  # 32 chips / commit_every 4
 
     runs = list_runs(ChipStore(str(db), "chips"))
     assert [r.result["chips_new"] for r in runs] == [0, 32, 64]
@@ -318,7 +319,7 @@ def test_restore_and_cleanup(small_cog, tmp_path, reference):
     result = runner.invoke(cli_app, ["restore", "--version", str(versions[2]), "--db", str(db), "--table", "chips"])
     assert result.exit_code == 0, result.output
     store = ChipStore(str(db), "chips")
-    assert store.count() == 32 and store.table.version == versions[-1] + 1
+    assert store.count() == 32 and store.version == versions[-1] + 1
     with pytest.raises(StoreError, match="no version 99"):
         store.restore(99)
     # Indexing again after a restore fills the table back to the same content.
@@ -363,4 +364,4 @@ def test_tables_killed_before_their_first_commit_are_not_listed(small_cog, tmp_p
     info = CliRunner().invoke(cli_app, ["info", "--db", str(db)])
     assert info.exit_code == 0 and "created" not in info.output and "refitted" not in info.output
     with pytest.raises(StoreError, match=r"tables there: kept\)"):
-        ChipStore(str(db), "created").table
+        ChipStore(str(db), "created").ensure_exists()

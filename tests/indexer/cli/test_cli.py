@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 
 TINY = ["--encoder", "rcf", "--kernels", "gaussian", "--features", "64", "--seed", "0"]
 
@@ -33,7 +33,7 @@ def cli_db(small_scene_dir, tmp_path_factory):
 
 def _state(db, table="scene"):
     store = ChipStore(str(db), table)
-    return store.table.version, store.count()
+    return store.version, store.count()
 
 
 def test_search_prints_neighbours_as_json(cli_db):

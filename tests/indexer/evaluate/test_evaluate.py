@@ -396,7 +396,7 @@ class StandardisingRecorder(Recorder):
 
 
 def test_standardising_encoders_see_the_input_scaling_of_indexing(tmp_path):
-    from chipscout.indexer.ingest.embedding import normalization_for
+    from chipscout.indexer.ingest.embedding import normalise, normalization_for
     from chipscout.indexer.sensors import get_sensor
 
     rng = np.random.default_rng(2)
@@ -414,7 +414,7 @@ def test_standardising_encoders_see_the_input_scaling_of_indexing(tmp_path):
     assert normalization.kind == "standardize"
     with rasterio.open(tmp_path / "a" / "0.tif") as dataset:
         reflectance = torch.from_numpy(dataset.read().astype(np.float32) * np.float32(1e-4))
-    expected = normalization.apply(reflectance[None])[0]
+    expected = normalise(reflectance[None], normalization)[0]
     np.testing.assert_allclose(seen[0, :, 1:], expected[:, 1:], rtol=1e-5, atol=1e-6)
     assert (seen[:, :, 0] == 0).all() and not mask[:, 0].any()  # nodata zeroed after scaling
     assert holder[0].gsds == [10.0]  # the files' 10 m pixels, as indexing passes the grid's GSD

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 distributed = pytest.importorskip("distributed")
-pytest.importorskip("lance")
+lance = pytest.importorskip("lance")
 
 from chipscout.indexer.ingest import cluster as cluster_module  # noqa: E402
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
@@ -36,7 +36,9 @@ from chipscout.indexer.ingest.cluster import (  # noqa: E402
 from chipscout.indexer.sources.files import BandAsset, local_source  # noqa: E402
 from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips  # noqa: E402
 from chipscout.indexer.store.runlog import list_runs  # noqa: E402
-from chipscout.indexer.store.table import ChipStore, state_digest  # noqa: E402
+from chipscout.indexer.store import ChipStore  # noqa: E402
+from chipscout.indexer.ingest.fitted_state import load_state, state_digest  # noqa: E402
+from tests.conftest import raw_table  # noqa: E402
 
 SIZE_PX = 32
 BATCH = 8
@@ -111,7 +113,7 @@ def test_cluster_table_equals_single_process_and_commits_whole_units(client, ref
     # No version ever held part of a unit.
     full = Counter(unit_of(c) for c in reference["chip_id"].to_pylist())
     for version in store.versions():
-        ids = store.table.to_lance().checkout_version(version["version"]).to_table(columns=["chip_id"])
+        ids = lance.dataset(store.lance_uri, version=version["version"]).to_table(columns=["chip_id"])
         seen = Counter(unit_of(c) for c in ids["chip_id"].to_pylist())
         assert all(count == full[unit] for unit, count in seen.items()), version
     run = list_runs(store)[0]
@@ -122,7 +124,8 @@ def test_cluster_table_equals_single_process_and_commits_whole_units(client, ref
                              encoder=GAUSSIAN, tile_chips=TILE, **OPTIONS)
     assert (again.chips_new, again.chips_present, again.commits) == (0, 128, 0)
     dropped = reference["chip_id"].to_pylist()[5:9]
-    store.table.delete("chip_id IN ({})".format(", ".join(f"'{c}'" for c in dropped)))
+    raw_table(store).delete("chip_id IN ({})".format(", ".join(f"'{c}'" for c in dropped)))
+    store.refresh()
     resumed = index_on_cluster(sources(small_cog), db_uri=db, table_name="chips", client=client,
                                encoder=GAUSSIAN, tile_chips=TILE, **OPTIONS)
     assert (resumed.chips_new, resumed.chips_present) == (4, 124)
@@ -192,11 +195,11 @@ def test_empirical_kernels_are_fitted_on_the_sample_the_workers_read(client, sma
                                encoder=EMPIRICAL, tile_chips=TILE, **OPTIONS)
     assert summary.chips_new == 128
     store = ChipStore(db, "chips")
-    assert store.get_state("encoder")["fitted"].item()
+    assert load_state(store, "encoder")["fitted"].item()
     # The same sample as a single-process run, hence the same kernels, transform and vectors.
     for name in ("encoder", "transform"):
-        assert state_digest(store.get_state(name)) == state_digest(
-            ChipStore(str(tmp_path / "single"), "chips").get_state(name)), name
+        assert state_digest(load_state(store, name)) == state_digest(
+            load_state(ChipStore(str(tmp_path / "single"), "chips"), name)), name
     assert_same_table(rows_by_id(store), expected)
 
 

@@ -11,7 +11,7 @@ from chipscout.indexer.errors import IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
 from chipscout.indexer.search.engine import SearchEngine
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 
 BANDS = ["blue", "green", "red", "nir"]
 
@@ -68,7 +68,7 @@ def test_other_pooling_is_refused(tmp_path, small_cog):
 def test_checkpoint_tables_keep_a_digest_not_the_weights(tmp_path, small_cog, tiny_checkpoint):
     _index(tmp_path / "db", small_cog, checkpoint=tiny_checkpoint)
     store = ChipStore(str(tmp_path / "db"), "mae")
-    assert store.get_state("encoder") is None and len(store.config.state_sha256) == 64
+    assert store.fitted_state("encoder") is None and len(store.config.state_sha256) == 64
     embedder = Embedder.for_store(store, "cpu")
     stored = np.asarray(store.fetch(["cut_r000000_c000000_s64"], ["vector"])["vector"][0].as_py())
     assert embedder.encoder.embedding_dim == stored.shape[0]

@@ -16,7 +16,7 @@ from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import ChipReader, index_sources, sample_chips
 from chipscout.indexer.ingest.refit import RAW_COLUMN, refit_table
 from chipscout.indexer.search.engine import SearchEngine
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.ingest.transform import SMALL_SAMPLE_TRANSFORM, VectorTransform, default_transform_spec
 
 from tests.conftest import DATES, TINY_RCF, build_index
@@ -38,7 +38,7 @@ def _columns(store: ChipStore, *names: str):
 
 def test_refit_writes_every_chip_with_vectors_of_the_new_transform(source_db):
     source = ChipStore(source_db, "chips")
-    version, spec_before = source.table.version, source.config.transform["spec"]
+    version, spec_before = source.version, source.config.transform["spec"]
     ids, before = _columns(source, "vector", RAW_COLUMN)
 
     report = refit_table(source_db, "chips", "chips_refit", SPEC, sample=None)
@@ -55,7 +55,7 @@ def test_refit_writes_every_chip_with_vectors_of_the_new_transform(source_db):
     np.testing.assert_allclose(after["vector"], expected, atol=1e-5)
     # The source is untouched: same version, same vectors.
     source = ChipStore(source_db, "chips")
-    assert source.table.version == version and source.config.transform["spec"] == spec_before
+    assert source.version == version and source.config.transform["spec"] == spec_before
     np.testing.assert_array_equal(_columns(source, "vector")[1]["vector"], before["vector"])
     # Metadata columns came across unchanged.
     assert (target.scan(["chip_id", "acquired", "source_id", "footprint"]).sort_by("chip_id")
@@ -128,10 +128,10 @@ def test_a_refit_that_fails_while_writing_leaves_no_table(source_db):
     ("t2", SPEC, 1, "at least 2"),
 ])
 def test_bad_refits_are_refused_and_write_nothing(source_db, target, spec, sample, message):
-    version = ChipStore(source_db, "chips").table.version
+    version = ChipStore(source_db, "chips").version
     with pytest.raises((ChipscoutError, ValueError), match=message):
         refit_table(source_db, "chips", target, spec, sample=sample)
-    assert ChipStore(source_db, "chips").table.version == version
+    assert ChipStore(source_db, "chips").version == version
     assert not ChipStore(source_db, "t2").exists()
 
 
@@ -142,7 +142,7 @@ def test_refit_refuses_an_existing_target_and_tables_without_raw_vectors(source_
     plain = [local_source(small_cog, sensor="sentinel-2-l2a", acquired=DATES["june"], source_id="p")]
     index_sources(plain, db_uri=source_db, table_name="plain", encoder=TINY_RCF, grid=ChipGrid(64, 32),
                   bands=["blue", "green", "red", "nir"], transform="none", progress=False)
-    assert RAW_COLUMN not in ChipStore(source_db, "plain").table.schema.names
+    assert RAW_COLUMN not in ChipStore(source_db, "plain").schema.names
     with pytest.raises(ChipscoutError, match="no fitted transform"):
         refit_table(source_db, "plain", "plain2", SPEC)
 

@@ -5,11 +5,12 @@ import pytest
 
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.ingest.embedding import Embedder
+from chipscout.indexer.ingest.fitted_state import load_state
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips
 from chipscout.indexer.search.engine import SearchEngine
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.ingest.transform import (DEFAULT_TRANSFORMS, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,
                                fit_requested, parse_spec)
 
@@ -172,7 +173,7 @@ def test_family_defaults_fit_empirical_kernels_and_the_default_transform_at_inde
     assert config.encoder_label == "rcf-empirical"
     assert {k: config.encoder_config[k] for k in ("kernels", "kernel_size", "bias", "band_stats")} == {
         "kernels": "empirical", "kernel_size": 5, "bias": -0.2, "band_stats": False}
-    state = store.get_state("encoder")
+    state = load_state(store, "encoder")
     assert bool(state["fitted"]) and state["weight"].shape == (512, 4, 5, 5)
     assert float(state["weight"].abs().sum()) > 0  # fitted kernels, not the unfitted zeros
     assert config.transform["spec"] == DEFAULT_TRANSFORMS["rcf"] and config.embedding_dim == 64

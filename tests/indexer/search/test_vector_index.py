@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from chipscout.indexer.errors import QueryError, StoreError
 from chipscout.indexer.search.engine import SearchEngine, SearchFilters
-from chipscout.indexer.store.table import ChipStore, chip_schema
+from chipscout.indexer.ingest.fitted_state import encode_state
+from chipscout.indexer.store import ChipStore, chip_schema
 from tests.indexer.synthetic_chips import synthetic_config
 from chipscout.indexer.search.vector_index import (
     FilterValues, IndexPolicy, QueryTuning, VectorSearcher, index_status, maintain_indexes, plan_vector_index,
@@ -84,7 +85,7 @@ def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def _write(db: str, table: str, rows: pa.Table) -> ChipStore:
     store = ChipStore(db, table)
-    store.create(synthetic_config(rows.schema.field("vector").type.list_size), {})
+    store.create(synthetic_config(rows.schema.field("vector").type.list_size), encode_state({}))
     for start in range(0, rows.num_rows, 500):  # many commits, as an ingest makes them
         store.upsert(rows.slice(start, 500))
     return store
@@ -155,10 +156,10 @@ def test_plans_follow_size_and_dimension():
 def test_small_tables_get_no_index_and_no_commit(tables):
     db, *_ = tables
     store = ChipStore(db, "exact")
-    version = store.table.version
+    version = store.version
     report = maintain_indexes(store)  # default policy: 4000 rows is far below the threshold
     assert report.vector_index == "none" and report.scalar_indexes_built == []
-    assert store.table.version == version and store.vector_index_stats() is None
+    assert store.version == version and store.vector_index_stats() is None
 
 
 # ----------------------------------------------------------------------------- indexed = exact
@@ -518,8 +519,8 @@ def test_maintenance_is_idempotent_and_folds_in_new_rows(tmp_path):
     assert first.vector_index == "built" and set(first.scalar_indexes_built) >= {"acquired", "min_lon", "chip_id"}
     record = read_record(store)
     assert record.rows_at_build == 2000 and record.spec.num_partitions == 8 and record.build_s > 0
-    version = store.table.version
-    assert maintain_indexes(store, POLICY).vector_index == "current" and store.table.version == version
+    version = store.version
+    assert maintain_indexes(store, POLICY).vector_index == "current" and store.version == version
 
     store.upsert(_rows(vectors[2000:3000], seed=5, first=2000))  # +50 %: a delta, not a retrain
     assert store.vector_index_stats()["num_unindexed_rows"] == 1000
@@ -569,7 +570,7 @@ def test_cli_optimize_and_info_report_the_index(tmp_path):
 # ----------------------------------------------------------------------------- interrupted build
 _BUILD = """
 import sys
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.search.vector_index import VectorIndexSpec
 store = ChipStore(sys.argv[1], "killed")
 print("building", flush=True)
@@ -585,9 +586,9 @@ def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
     db = str(tmp_path / "db")
     rows = _rows(vectors, seed=9)
     store = ChipStore(db, "killed")
-    store.create(synthetic_config(128), {})
+    store.create(synthetic_config(128), encode_state({}))
     store.upsert(rows)
-    version = store.table.version
+    version = store.version
     folder = Path(db) / "killed.lance"
     versions_on_disk = sorted(os.listdir(folder / "_versions"))
 
@@ -614,7 +615,7 @@ def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
     assert left_over, "the killed build should have left uncommitted index files behind"
     assert sorted(os.listdir(folder / "_versions")) == versions_on_disk  # no commit happened
     reopened = ChipStore(db, "killed")
-    assert reopened.table.version == version and reopened.vector_index_stats() is None
+    assert reopened.version == version and reopened.vector_index_stats() is None
     engine = SearchEngine(db, "killed", index_policy=POLICY)
     for q in rng.standard_normal((3, 128)):
         response = engine.similar_to_vector(q, k=10)

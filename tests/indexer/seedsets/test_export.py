@@ -33,7 +33,7 @@ def footprints(engine):
 
 @pytest.fixture(scope="module")
 def labelled(engine):
-    store = LabelStore(engine.store)
+    store = LabelStore.for_engine(engine)
     chips = [c.chip_id for c in engine.sample(6, seed=3)]
     store.create_session("export-me", strategy="mean")
     store.set_labels("export-me", {c: "positive" for c in chips[:4]}, scores={chips[0]: 0.97}, by="ana")
@@ -48,7 +48,7 @@ def test_geojson_export_reads_back(engine, labelled, footprints, tmp_path):
     document = json.loads((tmp_path / "seed.geojson").read_text())
     assert document["type"] == "FeatureCollection" and "crs" not in document
     provenance = document["chipscout"]
-    assert provenance["table"] == "chips" and provenance["table_version"] == engine.store.table.version
+    assert provenance["table"] == "chips" and provenance["table_version"] == engine.version
     assert provenance["encoder"] == "rcf" and provenance["encoder_config"]["features"] == 64
     assert provenance["candidates"]["strategy"] == "mean" and provenance["session"] == "export-me"
     by_id = {f["id"]: f for f in document["features"]}
@@ -140,7 +140,7 @@ def test_import_points_and_polygons(engine, footprints):
     expected = sorted(c for c, f in footprints.items() if f.intersects(centre) or f.intersects(polygon))
     assert summary.created and summary.chips == expected and summary.unmatched_features == [2]
     assert "cut-june_r000096_c000096_s64" in expected and "cut-sept_r000096_c000096_s64" in expected
-    store = LabelStore(engine.store)
+    store = LabelStore.for_engine(engine)
     assert store.label_map("imported") == {c: "positive" for c in expected}
     # Negatives into the same session, limited to one date by a filter.
     negatives = import_geojson(engine, _collection(mapping(polygon)), "imported", label="negative",
@@ -172,7 +172,7 @@ def test_import_rejects_other_crs_and_bad_geometry(engine, footprints, tmp_path)
         read_geojson(tmp_path / "broken.geojson")
     with pytest.raises(GeoJSONImportError, match="none of the 1 feature"):
         import_geojson(engine, _collection({"type": "Point", "coordinates": [10.0, 50.0]}), "nowhere")
-    assert not LabelStore(engine.store).exists("nowhere")  # nothing was created
+    assert not LabelStore.for_engine(engine).exists("nowhere")  # nothing was created
 
 
 def test_import_and_export_commands(engine, footprints, tmp_path):

@@ -13,6 +13,7 @@ from chipscout.indexer import cli
 from chipscout.indexer.cli.commands import app
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.seedsets.labels import LABELS, LabelError, LabelStore
+from chipscout.indexer.store import ChipStore
 from tests.indexer.synthetic_chips import clustered_table
 
 
@@ -215,6 +216,36 @@ def test_label_commands(table, monkeypatch):
         run("add", "farms2", "nope")
     assert "deleted session 'farms2'" in run("delete", "farms2", "--yes").output
     assert json.loads(run("sessions", "--json").output)["sessions"] == []
+
+
+def test_label_commands_take_the_shared_options(table, monkeypatch):
+    """Every `label` subcommand and `export` take --db, --table, --storage-option and --json, and
+    the storage options reach the store."""
+    from chipscout.indexer.cli.label import label_app
+
+    runner = CliRunner()
+    commands = [["label", c.name] for c in label_app.registered_commands] + [["export"]]
+    assert len(commands) == 11
+    for command in commands:
+        help_text = runner.invoke(app, [*command, "--help"], terminal_width=200).output
+        for option in ("--db", "--table", "--storage-option", "--json"):
+            assert option in help_text, (command, option)
+
+    db, _ = table
+    opened = []
+    open_store = ChipStore.__init__
+
+    def recording(self, db_uri, table_name="chips", storage_options=None):
+        opened.append(storage_options)
+        open_store(self, db_uri, table_name, storage_options)
+
+    monkeypatch.setattr(ChipStore, "__init__", recording)
+    result = runner.invoke(app, ["label", "sessions", "--db", db, "--table", "clusters", "--json",
+                                 "--storage-option", "timeout=30s"])
+    assert result.exit_code == 0, result.output
+    assert opened == [{"timeout": "30s"}] and json.loads(result.output)["sessions"] == []
+    result = runner.invoke(app, ["label", "sessions", "--db", db, "--storage-option", "timeout"])
+    assert "bad --storage-option 'timeout'" in str(result.exception)
 
 
 def test_cli_reports_label_errors_as_one_line(table, monkeypatch, capsys):

@@ -45,7 +45,7 @@ def clusters(tmp_path_factory):
 @pytest.fixture()
 def session(clusters):
     engine, members = clusters
-    store = LabelStore(engine.store)
+    store = LabelStore.for_engine(engine)
     name = f"s{np.random.default_rng().integers(1 << 30)}"
     store.create_session(name)
     yield store, name, members

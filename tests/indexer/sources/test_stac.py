@@ -21,7 +21,7 @@ from chipscout.indexer.sources.stac import (
     NothingToIndexError, StacQuery, StacSearch, StacSearchError, index_search, is_planetary_computer,
     parse_bbox, parse_datetime_interval,
 )
-from chipscout.indexer.store.table import ChipStore
+from chipscout.indexer.store import ChipStore
 from tests.conftest import LoopbackFileServer, free_port
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, rustac_executable, write_catalog, write_item_assets
 
@@ -103,7 +103,7 @@ def _rows(db, table="s2"):
 
 def _state(db, table="s2"):
     store = ChipStore(str(db), table)
-    return store.table.version, store.count()
+    return store.version, store.count()
 
 
 # ----------------------------------------------------------------------------- the indexed table

@@ -12,7 +12,7 @@ from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.errors import IncompatibleTableError, StoreError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
-from chipscout.indexer.store.table import ChipStore, sql_literal
+from chipscout.indexer.store import ChipStore, sql_literal
 
 from tests.conftest import TINY_RCF, build_index
 
@@ -26,13 +26,13 @@ def test_table_records_how_vectors_were_made(indexed_db):
     assert config.band_wavelengths_um == (0.493, 0.56, 0.665, 0.842)
     assert config.normalization.kind == "reflectance"
     assert config.chipscout_version and config.created_at and len(config.state_sha256) == 64
-    schema = store.table.schema
+    schema = store.schema
     assert schema.field("vector").type == pa.list_(pa.float32(), 64)
     assert schema.field("footprint").metadata[b"ARROW:extension:name"] == b"geoarrow.wkb"
 
 
 def test_rows_hold_footprints_quality_and_thumbnails(indexed_db):
-    rows = ChipStore(indexed_db, "chips").table.to_arrow()
+    rows = ChipStore(indexed_db, "chips").scan()
     assert rows.num_rows == 98 and len(set(rows["chip_id"].to_pylist())) == 98
     vectors = np.stack(rows["vector"].to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
@@ -65,17 +65,17 @@ def test_stored_encoder_reproduces_stored_vectors(indexed_db, small_cog):
 
 def test_reindexing_adds_no_duplicates(tmp_path, small_cog):
     first = build_index(tmp_path / "db", small_cog)
-    version = ChipStore(str(tmp_path / "db"), "chips").table.version
+    version = ChipStore(str(tmp_path / "db"), "chips").version
     again = build_index(tmp_path / "db", small_cog)
     assert first.chips_new == 98
     assert again.chips_new == 0 and again.chips_present == 98 and again.table_rows == 98
-    assert ChipStore(str(tmp_path / "db"), "chips").table.version == version  # nothing rewritten
+    assert ChipStore(str(tmp_path / "db"), "chips").version == version  # nothing rewritten
 
 
 def test_other_encoder_is_refused_and_table_untouched(tmp_path, small_cog):
     build_index(tmp_path / "db", small_cog)
     store = ChipStore(str(tmp_path / "db"), "chips")
-    before = (store.table.version, store.count())
+    before = (store.version, store.count())
     source = local_source(small_cog, sensor="sentinel-2-l2a", source_id="other")
     for encoder, bands in [
         (EncoderChoice("rcf", {"kernels": "gaussian", "features": 128, "seed": 0}), None),
@@ -86,7 +86,7 @@ def test_other_encoder_is_refused_and_table_untouched(tmp_path, small_cog):
             index_sources([source], db_uri=str(tmp_path / "db"), table_name="chips", encoder=encoder,
                           grid=ChipGrid(64, 32), bands=bands, progress=False)
     store = ChipStore(str(tmp_path / "db"), "chips")
-    assert (store.table.version, store.count()) == before
+    assert (store.version, store.count()) == before
 
 
 def test_missing_table_lists_what_exists(indexed_db):

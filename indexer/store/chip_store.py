@@ -1,6 +1,7 @@
 """The LanceDB store: one chip table per index, its recorded configuration, and fitted state.
 
-This is the only module that talks to LanceDB. A table's Arrow schema metadata (`chipscout`)
+`ChipStore` is the only door to LanceDB: callers ask it for rows, vectors, versions and indexes,
+never for the raw table. A table's Arrow schema metadata (`chipscout`)
 records how its vectors were made (encoder, parameters, bands, normalisation, version); fitted
 tensors (RCF kernels, model weights' digest, vector transforms) live in a companion table
 `<name>__state`, so a query from anywhere is embedded exactly like the stored chips.
@@ -10,8 +11,6 @@ Filter values reach LanceDB only through `sql_literal`, never as raw text.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
@@ -19,147 +18,30 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
 import lancedb
 import numpy as np
 import pyarrow as pa
-import torch
 
-from chipscout.indexer import __version__
 from chipscout.indexer.errors import IncompatibleTableError, QueryError, StoreError
+from chipscout.indexer.store.config import (DEFAULT_TABLE, METADATA_KEY, IndexConfig, chip_schema,
+                                            validate_table_name)
 
-METADATA_KEY = b"chipscout"
 STATE_SUFFIX = "__state"
 PATCH_SUFFIX = "__patches"
-TABLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-DEFAULT_TABLE = "chips"
-
-_GEOARROW_WKB = {
-    b"ARROW:extension:name": b"geoarrow.wkb",
-    b"ARROW:extension:metadata": json.dumps({"crs": "OGC:CRS84"}).encode(),
-}
 
 
 @dataclass(frozen=True)
-class Normalization:
-    """Per-band affine scaling applied to reflectance before the encoder: (x - shift) / scale."""
+class FittedState:
+    """Fitted tensors (encoder weights, RCF kernels, a vector transform) as the store keeps them:
+    serialised bytes and the digest of the tensors. Encoding them is the caller's part
+    (`chipscout.indexer.ingest.fitted_state`), so the store does not depend on torch."""
 
-    kind: str
-    shift: tuple[float, ...]
-    scale: tuple[float, ...]
-
-    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
-        shift = torch.tensor(self.shift, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        scale = torch.tensor(self.scale, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        return (pixels - shift) / scale
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """Everything that decides what a stored vector means. Two tables agree iff these agree."""
-
-    encoder: str
-    """Registered encoder name (`rcf`, `clay-v1.5-large`, ...)."""
-    encoder_config: dict[str, Any]
-    encoder_label: str
-    """Human name, e.g. `rcf-empirical` or `clay-v1.5-large/cls`."""
-    embedding_dim: int
-    sensor: str
-    bands: tuple[str, ...]
-    band_wavelengths_um: tuple[float, ...]
-    normalization: Normalization
-    chip_size_px: int
-    chip_stride_px: int
-    state_sha256: str = ""
-    transform: dict[str, Any] | None = None
-    metric: str = "cosine"
-    chipscout_version: str = __version__
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> IndexConfig:
-        raw = json.loads(text)
-        raw["normalization"] = Normalization(
-            raw["normalization"]["kind"], tuple(raw["normalization"]["shift"]),
-            tuple(raw["normalization"]["scale"]))
-        raw["bands"] = tuple(raw["bands"])
-        raw["band_wavelengths_um"] = tuple(raw["band_wavelengths_um"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
-
-    def mismatches(self, other: IndexConfig) -> list[str]:
-        """Human-readable differences that make vectors of `other` incomparable with ours."""
-        differences = []
-        for name in ("encoder", "encoder_config", "sensor", "bands", "normalization", "encoder_dim"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                differences.append(f"{name}: table has {_short(mine)}, this run has {_short(theirs)}")
-        return differences
-
-    @property
-    def encoder_dim(self) -> int:
-        """The encoder's output dimension; `embedding_dim` is the stored vectors' (after any
-        dimension-reducing transform, `chipscout.indexer.ingest.transform`)."""
-        if self.transform and self.transform.get("input_dim"):
-            return int(self.transform["input_dim"])
-        return self.embedding_dim
-
-
-def _short(value: Any) -> str:
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) < 160 else text[:157] + "..."
-
-
-def chip_schema(config: IndexConfig) -> pa.Schema:
-    """The chip table's columns; a table with a fitted vector transform also keeps each chip's
-    raw encoder vector (`raw_vector`), which `chipscout refit` fits a new transform on."""
-    raw = [pa.field("raw_vector", pa.list_(pa.float32(), config.encoder_dim))] if config.transform else []
-    return pa.schema(
-        [
-            pa.field("chip_id", pa.string(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), config.embedding_dim)),
-            pa.field("footprint", pa.binary(), metadata=_GEOARROW_WKB),
-            pa.field("min_lon", pa.float64()),
-            pa.field("min_lat", pa.float64()),
-            pa.field("max_lon", pa.float64()),
-            pa.field("max_lat", pa.float64()),
-            pa.field("center_lon", pa.float64()),
-            pa.field("center_lat", pa.float64()),
-            pa.field("acquired", pa.timestamp("us", tz="UTC")),
-            pa.field("source_id", pa.string()),
-            pa.field("source_path", pa.string()),
-            pa.field("sensor", pa.string()),
-            pa.field("crs", pa.string()),
-            pa.field("row_off", pa.int32()),
-            pa.field("col_off", pa.int32()),
-            pa.field("size_px", pa.int32()),
-            pa.field("gsd_m", pa.float32()),
-            pa.field("nodata_fraction", pa.float32()),
-            pa.field("cloud_fraction", pa.float32()),
-            pa.field("radiometry", pa.string()),
-            pa.field("thumbnail", pa.binary()),
-            pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
-            *raw,
-        ],
-        metadata={METADATA_KEY: config.to_json().encode()},
-    )
-
-
-def validate_table_name(name: str) -> str:
-    if not isinstance(name, str) or not TABLE_NAME_PATTERN.match(name) or "__" in name:
-        raise StoreError(
-            f"bad table name {name!r}: use letters, digits, '_', '-' or '.', at most 100 "
-            "characters, without '__' (reserved for companion tables)"
-        )
-    return name
+    blob: bytes
+    sha256: str
 
 
 def sql_literal(value: Any) -> str:
@@ -188,27 +70,6 @@ def sql_literal(value: Any) -> str:
     raise QueryError(f"unsupported filter value type {type(value).__name__}")
 
 
-def tensors_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, buffer)
-    return buffer.getvalue()
-
-
-def bytes_to_tensors(blob: bytes) -> dict[str, torch.Tensor]:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
 class ChipStore:
     """A chip table (existing, or created on the first write) in a LanceDB database."""
 
@@ -223,7 +84,7 @@ class ChipStore:
             self._db = lancedb.connect(self.db_uri, storage_options=self.storage_options)
         except Exception as err:  # lancedb raises plain ValueError/OSError/RuntimeError here
             raise StoreError(f"cannot open database {self.db_uri}: {storage_error_message(err)}") from err
-        self._table = None
+        self._opened = None
         self._async_table = None  # the same table for queries, see `_query_table`
         self._async_version: int | None = None
         self._config: tuple[tuple[int, int], IndexConfig] | None = None
@@ -261,30 +122,45 @@ class ChipStore:
             raise StoreError(f"cannot open table {name!r} in {self.db_uri}: {err}") from err
 
     def exists(self) -> bool:
-        if self._table is None:
-            self._table = self._open_if_committed(self.table_name)
-        return self._table is not None
+        if self._opened is None:
+            self._opened = self._open_if_committed(self.table_name)
+        return self._opened is not None
 
-    @property
-    def table(self):
+    def ensure_exists(self) -> None:
+        """Raise `StoreError`, naming the tables there are, when the chip table is missing."""
         if not self.exists():
             available = ", ".join(self.table_names()) or "none"
             raise StoreError(
                 f"no table {self.table_name!r} in {self.db_uri} (tables there: {available}); "
                 "run `chipscout index` or `chipscout demo` first"
             )
-        return self._table
+
+    @property
+    def _table(self):
+        """The LanceDB table; private: callers ask the store for what they need."""
+        self.ensure_exists()
+        return self._opened
+
+    @property
+    def version(self) -> int:
+        """The table version this store reads (see `refresh`)."""
+        return self._table.version
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The chip table's Arrow schema (with the recorded `IndexConfig` in its metadata)."""
+        return self._table.schema
 
     def refresh(self) -> None:
         """See commits made by other writers since this store was opened."""
-        if self._table is not None:
-            self._table.checkout_latest()
+        if self._opened is not None:
+            self._opened.checkout_latest()
 
     @property
     def config(self) -> IndexConfig:
         # Parsed once per table version: the metadata holds the fitted transform (tens of kB of
         # JSON, ~1 ms to read and parse), and every query asks for the dimension.
-        table = self.table
+        table = self._table
         key = (id(table), table.version)
         if self._config is None or self._config[0] != key:
             metadata = table.schema.metadata or {}
@@ -305,32 +181,28 @@ class ChipStore:
                             pa.field("blob", pa.large_binary())])
         return self._db.create_table(name, schema=schema)
 
-    def put_state(self, key: str, state: dict[str, torch.Tensor]) -> str:
-        digest = state_digest(state)
-        rows = pa.table({"key": [key], "sha256": [digest], "blob": [tensors_to_bytes(state)]},
+    def put_fitted_state(self, key: str, state: FittedState) -> None:
+        """Keep `state` under `key` in `<table>__state` (replacing what was there)."""
+        rows = pa.table({"key": [key], "sha256": [state.sha256], "blob": [state.blob]},
                         schema=pa.schema([pa.field("key", pa.string()), pa.field("sha256", pa.string()),
                                           pa.field("blob", pa.large_binary())]))
         table = self._state_table(create=True)
         (table.merge_insert("key").when_matched_update_all().when_not_matched_insert_all()
          .execute(rows))
-        return digest
 
-    def get_state(self, key: str) -> dict[str, torch.Tensor] | None:
+    def fitted_state(self, key: str) -> FittedState | None:
+        """The state kept under `key`, as stored (None when there is none)."""
         table = self._state_table()
         if table is None:
             return None
         rows = table.search().where(f"key = {sql_literal(key)}").limit(1).to_arrow()
         if rows.num_rows == 0:
             return None
-        state = bytes_to_tensors(rows["blob"][0].as_py())
-        if state_digest(state) != rows["sha256"][0].as_py():
-            raise StoreError(f"stored state {key!r} of table {self.table_name!r} is corrupt (digest mismatch)")
-        return state
+        return FittedState(rows["blob"][0].as_py(), rows["sha256"][0].as_py())
 
     # ------------------------------------------------------------------ writing
-    def create(self, config: IndexConfig, encoder_state: dict[str, torch.Tensor],
-               keep_state: bool = True) -> None:
-        """Create the table for `config`; refuse if one exists.
+    def create(self, config: IndexConfig, encoder_state: FittedState, keep_state: bool = True) -> None:
+        """Create the table for `config`, recording the digest of `encoder_state`; refuse if one exists.
 
         `keep_state` stores the encoder's tensors in the companion table. Encoders whose weights
         come from a user's checkpoint file (Clay) keep only the weights' digest, so a table never
@@ -338,27 +210,29 @@ class ChipStore:
         """
         if self.exists():
             raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        digest = self.put_state("encoder", encoder_state) if keep_state else state_digest(encoder_state)
-        config = dataclasses.replace(config, state_sha256=digest)
-        self._table = self._db.create_table(self.table_name, schema=chip_schema(config))
+        if keep_state:
+            self.put_fitted_state("encoder", encoder_state)
+        config = dataclasses.replace(config, state_sha256=encoder_state.sha256)
+        self._opened = self._db.create_table(self.table_name, schema=chip_schema(config))
 
     def create_with_rows(self, config: IndexConfig, rows: Iterator[pa.RecordBatch],
-                         encoder_state: dict[str, torch.Tensor] | None,
-                         states: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
+                         encoder_state: FittedState | None,
+                         states: Mapping[str, FittedState] | None = None) -> None:
         """Create the table for `config` holding `rows` (batches of `chip_schema(config)`) in a
         single commit, after storing `encoder_state` and the other `states`: a writer killed
         before the commit leaves no table. `encoder_state` None keeps only the digest recorded
         in `config` (encoders whose weights are a user's checkpoint file)."""
         if self.exists():
             raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        if encoder_state is not None and self.put_state("encoder", encoder_state) != config.state_sha256:
+        if encoder_state is not None and encoder_state.sha256 != config.state_sha256:
             raise StoreError(f"the encoder state given for {self.table_name!r} is not the one its "
                              "configuration records")
-        for key, state in (states or {}).items():
-            self.put_state(key, state)
+        for key, state in {**({"encoder": encoder_state} if encoder_state is not None else {}),
+                           **(states or {})}.items():
+            self.put_fitted_state(key, state)
         schema = chip_schema(config)
         reader = pa.RecordBatchReader.from_batches(schema, rows)
-        self._table = self._db.create_table(self.table_name, data=reader, schema=schema)
+        self._opened = self._db.create_table(self.table_name, data=reader, schema=schema)
 
     def check_compatible(self, requested: IndexConfig) -> None:
         problems = self.config.mismatches(requested)
@@ -373,9 +247,9 @@ class ChipStore:
         """Insert rows, replacing any with the same chip_id; one atomic commit."""
         if rows.num_rows == 0:
             return 0
-        schema = self.table.schema
+        schema = self._table.schema
         rows = rows.select(schema.names).cast(schema)
-        result = (self.table.merge_insert("chip_id").when_matched_update_all()
+        result = (self._table.merge_insert("chip_id").when_matched_update_all()
                   .when_not_matched_insert_all().execute(rows))
         return int(getattr(result, "num_inserted_rows", rows.num_rows))
 
@@ -383,7 +257,7 @@ class ChipStore:
     @property
     def lance_uri(self) -> str:
         """Where the table's Lance dataset lives (`<db>/<table>.lance`)."""
-        return self.table.to_lance().uri
+        return self._table.to_lance().uri
 
     def write_fragments(self, rows: pa.Table) -> list[Any]:
         """Write `rows` as new data files of the table without committing them: returns Lance
@@ -393,7 +267,7 @@ class ChipStore:
 
         if rows.num_rows == 0:
             return []
-        schema = self.table.schema
+        schema = self._table.schema
         rows = rows.select(schema.names).cast(schema)
         try:
             return lance.fragment.write_fragments(rows, self.lance_uri, schema=schema, mode="append",
@@ -409,7 +283,7 @@ class ChipStore:
         import lance
 
         if not fragments:
-            return self.table.version
+            return self._table.version
         try:
             dataset = lance.LanceDataset.commit(self.lance_uri, lance.LanceOperation.Append(list(fragments)),
                                                 read_version=read_version,
@@ -417,7 +291,7 @@ class ChipStore:
         except (OSError, ValueError, RuntimeError) as err:
             raise StoreError(f"cannot commit to {self.table_name!r} in {self.db_uri}: "
                              f"{storage_error_message(err)}") from err
-        self.table.checkout_latest()
+        self._table.checkout_latest()
         return int(dataset.version)
 
     def upsert_patches(self, rows: pa.Table) -> None:
@@ -441,34 +315,41 @@ class ChipStore:
 
     # ------------------------------------------------------------------ reading
     def count(self) -> int:
-        return self.table.count_rows()
+        return self._table.count_rows()
 
     def chip_ids_of_source(self, source_id: str) -> set[str]:
-        rows = (self.table.search().where(f"source_id = {sql_literal(source_id)}")
+        rows = (self._table.search().where(f"source_id = {sql_literal(source_id)}")
                 .select(["chip_id"]).limit(None).to_arrow())
         return set(rows["chip_id"].to_pylist())
 
     def fetch(self, chip_ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
         if not chip_ids:
-            return self.table.schema.empty_table()
+            return self._table.schema.empty_table()
         literals = ", ".join(sql_literal(c) for c in chip_ids)
-        query = self.table.search().where(f"chip_id IN ({literals})").limit(len(chip_ids))
+        query = self._table.search().where(f"chip_id IN ({literals})").limit(len(chip_ids))
         if columns:
             query = query.select(list(columns))
         return query.to_arrow()
 
-    def scan(self, columns: Sequence[str], where: str | None = None, limit: int | None = None,
+    def scan(self, columns: Sequence[str] | None = None, where: str | None = None, limit: int | None = None,
              offset: int = 0) -> pa.Table:
-        query = self.table.search()
+        """Rows `where` allows (all of them by default), `columns` of them (None: every column)."""
+        query = self._table.search()
         if where:
             query = query.where(where)
-        query = query.select(list(columns))
+        if columns is not None:
+            query = query.select(list(columns))
         if offset:
             query = query.offset(offset)
         return query.limit(limit).to_arrow()
 
+    def scan_batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """`columns` of every row, in batches of at most `batch_rows`, from this store's version."""
+        return (self._table.search().select(list(columns)).limit(None)
+                .to_batches(batch_size=batch_rows))
+
     def take_offsets(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
-        return self.table.take_offsets(list(offsets)).select(list(columns)).to_arrow()
+        return self._table.take_offsets(list(offsets)).select(list(columns)).to_arrow()
 
     # Queries go through LanceDB's async API, at the version the sync table is at: the sync
     # query builder of lancedb 0.40 asks the table for its schema 3-4 times per query, a round
@@ -476,7 +357,7 @@ class ChipStore:
     def _query_table(self):
         from lancedb.background_loop import LOOP
 
-        version = self.table.version
+        version = self._table.version
         if self._async_table is None or self._async_version != version:
             async def open_at_version():
                 table = self._async_table
@@ -527,7 +408,7 @@ class ChipStore:
 
     def scan_with_row_ids(self, columns: Sequence[str]) -> pa.Table:
         """`columns` and `_rowid` of every row, in row-id order (valid for this version only)."""
-        rows = self.table.search().select(list(columns)).with_row_id(True).limit(None).to_arrow()
+        rows = self._table.search().select(list(columns)).with_row_id(True).limit(None).to_arrow()
         import pyarrow.compute as pc
 
         order = pc.sort_indices(rows["_rowid"])
@@ -550,7 +431,7 @@ class ChipStore:
         row_ids = np.empty(total, dtype=np.uint64)
         vectors = np.empty((total, dim), dtype=dtype)
         at = 0
-        reader = (self.table.search().select(["vector"]).with_row_id(True).limit(None)
+        reader = (self._table.search().select(["vector"]).with_row_id(True).limit(None)
                   .to_batches(batch_size=32_768))
         for batch in reader:
             if at + batch.num_rows > total:
@@ -558,9 +439,7 @@ class ChipStore:
             chunk = self._vectors_of(pa.Table.from_batches([batch]))
             if unit:
                 unit_rows(chunk)
-            # torch converts to float16 with the CPU's vector instructions, ~5x numpy's speed.
-            vectors[at: at + batch.num_rows] = (torch.from_numpy(chunk).half().numpy()
-                                                if vectors.dtype == np.float16 else chunk)
+            vectors[at: at + batch.num_rows] = _as_float16(chunk) if vectors.dtype == np.float16 else chunk
             row_ids[at: at + batch.num_rows] = batch.column("_rowid").to_numpy()
             at += batch.num_rows
         if at != total:
@@ -582,7 +461,7 @@ class ChipStore:
         """Rows by `_rowid`, in the order given, with `_distance` set to `distances`."""
         wanted = [c for c in columns if c != "_distance"]
         if len(row_ids) == 0:
-            empty = self.table.schema.empty_table().select(wanted)
+            empty = self._table.schema.empty_table().select(wanted)
             return empty.append_column("_distance", pa.array([], pa.float32()))
         rows = self._run(self._query_table().take_row_ids([int(r) for r in row_ids]).select(wanted).with_row_id())
         position = {int(r): i for i, r in enumerate(rows["_rowid"].to_pylist())}
@@ -592,7 +471,7 @@ class ChipStore:
 
     def versions(self) -> list[dict[str, Any]]:
         """Committed versions, oldest first: `version`, `timestamp` and `metadata` (`total_rows`...)."""
-        return self.table.list_versions()
+        return self._table.list_versions()
 
     def restore(self, version: int) -> int:
         """Make `version` the table's content again, as a new version (later ones are kept).
@@ -607,11 +486,11 @@ class ChipStore:
             raise StoreError(f"table {self.table_name!r} has no version {version} "
                              f"(versions kept: {_version_ranges(known)}; older ones were cleaned up)")
         try:
-            self.table.restore(version)
+            self._table.restore(version)
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"cannot restore version {version} of {self.table_name!r}: {err}") from err
-        self.table.checkout_latest()
-        return self.table.version
+        self._table.checkout_latest()
+        return self._table.version
 
     def cleanup(self, older_than_s: float, delete_unverified: bool = False) -> dict[str, int]:
         """Delete versions older than `older_than_s` seconds (never the latest) of the table and
@@ -644,21 +523,21 @@ class ChipStore:
             table.checkout_latest()
             report["versions_after"] += len(table.list_versions())
             report["bytes_after"] += _folder_bytes(folder) if folder else 0
-        if self._table is not None:
-            self._table.checkout_latest()
+        if self._opened is not None:
+            self._opened.checkout_latest()
         return report
 
     def index_description(self) -> list[dict[str, Any]]:
         return [
             {"name": getattr(i, "name", ""), "type": str(getattr(i, "index_type", "")),
              "columns": list(getattr(i, "columns", []))}
-            for i in self.table.list_indices()
+            for i in self._table.list_indices()
         ]
 
     # ------------------------------------------------------------------ indexes
     # What to build and when is decided in `chipscout.indexer.search.vector_index`; these are the LanceDB calls.
     def _vector_index_entry(self):
-        return next((i for i in self.table.list_indices() if list(getattr(i, "columns", [])) == ["vector"]),
+        return next((i for i in self._table.list_indices() if list(getattr(i, "columns", [])) == ["vector"]),
                     None)
 
     def vector_index_stats(self) -> dict[str, Any] | None:
@@ -667,7 +546,7 @@ class ChipStore:
         entry = self._vector_index_entry()
         if entry is None:
             return None
-        stats = self.table.index_stats(entry.name)
+        stats = self._table.index_stats(entry.name)
         created = getattr(entry, "created_at", None)
         return {
             "name": entry.name,
@@ -681,7 +560,7 @@ class ChipStore:
         }
 
     def scalar_indexed_columns(self) -> set[str]:
-        return {list(i.columns)[0] for i in self.table.list_indices()
+        return {list(i.columns)[0] for i in self._table.list_indices()
                 if len(list(i.columns)) == 1 and list(i.columns) != ["vector"]}
 
     def missing_scalar_indexes(self, columns: Sequence[str]) -> list[str]:
@@ -690,11 +569,11 @@ class ChipStore:
 
     def unindexed_rows(self) -> int:
         """Most rows any index does not cover yet (rows added since it was built or updated)."""
-        return max((int(getattr(i, "num_unindexed_rows", 0) or 0) for i in self.table.list_indices()),
+        return max((int(getattr(i, "num_unindexed_rows", 0) or 0) for i in self._table.list_indices()),
                    default=0)
 
     def fragment_stats(self) -> dict[str, Any]:
-        stats = self.table.stats()
+        stats = self._table.stats()
         fragments = stats.get("fragment_stats", {}) if isinstance(stats, dict) else {}
         return {"num_fragments": int(fragments.get("num_fragments", 0)),
                 "num_small_fragments": int(fragments.get("num_small_fragments", 0)),
@@ -704,7 +583,7 @@ class ChipStore:
         try:
             from lancedb.index import BTree
 
-            self.table.create_index(column, config=BTree(), replace=True)
+            self._table.create_index(column, config=BTree(), replace=True)
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"cannot index column {column!r} of {self.table_name!r}: {err}") from err
 
@@ -724,7 +603,7 @@ class ChipStore:
         else:
             raise StoreError(f"unknown vector index type {spec.index_type!r}")
         try:
-            self.table.create_index("vector", config=config, replace=True)
+            self._table.create_index("vector", config=config, replace=True)
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"cannot build the {spec.index_type} index of {self.table_name!r}: {err}") from err
 
@@ -734,10 +613,10 @@ class ChipStore:
         from datetime import timedelta
 
         try:
-            self.table.optimize(cleanup_older_than=timedelta(days=365 * 1000))
+            self._table.optimize(cleanup_older_than=timedelta(days=365 * 1000))
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"cannot optimize {self.table_name!r}: {err}") from err
-        self.table.checkout_latest()
+        self._table.checkout_latest()
 
     @staticmethod
     def lancedb_version() -> str:
@@ -963,6 +842,14 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     np.divide(vectors, norms, out=vectors, where=norms > 0)
     return vectors
+
+
+def _as_float16(vectors: np.ndarray) -> np.ndarray:
+    # torch converts to float16 with the CPU's vector instructions, 2-5x numpy's speed; only the
+    # warm cache of a large table (chipscout.indexer.search, which loads torch anyway) asks for it.
+    import torch
+
+    return torch.from_numpy(vectors).half().numpy()
 
 
 def _is_identity(order: pa.Array) -> bool:
