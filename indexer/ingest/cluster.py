@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import socket
 import threading
 import time
@@ -33,7 +32,7 @@ from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.ingest.fitting import fit_transform
 from chipscout.indexer.ingest.job import IndexJob
 from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, Skipped, SourceFacts, SourceFailed,
-                                              SourceOpened, chip_events, prefetch)
+                                              SourceOpened, chip_events, prefetch, read_valid, sample_draws)
 from chipscout.indexer.ingest.rows import embed_batch_group
 from chipscout.indexer.ingest.run import IndexRun, IndexSummary, progress_bar
 from chipscout.indexer.ingest.transform import VectorTransform
@@ -417,26 +416,12 @@ class SamplePlan:
 
 def plan_sample(sources: Sequence[RasterSource], chip_reader: ChipReader, count: int,
                 seed: int) -> list[SamplePlan]:
-    """The draw of `reading.sample_chips`, without the reads: the same seeded positions
-    of the same sources, so the chips the workers read (`read_sample`), put in source order and
-    cut at `count`, are exactly the single-process sample, and so are the fitted kernels and
-    transform. The client opens each source's header for its grid size."""
-    rng = random.Random(seed)
-    per_source = max(1, -(-count // max(1, len(sources))))
-    plans = []
-    for source in sources:
-        try:
-            reader, _, _ = chip_reader.open(source)
-        except Exception:
-            continue  # reported by the main pass
-        with reader:
-            try:
-                offsets = chip_reader.grid.offsets(reader.grid.width, reader.grid.height)
-            except Exception:
-                continue
-        picked = rng.sample(offsets, min(len(offsets), per_source * 2))
-        plans.append(SamplePlan(source, tuple(picked), per_source))
-    return plans
+    """The draw of `reading.sample_chips`, without the reads: the same seeded positions of the
+    same sources, so the chips the workers read (`read_sample`), put in source order and cut at
+    `count`, are exactly the single-process sample, and so are the fitted kernels and transform.
+    The client opens each source's header for its grid size."""
+    return [SamplePlan(draw.source, tuple(draw.offsets), draw.per_source)
+            for draw in sample_draws(sources, chip_reader, count, seed)]
 
 
 def read_sample(plan: SamplePlan, bands: tuple[str, ...], grid: ChipGrid, max_nodata_fraction: float,
@@ -448,18 +433,8 @@ def read_sample(plan: SamplePlan, bands: tuple[str, ...], grid: ChipGrid, max_no
         reader, projector, selected = chip_reader.open(plan.source)
     except Exception:
         return [], 0.0
-    chips: list[Chip] = []
     with reader:
-        for row_off, col_off in plan.offsets:
-            if len(chips) >= plan.take:
-                break
-            try:
-                chip = chip_reader.read(reader, projector, selected, row_off, col_off)
-            except Exception:
-                break
-            if isinstance(chip, Chip):
-                chips.append(chip)
-        return chips, reader.grid.gsd_m
+        return read_valid(chip_reader, reader, projector, selected, plan.offsets, plan.take), reader.grid.gsd_m
 
 
 def _sample_sizes(sample: tuple[list[Chip], float]) -> tuple[int, float]:

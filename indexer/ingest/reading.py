@@ -241,11 +241,24 @@ def chip_events(sources: Iterable[RasterSource], chip_reader: ChipReader,
                     yield BatchEnd(source.source_id)
 
 
-def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count: int,
-                 seed: int = 0) -> list[Chip]:
-    """Up to `count` valid chips drawn at random (seeded) across all sources, for fitting."""
+@dataclass(frozen=True)
+class SampleDraw:
+    """One source's part of a seeded fitting sample: its open reader and the grid positions to
+    try, in order, for at most `per_source` valid chips."""
+
+    source: RasterSource
+    reader: RasterReader
+    projector: FootprintProjector
+    selected: RasterSource
+    offsets: list[tuple[int, int]]
+    per_source: int
+
+
+def sample_draws(sources: Sequence[RasterSource], chip_reader: ChipReader, count: int,
+                 seed: int) -> Iterator[SampleDraw]:
+    """The seeded draw of a sample of `count` chips across `sources`, each source open while its
+    draw is used; sources that cannot be opened are left out (the main pass reports them)."""
     rng = random.Random(seed)
-    chips: list[Chip] = []
     per_source = max(1, -(-count // max(1, len(sources))))
     for source in sources:
         try:
@@ -257,15 +270,34 @@ def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count
                 offsets = chip_reader.grid.offsets(reader.grid.width, reader.grid.height)
             except Exception:
                 continue
-            for row_off, col_off in rng.sample(offsets, min(len(offsets), per_source * 2)):
-                if len(chips) >= count or sum(1 for c in chips if c.source_id == source.source_id) >= per_source:
-                    break
-                try:
-                    chip = chip_reader.read(reader, projector, selected, row_off, col_off)
-                except Exception:
-                    break
-                if isinstance(chip, Chip):
-                    chips.append(chip)
+            picked = rng.sample(offsets, min(len(offsets), per_source * 2))
+            yield SampleDraw(source, reader, projector, selected, picked, per_source)
+
+
+def read_valid(chip_reader: ChipReader, reader: RasterReader, projector: FootprintProjector,
+               selected: RasterSource, offsets: Iterable[tuple[int, int]], take: int) -> list[Chip]:
+    """The first `take` valid chips at `offsets`, in order; a failed read ends the source."""
+    chips: list[Chip] = []
+    for row_off, col_off in offsets:
+        if len(chips) >= take:
+            break
+        try:
+            chip = chip_reader.read(reader, projector, selected, row_off, col_off)
+        except Exception:
+            break
+        if isinstance(chip, Chip):
+            chips.append(chip)
+    return chips
+
+
+def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count: int,
+                 seed: int = 0) -> list[Chip]:
+    """Up to `count` valid chips drawn at random (seeded) across all sources, for fitting."""
+    chips: list[Chip] = []
+    for draw in sample_draws(sources, chip_reader, count, seed):
+        of_source = sum(1 for c in chips if c.source_id == draw.source.source_id)
+        take = min(draw.per_source - of_source, count - len(chips))
+        chips += read_valid(chip_reader, draw.reader, draw.projector, draw.selected, draw.offsets, take)
     return chips
 
 
