@@ -8,6 +8,7 @@ band table in `chipscout.indexer.sensors`. `chipscout.indexer.ingest.index_searc
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
