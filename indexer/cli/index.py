@@ -1,6 +1,7 @@
 """`chipscout index files` and `chipscout index stac`: embed imagery into a chip table.
 
-Both build one `IndexJob` from their flags (`options.index_job`) and hand it to the ingest doors.
+Both take the encoder flags declared once (`options.with_encoder_flags`), build one `IndexJob`
+from their flags (`options.index_job`) and hand it to the ingest doors.
 No `from __future__ import annotations`: typer reads these annotations at runtime.
 """
 
@@ -9,18 +10,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from chipscout.indexer.cli.options import (BandsOpt, BandStatsOpt, BatchSizeOpt, BiasOpt, CheckpointOpt,
-                                           ClusterOption, DbOption, DeviceOpt, EncoderOpt, FeaturesOpt,
-                                           JsonOption, KernelSizeOpt, KernelsOpt, MaxNodataOpt, NoLatLonOpt,
-                                           NoTimeOpt, PoolingOpt, ProgressOpt, SchedulerOption, SeedOpt,
-                                           SizeOpt, StorageOption, StrideOpt, TableOption, index_job,
-                                           print_json, report_summary, split)
+from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
+                                           JsonOption, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
+                                           StorageOption, StrideOpt, TableOption, index_job, print_json,
+                                           report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
 
 index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 
 
 @index_app.command("files")
+@with_encoder_flags
 def index_files(
     paths: Annotated[list[Path], typer.Argument(help="Multi-band rasters, or folders of single-band files (one scene each).")],
     sensor: Annotated[str, typer.Option(help="Band table to use: sentinel-2-l1c, sentinel-2-l2a, landsat-c2-l2, naip, rgb8.")] = "sentinel-2-l2a",
@@ -30,17 +30,7 @@ def index_files(
     source_id: Annotated[Optional[str], typer.Option("--source-id", help="Source id (one path only); default: the file or folder name.")] = None,
     size: SizeOpt = 128,
     stride: StrideOpt = None,
-    encoder: EncoderOpt = "rcf",
-    kernels: KernelsOpt = None,
-    features: FeaturesOpt = None,
-    kernel_size: KernelSizeOpt = None,
-    seed: SeedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pooling: PoolingOpt = None,
-    no_latlon: NoLatLonOpt = False,
-    no_time: NoTimeOpt = False,
-    bias: BiasOpt = None,
-    band_stats: BandStatsOpt = False,
+    encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = None,
@@ -71,6 +61,7 @@ def index_files(
 
 
 @index_app.command("stac")
+@with_encoder_flags
 def index_stac(
     url: Annotated[str, typer.Option("--url", help="STAC API root, e.g. https://earth-search.aws.element84.com/v1 or https://planetarycomputer.microsoft.com/api/stac/v1.")],
     collection: Annotated[str, typer.Option("--collection", help="Collection id: sentinel-2-l2a, landsat-c2-l2, ...")],
@@ -83,17 +74,7 @@ def index_stac(
     bands: BandsOpt = None,
     size: SizeOpt = 128,
     stride: StrideOpt = None,
-    encoder: EncoderOpt = "rcf",
-    kernels: KernelsOpt = None,
-    features: FeaturesOpt = None,
-    kernel_size: KernelSizeOpt = None,
-    seed: SeedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pooling: PoolingOpt = None,
-    no_latlon: NoLatLonOpt = False,
-    no_time: NoTimeOpt = False,
-    bias: BiasOpt = None,
-    band_stats: BandStatsOpt = False,
+    encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
     max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
     batch_size: BatchSizeOpt = 32,

@@ -4,8 +4,11 @@ No `from __future__ import annotations`: typer reads the aliases below at runtim
 is imported here (no torch, rasterio or lancedb), so `chipscout --help` stays light.
 """
 
+import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -31,6 +34,36 @@ NoLatLonOpt = Annotated[bool, typer.Option("--no-latlon", help="MAE: ignore loca
 NoTimeOpt = Annotated[bool, typer.Option("--no-time", help="MAE: ignore acquisition time.")]
 BiasOpt = Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")]
 BandStatsOpt = Annotated[bool, typer.Option("--band-stats", help="RCF: append each band's mean and standard deviation to the vector.")]
+
+#: The encoder flags of the index commands, in their order: (parameter, option, default).
+ENCODER_FLAGS = (
+    ("encoder", EncoderOpt, "rcf"), ("kernels", KernelsOpt, None), ("features", FeaturesOpt, None),
+    ("kernel_size", KernelSizeOpt, None), ("seed", SeedOpt, None), ("checkpoint", CheckpointOpt, None),
+    ("pooling", PoolingOpt, None), ("no_latlon", NoLatLonOpt, False), ("no_time", NoTimeOpt, False),
+    ("bias", BiasOpt, None), ("band_stats", BandStatsOpt, False),
+)
+
+
+def with_encoder_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` the encoder flags (`ENCODER_FLAGS`) where its `encoder_flags` parameter
+    stands; it is called with them gathered in that one dict (`encoder_choice_of` reads it)."""
+    signature = inspect.signature(command)
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name != "encoder_flags":
+            parameters.append(parameter)
+            continue
+        parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                         annotation=option) for name, option, default in ENCODER_FLAGS]
+
+    @functools.wraps(command)
+    def with_flags(**given: Any) -> Any:
+        flags = {name: given.pop(name) for name, _, _ in ENCODER_FLAGS}
+        return command(**given, encoder_flags=flags)
+
+    with_flags.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return with_flags
+
 
 # ----------------------------------------------------------------------------- indexing
 BandsOpt = Annotated[Optional[str], typer.Option(help="Bands to index, comma-separated (default: the sensor's surface bands).")]
@@ -97,13 +130,15 @@ def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_
 
 def index_job(flags: dict[str, Any], command: str, **options: Any):
     """The `IndexJob` of an index command from its parsed `flags` (the command's `locals()`:
-    the shared options above under their parameter names), plus the command's own `options`."""
+    the shared options above under their parameter names, the encoder's gathered by
+    `with_encoder_flags`), plus the command's own `options`."""
     from chipscout.indexer.chips import ChipGrid
     from chipscout.indexer.ingest.job import ClusterOptions, IndexJob
 
-    choice = encoder_choice(flags["encoder"], flags["kernels"], flags["features"], flags["kernel_size"],
-                            flags["seed"], flags["checkpoint"], flags["pooling"], flags["no_latlon"],
-                            flags["no_time"], bias=flags["bias"], band_stats=flags["band_stats"])
+    encoder = flags["encoder_flags"]
+    choice = encoder_choice(encoder["encoder"], encoder["kernels"], encoder["features"], encoder["kernel_size"],
+                            encoder["seed"], encoder["checkpoint"], encoder["pooling"], encoder["no_latlon"],
+                            encoder["no_time"], bias=encoder["bias"], band_stats=encoder["band_stats"])
     return IndexJob(
         db_uri=db_uri(flags["db"]), table_name=flags["table"], encoder=choice,
         grid=ChipGrid(flags["size"], flags["stride"] or flags["size"]), bands=split(flags["bands"]),

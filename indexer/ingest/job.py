@@ -84,11 +84,13 @@ class IndexJob:
     @classmethod
     def from_options(cls, **options: Any) -> IndexJob:
         """A job from flat keywords: the fields above, plus those of `ClusterOptions`."""
-        cluster_names = {f.name for f in fields(ClusterOptions)} - {"cluster"}
-        cluster_options = {name: options.pop(name) for name in list(options) if name in cluster_names}
-        if isinstance(options.get("cluster"), str) or options.get("cluster") is None:
-            cluster_options["cluster"] = options.pop("cluster", None)
+        cluster = options.pop("cluster", None)
+        flat = {f.name: options.pop(f.name) for f in fields(ClusterOptions) if f.name in options}
+        if not isinstance(cluster, ClusterOptions):
+            cluster = ClusterOptions(cluster=cluster, **flat)
+        elif flat:
+            raise TypeError(f"give {', '.join(sorted(flat))} inside cluster=ClusterOptions(...)")
         unknown = set(options) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unknown indexing option(s): {', '.join(sorted(unknown))}")
-        return cls(**options, cluster=ClusterOptions(**cluster_options))
+        return cls(**options, cluster=cluster)
