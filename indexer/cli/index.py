@@ -47,7 +47,7 @@ def index_files(
 ) -> None:
     """Index local GeoTIFF/COG files (resumes where an earlier run stopped)."""
     from chipscout.indexer.ingest import index
-    from chipscout.indexer.sources.files import local_source, parse_datetime
+    from chipscout.indexer.sources import local_source, parse_datetime
 
     flags = dict(locals())
     if source_id and len(paths) > 1:
@@ -90,7 +90,7 @@ def index_stac(
 ) -> None:
     """Index the items of a STAC API search (Earth Search, Planetary Computer, ...)."""
     from chipscout.indexer.ingest import index_search
-    from chipscout.indexer.sources.stac import StacQuery, StacSearch
+    from chipscout.indexer.sources import StacQuery, StacSearch
 
     flags = dict(locals())
     if max_chip_cloud is not None and not 0.0 <= max_chip_cloud <= 1.0:

@@ -36,7 +36,7 @@ from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, Skipped, Sou
 from chipscout.indexer.ingest.rows import embed_batch_group
 from chipscout.indexer.ingest.run import IndexRun, IndexSummary, progress_bar
 from chipscout.indexer.ingest.transform import VectorTransform
-from chipscout.indexer.sources.files import RasterSource, is_remote
+from chipscout.indexer.sources import RasterSource, is_remote
 from chipscout.indexer.store.table import ChipStore, bytes_to_tensors, state_digest, tensors_to_bytes
 
 #: Seconds to wait for a scheduler, and for the first worker of a remote cluster.

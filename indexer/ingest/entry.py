@@ -12,9 +12,8 @@ from chipscout.indexer.errors import NothingToIndexError, StacSearchError
 from chipscout.indexer.ingest.job import EncoderChoice, IndexJob
 from chipscout.indexer.ingest.local import run_local
 from chipscout.indexer.ingest.run import IndexSummary
-from chipscout.indexer.sources.demo import DEMO_GRID, DEMO_SOURCE_ID, prepare_demo_scene
-from chipscout.indexer.sources.files import RasterSource, local_source
-from chipscout.indexer.sources.stac import StacSearch
+from chipscout.indexer.sources import (DEMO_GRID, DEMO_SOURCE_ID, RasterSource, StacSearch, local_source,
+                                       prepare_demo_scene)
 
 #: The rcf family defaults (empirical 5x5 kernels fitted on a sample of the scene, bias -0.2).
 DEMO_ENCODER = EncoderChoice("rcf", {"features": 1024, "seed": 0})

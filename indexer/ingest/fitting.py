@@ -16,7 +16,7 @@ from chipscout.indexer.ingest.reading import ChipReader
 from chipscout.indexer.ingest.transform import (NO_TRANSFORM, TransformError, VectorTransform,
                                                 default_transform_spec, fit_requested)
 from chipscout.indexer.sensors import Sensor, default_bands
-from chipscout.indexer.sources.files import RasterSource
+from chipscout.indexer.sources import RasterSource
 from chipscout.indexer.store.table import ChipStore, IndexConfig
 
 

@@ -21,7 +21,7 @@ from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, SharedIterat
                                               SourceFailed, SourceOpened, chip_events, prefetch, sample_chips)
 from chipscout.indexer.ingest.rows import embed_batch_group
 from chipscout.indexer.ingest.run import IndexRun, IndexSummary, progress_bar
-from chipscout.indexer.sources.files import RasterSource
+from chipscout.indexer.sources import RasterSource
 
 
 def run_local(sources: Sequence[RasterSource] | Iterable[RasterSource], job: IndexJob) -> IndexSummary:

@@ -16,7 +16,7 @@ from typing import Any
 from chipscout.indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.sensors import Sensor
-from chipscout.indexer.sources.files import RasterReader, RasterSource
+from chipscout.indexer.sources import RasterReader, RasterSource
 
 
 # ----------------------------------------------------------------------------- events
