@@ -1,7 +1,7 @@
 """Throughput of STAC indexing (search -> HTTP range reads -> embed -> LanceDB) against the encoder alone.
 
 Cuts items from the demo scene (four 10 m bands + SCL as tiled COGs), serves them from the loopback
-HTTP server behind a real STAC API (`rustac serve`), and indexes them with `chipscout.indexer.sources.stac.index_search`
+HTTP server behind a real STAC API (`rustac serve`), and indexes them with `chipscout.indexer.ingest.index_search`
 into a fresh LanceDB table. Then embeds the very same chips, already in memory, with the same
 encoder. Prints chips/s of both, their ratio, and how much of the pipeline's wall time the encoder
 was busy (the target: at least 80%, i.e. reading and writing hide behind embedding).
@@ -29,8 +29,10 @@ import torch  # noqa: E402
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.sources.demo import prepare_demo_scene  # noqa: E402
 from chipscout.indexer.ingest.embedding import Embedder  # noqa: E402
-from chipscout.indexer.ingest.pipeline import Chip, ChipReader, EncoderChoice  # noqa: E402
-from chipscout.indexer.sources.stac import StacQuery, StacSearch, index_search  # noqa: E402
+from chipscout.indexer.chips import Chip  # noqa: E402
+from chipscout.indexer.ingest import EncoderChoice, index_search  # noqa: E402
+from chipscout.indexer.ingest.reading import ChipReader  # noqa: E402
+from chipscout.indexer.sources.stac import StacQuery, StacSearch  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
 from tests.conftest import LoopbackFileServer  # noqa: E402
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, write_catalog, write_item_assets  # noqa: E402

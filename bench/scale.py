@@ -36,7 +36,7 @@ from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.sources.demo import DEMO_SOURCE_ID, prepare_demo_scene  # noqa: E402
 from chipscout.indexer.ingest.cluster import index_on_cluster  # noqa: E402
 from chipscout.indexer.sources.files import local_source  # noqa: E402
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources  # noqa: E402
+from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
 
 
 def free_port() -> int:

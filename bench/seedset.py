@@ -28,7 +28,7 @@ from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.evaluate.retrieval import EUROSAT_MS_FILE_BANDS
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.seedsets.labels import LabelStore
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.ingest import EncoderChoice, index_sources
 from chipscout.indexer.search.engine import SearchEngine
 
 #: EuroSAT MS without the 60 m atmospheric bands (coastal B01, water vapour B09, cirrus B10).

@@ -35,6 +35,10 @@ class ChipSpecError(ChipscoutError):
 
 
 # ----------------------------------------------------------------------------- ingest
+class IndexJobError(ChipscoutError):
+    """An indexing option out of its range (nodata or cloud fraction, batch size, workers...)."""
+
+
 class TransformError(ChipscoutError):
     """A transform that cannot be parsed, fitted on the given vectors, or applied to them."""
 

@@ -208,3 +208,13 @@ def get_sensor(name: str) -> Sensor:
         raise UnknownBandError(
             f"unknown sensor {name!r}; known sensors: {', '.join(sorted(SENSORS))}"
         ) from None
+
+
+#: Sentinel-2's atmospheric bands (aerosol, water vapour, cirrus) say little about the ground.
+_SKIPPED_BY_DEFAULT = {"coastal", "nir09", "cirrus"}
+
+
+def default_bands(sensor: Sensor) -> list[str]:
+    """The surface bands an index uses unless told otherwise."""
+    bands = [b.name for b in sensor.bands if b.name not in _SKIPPED_BY_DEFAULT]
+    return bands or sensor.band_names

@@ -17,7 +17,7 @@ from rasterio.windows import from_bounds
 
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.ingest import EncoderChoice, index_sources
 from chipscout.indexer.sources.demo import prepare_demo_scene
 
 #: A 2.56 x 2.56 km square of the demo scene (marsh, farmland and water), in EPSG:32618.

@@ -16,11 +16,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from chipscout.encoders.base import EncoderError
+from chipscout.indexer.cli.index import index_app
+from chipscout.indexer.cli.label import export_command, label_app
+from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
+                                           JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
+                                           StorageOption, TableOption, db_uri, encoder_choice, print_json,
+                                           report_summary, split, storage_options)
 from chipscout.indexer.errors import ChipscoutError
-from chipscout.indexer.cli.options import (  # noqa: F401  (cli.stac reads them from here)
-    ClusterOption, DbOption, JsonOption, SchedulerOption, StorageOption, TableOption,
-    db_uri as _db, storage_options as _storage_options,
-)
 
 app = typer.Typer(
     name="chipscout",
@@ -29,142 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-
-
-def _print_json(payload: Any) -> None:
-    typer.echo(json.dumps(payload, indent=2, default=str))
-
-
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-
-def run_index(sources, cluster: str | None, scheduler: str | None, **options):
-    """`index_sources`, or `index_on_cluster` when --cluster or --scheduler is given."""
-    if cluster or scheduler:
-        from chipscout.indexer.ingest.cluster import index_on_cluster
-
-        return index_on_cluster(sources, cluster=cluster, scheduler=scheduler, **options)
-    from chipscout.indexer.ingest.pipeline import index_sources
-
-    return index_sources(sources, **options)
-
-
-# ----------------------------------------------------------------------------- encoder options
-EncoderOpt = Annotated[str, typer.Option("--encoder", help="rcf, band-stats, clay-v1-base, clay-v1.5-large, clay-tiny.")]
-KernelsOpt = Annotated[Optional[str], typer.Option("--kernels", help="RCF kernels: empirical (default; fitted on a sample of the data) or gaussian (the Planetary Computer tutorial's: 3x3, bias -1).")]
-FeaturesOpt = Annotated[Optional[int], typer.Option("--features", help="RCF features (even; default 1024).")]
-KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="RCF kernel size in pixels (default 5 for empirical kernels, 3 for gaussian).")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the encoder.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Clay checkpoint (.ckpt or state dict).")]
-PoolingOpt = Annotated[Optional[str], typer.Option("--pooling", help="MAE pooling: cls, mean or patch.")]
-NoLatLonOpt = Annotated[bool, typer.Option("--no-latlon", help="MAE: ignore location (location-agnostic search).")]
-NoTimeOpt = Annotated[bool, typer.Option("--no-time", help="MAE: ignore acquisition time.")]
-BiasOpt = Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")]
-BandStatsOpt = Annotated[bool, typer.Option("--band-stats", help="RCF: append each band's mean and standard deviation to the vector.")]
-
-
-def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_size: int | None,
-                   seed: int | None, checkpoint: Path | None, pooling: str | None,
-                   no_latlon: bool, no_time: bool, *, bias: float | None = None,
-                   band_stats: bool = False):
-    """The encoder and the options the user gave; an option this encoder does not take is refused."""
-    from chipscout.encoders.base import encoder_parameters
-    from chipscout.indexer.ingest.pipeline import EncoderChoice
-
-    given: dict[str, Any] = {
-        "kernels": kernels, "features": features, "kernel_size": kernel_size, "seed": seed,
-        "checkpoint": str(checkpoint) if checkpoint else None, "pooling": pooling,
-        "use_latlon": False if no_latlon else None, "use_time": False if no_time else None,
-        "bias": bias, "band_stats": True if band_stats else None,
-    }
-    accepted = encoder_parameters(name)
-    params = {}
-    for key, value in given.items():
-        if value is None:
-            continue
-        if key not in accepted:
-            flag = "--" + key.replace("_", "-").replace("use-", "no-")
-            raise ChipscoutError(f"encoder {name} does not take {flag}")
-        params[key] = value
-    return EncoderChoice(name, params)
-
-
-# ----------------------------------------------------------------------------- index
-@index_app.command("files")
-def index_files(
-    paths: Annotated[list[Path], typer.Argument(help="Multi-band rasters, or folders of single-band files (one scene each).")],
-    sensor: Annotated[str, typer.Option(help="Band table to use: sentinel-2-l1c, sentinel-2-l2a, landsat-c2-l2, naip, rgb8.")] = "sentinel-2-l2a",
-    file_bands: Annotated[Optional[str], typer.Option("--file-bands", help="Band names of a multi-band file, in file order (e.g. B02,B03,B04,B08).")] = None,
-    bands: Annotated[Optional[str], typer.Option(help="Bands to index, comma-separated (default: the sensor's surface bands).")] = None,
-    date: Annotated[Optional[str], typer.Option(help="Acquisition date (RFC 3339) when the files do not say.")] = None,
-    source_id: Annotated[Optional[str], typer.Option("--source-id", help="Source id (one path only); default: the file or folder name.")] = None,
-    size: Annotated[int, typer.Option("--size", help="Chip size in pixels.")] = 128,
-    stride: Annotated[Optional[int], typer.Option("--stride", help="Grid stride in pixels (default: the chip size).")] = None,
-    encoder: EncoderOpt = "rcf",
-    kernels: KernelsOpt = None,
-    features: FeaturesOpt = None,
-    kernel_size: KernelSizeOpt = None,
-    seed: SeedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    pooling: PoolingOpt = None,
-    no_latlon: NoLatLonOpt = False,
-    no_time: NoTimeOpt = False,
-    bias: BiasOpt = None,
-    band_stats: BandStatsOpt = False,
-    max_nodata: Annotated[float, typer.Option("--max-nodata", help="Skip chips with more nodata than this fraction.")] = 0.5,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Chips per encoder batch.")] = 32,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: a GPU when there is one).")] = None,
-    db: DbOption = None,
-    table: TableOption = "chips",
-    as_json: JsonOption = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    commit_every: Annotated[int, typer.Option("--commit-every", help="Chips per atomic commit; a killed run loses at most this many.")] = 512,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run. Always on: chips already stored are skipped without being read.")] = False,
-    cluster: ClusterOption = None,
-    scheduler: SchedulerOption = None,
-    storage_option: StorageOption = None,
-    transform: Annotated[Optional[str], typer.Option("--transform", help="Vector transform of a new table: a spec such as 'power:0.4,standardize,pca-whiten:64:10,l2', 'none', or 'default' (the encoder family's measured default). Appends reuse the table's.")] = None,
-) -> None:
-    """Index local GeoTIFF/COG files (resumes where an earlier run stopped)."""
-    from chipscout.indexer.chips import ChipGrid
-    from chipscout.indexer.sources.files import local_source, parse_datetime
-
-    if source_id and len(paths) > 1:
-        raise ChipscoutError("--source-id names one source; give one path with it")
-    acquired = parse_datetime(date, "--date") if date else None
-    sources = [local_source(p, sensor=sensor, file_bands=_split(file_bands), acquired=acquired,
-                            source_id=source_id) for p in paths]
-    choice = encoder_choice(encoder, kernels, features, kernel_size, seed, checkpoint, pooling,
-                            no_latlon, no_time, bias=bias, band_stats=band_stats)
-    summary = run_index(
-        sources, cluster, scheduler, db_uri=_db(db), table_name=table, encoder=choice,
-        grid=ChipGrid(size, stride or size), bands=_split(bands), max_nodata_fraction=max_nodata,
-        batch_size=batch_size, commit_every=commit_every, device=device,
-        progress=progress and not as_json, storage_options=_storage_options(storage_option),
-        run_request={"command": "chipscout index files", "argv": sys.argv[1:]},
-        **({"transform": transform} if transform else {}))
-    _report_summary(summary, as_json)
-
-
-def _report_summary(summary, as_json: bool) -> None:
-    if as_json:
-        _print_json(summary.to_dict())
-    else:
-        typer.echo(
-            f"{summary.table}: {summary.chips_new} new chips, {summary.chips_present} already present, "
-            f"{summary.chips_skipped_nodata} skipped for nodata, {summary.chips_skipped_cloud} for cloud, "
-            f"{summary.chips_failed} failed; "
-            f"{summary.table_rows} rows in table (version {summary.table_version}); "
-            f"{summary.chips_per_s:.1f} chips/s with {summary.encoder}")
-    for failure in summary.failures:
-        reason = failure["reason"]
-        where = "" if reason.startswith(failure["source"]) else failure["source"] + ": "
-        typer.secho(f"failed: {where}{reason}", fg="red", err=True)
-    if summary.failures:
-        raise typer.Exit(2)
 
 
 # ----------------------------------------------------------------------------- search / info
@@ -188,10 +55,10 @@ def search(
     from chipscout.indexer.search.engine import SearchEngine, SearchFilters
 
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
-    engine = SearchEngine(_db(db), table, storage_options=_storage_options(storage_option))
+    engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
     response = engine.similar_to_chip(chip_id, k, filters, expand=expand)
     if as_json:
-        _print_json(response.to_dict())
+        print_json(response.to_dict())
         return
     typer.echo(f"neighbours of {chip_id} ({len(response.results)} in {response.elapsed_ms:.1f} ms, "
                f"{'ANN index' if response.used_index else 'exact search'}"
@@ -217,12 +84,12 @@ def info(
 
     from chipscout.indexer.store import ChipStore
 
-    uri = _db(db)
-    options = _storage_options(storage_option)
+    uri = db_uri(db)
+    options = storage_options(storage_option)
     if table is None:
         names = ChipStore(uri, "chips", options).table_names()
         if as_json:
-            _print_json({"db": uri, "tables": names})
+            print_json({"db": uri, "tables": names})
         else:
             typer.echo(f"{uri}: {', '.join(names) if names else 'no tables'}")
         return
@@ -248,7 +115,7 @@ def info(
         "runs_recorded": len(recent), "recent_runs": [r.to_dict() for r in recent[:3]],
     }
     if as_json:
-        _print_json(payload)
+        print_json(payload)
         return
     typer.echo(f"table {table} in {uri}: {payload['rows']} chips, version {payload['version']}")
     typer.echo(f"  encoder   {config.encoder_label} ({config.encoder}) {json.dumps(config.encoder_config)}")
@@ -319,12 +186,12 @@ def optimize(
 
     if index_type is not None and index_type.upper() not in VECTOR_INDEX_TYPES:
         raise ChipscoutError(f"unknown index type {index_type!r}; choose one of {', '.join(VECTOR_INDEX_TYPES)}")
-    store = ChipStore(_db(db), table)
+    store = ChipStore(db_uri(db), table)
     store.ensure_exists()  # the missing-table error, with the tables there are
     report = maintain_indexes(store, DEFAULT_POLICY, index_type=index_type.upper() if index_type else None,
                               rebuild=rebuild, compact=True)
     if as_json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return
     vector = {"none": f"no vector index (exact search below {DEFAULT_POLICY.min_rows} rows)",
               "built": f"vector index built in {report.vector_build_s:.1f} s",
@@ -359,12 +226,12 @@ def refit(
 
     if sample < 0:
         raise ChipscoutError(f"--sample must be 0 (all) or a number of vectors >= 2, got {sample}")
-    total = ChipStore(_db(db), table).count()
+    total = ChipStore(db_uri(db), table).count()
     with tqdm(total=total, unit="chip", desc=f"refit {table} -> {into}", disable=as_json) as bar:
-        report = refit_table(_db(db), table, into, transform, sample=sample or None, seed=seed,
+        report = refit_table(db_uri(db), table, into, transform, sample=sample or None, seed=seed,
                              progress=lambda written: bar.update(written - bar.n))
     if as_json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
         return
     typer.echo(f"{into}: {report.rows} chips, transform {report.spec} (was {report.previous_spec}), "
                f"fitted on {report.fit_vectors} raw vectors, {report.output_dim}-d; "
@@ -377,7 +244,7 @@ def _show_runs(store, as_json: bool) -> None:
 
     runs = list_runs(store)
     if as_json:
-        _print_json({"db": store.db_uri, "table": store.table_name, "runs": [r.to_dict() for r in runs]})
+        print_json({"db": store.db_uri, "table": store.table_name, "runs": [r.to_dict() for r in runs]})
         return
     if not runs:
         typer.echo(f"no runs recorded for table {store.table_name}")
@@ -394,7 +261,7 @@ def _show_versions(store, as_json: bool) -> None:
     versions = store.versions()
     current = store.version
     if as_json:
-        _print_json({"db": store.db_uri, "table": store.table_name, "current": current,
+        print_json({"db": store.db_uri, "table": store.table_name, "current": current,
                      "versions": [{"version": v["version"], "timestamp": v["timestamp"],
                                    "rows": int(v.get("metadata", {}).get("total_rows", 0))}
                                   for v in versions]})
@@ -418,14 +285,14 @@ def restore(
     from chipscout.indexer.store.runlog import record_action
     from chipscout.indexer.store import ChipStore
 
-    store = ChipStore(_db(db), table)
+    store = ChipStore(db_uri(db), table)
     before = store.version
     current = store.restore(version)
     rows = store.count()
     record_action(store, "restore", {"version": version},
                   {"restored_version": version, "new_version": current, "rows": rows}, before)
     if as_json:
-        _print_json({"table": table, "restored_version": version, "version": current, "rows": rows})
+        print_json({"table": table, "restored_version": version, "version": current, "rows": rows})
     else:
         typer.echo(f"{table}: restored version {version} as version {current} ({rows} chips)")
 
@@ -444,13 +311,13 @@ def cleanup(
 
     if not older_than >= 0:
         raise ChipscoutError(f"--older-than must be a number of days >= 0, got {older_than}")
-    store = ChipStore(_db(db), table)
+    store = ChipStore(db_uri(db), table)
     before = store.version
     report = store.cleanup(older_than * 86400.0, delete_unverified=delete_unverified)
     record_action(store, "cleanup", {"older_than_days": older_than,
                                      "delete_unverified": delete_unverified}, report, before)
     if as_json:
-        _print_json({"table": table, **report})
+        print_json({"table": table, **report})
     else:
         typer.echo(f"{table}: {report['versions_before']} -> {report['versions_after']} versions "
                    f"(table and companions), {report['bytes_before'] / 1e6:.1f} -> "
@@ -494,10 +361,10 @@ def evaluate(
                             False, False, bias=bias, band_stats=band_stats)
     if transform:
         rows = compare_transforms(path, transform, encoder=choice.name, encoder_params=choice.params,
-                                  sensor=sensor, bands=_split(bands), batch_size=batch_size,
+                                  sensor=sensor, bands=split(bands), batch_size=batch_size,
                                   device=device, progress=not as_json, expands=expand or None)
         if as_json:
-            _print_json([{"encoder": r.encoder, "transform": r.transform, "dim": r.output_dim,
+            print_json([{"encoder": r.encoder, "transform": r.transform, "dim": r.output_dim,
                           "expand": r.expand,
                           "precision_at_k": {str(k): v for k, v in r.scores.precision_at_k.items()},
                           "map": r.scores.mean_average_precision} for r in rows])
@@ -508,10 +375,10 @@ def evaluate(
         raise typer.BadParameter("one --expand without --transform (the report ranks one way)",
                                  param_hint="--expand")
     report = evaluate_folder(path, encoder=choice.name, encoder_params=choice.params, sensor=sensor,
-                             bands=_split(bands), batch_size=batch_size, device=device,
+                             bands=split(bands), batch_size=batch_size, device=device,
                              progress=not as_json, expand=expand[0] if expand else None)
     if as_json:
-        _print_json(report.to_dict())
+        print_json(report.to_dict())
     else:
         typer.echo(format_report(report))
 
@@ -548,7 +415,7 @@ def run_app(
     storage_option: StorageOption = None,
 ) -> None:
     """Serve the Streamlit app over a chip table."""
-    launch_app(_db(db), table, port, address, _storage_options(storage_option))
+    launch_app(db_uri(db), table, port, address, storage_options(storage_option))
 
 
 @app.command()
@@ -560,18 +427,14 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Index the bundled real Sentinel-2 scene (Virginia Eastern Shore) and serve the app."""
-    from chipscout.indexer.sources.demo import run_demo
+    from chipscout.indexer.ingest import run_demo
 
-    summary = run_demo(_db(db), table, progress=not as_json)
-    _report_summary(summary, as_json)
+    summary = run_demo(db_uri(db), table, progress=not as_json)
+    report_summary(summary, as_json)
     if not no_app:
-        launch_app(_db(db), table, port, "127.0.0.1")
+        launch_app(db_uri(db), table, port, "127.0.0.1")
 
 
-from chipscout.indexer.cli.stac import index_stac_command  # noqa: E402  (needs the option aliases above)
-index_app.command("stac")(index_stac_command())
-
-from chipscout.indexer.cli.label import export_command, label_app  # noqa: E402
 app.add_typer(label_app, name="label")
 app.command("export")(export_command)
 

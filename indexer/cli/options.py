@@ -1,28 +1,97 @@
-"""Options every `chipscout` command shares, declared once, and how their values are read."""
+"""Every option the commands share, declared once, and the helpers that read them.
 
-# No `from __future__ import annotations`: typer reads these annotations at runtime.
-from typing import Annotated, Optional
+No `from __future__ import annotations`: typer reads the aliases below at runtime. Nothing heavy
+is imported here (no torch, rasterio or lancedb), so `chipscout --help` stays light.
+"""
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 
 from chipscout.indexer.errors import ChipscoutError
 
+# ----------------------------------------------------------------------------- tables
 DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
 TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
+
+# ----------------------------------------------------------------------------- encoders
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="rcf, band-stats, clay-v1-base, clay-v1.5-large, clay-tiny.")]
+KernelsOpt = Annotated[Optional[str], typer.Option("--kernels", help="RCF kernels: empirical (default; fitted on a sample of the data) or gaussian (the Planetary Computer tutorial's: 3x3, bias -1).")]
+FeaturesOpt = Annotated[Optional[int], typer.Option("--features", help="RCF features (even; default 1024).")]
+KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="RCF kernel size in pixels (default 5 for empirical kernels, 3 for gaussian).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the encoder.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Clay checkpoint (.ckpt or state dict).")]
+PoolingOpt = Annotated[Optional[str], typer.Option("--pooling", help="MAE pooling: cls, mean or patch.")]
+NoLatLonOpt = Annotated[bool, typer.Option("--no-latlon", help="MAE: ignore location (location-agnostic search).")]
+NoTimeOpt = Annotated[bool, typer.Option("--no-time", help="MAE: ignore acquisition time.")]
+BiasOpt = Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")]
+BandStatsOpt = Annotated[bool, typer.Option("--band-stats", help="RCF: append each band's mean and standard deviation to the vector.")]
+
+#: The encoder flags of the index commands, in their order: (parameter, option, default).
+ENCODER_FLAGS = (
+    ("encoder", EncoderOpt, "rcf"), ("kernels", KernelsOpt, None), ("features", FeaturesOpt, None),
+    ("kernel_size", KernelSizeOpt, None), ("seed", SeedOpt, None), ("checkpoint", CheckpointOpt, None),
+    ("pooling", PoolingOpt, None), ("no_latlon", NoLatLonOpt, False), ("no_time", NoTimeOpt, False),
+    ("bias", BiasOpt, None), ("band_stats", BandStatsOpt, False),
+)
+
+
+def with_encoder_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` the encoder flags (`ENCODER_FLAGS`) where its `encoder_flags` parameter
+    stands; it is called with them gathered in that one dict (`encoder_choice_of` reads it)."""
+    signature = inspect.signature(command)
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name != "encoder_flags":
+            parameters.append(parameter)
+            continue
+        parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                         annotation=option) for name, option, default in ENCODER_FLAGS]
+
+    @functools.wraps(command)
+    def with_flags(**given: Any) -> Any:
+        flags = {name: given.pop(name) for name, _, _ in ENCODER_FLAGS}
+        return command(**given, encoder_flags=flags)
+
+    with_flags.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return with_flags
+
+
+# ----------------------------------------------------------------------------- indexing
+BandsOpt = Annotated[Optional[str], typer.Option(help="Bands to index, comma-separated (default: the sensor's surface bands).")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Chip size in pixels.")]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Grid stride in pixels (default: the chip size).")]
+MaxNodataOpt = Annotated[float, typer.Option("--max-nodata", help="Skip chips with more nodata than this fraction.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Chips per encoder batch.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: a GPU when there is one).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 ClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Index on a Dask cluster of worker processes on this machine: local (one per core) or local:N.")]
 SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Index on a running Dask cluster: its scheduler, tcp://HOST:PORT.")]
 
 
-def db_uri(db: Optional[str]) -> str:
-    """`--db`, or the default database ($CHIPSCOUT_DB or the per-user data directory)."""
+def db_uri(db: str | None) -> str:
     from chipscout.indexer.paths import default_db_uri
 
     return db or default_db_uri()
 
 
-def storage_options(pairs: Optional[list[str]]) -> Optional[dict[str, str]]:
+def print_json(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def storage_options(pairs: list[str] | None) -> dict[str, str] | None:
     """`--storage-option KEY=VALUE` options as a dict (None when none were given)."""
     options = {}
     for pair in pairs or []:
@@ -31,3 +100,69 @@ def storage_options(pairs: Optional[list[str]]) -> Optional[dict[str, str]]:
             raise ChipscoutError(f"bad --storage-option {pair!r}: expected KEY=VALUE, e.g. allow_http=true")
         options[key.strip()] = value.strip()
     return options or None
+
+
+def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_size: int | None,
+                   seed: int | None, checkpoint: Path | None, pooling: str | None,
+                   no_latlon: bool, no_time: bool, *, bias: float | None = None,
+                   band_stats: bool = False):
+    """The encoder and the options the user gave; an option this encoder does not take is refused."""
+    from chipscout.encoders.base import encoder_parameters
+    from chipscout.indexer.ingest.job import EncoderChoice
+
+    given: dict[str, Any] = {
+        "kernels": kernels, "features": features, "kernel_size": kernel_size, "seed": seed,
+        "checkpoint": str(checkpoint) if checkpoint else None, "pooling": pooling,
+        "use_latlon": False if no_latlon else None, "use_time": False if no_time else None,
+        "bias": bias, "band_stats": True if band_stats else None,
+    }
+    accepted = encoder_parameters(name)
+    params = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            flag = "--" + key.replace("_", "-").replace("use-", "no-")
+            raise ChipscoutError(f"encoder {name} does not take {flag}")
+        params[key] = value
+    return EncoderChoice(name, params)
+
+
+def index_job(flags: dict[str, Any], command: str, **options: Any):
+    """The `IndexJob` of an index command from its parsed `flags` (the command's `locals()`:
+    the shared options above under their parameter names, the encoder's gathered by
+    `with_encoder_flags`), plus the command's own `options`."""
+    from chipscout.indexer.chips import ChipGrid
+    from chipscout.indexer.ingest.job import ClusterOptions, IndexJob
+
+    encoder = flags["encoder_flags"]
+    choice = encoder_choice(encoder["encoder"], encoder["kernels"], encoder["features"], encoder["kernel_size"],
+                            encoder["seed"], encoder["checkpoint"], encoder["pooling"], encoder["no_latlon"],
+                            encoder["no_time"], bias=encoder["bias"], band_stats=encoder["band_stats"])
+    return IndexJob(
+        db_uri=db_uri(flags["db"]), table_name=flags["table"], encoder=choice,
+        grid=ChipGrid(flags["size"], flags["stride"] or flags["size"]), bands=split(flags["bands"]),
+        max_nodata_fraction=flags["max_nodata"], batch_size=flags["batch_size"], device=flags["device"],
+        progress=flags["progress"] and not flags["as_json"],
+        storage_options=storage_options(flags["storage_option"]),
+        cluster=ClusterOptions(cluster=flags["cluster"], scheduler=flags["scheduler"]),
+        run_request={"command": command, "argv": sys.argv[1:]}, **options)
+
+
+def report_summary(summary, as_json: bool) -> None:
+    """An indexing summary as one line (or JSON), each failure as a red line; exit 2 on failures."""
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        typer.echo(
+            f"{summary.table}: {summary.chips_new} new chips, {summary.chips_present} already present, "
+            f"{summary.chips_skipped_nodata} skipped for nodata, {summary.chips_skipped_cloud} for cloud, "
+            f"{summary.chips_failed} failed; "
+            f"{summary.table_rows} rows in table (version {summary.table_version}); "
+            f"{summary.chips_per_s:.1f} chips/s with {summary.encoder}")
+    for failure in summary.failures:
+        reason = failure["reason"]
+        where = "" if reason.startswith(failure["source"]) else failure["source"] + ": "
+        typer.secho(f"failed: {where}{reason}", fg="red", err=True)
+    if summary.failures:
+        raise typer.Exit(2)

@@ -4,22 +4,22 @@ The client cuts the work into units (a STAC item, or a block of a local raster's
 workers read, embed and write each unit's chips as uncommitted Lance data files, and the client
 commits the files of a batch of units in one atomic append. Readers never see part of a unit, a
 crash loses at most the uncommitted batch, and a re-run skips by chip id what was committed. The
-single-process pipeline (`chipscout.indexer.ingest.pipeline.index_sources`) stays the default; both make their rows
-with the same functions.
+local runner (`ingest.local.run_local`) stays the default; both share one `run.IndexRun` (prologue,
+admission, counters, epilogue) and make their rows with the same functions; this module keeps only
+the cluster's loop and what runs on the workers.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -27,45 +27,19 @@ import torch
 
 from chipscout.indexer import __version__
 from chipscout.indexer.chips import Chip, ChipGrid
-from chipscout.indexer.ingest.embedding import Embedder, with_transform
-from chipscout.indexer.errors import ChipscoutError, SourceError, StoreError
-from chipscout.indexer.sources.files import RasterSource, is_remote
-from chipscout.indexer.ingest.pipeline import (
-    FIT_SOURCES_FROM_STREAM,
-    ChipReader,
-    EncoderChoice,
-    IndexSummary,
-    SourceFacts,
-    _BatchEnd,
-    _chip_events,
-    _prefetch,
-    _progress_bar,
-    _run_result,
-    _Skipped,
-    _SourceFailed,
-    _SourceOpened,
-    check_stored_transform,
-    embed_batch_group,
-    fit_encoder,
-    fit_transform,
-    resolve_encoder,
-    transform_label,
-)
-from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
-from chipscout.indexer.store import ChipStore
-from chipscout.indexer.ingest.fitted_state import encode_state, save_state, state_digest
+from chipscout.indexer.errors import ChipscoutError, ClusterError, StoreError
+from chipscout.indexer.ingest.embedding import Embedder
+from chipscout.indexer.ingest.fitting import fit_transform
+from chipscout.indexer.ingest.job import IndexJob
+from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, Skipped, SourceFacts, SourceFailed,
+                                              SourceOpened, chip_events, prefetch, read_valid, sample_draws)
+from chipscout.indexer.ingest.rows import embed_batch_group
+from chipscout.indexer.ingest.run import IndexRun, IndexSummary, progress_bar
 from chipscout.indexer.ingest.transform import VectorTransform
-from chipscout.indexer.search.vector_index import maintain_indexes
-from chipscout.indexer.errors import ClusterError  # noqa: F401  (raised here, defined with the others)
+from chipscout.indexer.sources import RasterSource, is_remote
+from chipscout.indexer.ingest.fitted_state import bytes_to_tensors, state_digest, tensors_to_bytes
+from chipscout.indexer.store import ChipStore
 
-
-#: Chips per unit of a local raster, rounded to whole batch groups: small enough to spread one
-#: big scene over many workers, big enough that a unit's fixed costs (opening the raster, looking
-#: up stored ids, writing a data file) stay small beside reading and embedding.
-DEFAULT_TILE_CHIPS = 512
-#: Times a unit is run again after raising (a worker that dies is handled by the scheduler:
-#: its tasks move to other workers, up to `distributed.scheduler.allowed-failures` times).
-DEFAULT_RETRIES = 2
 #: Seconds to wait for a scheduler, and for the first worker of a remote cluster.
 CONNECT_TIMEOUT_S = 20
 
@@ -156,14 +130,13 @@ def _worker_facts() -> dict[str, Any]:
     """Runs on a worker: the versions of what a unit of work imports, and its GPUs."""
     import sys
 
-    import lance
     import torch as worker_torch
 
-    import chipscout.indexer.ingest.pipeline  # noqa: F401  (everything a unit needs: rasterio, lancedb, encoders)
+    import chipscout.indexer.ingest.local  # noqa: F401  (everything a unit needs: rasterio, lancedb, encoders)
 
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-            "chipscout": __version__, "lance": lance.__version__, "torch": worker_torch.__version__,
+            "chipscout": __version__, "lance": ChipStore.data_file_format(), "torch": worker_torch.__version__,
             "gpus": worker_torch.cuda.device_count() if worker_torch.cuda.is_available() else 0}
 
 
@@ -172,14 +145,12 @@ def check_workers(client: Any, device: str | None = None) -> list[WorkerFacts]:
     this client (vectors and data files must be made by the same code) or lack a GPU asked for."""
     import sys
 
-    import lance
-
     answers = client.run(_worker_facts, on_error="return")
     if not answers:
         raise ClusterError("the cluster has no workers")
     facts, problems = [], []
     mine = {"python": f"{sys.version_info.major}.{sys.version_info.minor}", "chipscout": __version__,
-            "lance": lance.__version__, "torch": torch.__version__}
+            "lance": ChipStore.data_file_format(), "torch": torch.__version__}
     for address, answer in sorted(answers.items()):
         if isinstance(answer, BaseException):
             problems.append(f"{address} cannot run chipscout ({type(answer).__name__}: {answer}); "
@@ -402,21 +373,21 @@ def index_unit(unit: WorkUnit, job: UnitJob) -> UnitResult:
 
     # Reads run a batch group ahead in a thread, as in the single-process path: GDAL releases the
     # GIL, so a remote read waits while the previous group is embedded.
-    events = _chip_events([source], chip_reader, present_ids, None, job.batch_size, positions=unit.positions)
-    for event in _prefetch(events, depth=2 * job.batch_size):
-        if isinstance(event, _SourceOpened):
+    events = chip_events([source], chip_reader, present_ids, job.batch_size, positions=unit.positions)
+    for event in prefetch(events, depth=2 * job.batch_size):
+        if isinstance(event, SourceOpened):
             facts[source.source_id] = event.facts
             result.windows, result.chips_present = event.windows, event.present
-        elif isinstance(event, _SourceFailed):
+        elif isinstance(event, SourceFailed):
             result.chips_failed += len(pending) + event.unread
             pending.clear()  # a failed group is dropped whole: never part of a batch group written
             result.failures.append({"source": source.location or source.source_id, "reason": event.reason})
-        elif isinstance(event, _Skipped):
+        elif isinstance(event, Skipped):
             if event.why == "cloud":
                 result.chips_skipped_cloud += 1
             else:
                 result.chips_skipped_nodata += 1
-        elif isinstance(event, _BatchEnd):
+        elif isinstance(event, BatchEnd):
             embed_started = time.perf_counter()
             for group_rows, _ in embed_batch_group(embedder, pending, source.sensor, facts, chip_failed):
                 rows.append(group_rows)
@@ -446,26 +417,12 @@ class SamplePlan:
 
 def plan_sample(sources: Sequence[RasterSource], chip_reader: ChipReader, count: int,
                 seed: int) -> list[SamplePlan]:
-    """The draw of `chipscout.indexer.ingest.pipeline.sample_chips`, without the reads: the same seeded positions
-    of the same sources, so the chips the workers read (`read_sample`), put in source order and
-    cut at `count`, are exactly the single-process sample, and so are the fitted kernels and
-    transform. The client opens each source's header for its grid size."""
-    rng = random.Random(seed)
-    per_source = max(1, -(-count // max(1, len(sources))))
-    plans = []
-    for source in sources:
-        try:
-            reader, _, _ = chip_reader.open(source)
-        except Exception:
-            continue  # reported by the main pass
-        with reader:
-            try:
-                offsets = chip_reader.grid.offsets(reader.grid.width, reader.grid.height)
-            except Exception:
-                continue
-        picked = rng.sample(offsets, min(len(offsets), per_source * 2))
-        plans.append(SamplePlan(source, tuple(picked), per_source))
-    return plans
+    """The draw of `reading.sample_chips`, without the reads: the same seeded positions of the
+    same sources, so the chips the workers read (`read_sample`), put in source order and cut at
+    `count`, are exactly the single-process sample, and so are the fitted kernels and transform.
+    The client opens each source's header for its grid size."""
+    return [SamplePlan(draw.source, tuple(draw.offsets), draw.per_source)
+            for draw in sample_draws(sources, chip_reader, count, seed)]
 
 
 def read_sample(plan: SamplePlan, bands: tuple[str, ...], grid: ChipGrid, max_nodata_fraction: float,
@@ -477,18 +434,8 @@ def read_sample(plan: SamplePlan, bands: tuple[str, ...], grid: ChipGrid, max_no
         reader, projector, selected = chip_reader.open(plan.source)
     except Exception:
         return [], 0.0
-    chips: list[Chip] = []
     with reader:
-        for row_off, col_off in plan.offsets:
-            if len(chips) >= plan.take:
-                break
-            try:
-                chip = chip_reader.read(reader, projector, selected, row_off, col_off)
-            except Exception:
-                break
-            if isinstance(chip, Chip):
-                chips.append(chip)
-        return chips, reader.grid.gsd_m
+        return read_valid(chip_reader, reader, projector, selected, plan.offsets, plan.take), reader.grid.gsd_m
 
 
 def _sample_sizes(sample: tuple[list[Chip], float]) -> tuple[int, float]:
@@ -517,8 +464,6 @@ def embed_sample(samples: list[tuple[list[Chip], float]], picks: list[tuple[int,
     """Runs on a worker: raw encoder vectors (before any transform) of the sample chips `picks`
     ((sample, chip) indexes into `samples`), embedded as one batch."""
     from chipscout.encoders.base import load_encoder
-    from chipscout.indexer.ingest.fitted_state import bytes_to_tensors
-
     worker_torch_device = worker_device(device, dict(slots).get(_worker_address(), 0))
     key = (spec.digest, worker_torch_device)
     with _EMBEDDERS_LOCK:
@@ -542,7 +487,7 @@ class _SampleRef:
 
 
 class _ClusterRawEmbedder:
-    """Takes the embedder's place in `chipscout.indexer.ingest.pipeline.fit_transform`: its `embed_raw` gets runs
+    """Takes the embedder's place in `fitting.fit_transform`: its `embed_raw` gets runs
     of `_SampleRef`s and returns their raw vectors, embedded by the workers in the very batches
     `fit_transform` asks for (so the vectors, and the fitted transform, are the single-process
     ones). The first call submits every batch of its size ahead, so the batches run in parallel."""
@@ -585,10 +530,8 @@ def _fit_transform_on_cluster(client: Any, embedder: Embedder, config: Any, enco
                               requested: str | None, pool: Sequence[RasterSource], chip_reader: ChipReader,
                               count: int, sampling: dict[str, Any], device: str | None,
                               slots: tuple[tuple[str, int], ...], retries: int) -> VectorTransform | None:
-    """`chipscout.indexer.ingest.pipeline.fit_transform` with its sample read and embedded by the workers: the
+    """`fitting.fit_transform` with its sample read and embedded by the workers: the
     chips stay there, only their raw vectors come back to the client, which fits."""
-    from chipscout.indexer.ingest.fitted_state import tensors_to_bytes
-
     state = embedder.encoder.state_dict()
     spec = EncoderSpec(config.encoder, embedder.encoder.config(),
                        None if embedder.encoder.config().get("checkpoint") else tensors_to_bytes(state),
@@ -632,185 +575,135 @@ class ClusterSummary(IndexSummary):
     worker_embed_s: float = 0.0
     worker_write_s: float = 0.0
 
+    def add(self, unit: UnitResult) -> None:
+        """Count what a worker did with one unit (its new chips count once committed)."""
+        self.chips_present += unit.chips_present
+        self.chips_skipped_nodata += unit.chips_skipped_nodata
+        self.chips_skipped_cloud += unit.chips_skipped_cloud
+        self.chips_failed += unit.chips_failed
+        self.failures.extend(unit.failures)
+        self.worker_read_s += unit.read_s
+        self.worker_embed_s += unit.embed_s
+        self.worker_write_s += unit.write_s
+
 
 def _first_error(answers: dict[str, Any]) -> list[str]:
     return [f"{address}: {type(answer).__name__}: {answer}" for address, answer in sorted(answers.items())
             if isinstance(answer, BaseException)]
 
 
-def index_on_cluster(
-    sources: Sequence[RasterSource] | Iterable[RasterSource],
-    *,
-    db_uri: str,
-    table_name: str,
-    client: Any = None,
-    cluster: str | None = None,
-    scheduler: str | None = None,
-    encoder: EncoderChoice = EncoderChoice(),
-    grid: ChipGrid = ChipGrid(128, 128),
-    bands: Sequence[str] | None = None,
-    max_nodata_fraction: float = 0.5,
-    max_cloud_fraction: float | None = None,
-    batch_size: int = 32,
-    commit_every: int = 512,
-    fit_sample_chips: int = 256,
-    transform: str | None = "default",
-    transform_sample_chips: int = 2048,
-    device: str | None = None,
-    progress: bool = True,
-    storage_options: dict[str, str] | None = None,
-    tile_chips: int | None = DEFAULT_TILE_CHIPS,
-    retries: int = DEFAULT_RETRIES,
-    run_request: dict[str, Any] | None = None,
-) -> ClusterSummary:
-    """`index_sources` on a Dask cluster: the same table, chip by chip and vector by vector.
+def index_on_cluster(sources: Sequence[RasterSource] | Iterable[RasterSource], **options: Any) -> ClusterSummary:
+    """`run_on_cluster` with the job's options as keywords (`IndexJob.from_options`)."""
+    return run_on_cluster(sources, IndexJob.from_options(**options))
 
-    Give a running `client`, or `cluster="local:N"` / `scheduler="tcp://HOST:PORT"`. Every
-    worker must run the same chipscout, lance and torch as this client and reach the table's
+
+def run_on_cluster(sources: Sequence[RasterSource] | Iterable[RasterSource], job: IndexJob) -> ClusterSummary:
+    """`local.run_local` on a Dask cluster: the same table, chip by chip and vector by vector.
+
+    Give a running `job.cluster.client`, or `cluster="local:N"` / `scheduler="tcp://HOST:PORT"`.
+    Every worker must run the same chipscout, lance and torch as this client and reach the table's
     storage (for a local `db_uri`: a filesystem every worker shares). The commits of the run
     each hold whole units, at least `commit_every` chips where the work allows; a re-run skips
     what was committed. `tile_chips` sizes the units of local rasters (None: one per source).
     Not supported here: encoders that keep patch vectors (`--pooling patch`).
     """
-    if client is None:
-        ChipStore(db_uri, table_name, storage_options).exists()  # bucket, credentials: before a cluster starts
-        with dask_client(cluster, scheduler, device=device) as own:
-            return index_on_cluster(
-                sources, db_uri=db_uri, table_name=table_name, client=own, encoder=encoder, grid=grid,
-                bands=bands, max_nodata_fraction=max_nodata_fraction,
-                max_cloud_fraction=max_cloud_fraction, batch_size=batch_size, commit_every=commit_every,
-                fit_sample_chips=fit_sample_chips, transform=transform,
-                transform_sample_chips=transform_sample_chips, device=device, progress=progress,
-                storage_options=storage_options, tile_chips=tile_chips, retries=retries,
-                run_request={**(run_request or {}), "cluster": cluster or scheduler})
-    from distributed import KilledWorker, as_completed
+    options = job.cluster
+    if options.client is None:
+        ChipStore(job.db_uri, job.table_name, job.storage_options).exists()  # bucket, credentials: before a cluster starts
+        with dask_client(options.cluster, options.scheduler, device=job.device) as own:
+            return run_on_cluster(sources, replace(
+                job, cluster=replace(options, client=own),
+                run_request={**(job.run_request or {}), "cluster": options.cluster or options.scheduler}))
+    return _ClusterLoop(IndexRun(sources, job), options.client).index()
 
-    streamed = not isinstance(sources, Sequence)
-    source_iter = iter(sources) if streamed else None
-    first = next(source_iter, None) if streamed else (sources[0] if sources else None)
-    if first is None:
-        raise SourceError("nothing to index: no sources given")
-    if not 0.0 <= max_nodata_fraction <= 1.0:
-        raise ChipscoutError(f"max nodata fraction must be within 0..1, got {max_nodata_fraction}")
-    if max_cloud_fraction is not None and not 0.0 <= max_cloud_fraction <= 1.0:
-        raise ChipscoutError(f"max cloud fraction must be within 0..1, got {max_cloud_fraction}")
-    if batch_size <= 0 or commit_every <= 0:
-        raise ChipscoutError("batch size and commit size must be positive")
-    if tile_chips is not None and tile_chips <= 0:
-        raise ChipscoutError(f"chips per unit must be positive, got {tile_chips}")
-    sensor = first.sensor
-    other = [] if streamed else [s.source_id for s in sources if s.sensor.name != sensor.name]
-    if other:
-        raise SourceError(f"one index holds one sensor; {', '.join(other[:5])} are not {sensor.name}")
 
-    # Everything that can be checked is checked before anything is written or read.
-    started = time.perf_counter()
-    facts = check_workers(client, device)
-    store = ChipStore(db_uri, table_name, storage_options)
-    store.exists()  # the store's own errors (bucket, credentials) before the workers'
-    unreachable = _first_error(client.run(_reach_storage, store.db_uri, table_name, storage_options,
-                                          on_error="return"))
-    if unreachable:
-        raise ClusterError(f"worker(s) cannot reach the database {db_uri}: " + "; ".join(unreachable))
-    summary = ClusterSummary(db=str(db_uri), table=table_name, sources=0 if streamed else len(sources),
-                             workers=len(facts))
-    cpu = torch.device("cpu")  # the client only fits and checks: the workers embed
-    embedder, config, band_names = resolve_encoder(store, sensor, encoder, bands, grid, "cpu", cpu)
-    if embedder.keeps_patches:
-        raise ChipscoutError("patch vectors (--pooling patch) are not written by cluster runs yet; "
-                             "index without --cluster/--scheduler, or with another pooling")
-    summary.encoder = config.encoder_label
+class _ClusterLoop:
+    """The cluster's part of a run: workers checked, fitting on the workers, units handed out
+    and their data files committed in batches."""
 
-    run = start_run(store, {
-        **(recorded_sources([s.location or s.source_id for s in sources]) if not streamed
-           else {"sources": "streamed"}),
-        "encoder": encoder.name, "encoder_params": encoder.params, "encoder_label": config.encoder_label,
-        "bands": band_names, "chip_size_px": grid.size_px, "chip_stride_px": grid.stride_px,
-        "max_nodata_fraction": max_nodata_fraction, "max_cloud_fraction": max_cloud_fraction,
-        "batch_size": batch_size, "commit_every": commit_every, "fit_sample_chips": fit_sample_chips,
-        "transform": transform, "transform_sample_chips": transform_sample_chips,
-        "device": device, "workers": [f.address for f in facts], "tile_chips": tile_chips,
-        **(run_request or {}),
-    })
-    summary.run_id = run.run_id
-    sources_seen: list[str] = []
-    in_flight: dict[str, tuple[WorkUnit, Any]] = {}  # by task key: the unit and its future
-    try:
-        head: list[RasterSource] = [first] if streamed else list(sources)
-        if streamed and not embedder.encoder.is_fitted:
-            head += list(itertools.islice(source_iter, FIT_SOURCES_FROM_STREAM - 1))
-        stream = itertools.chain(head, source_iter) if streamed else iter(head)
+    def __init__(self, run: IndexRun, client: Any):
+        self.run, self.client, self.job = run, client, run.job
+        self.retries = self.job.cluster.retries
+        self.slots: tuple[tuple[str, int], ...] = ()
+        self.in_flight: dict[str, tuple[WorkUnit, Any]] = {}  # by task key: the unit and its future
 
-        fit_started = time.perf_counter()
-        sampling = dict(bands=tuple(band_names), grid=grid, max_nodata_fraction=max_nodata_fraction,
-                        max_cloud_fraction=max_cloud_fraction)
-        slots = tuple(sorted(device_slots(facts).items()))
-        fit_reader = ChipReader(band_names, grid, max_nodata_fraction, max_cloud_fraction)
-        if not embedder.encoder.is_fitted:
+    def index(self) -> ClusterSummary:
+        run, job, client = self.run, self.job, self.client
+        # Everything that can be checked is checked before anything is written or read.
+        facts = check_workers(client, job.device)
+        store = run.open_store()
+        store.exists()  # the store's own errors (bucket, credentials) before the workers'
+        unreachable = _first_error(client.run(_reach_storage, store.db_uri, job.table_name,
+                                              job.storage_options, on_error="return"))
+        if unreachable:
+            raise ClusterError(f"worker(s) cannot reach the database {job.db_uri}: " + "; ".join(unreachable))
+        # The client only fits and checks: the workers embed.
+        summary: ClusterSummary = run.resolve_encoder("cpu", torch.device("cpu"), ClusterSummary)  # type: ignore[assignment]
+        summary.workers = len(facts)
+        if run.embedder.keeps_patches:
+            raise ChipscoutError("patch vectors (--pooling patch) are not written by cluster runs yet; "
+                                 "index without --cluster/--scheduler, or with another pooling")
+        run.start(transform=job.transform, transform_sample_chips=job.transform_sample_chips,
+                  device=job.device, workers=[f.address for f in facts], tile_chips=job.cluster.tile_chips)
+        with run.recorded():
+            try:
+                self.slots = tuple(sorted(device_slots(facts).items()))
+                self._fit()
+                summary.fit_s = run.fit_s
+                if not store.exists():
+                    run.create_table()
+                self._units(self._warm_workers(facts), len(facts), summary)
+            except BaseException:
+                if self.in_flight:
+                    client.cancel([future for _, future in self.in_flight.values()])
+                raise
+        return summary
+
+    def _fit(self) -> None:
+        run, job, client, retries = self.run, self.job, self.client, self.retries
+        sampling = dict(bands=tuple(run.band_names), grid=job.grid,
+                        max_nodata_fraction=job.max_nodata_fraction, max_cloud_fraction=job.max_cloud_fraction)
+        fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+
+        def encoder_sample(pool: Sequence[RasterSource]) -> list[Chip]:
             # The workers read the sample (the single-process draw); the client fits on it.
             samples = [client.submit(read_sample, plan, **sampling, pure=False, retries=retries)
-                       for plan in plan_sample(head, fit_reader, fit_sample_chips, seed=0)]
-            sample = [chip for chips, _ in client.gather(samples) for chip in chips][:fit_sample_chips]
-            del samples  # released: a worker lost later must not recompute them
-            fit_encoder(embedder, sample, config, cpu)
-        if store.exists():
-            check_stored_transform(store, transform)
-        else:
-            fitted = _fit_transform_on_cluster(client, embedder, config, encoder.name, transform, head,
-                                               fit_reader, transform_sample_chips, sampling, device,
-                                               slots, retries)
-            if fitted is not None:
-                # Index with the transform exactly as stored (as the single-process path does).
-                fitted = VectorTransform.from_state(fitted.describe(), fitted.to_state())
-            embedder.transform = fitted
-            config = with_transform(config, fitted)
-            summary.encoder = transform_label(config)
-        summary.fit_s = time.perf_counter() - fit_started
-        if not store.exists():
-            keep_state = not embedder.encoder.config().get("checkpoint")
-            if embedder.transform is not None:
-                save_state(store, "transform", embedder.transform.to_state())
-            store.create(config, encode_state(embedder.encoder.state_dict()), keep_state=keep_state)
+                       for plan in plan_sample(pool, fit_reader, job.fit_sample_chips, seed=0)]
+            return [chip for chips, _ in client.gather(samples) for chip in chips][:job.fit_sample_chips]
 
-        job = UnitJob(
-            db_uri=store.db_uri, table_name=table_name, storage_options=storage_options,
-            state_sha256=store.config.state_sha256, checkpoint=encoder.params.get("checkpoint"),
-            bands=tuple(band_names), grid=grid, max_nodata_fraction=max_nodata_fraction,
-            max_cloud_fraction=max_cloud_fraction, batch_size=batch_size, device=device,
-            slots=slots)
-        # Every worker loads the encoder now: a missing GPU or checkpoint fails here, not mid-run.
-        warm = [client.submit(warm_worker, job, workers=[f.address], allow_other_workers=True,
+        run.fit(encoder_sample, lambda pool: _fit_transform_on_cluster(
+            client, run.embedder, run.config, job.encoder.name, job.transform, pool, fit_reader,
+            job.transform_sample_chips, sampling, job.device, self.slots, retries))
+
+    def _warm_workers(self, facts: Sequence[WorkerFacts]) -> UnitJob:
+        """What every unit needs; every worker loads the encoder now, so that a missing GPU or
+        checkpoint fails here, not mid-run."""
+        run, job, client, store = self.run, self.job, self.client, self.run.store
+        unit_job = UnitJob(
+            db_uri=store.db_uri, table_name=job.table_name, storage_options=job.storage_options,
+            state_sha256=store.config.state_sha256, checkpoint=job.encoder.params.get("checkpoint"),
+            bands=tuple(run.band_names), grid=job.grid, max_nodata_fraction=job.max_nodata_fraction,
+            max_cloud_fraction=job.max_cloud_fraction, batch_size=job.batch_size, device=job.device,
+            slots=self.slots)
+        warm = [client.submit(warm_worker, unit_job, workers=[f.address], allow_other_workers=True,
                               pure=False) for f in facts]
         try:
             client.gather(warm)
         except Exception as err:
-            raise ClusterError(f"a worker cannot load the encoder of table {table_name!r} "
-                               f"or open it at {db_uri}: {type(err).__name__}: {err}") from err
+            raise ClusterError(f"a worker cannot load the encoder of table {job.table_name!r} "
+                               f"or open it at {job.db_uri}: {type(err).__name__}: {err}") from err
         finally:
             del warm
+        return unit_job
 
-        chip_reader = ChipReader(band_names, grid, max_nodata_fraction, max_cloud_fraction)
-        seen_ids: set[str] = set()
+    def _units(self, unit_job: UnitJob, workers: int, summary: ClusterSummary) -> None:
+        """Hand out the units, a few per worker ahead, and commit their files in batches."""
+        from distributed import as_completed
 
-        def admitted(stream: Iterable[RasterSource]) -> Iterator[RasterSource]:
-            for source in stream:
-                where = source.location or source.source_id
-                if streamed:
-                    summary.sources += 1
-                sources_seen.append(where)
-                if source.sensor.name != sensor.name:
-                    reason = f"{where}: is {source.sensor.name}, not {sensor.name}; one index holds one sensor"
-                elif source.source_id in seen_ids:
-                    reason = (f"{where}: source id {source.source_id!r} comes twice in this run; "
-                              "its chips are indexed once")
-                else:
-                    seen_ids.add(source.source_id)
-                    yield source
-                    continue
-                summary.failures.append({"source": where, "reason": reason})
-
-        units = plan_units(admitted(stream), chip_reader, batch_size, tile_chips)
-        bar = _progress_bar(progress)
+        run, job, client, store = self.run, self.job, self.client, self.run.store
+        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        units = plan_units(run.admitted(run.stream()), chip_reader, job.batch_size, job.cluster.tile_chips)
+        bar = progress_bar(job.progress)
         waiting: list[UnitResult] = []
         read_version = store.version
         run_key = uuid.uuid4().hex[:12]
@@ -821,8 +714,8 @@ def index_on_cluster(
                 return False
             key = f"chipscout-unit-{run_key}-{summary.units}"
             summary.units += 1
-            future = client.submit(index_unit, unit, job, key=key, pure=False, retries=retries)
-            in_flight[key] = (unit, future)
+            future = client.submit(index_unit, unit, unit_job, key=key, pure=False, retries=self.retries)
+            self.in_flight[key] = (unit, future)
             done.add(future)
             return True
 
@@ -838,57 +731,33 @@ def index_on_cluster(
             waiting.clear()
 
         done = as_completed()
-        for _ in range(2 * len(facts) + 2):  # a few units queued per worker, the stream drawn lazily
+        for _ in range(2 * workers + 2):  # a few units queued per worker, the stream drawn lazily
             if not submit_next(done):
                 break
         for future in done:
-            unit, _ = in_flight.pop(future.key)
-            try:
-                result: UnitResult = future.result()
-            except KilledWorker as err:
-                raise ClusterError(f"unit {unit.unit_id} ({unit.source.location}) was running on "
-                                   f"workers that died, too often to try again: {err}") from err
-            except ChipscoutError:
-                raise
-            except Exception as err:  # a worker's own failure, after `retries` more attempts
-                raise ClusterError(f"unit {unit.unit_id} ({unit.source.location}) failed on the "
-                                   f"cluster {retries + 1} time(s): {type(err).__name__}: {err}") from err
+            unit, _ = self.in_flight.pop(future.key)
+            result = self._result(unit, future)
             future.release()
-            summary.chips_present += result.chips_present
-            summary.chips_skipped_nodata += result.chips_skipped_nodata
-            summary.chips_skipped_cloud += result.chips_skipped_cloud
-            summary.chips_failed += result.chips_failed
-            summary.failures.extend(result.failures)
-            summary.worker_read_s += result.read_s
-            summary.worker_embed_s += result.embed_s
-            summary.worker_write_s += result.write_s
+            summary.add(result)
             bar.total = (bar.total or 0) + result.windows
             bar.update(result.windows)
             waiting.append(result)
-            if sum(r.chips_new for r in waiting) >= commit_every:
+            if sum(r.chips_new for r in waiting) >= job.commit_every:
                 commit()
             submit_next(done)
         commit()
         bar.close()
-        summary.elapsed_s = time.perf_counter() - started
-        maintain_indexes(store)
-        summary.table_rows = store.count()
-        summary.table_version = store.version
-    except BaseException as err:
-        if in_flight:
-            client.cancel([future for _, future in in_flight.values()])
-        summary.elapsed_s = time.perf_counter() - started
-        try:  # the run's own error matters more than a failure to log it
-            finish_run(store, run, _cluster_result(summary, sources_seen, streamed), err)
-        except Exception:
-            pass
-        raise
-    finish_run(store, run, _cluster_result(summary, sources_seen, streamed))
-    return summary
 
+    def _result(self, unit: WorkUnit, future: Any) -> UnitResult:
+        from distributed import KilledWorker
 
-def _cluster_result(summary: ClusterSummary, sources_seen: list[str], streamed: bool) -> dict[str, Any]:
-    result = _run_result(summary, summary.fit_s, sources_seen, streamed)
-    for name in ("fit_s", "commit_s", "worker_read_s", "worker_embed_s", "worker_write_s"):
-        result[name] = round(result[name], 3)
-    return result
+        try:
+            return future.result()
+        except KilledWorker as err:
+            raise ClusterError(f"unit {unit.unit_id} ({unit.source.location}) was running on "
+                               f"workers that died, too often to try again: {err}") from err
+        except ChipscoutError:
+            raise
+        except Exception as err:  # a worker's own failure, after `retries` more attempts
+            raise ClusterError(f"unit {unit.unit_id} ({unit.source.location}) failed on the "
+                               f"cluster {self.retries + 1} time(s): {type(err).__name__}: {err}") from err

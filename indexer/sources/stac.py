@@ -3,7 +3,7 @@
 A `StacSearch` POSTs one search (pystac-client) and pages through the results lazily; each item
 becomes a `RasterSource` whose band assets, cloud-mask asset and radiometry (the item's
 `raster:bands` scale/offset, the Sentinel-2 processing-baseline offset) come from the item and the
-band table in `chipscout.indexer.sensors`. `index_search` feeds that stream to `index_sources`.
+band table in `chipscout.indexer.sensors`. `chipscout.indexer.ingest.index_search` indexes that stream.
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from urllib3 import Retry
 
 from chipscout.indexer.errors import SourceError
 from chipscout.indexer.sources.files import BandAsset, CloudMaskAsset, RasterSource, sanitize_source_id
-from chipscout.indexer.ingest.pipeline import IndexSummary, index_sources
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
-from chipscout.indexer.errors import StacSearchError, NothingToIndexError  # noqa: F401  (raised here, defined with the others)
+from chipscout.indexer.errors import StacSearchError
 
 EARTH_SEARCH_URL = "https://earth-search.aws.element84.com/v1"
 PLANETARY_COMPUTER_URL = "https://planetarycomputer.microsoft.com/api/stac/v1"
@@ -589,40 +588,3 @@ class StacSearch:
     def sources(self) -> Iterator[RasterSource]:
         for item in self.items():
             yield item_source(item, self.sensor)
-
-
-def index_search(search: StacSearch, *, indexer: Callable[..., IndexSummary] = index_sources,
-                 **index_options: Any) -> IndexSummary:
-    """Index every item `search` finds (see `index_sources` for the options) with `indexer`
-    (`index_sources`, or `chipscout.indexer.ingest.cluster.index_on_cluster` on a cluster).
-
-    Raises `NothingToIndexError` before touching the table when the search matches nothing.
-    """
-    for band in index_options.get("bands") or ():
-        if not search.sensor.has_band(band):
-            raise StacSearchError(
-                f"collection {search.query.collection!r} is read as {search.sensor.name}, which has no "
-                f"band {band!r}; its bands are: {', '.join(search.sensor.band_names)}")
-    sources = search.sources()
-    first = next(sources, None)
-    if first is None:
-        failures = search.stats.failures
-        if failures and search.stats.items_matched == 0:
-            raise StacSearchError(f"searching {search.query.describe()} failed: {failures[0]['reason']}")
-        skipped = []
-        if search.stats.items_over_cloud:
-            skipped.append(f"{search.stats.items_over_cloud} over the cloud limit")
-        if failures:
-            skipped.append(f"{len(failures)} unusable")
-        raise NothingToIndexError(
-            f"nothing to index: no items match {search.query.describe()}"
-            + (f" ({search.stats.items_matched} found, {', '.join(skipped)})" if skipped else ""))
-    query = search.query
-    run_request = {**(index_options.pop("run_request", None) or {}), "stac": {
-        "url": query.url, "collection": query.collection, "bbox": query.bbox,
-        "intersects": query.intersects.get("type") if query.intersects else None,
-        "datetime": query.datetime, "max_cloud_cover": query.max_cloud_cover,
-        "max_items": query.max_items, "sensor": search.sensor.name}}
-    summary = indexer(itertools.chain([first], sources), run_request=run_request, **index_options)
-    summary.failures.extend(search.stats.failures)
-    return summary

@@ -738,6 +738,16 @@ class ChipStore:
         dim = self.config.embedding_dim
         return ids, (np.stack([found[c] for c in ids]) if ids else np.zeros((0, dim), np.float32))
 
+    # ------------------------------------------------------------------ ingest: cluster runs
+    # Asked by chipscout.indexer.ingest.cluster, which imports no lance of its own.
+    @staticmethod
+    def data_file_format() -> str:
+        """The Lance release that writes this store's data files: a cluster's workers, which
+        write them, must run the client's."""
+        import lance
+
+        return lance.__version__
+
 
 #: Companion suffixes are code constants (`labels`, `sessions`...), never user text.
 _COMPANION_SUFFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.sources.files import local_source, parse_datetime  # noqa: E402
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources  # noqa: E402
+from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
 
 

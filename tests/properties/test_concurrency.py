@@ -13,7 +13,7 @@ import pytest
 
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.ingest import EncoderChoice, index_sources
 from chipscout.indexer.store import ChipStore
 from tests.conftest import raw_table
 

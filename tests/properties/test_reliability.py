@@ -19,7 +19,8 @@ from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.cli.commands import app as cli_app
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources
+from chipscout.indexer.ingest import EncoderChoice, index_sources
+from chipscout.indexer.ingest.reading import ChipReader
 from chipscout.indexer.store.runlog import list_runs
 from chipscout.indexer.store import ChipStore
 from tests.conftest import LoopbackFileServer, free_port, raw_table

@@ -34,7 +34,8 @@ from chipscout.indexer.ingest.cluster import (  # noqa: E402
     read_sample,
 )
 from chipscout.indexer.sources.files import BandAsset, local_source  # noqa: E402
-from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips  # noqa: E402
+from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
+from chipscout.indexer.ingest.reading import ChipReader, sample_chips  # noqa: E402
 from chipscout.indexer.store.runlog import list_runs  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
 from chipscout.indexer.ingest.fitted_state import load_state, state_digest  # noqa: E402

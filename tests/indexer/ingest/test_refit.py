@@ -13,7 +13,8 @@ from chipscout.indexer.cli.commands import app
 from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.errors import ChipscoutError, StoreError
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import ChipReader, index_sources, sample_chips
+from chipscout.indexer.ingest import index_sources
+from chipscout.indexer.ingest.reading import ChipReader, sample_chips
 from chipscout.indexer.ingest.refit import RAW_COLUMN, refit_table
 from chipscout.indexer.search.engine import SearchEngine
 from chipscout.indexer.store import ChipStore

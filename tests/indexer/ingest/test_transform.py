@@ -8,7 +8,8 @@ from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.ingest.fitted_state import load_state
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips
+from chipscout.indexer.ingest import EncoderChoice, index_sources
+from chipscout.indexer.ingest.reading import ChipReader, sample_chips
 from chipscout.indexer.search.engine import SearchEngine
 from chipscout.indexer.store import ChipStore
 from chipscout.indexer.ingest.transform import (DEFAULT_TRANSFORMS, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from chipscout.indexer.chips import ChipGrid
-from chipscout.indexer.errors import SourceError
+from chipscout.indexer.errors import NothingToIndexError, SourceError, StacSearchError
 from chipscout.indexer.sources.files import RasterReader
-from chipscout.indexer.ingest.pipeline import EncoderChoice
+from chipscout.indexer.ingest import EncoderChoice, index_search
 from chipscout.indexer.sources.stac import (
-    NothingToIndexError, StacQuery, StacSearch, StacSearchError, index_search, is_planetary_computer,
+    StacQuery, StacSearch, is_planetary_computer,
     parse_bbox, parse_datetime_interval,
 )
 from chipscout.indexer.store import ChipStore

@@ -11,7 +11,7 @@ from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.errors import IncompatibleTableError, StoreError
 from chipscout.indexer.sources.files import local_source
-from chipscout.indexer.ingest.pipeline import EncoderChoice, index_sources
+from chipscout.indexer.ingest import EncoderChoice, index_sources
 from chipscout.indexer.store import ChipStore, sql_literal
 
 from tests.conftest import TINY_RCF, build_index
@@ -50,7 +50,7 @@ def test_rows_hold_footprints_quality_and_thumbnails(indexed_db):
 def test_stored_encoder_reproduces_stored_vectors(indexed_db, small_cog):
     store = ChipStore(indexed_db, "chips")
     embedder = Embedder.for_store(store, "cpu")
-    from chipscout.indexer.ingest.pipeline import ChipReader
+    from chipscout.indexer.ingest.reading import ChipReader
 
     reader_setup = ChipReader(list(store.config.bands), ChipGrid(64, 32), 1.0, None)
     source = local_source(small_cog, sensor="sentinel-2-l2a", source_id="cut-june")
