@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.search.engine import validate_chip_id
+from chipscout.indexer.chips import validate_chip_id
 from chipscout.indexer.store.table import ChipStore
 from chipscout.indexer.errors import LabelError  # noqa: F401  (raised here, defined with the others)
 
