@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chipscout.indexer.search.engine import QE_ALPHA, SearchEngine, SearchFilters  # noqa: E402
+from chipscout.indexer.search import QE_ALPHA, SearchEngine, SearchFilters  # noqa: E402
 
 
 def exact_expanded_top(vectors: torch.Tensor, query: np.ndarray, skip: np.ndarray, m: int, k: int) -> np.ndarray:

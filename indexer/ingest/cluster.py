@@ -54,7 +54,7 @@ from chipscout.indexer.ingest.pipeline import (
 from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
 from chipscout.indexer.store.table import ChipStore, state_digest
 from chipscout.indexer.ingest.transform import VectorTransform
-from chipscout.indexer.search.vector_index import maintain_indexes
+from chipscout.indexer.store.indexes import maintain_indexes
 from chipscout.indexer.errors import ClusterError  # noqa: F401  (raised here, defined with the others)
 
 

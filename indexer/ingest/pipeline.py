@@ -34,7 +34,7 @@ from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_r
 from chipscout.indexer.sensors import Sensor
 from chipscout.indexer.store.table import ChipStore, IndexConfig
 from chipscout.indexer.ingest.thumbnails import thumbnail_png
-from chipscout.indexer.search.vector_index import maintain_indexes
+from chipscout.indexer.store.indexes import maintain_indexes
 
 #: Sentinel-2's atmospheric bands (aerosol, water vapour, cirrus) say little about the ground.
 _SKIPPED_BY_DEFAULT = {"coastal", "nir09", "cirrus"}

@@ -15,7 +15,7 @@ from chipscout.indexer.errors import ChipscoutError, StoreError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import ChipReader, index_sources, sample_chips
 from chipscout.indexer.ingest.refit import RAW_COLUMN, refit_table
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store.table import ChipStore
 from chipscout.indexer.ingest.transform import SMALL_SAMPLE_TRANSFORM, VectorTransform, default_transform_spec
 

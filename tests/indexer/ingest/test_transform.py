@@ -8,7 +8,7 @@ from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest.pipeline import ChipReader, EncoderChoice, index_sources, sample_chips
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store.table import ChipStore
 from chipscout.indexer.ingest.transform import (DEFAULT_TRANSFORMS, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,
                                fit_requested, parse_spec)

@@ -18,12 +18,12 @@ import shapely
 from typer.testing import CliRunner
 
 from chipscout.indexer.errors import QueryError, StoreError
-from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.search import SearchEngine, SearchFilters
 from chipscout.indexer.store.table import ChipStore, chip_schema
 from tests.indexer.synthetic_chips import synthetic_config
-from chipscout.indexer.search.vector_index import (
-    FilterValues, IndexPolicy, QueryTuning, VectorSearcher, index_status, maintain_indexes, plan_vector_index,
-    read_record,
+from chipscout.indexer.search.warm import VectorSearcher
+from chipscout.indexer.store.indexes import (
+    IndexPolicy, QueryTuning, index_status, maintain_indexes, plan_vector_index, read_record,
 )
 
 DIM = 64
@@ -182,11 +182,12 @@ def test_exact_numpy_search_equals_lancedb_flat_search(tables):
     db, centres, _, _ = tables
     store = ChipStore(db, "exact")
     searcher = VectorSearcher(store, POLICY)
-    where = "acquired >= TIMESTAMP '2024-01-01 00:00:00'"
-    values = FilterValues(date_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    filters = SearchFilters(date_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    where = filters.where_clause()
+    assert where.startswith("acquired >= TIMESTAMP '2024-01-01 00:00:00")
     for query in centres[:10]:
         for clause in (None, where):
-            rows, plan = searcher.nearest(query, 25, values if clause else None, clause, ["chip_id", "_distance"])
+            rows, plan = searcher.nearest(query, 25, filters if clause else None, ["chip_id", "_distance"])
             flat = store.nearest(query, 25, clause, ["chip_id", "_distance"], use_index=False)
             assert plan.method == "exact" and rows["chip_id"].to_pylist() == flat["chip_id"].to_pylist()
             np.testing.assert_allclose(rows["_distance"].to_numpy(), flat["_distance"].to_numpy(), atol=1e-5)
@@ -209,11 +210,6 @@ FILTERS = {  # name: (filter, policy, the method the indexed table must use for 
 }
 
 
-def _values(filters: SearchFilters) -> FilterValues:
-    return FilterValues(filters.date_from, filters.date_to, filters.bbox.as_tuple() if filters.bbox else None,
-                        filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
-
-
 @pytest.mark.parametrize("name", list(FILTERS))
 def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
     db, centres, vectors, rows = tables
@@ -221,7 +217,7 @@ def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
     keep = _keep(rows, filters)
     indexed = SearchEngine(db, "indexed", index_policy=policy)
     exact = SearchEngine(db, "exact", index_policy=policy)
-    matches = indexed.searcher.matches(_values(filters))
+    matches = indexed.searcher.matches(filters)
     assert matches == keep.sum()  # the in-memory filter agrees with an independent evaluation
     assert indexed.searcher.plan(10, matches).method == method
     allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
@@ -296,7 +292,7 @@ def test_a_sketched_searcher_keeps_exactly_the_allowed_rows_and_finds_their_neig
     sketch = engine.searcher._warm.sketch
     keep = _keep(rows, filters)
     # The sketch's date window and slice tests select exactly the rows an independent check keeps.
-    positions, matches, exact = sketch.search(centres[0], _values(filters), 10**9, 10**9)
+    positions, matches, exact = sketch.search(centres[0], filters, 10**9, 10**9)
     assert exact and matches == keep.sum() and sorted(positions) == list(np.flatnonzero(keep))
     allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
     allowed_groups = sorted({int(c[1:5]) for c in allowed})
@@ -351,7 +347,7 @@ def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
 def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_path):
     """A warm sketch's expanded search re-ranks the first search's candidates (no second scan)
     and still finds nearly all of what exact expansion finds, on overlapping clusters."""
-    from chipscout.indexer.search.engine import QE_ALPHA
+    from chipscout.indexer.search.expansion import QE_ALPHA
 
     engine, vectors, rows, rng = _blurred_table(tmp_path, seed=11, candidates=200)
     ids = np.array(rows["chip_id"].to_pylist())
@@ -371,17 +367,17 @@ def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_pat
 
     # The plan of a sketch search carries its candidates and its rows' positions in the cache.
     searcher = engine.searcher
-    rows_found, plan = searcher.nearest(vectors[0], 5, None, None, ["chip_id", "_distance"])
+    rows_found, plan = searcher.nearest(vectors[0], 5, None, ["chip_id", "_distance"])
     assert plan.method == "sketch" and len(plan.candidates) >= 200 and len(plan.positions) == 5
     np.testing.assert_allclose(searcher.warm_vectors(plan, [0, 4]), vectors[plan.positions[[0, 4]]],
                                atol=2e-3)  # float16 in memory
     assert list(ids[plan.positions]) == rows_found["chip_id"].to_pylist()
     # A follow-up re-ranks those candidates only; one asking for more than they can serve scans.
-    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"], plan)
+    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, ["chip_id", "_distance"], plan)
     assert set(plan.candidates) >= set(near_plan.positions)
-    _, own_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"])
+    _, own_plan = searcher.nearest(vectors[1], 10, None, ["chip_id", "_distance"])
     assert not set(plan.candidates) >= set(own_plan.positions)  # so the above did reuse them
-    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, None, ["chip_id", "_distance"], plan)
+    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, ["chip_id", "_distance"], plan)
     assert not set(plan.candidates) >= set(far_plan.positions)  # 1000 fresh candidates
     stale = replace(plan, table_version=plan.table_version - 1)
     assert searcher.warm_vectors(stale, [0]) is None
@@ -402,7 +398,7 @@ def test_the_sketch_date_window_leaves_out_rows_without_a_date(tmp_path):
     for filters in (SearchFilters.build(date_to="2023-12-31"), SearchFilters.build(date_from="2024-01-01"),
                     SearchFilters.build(date_from="2023-03-01", date_to="2023-03-31"), SearchFilters.build(),
                     SearchFilters.build(max_cloud_fraction=0.5)):
-        positions, _, _ = sketch.search(centres[0], _values(filters) if filters != SearchFilters() else None,
+        positions, _, _ = sketch.search(centres[0], filters if filters != SearchFilters() else None,
                                         10**9, 10**9)
         keep = _keep(rows, filters)  # SQL: a NULL date is in no date range
         if filters.date_from or filters.date_to:
@@ -570,7 +566,7 @@ def test_cli_optimize_and_info_report_the_index(tmp_path):
 _BUILD = """
 import sys
 from chipscout.indexer.store.table import ChipStore
-from chipscout.indexer.search.vector_index import VectorIndexSpec
+from chipscout.indexer.store.indexes import VectorIndexSpec
 store = ChipStore(sys.argv[1], "killed")
 print("building", flush=True)
 store.create_vector_index(VectorIndexSpec("IVF_HNSW_SQ", 4, m=32, ef_construction=400))
