@@ -22,7 +22,7 @@ from chipscout.indexer.seedsets import refine
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.seedsets.export import FORMATS, ExportSummary, export_formats
 from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
-from chipscout.indexer.search.engine import ChipRecord, SearchEngine, SearchFilters
+from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters
 
 # st.session_state keys (per-session widgets add `-<session id>` to theirs).
 SESSION = "label_session"
