@@ -175,7 +175,7 @@ def test_rcf_tables_expand_queries_by_default(engine, indexed_db):
 
 def test_tables_without_a_transform_or_of_other_encoders_do_not_expand(tmp_path):
     from chipscout.indexer.search import default_expansion
-    from tests.indexer.search.test_vector_index import _grouped_vectors, _rows, _write
+    from tests.indexer.grouped_tables import _grouped_vectors, _rows, _write
 
     _, vectors = _grouped_vectors()
     _write(str(tmp_path / "db"), "synthetic", _rows(vectors[:300], seed=0))
