@@ -23,7 +23,7 @@ from rasterio.errors import RasterioError
 
 from chipscout.encoders.base import ChipEncoder, EncoderError
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.ingest.embedding import make_encoder, normalization_for, pick_device
+from chipscout.indexer.ingest.embedding import make_encoder, normalization_for, pick_device, scaled_input
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 from chipscout.indexer.errors import EvaluationError  # noqa: F401  (raised here, defined with the others)
@@ -656,18 +656,16 @@ def _embed(model: ChipEncoder, normalization: Normalization | None, pixels: torc
            valid: torch.Tensor | None, waves: torch.Tensor | None, gsd_m: float | None,
            paths: Sequence[Path], batch_size: int, device: torch.device,
            progress: bool) -> torch.Tensor:
-    """Vectors of `pixels` (reflectance) batch by batch, scaled and masked as `Embedder` does."""
+    """Vectors of `pixels` (reflectance) batch by batch, scaled and masked by indexing's `scaled_input`."""
     batches = range(0, pixels.shape[0], batch_size)
     vectors = []
     with torch.no_grad():
         for start in _progress(batches, progress, "encoding"):
             stop = start + batch_size
-            batch = pixels[start:stop].to(device)
             mask = None if valid is None else valid[start:stop].to(device)
-            if normalization is not None:
-                batch = normalization.apply(batch)
-                if mask is not None:
-                    batch = torch.where(mask[:, None], batch, torch.zeros((), device=device))
+            batch = pixels[start:stop].to(device)
+            if normalization is not None:  # plain reflectance: nodata pixels are 0 already
+                batch = scaled_input(batch, mask, normalization)
             try:
                 out = model(batch, waves, valid_mask=mask, gsd_m=gsd_m)
             except EncoderError as err:
