@@ -153,24 +153,24 @@ class BinarySketch:
         others = [self._pool.submit(work, *chunk) for chunk in chunks[1:]]
         return [work(*chunks[0]), *(future.result() for future in others)]
 
-    def search(self, query: np.ndarray, values: SearchFilters | None, count: int,
+    def search(self, query: np.ndarray, row_filter: SearchFilters | None, count: int,
                exact_max: int) -> tuple[np.ndarray, int | None, bool]:
-        """(positions in row-id order as in `MemoryVectors`, rows `values` allows (None: no
+        """(positions in row-id order as in `MemoryVectors`, rows `row_filter` allows (None: no
         filter), whether those positions are every allowed row). Up to `exact_max` allowed rows
         all come back; more are narrowed down to at least `count` nearest `query` by Hamming
         distance (ties included). The date window is cut into one chunk per thread, each tested,
         scored and counted in one task."""
-        if values is None:
+        if row_filter is None:
             start, stop = 0, len(self.order)
         else:
-            start, stop = self.filters.date_window(values)
+            start, stop = self.filters.date_window(row_filter)
         if stop <= start:
             return np.zeros(0, dtype=np.int64), 0, True
         chunks = self._chunks(start, stop)
         code = self._code(_unit_query(query))
 
         def score(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-            allowed = None if values is None else self.filters.window_mask(values, a, b, dates=False)
+            allowed = None if row_filter is None else self.filters.window_mask(row_filter, a, b, dates=False)
             if allowed is not None and not allowed.any():
                 return allowed, None, np.zeros(self.bits + 1, dtype=np.int64)
             distances = self._distances(code, a, b)
@@ -180,7 +180,7 @@ class BinarySketch:
 
         scored = self._map(score, chunks)
         histogram = np.sum([h for _, _, h in scored], axis=0)
-        matches = None if values is None else int(histogram.sum())
+        matches = None if row_filter is None else int(histogram.sum())
         if matches is not None and matches <= exact_max:
             picked = [a + np.flatnonzero(allowed) for (a, _), (allowed, _, _) in zip(chunks, scored)]
             return self.order[np.concatenate(picked)], matches, True
@@ -322,9 +322,9 @@ class VectorSearcher:
                 self._exact = MemoryVectors(self.store)
             return self._exact
 
-    def matches(self, values: SearchFilters) -> int:
-        """How many rows `values` allows (exactly)."""
-        return int(self._filter_columns().mask(values).sum())
+    def matches(self, row_filter: SearchFilters) -> int:
+        """How many rows `row_filter` allows (exactly)."""
+        return int(self._filter_columns().mask(row_filter).sum())
 
     def plan(self, k: int, matches: int | None, in_memory: bool = False) -> SearchPlan:
         """The method for a query of `k` results whose filter allows `matches` rows (None: no
@@ -355,18 +355,18 @@ class VectorSearcher:
         vectors = unit_rows(self.store.vectors_by_row_id(row_ids))
         return _top(vectors @ _unit_query(vector), row_ids, k)
 
-    def _count(self, state: TableState, filters: FilterColumns, values: SearchFilters,
+    def _count(self, state: TableState, filters: FilterColumns, row_filter: SearchFilters,
                k: int, in_memory: bool) -> tuple[int, np.ndarray | None]:
         """(rows allowed, mask of every row or None): exact, except for a large indexed table
         whose sample says the allowed rows are too many for exact search anyway."""
         if state.index is None or state.rows <= self.policy.exact_count_rows:
-            mask = filters.mask(values)
+            mask = filters.mask(row_filter)
             return int(mask.sum()), mask
-        estimate = filters.estimate(values)
+        estimate = filters.estimate(row_filter)
         exact_max = self.policy.warm_exact_max_matches if in_memory else self.policy.exact_max_matches
         if estimate > 2 * max(k, exact_max):
             return estimate, None
-        mask = filters.mask(values)
+        mask = filters.mask(row_filter)
         return int(mask.sum()), mask
 
     def nearest(self, vector: np.ndarray, k: int, filters: SearchFilters | None, columns: list[str],
@@ -395,7 +395,7 @@ class VectorSearcher:
         return warm.vectors.vectors[plan.positions[np.asarray(rows, dtype=np.int64)]].astype(np.float32)
 
     def _sketch_search(self, warm: WarmCache, memory: MemoryVectors, vector: np.ndarray, k: int,
-                       values: SearchFilters | None, columns: list[str],
+                       row_filter: SearchFilters | None, columns: list[str],
                        near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         """A warmed searcher's query: the allowed rows from the sketch's date-ordered filter
         columns; up to twice the candidates it would pick are all re-ranked (exact), more are
@@ -408,26 +408,26 @@ class VectorSearcher:
         else:
             # Re-ranking every allowed row costs little more than re-ranking `wanted` of them
             # when they are at most twice as many, and is exact.
-            positions, matches, exact = warm.sketch.search(vector, values, wanted, 2 * wanted)
+            positions, matches, exact = warm.sketch.search(vector, row_filter, wanted, 2 * wanted)
             method = "exact" if exact else "sketch"
         row_ids, distances = memory.top(vector, k, positions)
         found, _ = warm.filters.positions(row_ids)
         return (self._rows(row_ids, distances, columns, warm),
                 SearchPlan(method, matches, candidates=positions, positions=found))
 
-    def _nearest(self, version: int, vector: np.ndarray, k: int, values: SearchFilters | None,
+    def _nearest(self, version: int, vector: np.ndarray, k: int, row_filter: SearchFilters | None,
                  where: str | None, columns: list[str],
                  near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         state = self._current(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
         if warm is not None and warm.sketch is not None and memory is not None:
-            return self._sketch_search(warm, memory, vector, k, values, columns, near)
+            return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
         in_memory = memory is not None
         filters = mask = matches = None
-        if values is not None:
+        if row_filter is not None:
             filters = self._filter_columns(version)
-            matches, mask = self._count(state, filters, values, k, in_memory)
+            matches, mask = self._count(state, filters, row_filter, k, in_memory)
         plan = plan_query(self.policy, state, k, matches, in_memory)
         if matches == 0:
             return self._rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns, warm), plan
@@ -462,14 +462,14 @@ class VectorSearcher:
                 return self._rows(ids, distances, columns, warm), SearchPlan("exact", None)
             plan = SearchPlan("exact-scan", None)
             return self.store.nearest(vector, k, None, columns, use_index=False), plan
-        assert filters is not None and values is not None and matches is not None
+        assert filters is not None and row_filter is not None and matches is not None
         if plan.method == "ann-postfilter":
             # Candidates by the index's codes, the filter from memory, then an exact re-rank of
             # the allowed candidates (at most k * refine_factor) on their full vectors.
             fetch = plan.fetch
             while True:
                 row_ids, _ = self.store.nearest_row_ids(vector, fetch, plan.tuning)
-                allowed_ids = row_ids[filters.allowed(values, row_ids, mask)][:k * refine]
+                allowed_ids = row_ids[filters.allowed(row_filter, row_ids, mask)][:k * refine]
                 if len(allowed_ids) >= min(k, matches):
                     ids, distances = self._rerank(vector, allowed_ids, k, warm)
                     return self._rows(ids, distances, columns, warm), replace(plan, fetch=fetch)
