@@ -1,1 +1,1 @@
-"""chipscout's Streamlit front end (a thin layer over `chipscout.indexer.search.engine`)."""
+"""chipscout's Streamlit front end (a thin layer over the `chipscout.indexer.search` and `chipscout.indexer.seedsets` facades)."""

@@ -22,7 +22,7 @@ from chipscout.indexer.seedsets import refine
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.seedsets.export import FORMATS, ExportSummary, export_formats
 from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
-from chipscout.indexer.search.engine import ChipRecord, SearchEngine, SearchFilters
+from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters
 
 # st.session_state keys (per-session widgets add `-<session id>` to theirs).
 SESSION = "label_session"
@@ -138,7 +138,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
     if st.session_state.get(SESSION) and st.session_state[SESSION] not in by_id:
         if from_link:
             notice("warning", f"The link names labelling session `{from_link}`, which table "
-                              f"`{engine.store.table_name}` does not have (deleted, or another table's); "
+                              f"`{engine.table_name}` does not have (deleted, or another table's); "
                               "labelling is off.")
         else:
             notice("warning", "The labelling session open in this tab no longer exists: it was deleted in "
@@ -468,7 +468,7 @@ def _downloads(seed: Seed, engine: SearchEngine) -> None:
             "scoring at least", min_value=-1.0, max_value=1.0, value=0.5, step=0.05, key=f"label_threshold-{sid}",
             help="A cosine similarity, or a probability when the ranking is the classifier's.")
     options = _round_options(sid)
-    where = f"{engine.store.db_uri}|{engine.store.table_name}@{engine.version}|{sid}"
+    where = f"{engine.store.db_uri}|{engine.table_name}@{engine.version}|{sid}"
     try:
         files = _exports(engine, seed.session, where, seed.fingerprint, int(candidates),
                          float(threshold) if candidates else None, options["strategy"] or seed.session.strategy,

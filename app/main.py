@@ -1,7 +1,7 @@
 """chipscout's Streamlit page: pick an example chip, see the places that look like it.
 
 Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAME`). A thin layer
-over `chipscout.indexer.search.engine` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
+over `chipscout.indexer.search` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
 page reads top to bottom: settings from the link, the sidebar controls, the open labelling session's
 panel, the example, its look-alikes (histogram, grid, map), then the gallery and map to pick another
 example from.
@@ -25,8 +25,7 @@ import streamlit as st
 from chipscout.app import labelling, maps, state
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.paths import default_db_uri
-from chipscout.indexer.search.engine import ChipRecord, SearchEngine, SearchFilters, SearchResponse
-from chipscout.indexer.search.spread import similar_spread
+from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse, Spread
 
 SENTINEL_ATTRIBUTION = "Contains modified Copernicus Sentinel data."
 GALLERY_SIZE = 12
@@ -84,10 +83,8 @@ def mosaic_pngs(db_uri: str, table: str, row_count: int) -> dict[str, bytes]:
 @st.cache_data(show_spinner=False, max_entries=256)
 def look_alikes(db_uri: str, table: str, row_count: int, chip_id: str, k: int, filters_key: str,
                 spread_km: float, per_cell: int, expand: int, _filters: SearchFilters) -> SearchResponse:
-    engine = search_engine(db_uri, table)
-    if spread_km > 0:
-        return similar_spread(engine, chip_id, k, _filters, spread_km, per_cell, expand)
-    return engine.similar_to_chip(chip_id, k, _filters, expand=expand)
+    spread = Spread(spread_km, per_cell) if spread_km > 0 else None
+    return search_engine(db_uri, table).similar_to_chip(chip_id, k, _filters, expand=expand, spread=spread)
 
 
 def table_default_expand(db_uri: str, table: str) -> int:

@@ -18,7 +18,7 @@ from PIL import Image
 from shapely.geometry import Polygon
 
 from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE
-from chipscout.indexer.search.engine import ChipRecord, SearchResult
+from chipscout.indexer.search import ChipRecord, SearchResult
 from chipscout.indexer.errors import BasemapError  # noqa: F401  (raised here, defined with the others)
 
 #: Layer ids the page reads selections from.

@@ -14,7 +14,9 @@ from datetime import date
 from typing import Any
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.search.engine import BBox, SearchFilters, validate_chip_id
+from chipscout.indexer.chips import validate_chip_id
+from chipscout.indexer.geo import BBox
+from chipscout.indexer.search import SearchFilters
 
 K_RANGE = (1, 100)
 SPREAD_KM_RANGE = (0.0, 1000.0)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chipscout.indexer.search.engine import QE_ALPHA, SearchEngine, SearchFilters  # noqa: E402
+from chipscout.indexer.search import SearchEngine, SearchFilters, expand_query  # noqa: E402
 
 
 def exact_expanded_top(vectors: torch.Tensor, query: np.ndarray, skip: np.ndarray, m: int, k: int) -> np.ndarray:
@@ -40,8 +40,7 @@ def exact_expanded_top(vectors: torch.Tensor, query: np.ndarray, skip: np.ndarra
         return best, scores[best]
 
     nearest, similarity = top(query, m)
-    expanded = query + (np.clip(similarity, 0, None) ** QE_ALPHA) @ vectors[nearest].float().numpy()
-    return top(expanded / np.linalg.norm(expanded), k)[0]
+    return top(expand_query(query, similarity, vectors[nearest].float().numpy()), k)[0]
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ Empirical kernels are fitted on all the images of the folder (unsupervised, as `
 does); only the transform is held out. A configuration of several encoders is their vectors
 side by side, e.g. two kernel sizes with half the features each (multi-scale RCF).
 `--expand M` also scores every row with query expansion by M results, as a search does by default
-for RCF tables (`chipscout.indexer.search.engine.DEFAULT_EXPANSION`).
+for RCF tables (`chipscout.indexer.search.expansion.DEFAULT_EXPANSION`).
 
     python bench/quality.py --ms /work/shared/data/eurosat-ms --rgb /work/shared/data/eurosat-rgb
 """

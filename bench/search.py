@@ -98,7 +98,7 @@ def child(spec_path: str) -> None:
     """Runs in a fresh process: chipscout's SearchEngine (default policy), cold (what a one-shot
     `chipscout search` or API call does) or warmed up first (`SearchEngine.warm_up`, what the
     app does), and, when cold, LanceDB flat."""
-    from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+    from chipscout.indexer.search import SearchEngine, SearchFilters
 
     spec = pickle.loads(Path(spec_path).read_bytes())
     queries, cases = spec["queries"], spec["cases"]
@@ -154,7 +154,7 @@ def child(spec_path: str) -> None:
 def run_size(args, rows: int) -> dict:
     from chipscout.indexer.ingest.fitted_state import encode_state
     from chipscout.indexer.store import ChipStore
-    from chipscout.indexer.search.vector_index import DEFAULT_POLICY, index_status, maintain_indexes
+    from chipscout.indexer.store.indexes import DEFAULT_POLICY, index_status, maintain_indexes
 
     result: dict = {"rows": rows, "dim": args.dim, "queries": args.queries}
     db = str(Path(args.db) / f"rows-{rows}")

@@ -29,7 +29,7 @@ from chipscout.indexer.evaluate.retrieval import EUROSAT_MS_FILE_BANDS
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.seedsets.labels import LabelStore
 from chipscout.indexer.ingest import EncoderChoice, index_sources
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 
 #: EuroSAT MS without the 60 m atmospheric bands (coastal B01, water vapour B09, cirrus B10).
 MS_BANDS = ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]

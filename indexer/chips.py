@@ -6,8 +6,10 @@ stored; footprints are the exact reprojection of the window's four corners to EP
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -16,9 +18,24 @@ from pyproj.exceptions import CRSError, ProjError
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
-from chipscout.indexer.errors import ChipSpecError, SourceError
+from chipscout.indexer.errors import ChipSpecError, QueryError, SourceError
 
-CHIP_ID_PATTERN = r"[A-Za-z0-9_.-]{1,120}_r\d{6}_c\d{6}_s\d{1,5}"
+#: The one grammar of chip ids (and of the source ids they start with) that searches, seed sets
+#: and the app accept: letters, digits and _ . : / -, at most 200 characters. The ids chipscout
+#: makes (`make_chip_id`: `<source id>_r<row>_c<col>_s<size>`) are a subset; tables written by
+#: other tools may use the rest. Never SQL syntax, so an id is always a literal.
+CHIP_ID_PATTERN = r"[A-Za-z0-9_.:/-]{1,200}"
+_CHIP_ID = re.compile(CHIP_ID_PATTERN)
+
+
+def is_chip_id(value: Any) -> bool:
+    return isinstance(value, str) and _CHIP_ID.fullmatch(value) is not None
+
+
+def validate_chip_id(chip_id: Any) -> str:
+    if not is_chip_id(chip_id):
+        raise QueryError(f"bad chip id {chip_id!r}: chip ids are letters, digits and _ . : / -")
+    return chip_id
 
 
 @dataclass(frozen=True)

@@ -46,17 +46,20 @@ def search(
     max_nodata: Annotated[Optional[float], typer.Option("--max-nodata", help="Maximum nodata fraction 0..1.")] = None,
     exclude_overlapping: Annotated[bool, typer.Option("--exclude-overlapping", help="Drop chips overlapping the query chip.")] = False,
     expand: Annotated[Optional[int], typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again. Default: the table's (5 for RCF tables, else 0); 0 = the plain nearest neighbours.")] = None,
+    spread_km: Annotated[float, typer.Option("--spread-km", help="Spread the results: at most --per-cell per grid cell of this size in km; 0 turns spreading off.")] = 0.0,
+    per_cell: Annotated[int, typer.Option("--per-cell", help="Results per grid cell when spreading (--spread-km).")] = 1,
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
     """Find the chips most similar to CHIP_ID."""
-    from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+    from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
 
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
+    spread = Spread(spread_km, per_cell) if spread_km else None
     engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
-    response = engine.similar_to_chip(chip_id, k, filters, expand=expand)
+    response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
     if as_json:
         print_json(response.to_dict())
         return
@@ -101,9 +104,9 @@ def info(
         _show_versions(store, as_json)
         return
     from chipscout.indexer.store.runlog import list_runs
-    from chipscout.indexer.search.vector_index import index_status
+    from chipscout.indexer.store.indexes import index_status
 
-    from chipscout.indexer.search.engine import default_expansion
+    from chipscout.indexer.search import default_expansion
 
     config = store.config
     recent = list_runs(store)
@@ -144,7 +147,7 @@ def info(
 
 
 def _index_lines(status: dict[str, Any]) -> list[str]:
-    from chipscout.indexer.search.vector_index import DEFAULT_POLICY
+    from chipscout.indexer.store.indexes import DEFAULT_POLICY
 
     vector = status["vector"]
     if vector is None:
@@ -182,7 +185,7 @@ def optimize(
 ) -> None:
     """Compact the table and build or update its vector and filter indexes."""
     from chipscout.indexer.store import ChipStore
-    from chipscout.indexer.search.vector_index import DEFAULT_POLICY, VECTOR_INDEX_TYPES, maintain_indexes
+    from chipscout.indexer.store.indexes import DEFAULT_POLICY, VECTOR_INDEX_TYPES, maintain_indexes
 
     if index_type is not None and index_type.upper() not in VECTOR_INDEX_TYPES:
         raise ChipscoutError(f"unknown index type {index_type!r}; choose one of {', '.join(VECTOR_INDEX_TYPES)}")

@@ -21,9 +21,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from rasterio.errors import RasterioError
 
-from chipscout.encoders.base import ChipEncoder, EncoderError, build_encoder, encoder_parameters
+from chipscout.encoders.base import ChipEncoder, EncoderError
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.ingest.embedding import normalise
+from chipscout.indexer.ingest.embedding import make_encoder, normalization_for, pick_device, scaled_input
+from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 from chipscout.indexer.errors import EvaluationError  # noqa: F401  (raised here, defined with the others)
 
@@ -81,7 +82,7 @@ class EvalReport:
     transform: str = "none"
     """The vector transform fitted on the folder's vectors before ranking ("none": plain cosine)."""
     expand: int = 0
-    """Query expansion of each query (`chipscout.indexer.search.engine`), 0 for none."""
+    """Query expansion of each query (`chipscout.indexer.search.expansion`), 0 for none."""
 
     @property
     def n_images(self) -> int:
@@ -144,7 +145,7 @@ def evaluate_folder(
     transform: a spec (`chipscout.indexer.ingest.transform`), "default" for the encoder family's default (what
         `chipscout index` fits), or "none"; fitted on all the images, as an index fits its own.
     expand: query expansion (`SearchEngine.similar_to_chip`); None for the family's default
-        (`chipscout.indexer.search.engine.DEFAULT_EXPANSION`), 0 for the plain nearest neighbours.
+        (`chipscout.indexer.search.expansion.DEFAULT_EXPANSION`), 0 for the plain nearest neighbours.
 
     Images are scaled to reflectance (DN * dn_scale + dn_offset), then as indexing scales them
     for this encoder (`chipscout.indexer.ingest.embedding.normalization_for`: Clay standardises each band with the
@@ -218,7 +219,6 @@ def _transformed(root: Path, encoder: str | None, transform: str,
 
 
 def _resolved_expand(encoder: str | None, expand: Any, transformed: bool = True) -> int:
-    from chipscout.indexer.search.engine import default_expansion, validate_expand
 
     if expand is None:
         return default_expansion(encoder or "", transformed)
@@ -362,19 +362,16 @@ def retrieval_scores(vectors: torch.Tensor | np.ndarray, labels: np.ndarray,
     `SearchEngine.similar_to_chip` expands it: plus its `expand` nearest others, each weighted by
     similarity ** QE_ALPHA (the query itself is never among them).
     """
-    from chipscout.indexer.search.engine import QE_ALPHA
-
     embedded = torch.as_tensor(vectors, dtype=torch.float64)
     count = embedded.shape[0]
     unit = embedded / embedded.norm(dim=1, keepdim=True).clamp_min(1e-12)
     similarity = unit @ unit.T
     similarity.fill_diagonal_(-torch.inf)  # a query is not its own neighbour
     if expand:
+        # Every query expanded at once: its neighbours' similarities in an (N, N) matrix, zero elsewhere.
         nearest = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :expand]
-        weights = similarity.gather(1, nearest).clamp_min(0.0) ** QE_ALPHA
-        expanded = unit + torch.zeros_like(similarity).scatter_(1, nearest, weights) @ unit
-        expanded = expanded / expanded.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        similarity = expanded @ unit.T
+        neighbours = torch.zeros_like(similarity).scatter_(1, nearest, similarity.gather(1, nearest))
+        similarity = expand_query(unit, neighbours, unit) @ unit.T
         similarity.fill_diagonal_(-torch.inf)
     order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, : count - 1].numpy()
     relevant = labels[order] == labels[:, None]  # (N, N-1)
@@ -618,33 +615,30 @@ def _read_all(paths: Sequence[Path], layout: _Layout,
 # -- encoder ------------------------------------------------------------------------------------
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(device)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
-    return chosen
+    """Indexing's device choice (`pick_device`), its refusal as an EvaluationError."""
+    try:
+        return pick_device(None if device is None else str(device))
+    except ChipscoutError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _build_encoder(encoder: str | Callable[[int], ChipEncoder], params: dict[str, Any] | None,
                    band_count: int) -> ChipEncoder:
+    """A registered encoder built as indexing builds it (`make_encoder`), or `encoder(band_count)`."""
+    if isinstance(encoder, str):
+        try:
+            return make_encoder(encoder, dict(params or {}), band_count)
+        except ChipscoutError as err:
+            raise EvaluationError(str(err)) from err.__cause__
     try:
-        if not isinstance(encoder, str):
-            return encoder(band_count)
-        params = dict(params or {})
-        if "in_channels" in encoder_parameters(encoder):
-            params.setdefault("in_channels", band_count)
-        return build_encoder(encoder, **params)
+        return encoder(band_count)
     except (EncoderError, TypeError) as err:  # TypeError: an option this encoder does not take
-        name = encoder if isinstance(encoder, str) else getattr(encoder, "__name__", "encoder")
-        raise EvaluationError(f"encoder {name}: {err}") from err
+        raise EvaluationError(f"encoder {getattr(encoder, '__name__', 'encoder')}: {err}") from err
 
 
 def _input_normalization(model: ChipEncoder, layout: _Layout, first: Path) -> Normalization | None:
     """The scaling indexing gives `model`'s input (`normalization_for`); None for plain
     reflectance, so a large folder is not copied to divide it by one."""
-    from chipscout.indexer.ingest.embedding import normalization_for
-
     if layout.band_names is None:
         if model.input_scaling == "reflectance":
             return None
@@ -662,18 +656,16 @@ def _embed(model: ChipEncoder, normalization: Normalization | None, pixels: torc
            valid: torch.Tensor | None, waves: torch.Tensor | None, gsd_m: float | None,
            paths: Sequence[Path], batch_size: int, device: torch.device,
            progress: bool) -> torch.Tensor:
-    """Vectors of `pixels` (reflectance) batch by batch, scaled and masked as `Embedder` does."""
+    """Vectors of `pixels` (reflectance) batch by batch, scaled and masked by indexing's `scaled_input`."""
     batches = range(0, pixels.shape[0], batch_size)
     vectors = []
     with torch.no_grad():
         for start in _progress(batches, progress, "encoding"):
             stop = start + batch_size
-            batch = pixels[start:stop].to(device)
             mask = None if valid is None else valid[start:stop].to(device)
-            if normalization is not None:
-                batch = normalise(batch, normalization)
-                if mask is not None:
-                    batch = torch.where(mask[:, None], batch, torch.zeros((), device=device))
+            batch = pixels[start:stop].to(device)
+            if normalization is not None:  # plain reflectance: nodata pixels are 0 already
+                batch = scaled_input(batch, mask, normalization)
             try:
                 out = model(batch, waves, valid_mask=mask, gsd_m=gsd_m)
             except EncoderError as err:

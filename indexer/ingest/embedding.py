@@ -85,6 +85,17 @@ def latlon_encoding(lon: float, lat: float) -> list[float]:
     return [math.sin(lat_r), math.cos(lat_r), math.sin(lon_r), math.cos(lon_r)]
 
 
+def scaled_input(pixels: torch.Tensor, valid: torch.Tensor | None,
+                 normalization: Normalization | None) -> torch.Tensor:
+    """Reflectance (B, C, H, W) -> encoder input: the table's scaling, nodata pixels (valid
+    False) set to 0 after it. Indexing and `chipscout eval` both scale through here."""
+    if normalization is not None:
+        pixels = normalise(pixels, normalization)
+    if valid is not None:
+        pixels = torch.where(valid[:, None], pixels, torch.zeros((), device=pixels.device))
+    return pixels
+
+
 @dataclass
 class Embedder:
     encoder: ChipEncoder
@@ -166,9 +177,8 @@ class Embedder:
         """Chip vectors, and (N, L, D) L2-normalised patch vectors when the encoder keeps them."""
         band_count = len(self.band_wavelengths_um)
         pixels, valid = self.batch_tensors(chips, band_count)
-        pixels = normalise(pixels.to(self.device, non_blocking=True), self.normalization)
         valid = valid.to(self.device, non_blocking=True)
-        pixels = torch.where(valid[:, None], pixels, torch.zeros((), device=self.device))
+        pixels = scaled_input(pixels.to(self.device, non_blocking=True), valid, self.normalization)
         time = torch.tensor([time_encoding(c.acquired) for c in chips], device=self.device)
         latlon = torch.tensor(
             [latlon_encoding(c.footprint.centroid.x, c.footprint.centroid.y) for c in chips],

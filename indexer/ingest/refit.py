@@ -33,7 +33,7 @@ from chipscout.indexer.errors import ChipscoutError, StoreError
 from chipscout.indexer.store import ChipStore, chip_schema
 from chipscout.indexer.ingest.transform import NO_TRANSFORM, TransformError, VectorTransform, default_transform_spec, \
     fit_requested
-from chipscout.indexer.search.vector_index import DEFAULT_POLICY, IndexPolicy, maintain_indexes
+from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy, maintain_indexes
 
 RAW_COLUMN = "raw_vector"
 BATCH_ROWS = 8192

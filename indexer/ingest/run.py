@@ -25,7 +25,7 @@ from chipscout.indexer.ingest.fitted_state import encode_state, save_state
 from chipscout.indexer.ingest.fitting import check_stored_transform, fit_encoder, resolve_encoder, transform_label
 from chipscout.indexer.ingest.job import IndexJob
 from chipscout.indexer.ingest.transform import VectorTransform
-from chipscout.indexer.search.vector_index import maintain_indexes
+from chipscout.indexer.store.indexes import maintain_indexes
 from chipscout.indexer.sources import RasterSource
 from chipscout.indexer.store.runlog import finish_run, recorded_sources, start_run
 from chipscout.indexer.store import ChipStore, IndexConfig

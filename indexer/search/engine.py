@@ -7,11 +7,10 @@ filters through `sql_literal`, so user text never becomes query syntax.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timezone
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -19,12 +18,18 @@ import pyarrow as pa
 import shapely
 from shapely.geometry import Polygon
 
+from chipscout.indexer.chips import validate_chip_id
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, sql_literal, unit_rows
-from chipscout.indexer.search.vector_index import DEFAULT_POLICY, FilterValues, IndexPolicy, SearchPlan, VectorSearcher
+from chipscout.indexer.geo import BBox  # noqa: F401  (re-exported: callers import it with the engine)
+from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
+from chipscout.indexer.search.filters import SearchFilters
+from chipscout.indexer.search.planner import SearchPlan
+from chipscout.indexer.search.spread import Spread
+from chipscout.indexer.search.warm import VectorSearcher
+from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, unit_rows
+from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 
 MAX_K = 10_000
-_CHIP_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
 #: Overlap below this share of the query's area is rounding at shared edges, not overlap.
 _OVERLAP_TOLERANCE = 1e-6
 
@@ -33,145 +38,6 @@ METADATA_COLUMNS = [
     "acquired", "source_id", "source_path", "sensor", "crs", "row_off", "col_off", "size_px",
     "gsd_m", "nodata_fraction", "cloud_fraction",
 ]
-
-
-@dataclass(frozen=True)
-class BBox:
-    min_lon: float
-    min_lat: float
-    max_lon: float
-    max_lat: float
-
-    def __post_init__(self) -> None:
-        values = (self.min_lon, self.min_lat, self.max_lon, self.max_lat)
-        if not all(_finite_number(v) for v in values):
-            raise QueryError(f"bbox values must be finite numbers, got {values}")
-        if not (-180 <= self.min_lon <= 180 and -180 <= self.max_lon <= 180):
-            raise QueryError(f"bbox longitudes must lie in -180..180, got {self.min_lon}, {self.max_lon}")
-        if not (-90 <= self.min_lat <= 90 and -90 <= self.max_lat <= 90):
-            raise QueryError(f"bbox latitudes must lie in -90..90, got {self.min_lat}, {self.max_lat}")
-        if self.min_lon > self.max_lon or self.min_lat > self.max_lat:
-            raise QueryError(
-                f"bbox is inverted: min ({self.min_lon}, {self.min_lat}) must not exceed "
-                f"max ({self.max_lon}, {self.max_lat}); order is MINLON,MINLAT,MAXLON,MAXLAT")
-
-    @classmethod
-    def parse(cls, text: str) -> BBox:
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 4:
-            raise QueryError(f"bad bbox {text!r}: expected MINLON,MINLAT,MAXLON,MAXLAT")
-        try:
-            return cls(*(float(p) for p in parts))
-        except ValueError:
-            raise QueryError(f"bad bbox {text!r}: expected four numbers") from None
-
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        return (self.min_lon, self.min_lat, self.max_lon, self.max_lat)
-
-
-def _as_utc(value: datetime | date | str | None, what: str) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        from chipscout.indexer.sources.files import parse_datetime
-
-        try:
-            return parse_datetime(value, what)
-        except Exception as err:
-            raise QueryError(str(err)) from None
-    if isinstance(value, datetime):
-        try:
-            return value.astimezone(timezone.utc) if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        except OverflowError:
-            raise QueryError(f"{what} {value!r} is out of range") from None
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
-    raise QueryError(f"{what} must be a date, got {type(value).__name__}")
-
-
-def _finite_number(value: Any) -> bool:
-    """A real, finite int or float (an int too large for a float is not)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _fraction(value: float | None, what: str) -> float | None:
-    if value is None:
-        return None
-    if not _finite_number(value):
-        raise QueryError(f"{what} must be a number within 0..1, got {value!r}")
-    if not 0.0 <= value <= 1.0:
-        raise QueryError(f"{what} must be within 0..1, got {value}")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class SearchFilters:
-    date_from: datetime | None = None
-    date_to: datetime | None = None
-    """Inclusive upper bound; a bare date means the whole day."""
-    bbox: BBox | None = None
-    """Chips whose footprint box intersects this lon/lat box."""
-    max_cloud_fraction: float | None = None
-    max_nodata_fraction: float | None = None
-    exclude_overlapping: bool = False
-    """Drop chips whose footprint overlaps the query chip's (other dates of the same place too)."""
-    source_ids: tuple[str, ...] = ()
-
-    @classmethod
-    def build(cls, date_from: Any = None, date_to: Any = None, bbox: BBox | str | Sequence[float] | None = None,
-              max_cloud_fraction: float | None = None, max_nodata_fraction: float | None = None,
-              exclude_overlapping: bool = False, source_ids: Sequence[str] = ()) -> SearchFilters:
-        start = _as_utc(date_from, "start date")
-        end = _as_utc(date_to, "end date")
-        if isinstance(date_to, (str, date)) and not isinstance(date_to, datetime) and end is not None:
-            if isinstance(date_to, date) or len(str(date_to).strip()) == 10:
-                end = end.replace(hour=23, minute=59, second=59, microsecond=999999)
-        if start and end and start > end:
-            raise QueryError(f"date range is inverted: {start.date()} is after {end.date()}")
-        if isinstance(bbox, str):
-            bbox = BBox.parse(bbox)
-        elif bbox is not None and not isinstance(bbox, BBox):
-            try:
-                bbox = BBox(*[float(v) for v in bbox])
-            except (TypeError, ValueError, OverflowError):
-                raise QueryError(f"bad bbox {bbox!r}: expected four numbers") from None
-        if source_ids is None:
-            source_ids = ()
-        if isinstance(source_ids, (str, bytes)) or not isinstance(source_ids, (Sequence, set, frozenset)):
-            raise QueryError(f"source ids must be a list of ids, got {source_ids!r}")
-        for source_id in source_ids:
-            if not isinstance(source_id, str) or not _CHIP_ID.match(source_id):
-                raise QueryError(f"bad source id {source_id!r}")
-        return cls(start, end, bbox, _fraction(max_cloud_fraction, "max cloud fraction"),
-                   _fraction(max_nodata_fraction, "max nodata fraction"), bool(exclude_overlapping),
-                   tuple(source_ids))
-
-    def where_clause(self, exclude_ids: Sequence[str] = ()) -> str | None:
-        terms = []
-        if self.date_from is not None:
-            terms.append(f"acquired >= {sql_literal(self.date_from)}")
-        if self.date_to is not None:
-            terms.append(f"acquired <= {sql_literal(self.date_to)}")
-        if self.bbox is not None:
-            b = self.bbox
-            terms.append(
-                f"max_lon >= {sql_literal(b.min_lon)} AND min_lon <= {sql_literal(b.max_lon)} AND "
-                f"max_lat >= {sql_literal(b.min_lat)} AND min_lat <= {sql_literal(b.max_lat)}")
-        if self.max_cloud_fraction is not None:
-            # Chips without a cloud mask (cloud_fraction NULL) are kept: unknown is not cloudy.
-            terms.append(f"(cloud_fraction IS NULL OR cloud_fraction <= {sql_literal(self.max_cloud_fraction)})")
-        if self.max_nodata_fraction is not None:
-            terms.append(f"nodata_fraction <= {sql_literal(self.max_nodata_fraction)}")
-        if self.source_ids:
-            terms.append("source_id IN (" + ", ".join(sql_literal(s) for s in self.source_ids) + ")")
-        if exclude_ids:
-            terms.append("chip_id NOT IN (" + ", ".join(sql_literal(c) for c in exclude_ids) + ")")
-        return " AND ".join(terms) if terms else None
 
 
 @dataclass(frozen=True)
@@ -234,7 +100,7 @@ class SearchResponse:
     table_version: int
     filters: SearchFilters = field(default_factory=SearchFilters)
     method: str = "exact"
-    """How the results were found (`chipscout.indexer.search.vector_index.SearchPlan.method`): `exact`,
+    """How the results were found (`chipscout.indexer.search.planner.SearchPlan.method`): `exact`,
     `exact-scan`, `ann`, `ann-postfilter` or `ann-prefilter`; `+expanded:m` after query expansion."""
     expansion: int = 0
     """Results folded into the query by query expansion (0: none)."""
@@ -262,12 +128,6 @@ def _records(rows: pa.Table) -> list[ChipRecord]:
     return records
 
 
-def validate_chip_id(chip_id: Any) -> str:
-    if not isinstance(chip_id, str) or not _CHIP_ID.match(chip_id):
-        raise QueryError(f"bad chip id {chip_id!r}: chip ids are letters, digits and _ . : / -")
-    return chip_id
-
-
 def _checked_filters(filters: Any) -> SearchFilters:
     if filters is None:
         return SearchFilters()
@@ -276,36 +136,8 @@ def _checked_filters(filters: Any) -> SearchFilters:
     return filters
 
 
-#: alpha-query expansion (Radenovic et al. 2018): the query plus its m nearest results, each
-#: weighted by its cosine similarity to the power QE_ALPHA, searched again. m = 5, alpha = 3 were
-#: the best of m in {3, 5, 10} x alpha in {1, 3} on held-out EuroSAT queries (BENCHMARKS.md, quality).
-QE_ALPHA = 3.0
-MAX_EXPAND = 100
-#: Query expansion of a search that does not choose one (`expand=None`), per encoder family, for
-#: tables whose vectors went through a fitted transform. RCF: m = 5 gained on held-out queries of
-#: both EuroSAT sets (+0.010 to +0.017 precision@10, +0.02 mAP, BENCHMARKS.md (quality)); on raw
-#: RCF vectors (no transform) it lost 0.03. Other families have no measurement here: none.
-DEFAULT_EXPANSION: dict[str, int] = {"rcf": 5}
-
-
-def default_expansion(encoder_name: str, transformed: bool = True) -> int:
-    return DEFAULT_EXPANSION.get(encoder_name, 0) if transformed else 0
-
-
-def _whole_number(value: Any, what: str, low: int, high: int, unit: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise QueryError(f"{what} must be a whole number{' of ' + unit if unit else ''}, got {value!r}")
-    if not low <= value <= high:
-        raise QueryError(f"{what} must be within {low}..{high}{' ' + unit if unit else ''}, got {value}")
-    return int(value)
-
-
-def validate_expand(expand: Any) -> int:
-    return _whole_number(expand, "query expansion", 0, MAX_EXPAND, "results")
-
-
 def validate_k(k: Any) -> int:
-    return _whole_number(k, "k", 1, MAX_K)
+    return whole_number(k, "k", 1, MAX_K)
 
 
 class SearchEngine:
@@ -388,51 +220,58 @@ class SearchEngine:
         config = self.config
         return default_expansion(config.encoder, bool(config.transform))
 
-    def similar_to_chip(self, chip_id: str, k: int = 10,
-                        filters: SearchFilters | None = None, expand: int | None = None) -> SearchResponse:
+    def similar_to_chip(self, chip_id: str, k: int = 10, filters: SearchFilters | None = None,
+                        expand: int | None = None, spread: Spread | None = None) -> SearchResponse:
         """The k chips nearest `chip_id` that `filters` allow (never the chip itself). `expand` > 0
-        runs alpha-query expansion: the chip's vector plus its `expand` nearest allowed chips,
-        weighted by similarity ** `QE_ALPHA`, is searched again (two searches; on EuroSAT +0.01
-        precision@10 and +0.02 mAP, BENCHMARKS.md (quality)). None: `default_expand`; 0: the
-        plain nearest neighbours of the chip."""
+        runs alpha-query expansion (`chipscout.indexer.search.expansion`): the chip's vector plus
+        its `expand` nearest allowed chips, weighted by similarity ** `QE_ALPHA`, is searched again
+        (two searches; on EuroSAT +0.01 precision@10 and +0.02 mAP, BENCHMARKS.md (quality)).
+        None: `default_expand`; 0: the plain nearest neighbours of the chip. `spread`: at most
+        `spread.per_cell` results per grid cell of `spread.cell_km` (`chipscout.indexer.search.spread`)."""
         filters = _checked_filters(filters)
         expand = self._resolved_expand(expand)
         query = self.get_chip(chip_id)
         vector = self.get_vector(chip_id)
-        return self._expanded_search(vector, k, filters, query, (), expand)
+        return self._spread_search(vector, k, filters, query, (), expand, spread)
 
     def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10,
-                          filters: SearchFilters | None = None,
-                          exclude_ids: Sequence[str] = (), expand: int | None = None) -> SearchResponse:
+                          filters: SearchFilters | None = None, exclude_ids: Sequence[str] = (),
+                          expand: int | None = None, spread: Spread | None = None) -> SearchResponse:
         """The k chips nearest `vector` (any length; its direction counts) that `filters` allow,
-        leaving out `exclude_ids`; `expand` as in `similar_to_chip`, so a stored chip's vector
-        finds what its id finds."""
-        try:
-            array = np.asarray(vector, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            raise QueryError("query vector must be a list of numbers") from None
-        dim = self.config.embedding_dim
-        if array.ndim != 1 or array.shape[0] != dim:
-            raise QueryError(f"query vector must have {dim} values for this table, got shape {array.shape}")
-        if not np.all(np.isfinite(array)):
-            raise QueryError("query vector contains NaN or infinite values")
-        norm = float(np.linalg.norm(array))
-        if not math.isfinite(norm) or 0.0 < norm < 1e-150:
-            array = array / float(np.max(np.abs(array)))  # the norm overflowed or underflowed
-            norm = float(np.linalg.norm(array))
-        if norm == 0.0:
-            raise QueryError("query vector is all zeros; it has no direction to search along")
+        leaving out `exclude_ids`; `expand` and `spread` as in `similar_to_chip`, so a stored
+        chip's vector finds what its id finds."""
+        unit = _unit_query_vector(vector, self.config.embedding_dim)
         filters = _checked_filters(filters)
         if filters.exclude_overlapping:
             raise QueryError("exclude_overlapping needs a query chip; search by chip id instead")
         if isinstance(exclude_ids, (str, bytes)) or not isinstance(exclude_ids, (Sequence, set, frozenset)):
             raise QueryError(f"ids to exclude must be a list of chip ids, got {exclude_ids!r}")
         expand = self._resolved_expand(expand)
-        return self._expanded_search((array / norm).astype(np.float32), k, filters, None,
-                                     [validate_chip_id(c) for c in exclude_ids], expand)
+        return self._spread_search(unit, k, filters, None, [validate_chip_id(c) for c in exclude_ids],
+                                   expand, spread)
 
     def _resolved_expand(self, expand: Any) -> int:
         return self.default_expand if expand is None else validate_expand(expand)
+
+    def _spread_search(self, vector: np.ndarray, k: int, filters: SearchFilters, query: ChipRecord | None,
+                       exclude_ids: Sequence[str], expand: int, spread: Spread | None) -> SearchResponse:
+        """`_expanded_search`, spread when asked: more neighbours than k are searched for (growing
+        fourfold) until k survive the spreading or the table runs out; elapsed_ms sums every round."""
+        if spread is None:
+            return self._expanded_search(vector, k, filters, query, exclude_ids, expand)
+        if not isinstance(spread, Spread):
+            raise QueryError(f"spread must be a Spread(cell_km, per_cell), got {type(spread).__name__}")
+        k = validate_k(k)
+        fetch = min(max(4 * k, k + 16), MAX_K)
+        elapsed_ms = 0.0
+        while True:
+            response = self._expanded_search(vector, fetch, filters, query, exclude_ids, expand)
+            elapsed_ms += response.elapsed_ms
+            kept = spread.apply(response.results)
+            if len(kept) >= k or len(response.results) < fetch or fetch >= MAX_K:
+                break
+            fetch = min(fetch * 4, MAX_K)
+        return replace(response, results=kept[:k], elapsed_ms=elapsed_ms)
 
     def _expanded_search(self, vector: np.ndarray, k: int, filters: SearchFilters,
                          query: ChipRecord | None, exclude_ids: Sequence[str],
@@ -451,11 +290,7 @@ class SearchEngine:
             similarity = similarity[[ids.index(c) for c in found]]
             ids = found
         if ids:
-            weights = np.clip(similarity, 0.0, None) ** QE_ALPHA
-            expanded = vector + weights.astype(np.float32) @ unit_rows(stored)  # cosine: units
-            norm = float(np.linalg.norm(expanded))
-            if norm > 0:
-                vector = (expanded / norm).astype(np.float32)
+            vector = expand_query(vector, similarity, unit_rows(stored)).astype(np.float32)
         # The expanded query lies among the first one's neighbours: a warm sketch re-ranks the
         # first search's candidates rather than scanning again (BENCHMARKS.md (search)): at 1M
         # rows unfiltered ~2 ms instead of ~8, recall 0.977 against exact expansion (0.990).
@@ -474,16 +309,11 @@ class SearchEngine:
         # Excluded ids are dropped from an over-fetched list rather than filtered in LanceDB:
         # `chip_id NOT IN (...)` would make every query a prefiltered one.
         excluded = set(exclude_ids) | ({query.chip_id} if query else set())
-        where = filters.where_clause()
-        values = FilterValues(filters.date_from, filters.date_to,
-                              filters.bbox.as_tuple() if filters.bbox else None,
-                              filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
         overlap_with = query.footprint if (query and filters.exclude_overlapping) else None
         fetch = (k if overlap_with is None else k * 2 + 16) + len(excluded)
         used_index, methods, version = False, [], None
         while True:
-            rows, plan = self.searcher.nearest(vector, fetch, values, where, METADATA_COLUMNS + ["_distance"],
-                                               near)
+            rows, plan = self.searcher.nearest(vector, fetch, filters, METADATA_COLUMNS + ["_distance"], near)
             version = plan.table_version
             used_index = used_index or plan.used_index
             methods.append(plan.method)
@@ -504,9 +334,33 @@ class SearchEngine:
         return response, plan, [i for i, _, _ in kept[:k]]
 
     @property
+    def table_name(self) -> str:
+        """The name of the table this engine searches."""
+        return self.store.table_name
+
+    @property
     def version(self) -> int:
         """The version of the table this engine searches (a cache key: it changes with every commit)."""
         return self.store.version
+
+
+def _unit_query_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:
+    """`vector` as a float32 unit vector of `dim` values, or a QueryError saying what is wrong."""
+    try:
+        array = np.asarray(vector, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise QueryError("query vector must be a list of numbers") from None
+    if array.ndim != 1 or array.shape[0] != dim:
+        raise QueryError(f"query vector must have {dim} values for this table, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise QueryError("query vector contains NaN or infinite values")
+    norm = float(np.linalg.norm(array))
+    if not math.isfinite(norm) or 0.0 < norm < 1e-150:
+        array = array / float(np.max(np.abs(array)))  # the norm overflowed or underflowed
+        norm = float(np.linalg.norm(array))
+    if norm == 0.0:
+        raise QueryError("query vector is all zeros; it has no direction to search along")
+    return (array / norm).astype(np.float32)
 
 
 def _overlaps(a: Polygon, b: Polygon) -> bool:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.search.engine import MAX_K, SearchEngine, SearchFilters, SearchResponse, SearchResult, validate_k
+
+if TYPE_CHECKING:  # the engine imports this module: its types only for annotations
+    from chipscout.indexer.search.engine import SearchEngine, SearchFilters, SearchResponse, SearchResult
 
 #: Kilometres per degree of latitude on a spherical Earth; ample precision for binning.
 KM_PER_DEGREE = 111.32
@@ -29,6 +32,23 @@ def validate_spread(cell_km: float, per_cell: int) -> tuple[float, int]:
     if isinstance(per_cell, bool) or not isinstance(per_cell, int) or per_cell < 1:
         raise QueryError(f"results per cell must be a whole number of at least 1, got {per_cell!r}")
     return float(cell_km), per_cell
+
+
+@dataclass(frozen=True)
+class Spread:
+    """At most `per_cell` results per grid cell of `cell_km`: an option of `SearchEngine`'s
+    searches (`spread=Spread(5.0, 2)`), checked on construction."""
+
+    cell_km: float
+    per_cell: int
+
+    def __post_init__(self) -> None:
+        cell_km, per_cell = validate_spread(self.cell_km, self.per_cell)
+        object.__setattr__(self, "cell_km", cell_km)
+
+    def apply(self, results: Iterable[SearchResult]) -> list[SearchResult]:
+        """The results in rank order, at most `per_cell` per cell, re-ranked 1..n."""
+        return spread_results(results, self.cell_km, self.per_cell)
 
 
 def grid_cell(lon: float, lat: float, cell_km: float) -> tuple[int, int]:
@@ -67,20 +87,5 @@ def spread_results(results: Iterable[SearchResult], cell_km: float, per_cell: in
 
 def similar_spread(engine: SearchEngine, chip_id: str, k: int, filters: SearchFilters | None,
                    cell_km: float, per_cell: int, expand: int | None = None) -> SearchResponse:
-    """Like `SearchEngine.similar_to_chip`, with at most `per_cell` results per grid cell.
-
-    Fetches more neighbours than k (growing fourfold) until k survive the spreading or the table
-    runs out; elapsed_ms sums every round.
-    """
-    k = validate_k(k)
-    validate_spread(cell_km, per_cell)
-    fetch = min(max(4 * k, k + 16), MAX_K)
-    elapsed_ms = 0.0
-    while True:
-        response = engine.similar_to_chip(chip_id, fetch, filters, expand=expand)
-        elapsed_ms += response.elapsed_ms
-        kept = spread_results(response.results, cell_km, per_cell)
-        if len(kept) >= k or len(response.results) < fetch or fetch >= MAX_K:
-            break
-        fetch = min(fetch * 4, MAX_K)
-    return replace(response, results=kept[:k], elapsed_ms=elapsed_ms)
+    """`engine.similar_to_chip(..., spread=Spread(cell_km, per_cell))`."""
+    return engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=Spread(cell_km, per_cell))

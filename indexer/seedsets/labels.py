@@ -29,7 +29,8 @@ from typing import Any
 import pyarrow as pa
 
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.search.engine import SearchEngine, validate_chip_id
+from chipscout.indexer.chips import validate_chip_id
+from chipscout.indexer.search.engine import SearchEngine
 from chipscout.indexer.store import ChipStore
 from chipscout.indexer.errors import LabelError  # noqa: F401  (raised here, defined with the others)
 

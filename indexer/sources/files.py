@@ -26,6 +26,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from chipscout.indexer import geo
 from chipscout.indexer.errors import SourceError
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 
@@ -322,31 +323,14 @@ _DATE_TAGS = ("ACQUISITION_DATE", "DATE_ACQUIRED", "SENSING_TIME", "DATETIME", "
 
 
 def parse_datetime(text: str, what: str = "date") -> datetime:
-    """An RFC 3339 / ISO 8601 date or date-time (naive values are taken as UTC)."""
-    cleaned = text.strip()
-    if re.fullmatch(r"\d{4}:\d{2}:\d{2} \d{2}:\d{2}:\d{2}", cleaned):  # TIFF's own format
-        cleaned = cleaned.replace(":", "-", 2)
-    try:
-        value = datetime.fromisoformat(cleaned.replace("Z", "+00:00"))
-    except ValueError:
-        raise SourceError(
-            f"bad {what} {text!r}: expected an ISO 8601 / RFC 3339 date such as 2024-06-01 "
-            "or 2024-06-01T10:30:00Z"
-        ) from None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    """An ISO 8601 date or date-time of a file (`geo.parse_datetime`; naive values are UTC)."""
+    return geo.parse_datetime(text, what, SourceError)
 
 
 def acquisition_time(value: datetime | date | str, what: str = "acquired date") -> datetime:
-    """A caller's acquisition time as an aware datetime: a datetime (naive taken as UTC), a date
-    (midnight UTC) or an ISO 8601 string; anything else is refused here, not deep in an encoder."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
-    if isinstance(value, str):
-        return parse_datetime(value, what)
-    raise SourceError(f"bad {what} {value!r}: expected a datetime, a date or an ISO 8601 string "
-                      f"such as 2024-06-01, not {type(value).__name__}")
+    """A caller's acquisition time as an aware datetime (`geo.as_utc`): anything but a datetime,
+    a date or an ISO 8601 string is refused here, not deep in an encoder."""
+    return geo.as_utc(value, what, SourceError)
 
 
 def _date_from_metadata(tags: dict[str, str], name: str) -> datetime | None:

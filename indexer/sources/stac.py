@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +29,7 @@ from shapely.errors import GEOSException
 from shapely.ops import unary_union
 from urllib3 import Retry
 
+from chipscout.indexer import geo
 from chipscout.indexer.errors import SourceError
 from chipscout.indexer.sources.files import BandAsset, CloudMaskAsset, RasterSource, sanitize_source_id
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
@@ -64,90 +65,14 @@ ItemSigner = Callable[[pystac.Item], "pystac.Item | None"]
 
 # ----------------------------------------------------------------------------- search parameters
 def parse_bbox(text: str | Sequence[float]) -> tuple[float, float, float, float]:
-    """`MINX,MINY,MAXX,MAXY` in degrees (EPSG:4326), checked for range and order."""
-    try:
-        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
-    except ValueError:
-        values = []
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise StacSearchError(
-            f"bad --bbox {text!r}: expected four numbers MINX,MINY,MAXX,MAXY in degrees "
-            "(longitude/latitude, EPSG:4326), e.g. -76.0,37.5,-75.5,38.0")
-    min_x, min_y, max_x, max_y = values
-    if not (-180 <= min_x <= 180 and -180 <= max_x <= 180 and -90 <= min_y <= 90 and -90 <= max_y <= 90):
-        raise StacSearchError(
-            f"bbox {text!r} is out of range: longitudes must lie within -180..180 and latitudes "
-            "within -90..90 (the order is MINX,MINY,MAXX,MAXY, longitude first)")
-    if min_y > max_y:
-        raise StacSearchError(f"bbox is inverted: min latitude {min_y} > max latitude {max_y}")
-    if min_x > max_x:
-        raise StacSearchError(
-            f"bbox is inverted: min longitude {min_x} > max longitude {max_x}; for an area across "
-            "the antimeridian pass --intersects with a MultiPolygon, one part on each side")
-    return min_x, min_y, max_x, max_y
-
-
-_DATE_ONLY = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
-
-
-def _rfc3339(moment: datetime) -> str:
-    text = moment.astimezone(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
-    return text.removesuffix(".000000") + "Z"
-
-
-def _datetime_bound(text: str, whole: str, end: bool) -> datetime | None:
-    """One end of an interval: None when open; a date covers its whole day (month, year)."""
-    if text in ("", ".."):
-        return None
-    match = _DATE_ONLY.match(text)
-    try:
-        if match:
-            year, month, day = (int(g) if g else None for g in match.groups())
-            start = date(year, month or 1, day or 1)
-            if not end:
-                return datetime(start.year, start.month, start.day, tzinfo=timezone.utc)
-            if day is not None:
-                after = start + timedelta(days=1)
-            elif month is not None:
-                after = date(year + (month == 12), month % 12 + 1, 1)
-            else:
-                after = date(year + 1, 1, 1)
-            return datetime(after.year, after.month, after.day, tzinfo=timezone.utc) - timedelta(microseconds=1)
-        if "T" not in text.upper() and " " not in text:
-            raise ValueError(text)
-        moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise StacSearchError(
-            f"bad --datetime {whole!r}: {text!r} is not an RFC 3339 date or date-time; give one "
-            "date (2024-06-15), a date-time (2024-06-15T10:30:00Z) or an interval START/END with "
-            "'..' for an open end (2024-06-01/2024-08-31, 2024-06-01/..)") from None
+    """`--bbox` MINLON,MINLAT,MAXLON,MAXLAT in degrees (EPSG:4326), parsed by `geo.parse_bbox`."""
+    return geo.parse_bbox(text, "--bbox", StacSearchError).as_tuple()
 
 
 def parse_datetime_interval(text: str) -> str:
-    """A STAC `datetime` parameter as full RFC 3339 instants: `START/END`, `..` for open ends.
-
-    A bare date stands for its whole day (a year or month for `2024`, `2024-06`), as in pystac-client.
-    """
-    cleaned = text.strip()
-    parts = cleaned.split("/")
-    if not cleaned or len(parts) > 2:
-        raise StacSearchError(
-            f"bad --datetime {text!r}: expected a date, a date-time or an interval START/END "
-            "(e.g. 2024-06-01/2024-08-31)")
-    if len(parts) == 1:
-        if parts[0] == "..":
-            raise StacSearchError(f"bad --datetime {text!r}: '..' only opens one end of an interval")
-        start = _datetime_bound(parts[0], text, end=False)
-        end = _datetime_bound(parts[0], text, end=True)
-        return _rfc3339(start) if start == end else f"{_rfc3339(start)}/{_rfc3339(end)}"
-    start = _datetime_bound(parts[0], text, end=False)
-    end = _datetime_bound(parts[1], text, end=True)
-    if start is None and end is None:
-        raise StacSearchError(f"bad --datetime {text!r}: an interval needs at least one end")
-    if start is not None and end is not None and start > end:
-        raise StacSearchError(f"bad --datetime {text!r}: the interval ends before it starts")
-    return f"{_rfc3339(start) if start else '..'}/{_rfc3339(end) if end else '..'}"
+    """`--datetime` as STAC's parameter, full RFC 3339 instants `START/END`, `..` for open ends
+    (`geo.parse_interval`: a bare date stands for its whole day, month or year)."""
+    return geo.format_interval(*geo.parse_interval(text, "--datetime", StacSearchError))
 
 
 def load_intersects(path: str | Path) -> dict[str, Any]:

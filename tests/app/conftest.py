@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from chipscout.indexer.chips import ChipGrid
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from tests.conftest import build_index
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")

@@ -10,8 +10,8 @@ from datetime import date
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from chipscout.indexer.search.engine import SearchFilters
-from chipscout.indexer.search.spread import grid_cell
+from chipscout.indexer.search import SearchFilters
+from chipscout.indexer.search import grid_cell
 
 QUERY = "cut-june_r000064_c000064_s64"
 TWIN = "cut-sept_r000064_c000064_s64"  # the same place on the other date

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from streamlit.testing.v1 import app_test as app_test_module
 
 from chipscout.indexer.seedsets.labels import LabelStore
-from chipscout.indexer.search.engine import SearchFilters
+from chipscout.indexer.search import SearchFilters
 from tests.app.test_app import TWIN, click_map
 
 QUERY = "cut-june_r000064_c000064_s64"

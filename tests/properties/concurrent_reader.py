@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.search import SearchEngine, SearchFilters
 
 
 def one_round(engine: SearchEngine, query_id: str) -> dict:

@@ -75,7 +75,7 @@ def test_searches_stay_consistent_while_an_indexer_appends(small_cog, tmp_path):
 
 @pytest.mark.parametrize("fresh", [True, False])
 def test_a_reader_opened_before_a_commit_keeps_its_version(small_cog, tmp_path, fresh):
-    from chipscout.indexer.search.engine import SearchEngine
+    from chipscout.indexer.search import SearchEngine
 
     db = str(tmp_path / "db")
     index_sources([local_source(small_cog, source_id="first")], db_uri=db, table_name="chips", **RUN)

@@ -24,7 +24,7 @@ from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.errors import StoreError  # noqa: E402
 from chipscout.indexer.sources.files import local_source  # noqa: E402
 from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
-from chipscout.indexer.search.engine import SearchEngine  # noqa: E402
+from chipscout.indexer.search import SearchEngine  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.search.engine import BBox, SearchEngine, SearchFilters, SearchResponse
+from chipscout.indexer.search import BBox, SearchEngine, SearchFilters, SearchResponse
 from chipscout.indexer.store import ChipStore
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,

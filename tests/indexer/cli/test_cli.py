@@ -59,6 +59,26 @@ def test_search_prints_neighbours_as_json(cli_db):
     assert default["expansion"] == 5 and plain["expansion"] == 0 and "+expanded" not in plain["method"]
 
 
+def test_search_spreads_results_over_grid_cells_as_the_app_does(cli_db):
+    from chipscout.indexer.search import SearchEngine, Spread, grid_cell
+
+    query = "S2-small_r000064_c000064_s64"
+    # 16 chips of 640 m in a 2.56 km square: cells of 2 km hold several, and there are few of them.
+    args = ["search", query, "-k", "5", "--spread-km", "2", "--per-cell", "1", "--db", cli_db, "--table", "scene"]
+    payload = json.loads(chipscout(*args, "--json").stdout)
+    cells = [grid_cell(r["center_lon"], r["center_lat"], 2.0) for r in payload["results"]]
+    assert 1 <= len(cells) < 5 and len(cells) == len(set(cells))
+    assert [r["rank"] for r in payload["results"]] == list(range(1, len(cells) + 1))
+    # The same answer as the engine's (and so the app's) spread search.
+    expected = SearchEngine(str(cli_db), "scene").similar_to_chip(query, 5, spread=Spread(2.0, 1))
+    assert [r["chip_id"] for r in payload["results"]] == [r.chip.chip_id for r in expected.results]
+    plain = json.loads(chipscout(*args[:4], "--db", cli_db, "--table", "scene", "--json").stdout)
+    assert len(plain["results"]) == 5 and plain["results"][0]["chip_id"] == payload["results"][0]["chip_id"]
+    assert "rank" in chipscout(*args).stdout
+    bad = chipscout(*args[:4], "--spread-km", "-1", "--db", cli_db, "--table", "scene", check=False)
+    assert bad.returncode == 1 and "spread cell size" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_info_reports_encoder_and_bands(cli_db):
     payload = json.loads(chipscout("info", "--db", cli_db, "--table", "scene", "--json").stdout)
     assert payload["rows"] == 16

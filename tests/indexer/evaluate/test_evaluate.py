@@ -137,7 +137,7 @@ def test_retrieval_scores_by_hand():
 
 
 def test_retrieval_scores_with_query_expansion_by_hand():
-    from chipscout.indexer.search.engine import QE_ALPHA
+    from chipscout.indexer.search import QE_ALPHA
 
     rng = np.random.default_rng(3)
     vectors = rng.standard_normal((30, 6))

@@ -10,7 +10,7 @@ from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.errors import IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest import EncoderChoice, index_sources
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store import ChipStore
 
 BANDS = ["blue", "green", "red", "nir"]

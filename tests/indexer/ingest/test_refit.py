@@ -16,7 +16,7 @@ from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest import index_sources
 from chipscout.indexer.ingest.reading import ChipReader, sample_chips
 from chipscout.indexer.ingest.refit import RAW_COLUMN, refit_table
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store import ChipStore
 from chipscout.indexer.ingest.transform import SMALL_SAMPLE_TRANSFORM, VectorTransform, default_transform_spec
 

@@ -10,7 +10,7 @@ from chipscout.indexer.errors import ChipscoutError, IncompatibleTableError
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.ingest import EncoderChoice, index_sources
 from chipscout.indexer.ingest.reading import ChipReader, sample_chips
-from chipscout.indexer.search.engine import SearchEngine
+from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store import ChipStore
 from chipscout.indexer.ingest.transform import (DEFAULT_TRANSFORMS, SMALL_SAMPLE_TRANSFORM, TransformError, VectorTransform,
                                fit_requested, parse_spec)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.search.engine import BBox, SearchEngine, SearchFilters
+from chipscout.indexer.search import BBox, SearchEngine, SearchFilters
 
 QUERY = "cut-june_r000064_c000064_s64"
 
@@ -131,7 +131,7 @@ def _all_vectors(engine):
 
 
 def test_query_expansion_searches_the_query_plus_its_weighted_neighbours(engine):
-    from chipscout.indexer.search.engine import QE_ALPHA
+    from chipscout.indexer.search import QE_ALPHA
 
     ids, vectors = _all_vectors(engine)
     query = vectors[list(ids).index(QUERY)]
@@ -159,7 +159,7 @@ def test_query_expansion_searches_the_query_plus_its_weighted_neighbours(engine)
 
 
 def test_rcf_tables_expand_queries_by_default(engine, indexed_db):
-    from chipscout.indexer.search.engine import DEFAULT_EXPANSION
+    from chipscout.indexer.search import DEFAULT_EXPANSION
 
     assert engine.config.encoder == "rcf" and engine.config.transform  # the fixture's table
     assert engine.default_expand == DEFAULT_EXPANSION["rcf"] == 5
@@ -174,8 +174,8 @@ def test_rcf_tables_expand_queries_by_default(engine, indexed_db):
 
 
 def test_tables_without_a_transform_or_of_other_encoders_do_not_expand(tmp_path):
-    from chipscout.indexer.search.engine import default_expansion
-    from tests.indexer.search.test_vector_index import _grouped_vectors, _rows, _write
+    from chipscout.indexer.search import default_expansion
+    from tests.indexer.grouped_tables import _grouped_vectors, _rows, _write
 
     _, vectors = _grouped_vectors()
     _write(str(tmp_path / "db"), "synthetic", _rows(vectors[:300], seed=0))

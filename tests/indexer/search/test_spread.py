@@ -5,7 +5,7 @@ import math
 import pytest
 
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.search import SearchEngine, SearchFilters
 from chipscout.indexer.search.spread import KM_PER_DEGREE, grid_cell, similar_spread, spread_results
 
 QUERY = "cut-june_r000064_c000064_s64"

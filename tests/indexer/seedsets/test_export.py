@@ -15,7 +15,7 @@ from chipscout.indexer.cli.commands import app
 from chipscout.indexer.seedsets.export import (ExportError, GeoJSONImportError, export_bytes, export_formats, export_session,
                             import_geojson, read_geojson)
 from chipscout.indexer.seedsets.labels import LabelStore
-from chipscout.indexer.search.engine import SearchEngine, SearchFilters
+from chipscout.indexer.search import SearchEngine, SearchFilters
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from chipscout.indexer.seedsets import refine
 from chipscout.indexer.seedsets.labels import LabelError, LabelStore
 from chipscout.indexer.seedsets.refine import RankedChip, Strategy
-from chipscout.indexer.search.engine import SearchEngine
-from chipscout.indexer.search.spread import grid_cell
+from chipscout.indexer.search import SearchEngine
+from chipscout.indexer.search import grid_cell
 from tests.indexer.synthetic_chips import clustered_table, write_table
 
 

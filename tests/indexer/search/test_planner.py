@@ -1,94 +1,21 @@
-"""Vector and filter indexes: plans, indexed against exact search, filters with and without the
-index, `used_index`, bad input, and a build killed half-way."""
+"""How queries run (`chipscout.indexer.search.planner`, `.warm`): indexed against exact search,
+filters with and without the index, warm caches and the sketch, `used_index`, bad input."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import shapely
-from typer.testing import CliRunner
 
 from chipscout.indexer.errors import QueryError, StoreError
-from chipscout.indexer.search.engine import SearchEngine, SearchFilters
-from chipscout.indexer.ingest.fitted_state import encode_state
-from chipscout.indexer.store import ChipStore, chip_schema
-from tests.indexer.synthetic_chips import synthetic_config
-from chipscout.indexer.search.vector_index import (
-    FilterValues, IndexPolicy, QueryTuning, VectorSearcher, index_status, maintain_indexes, plan_vector_index,
-    read_record,
+from chipscout.indexer.search import SearchEngine, SearchFilters
+from chipscout.indexer.search.warm import VectorSearcher
+from chipscout.indexer.store.indexes import IndexPolicy, QueryTuning, maintain_indexes
+from chipscout.indexer.store import ChipStore
+from tests.indexer.grouped_tables import (
+    DIM, GROUPS, PER_GROUP, POLICY, PREFILTER_POLICY, _grouped_vectors, _keep, _rows, _truth, _write,
 )
-
-DIM = 64
-GROUPS, PER_GROUP = 400, 10  # 4000 rows: groups of 10 near-duplicates, far from each other
-FIRST_DAY = datetime(2023, 1, 1, tzinfo=timezone.utc)
-#: Small-table thresholds, so 4000 rows get an index of 16 partitions and every query method.
-POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000, exact_max_matches=150)
-#: The same, with LanceDB's prefiltered ANN for any filter too wide to over-fetch 50 rows for,
-#: and exact search over filtered rows done by chipscout (vectors read by row id), as for
-#: tables too large for LanceDB's own.
-PREFILTER_POLICY = IndexPolicy(rows_per_partition=250, min_rows=1000, scalar_min_rows=1000,
-                               exact_max_matches=150, max_postfilter_fetch=50, scan_max_rows=0)
-
-
-def _rows(vectors: np.ndarray, seed: int, first: int = 0) -> pa.Table:
-    """Chip rows in the pipeline's layout: each group of 10 shares a place, a day (over two
-    years of a 20 x 10 degree region) and its quality figures (cloud 10 % unknown), so every
-    filter keeps or drops whole groups."""
-    n, dim = vectors.shape
-    group = (np.arange(n) + first) // PER_GROUP
-    group_rng = np.random.default_rng(1000 + seed)
-    lon = group_rng.uniform(0, 20, 10_000)[group]
-    lat = group_rng.uniform(40, 50, 10_000)[group]
-    day = group_rng.integers(0, 730, 10_000)[group]
-    cloud = group_rng.random(10_000).astype(np.float32)[group]
-    unknown_cloud = (group_rng.random(10_000) < 0.1)[group]
-    nodata = (group_rng.random(10_000) * 0.3).astype(np.float32)[group]
-    boxes = shapely.box(lon, lat, lon + 0.01, lat + 0.01)
-    when = [FIRST_DAY + timedelta(days=int(d), hours=10) for d in day]
-    return pa.table({
-        "chip_id": [f"g{g:04d}_r{i:05d}" for g, i in zip(group, np.arange(n) + first)],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).ravel()), dim),
-        "footprint": shapely.to_wkb(boxes).tolist(),
-        "min_lon": lon, "min_lat": lat, "max_lon": lon + 0.01, "max_lat": lat + 0.01,
-        "center_lon": lon + 0.005, "center_lat": lat + 0.005,
-        "acquired": pa.array(when, pa.timestamp("us", tz="UTC")),
-        "source_id": [f"src-{g % 7}" for g in group], "source_path": ["/synthetic.tif"] * n,
-        "sensor": ["sentinel-2-l2a"] * n, "crs": ["EPSG:4326"] * n,
-        "row_off": pa.array([0] * n, pa.int32()), "col_off": pa.array([0] * n, pa.int32()),
-        "size_px": pa.array([64] * n, pa.int32()), "gsd_m": pa.array([10.0] * n, pa.float32()),
-        "nodata_fraction": pa.array(nodata, pa.float32()),
-        "cloud_fraction": pa.array(np.where(unknown_cloud, None, cloud).tolist(), pa.float32()),
-        "radiometry": ["reflectance"] * n, "thumbnail": [None] * n,
-        "indexed_at": pa.array([FIRST_DAY] * n, pa.timestamp("us", tz="UTC")),
-    }, schema=chip_schema(synthetic_config(dim)))
-
-
-def _grouped_vectors(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(centres, vectors): each centre's 10 rows lie within ~0.05 of it, centres far apart."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((GROUPS, DIM))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    vectors = np.repeat(centres, PER_GROUP, axis=0) + 0.05 / np.sqrt(DIM) * rng.standard_normal(
-        (GROUPS * PER_GROUP, DIM))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return centres.astype(np.float32), vectors.astype(np.float32)
-
-
-def _write(db: str, table: str, rows: pa.Table) -> ChipStore:
-    store = ChipStore(db, table)
-    store.create(synthetic_config(rows.schema.field("vector").type.list_size), encode_state({}))
-    for start in range(0, rows.num_rows, 500):  # many commits, as an ingest makes them
-        store.upsert(rows.slice(start, 500))
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -104,64 +31,7 @@ def tables(tmp_path_factory):
     return db, centres, vectors, rows
 
 
-def _truth(vectors: np.ndarray, rows: pa.Table, query: np.ndarray, k: int,
-           keep: np.ndarray | None = None) -> list[str]:
-    scores = vectors @ (query / np.linalg.norm(query))
-    if keep is not None:
-        scores = np.where(keep, scores, -np.inf)
-    order = [i for i in np.argsort(-scores, kind="stable") if np.isfinite(scores[i])][:k]
-    return [rows["chip_id"][int(i)].as_py() for i in order]
-
-
-def _keep(rows: pa.Table, filters: SearchFilters) -> np.ndarray:
-    """The filter evaluated in numpy, independently of LanceDB."""
-    keep = np.ones(rows.num_rows, dtype=bool)
-    acquired = np.array(rows["acquired"].to_pylist(), dtype=object)
-    if filters.date_from:
-        keep &= np.array([a is not None and a >= filters.date_from for a in acquired])
-    if filters.date_to:
-        keep &= np.array([a is not None and a <= filters.date_to for a in acquired])
-    if filters.bbox:
-        b = filters.bbox
-        keep &= ((rows["max_lon"].to_numpy() >= b.min_lon) & (rows["min_lon"].to_numpy() <= b.max_lon)
-                 & (rows["max_lat"].to_numpy() >= b.min_lat) & (rows["min_lat"].to_numpy() <= b.max_lat))
-    if filters.max_cloud_fraction is not None:
-        cloud = np.array([np.nan if c is None else c for c in rows["cloud_fraction"].to_pylist()])
-        keep &= np.isnan(cloud) | (cloud <= filters.max_cloud_fraction)
-    if filters.max_nodata_fraction is not None:
-        keep &= rows["nodata_fraction"].to_numpy().astype(np.float64) <= filters.max_nodata_fraction
-    if filters.source_ids:
-        keep &= np.isin(np.array(rows["source_id"].to_pylist()), filters.source_ids)
-    return keep
-
-
 # ----------------------------------------------------------------------------- plans
-def test_plans_follow_size_and_dimension():
-    small, large = plan_vector_index(100_000, 768), plan_vector_index(1_000_000, 768)
-    assert small.index_type == large.index_type == "IVF_RQ" and large.num_bits == 1
-    assert small.num_partitions == 24 and large.num_partitions == 244
-    pq = plan_vector_index(1_000_000, 768, "IVF_PQ")
-    assert pq.num_sub_vectors == 48 and 768 % pq.num_sub_vectors == 0
-    assert plan_vector_index(10_000, 100, "IVF_PQ").num_sub_vectors == 10  # 100 = 10 x 10 dims
-    assert plan_vector_index(600_000, 768, "IVF_HNSW_SQ").num_partitions == 3
-    with pytest.raises(StoreError, match="unknown vector index type"):
-        plan_vector_index(1000, 8, "FLAT")
-    with pytest.raises(StoreError, match="unknown vector index type"):
-        IndexPolicy(index_type="IVF_FOO")
-    for bad in ({"sketch_bits": 100}, {"sketch_bits": 0}, {"sketch_candidates": 0}):
-        with pytest.raises(StoreError, match="sketch_"):
-            IndexPolicy(**bad)
-
-
-def test_small_tables_get_no_index_and_no_commit(tables):
-    db, *_ = tables
-    store = ChipStore(db, "exact")
-    version = store.version
-    report = maintain_indexes(store)  # default policy: 4000 rows is far below the threshold
-    assert report.vector_index == "none" and report.scalar_indexes_built == []
-    assert store.version == version and store.vector_index_stats() is None
-
-
 # ----------------------------------------------------------------------------- indexed = exact
 def test_indexed_search_returns_the_exact_neighbours_on_separated_data(tables):
     db, centres, vectors, rows = tables
@@ -183,11 +53,12 @@ def test_exact_numpy_search_equals_lancedb_flat_search(tables):
     db, centres, _, _ = tables
     store = ChipStore(db, "exact")
     searcher = VectorSearcher(store, POLICY)
-    where = "acquired >= TIMESTAMP '2024-01-01 00:00:00'"
-    values = FilterValues(date_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    filters = SearchFilters(date_from=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    where = filters.where_clause()
+    assert where.startswith("acquired >= TIMESTAMP '2024-01-01 00:00:00")
     for query in centres[:10]:
         for clause in (None, where):
-            rows, plan = searcher.nearest(query, 25, values if clause else None, clause, ["chip_id", "_distance"])
+            rows, plan = searcher.nearest(query, 25, filters if clause else None, ["chip_id", "_distance"])
             flat = store.nearest(query, 25, clause, ["chip_id", "_distance"], use_index=False)
             assert plan.method == "exact" and rows["chip_id"].to_pylist() == flat["chip_id"].to_pylist()
             np.testing.assert_allclose(rows["_distance"].to_numpy(), flat["_distance"].to_numpy(), atol=1e-5)
@@ -210,11 +81,6 @@ FILTERS = {  # name: (filter, policy, the method the indexed table must use for 
 }
 
 
-def _values(filters: SearchFilters) -> FilterValues:
-    return FilterValues(filters.date_from, filters.date_to, filters.bbox.as_tuple() if filters.bbox else None,
-                        filters.max_cloud_fraction, filters.max_nodata_fraction, filters.source_ids)
-
-
 @pytest.mark.parametrize("name", list(FILTERS))
 def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
     db, centres, vectors, rows = tables
@@ -222,7 +88,7 @@ def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
     keep = _keep(rows, filters)
     indexed = SearchEngine(db, "indexed", index_policy=policy)
     exact = SearchEngine(db, "exact", index_policy=policy)
-    matches = indexed.searcher.matches(_values(filters))
+    matches = indexed.searcher.matches(filters)
     assert matches == keep.sum()  # the in-memory filter agrees with an independent evaluation
     assert indexed.searcher.plan(10, matches).method == method
     allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
@@ -297,7 +163,7 @@ def test_a_sketched_searcher_keeps_exactly_the_allowed_rows_and_finds_their_neig
     sketch = engine.searcher._warm.sketch
     keep = _keep(rows, filters)
     # The sketch's date window and slice tests select exactly the rows an independent check keeps.
-    positions, matches, exact = sketch.search(centres[0], _values(filters), 10**9, 10**9)
+    positions, matches, exact = sketch.search(centres[0], filters, 10**9, 10**9)
     assert exact and matches == keep.sum() and sorted(positions) == list(np.flatnonzero(keep))
     allowed = set(np.array(rows["chip_id"].to_pylist())[keep])
     allowed_groups = sorted({int(c[1:5]) for c in allowed})
@@ -352,7 +218,7 @@ def test_the_sketch_ranks_by_angle_on_overlapping_clusters(tmp_path):
 def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_path):
     """A warm sketch's expanded search re-ranks the first search's candidates (no second scan)
     and still finds nearly all of what exact expansion finds, on overlapping clusters."""
-    from chipscout.indexer.search.engine import QE_ALPHA
+    from chipscout.indexer.search.expansion import QE_ALPHA
 
     engine, vectors, rows, rng = _blurred_table(tmp_path, seed=11, candidates=200)
     ids = np.array(rows["chip_id"].to_pylist())
@@ -372,17 +238,17 @@ def test_query_expansion_on_a_sketch_reranks_the_first_search_candidates(tmp_pat
 
     # The plan of a sketch search carries its candidates and its rows' positions in the cache.
     searcher = engine.searcher
-    rows_found, plan = searcher.nearest(vectors[0], 5, None, None, ["chip_id", "_distance"])
+    rows_found, plan = searcher.nearest(vectors[0], 5, None, ["chip_id", "_distance"])
     assert plan.method == "sketch" and len(plan.candidates) >= 200 and len(plan.positions) == 5
     np.testing.assert_allclose(searcher.warm_vectors(plan, [0, 4]), vectors[plan.positions[[0, 4]]],
                                atol=2e-3)  # float16 in memory
     assert list(ids[plan.positions]) == rows_found["chip_id"].to_pylist()
     # A follow-up re-ranks those candidates only; one asking for more than they can serve scans.
-    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"], plan)
+    near_rows, near_plan = searcher.nearest(vectors[1], 10, None, ["chip_id", "_distance"], plan)
     assert set(plan.candidates) >= set(near_plan.positions)
-    _, own_plan = searcher.nearest(vectors[1], 10, None, None, ["chip_id", "_distance"])
+    _, own_plan = searcher.nearest(vectors[1], 10, None, ["chip_id", "_distance"])
     assert not set(plan.candidates) >= set(own_plan.positions)  # so the above did reuse them
-    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, None, ["chip_id", "_distance"], plan)
+    far_rows, far_plan = searcher.nearest(vectors[1], 50, None, ["chip_id", "_distance"], plan)
     assert not set(plan.candidates) >= set(far_plan.positions)  # 1000 fresh candidates
     stale = replace(plan, table_version=plan.table_version - 1)
     assert searcher.warm_vectors(stale, [0]) is None
@@ -403,7 +269,7 @@ def test_the_sketch_date_window_leaves_out_rows_without_a_date(tmp_path):
     for filters in (SearchFilters.build(date_to="2023-12-31"), SearchFilters.build(date_from="2024-01-01"),
                     SearchFilters.build(date_from="2023-03-01", date_to="2023-03-31"), SearchFilters.build(),
                     SearchFilters.build(max_cloud_fraction=0.5)):
-        positions, _, _ = sketch.search(centres[0], _values(filters) if filters != SearchFilters() else None,
+        positions, _, _ = sketch.search(centres[0], filters if filters != SearchFilters() else None,
                                         10**9, 10**9)
         keep = _keep(rows, filters)  # SQL: a NULL date is in no date range
         if filters.date_from or filters.date_to:
@@ -508,119 +374,3 @@ def test_huge_k_returns_every_row_in_order(tables, warm):
         distances = [r.distance for r in response.results]
         assert len(response.results) == rows.num_rows and distances == sorted(distances)
         assert len({r.chip.chip_id for r in response.results}) == rows.num_rows
-
-
-# ----------------------------------------------------------------------------- maintenance
-def test_maintenance_is_idempotent_and_folds_in_new_rows(tmp_path):
-    centres, vectors = _grouped_vectors(seed=5)
-    db = str(tmp_path / "db")
-    store = _write(db, "growing", _rows(vectors[:2000], seed=5))
-    first = maintain_indexes(store, POLICY)
-    assert first.vector_index == "built" and set(first.scalar_indexes_built) >= {"acquired", "min_lon", "chip_id"}
-    record = read_record(store)
-    assert record.rows_at_build == 2000 and record.spec.num_partitions == 8 and record.build_s > 0
-    version = store.version
-    assert maintain_indexes(store, POLICY).vector_index == "current" and store.version == version
-
-    store.upsert(_rows(vectors[2000:3000], seed=5, first=2000))  # +50 %: a delta, not a retrain
-    assert store.vector_index_stats()["num_unindexed_rows"] == 1000
-    assert maintain_indexes(store, POLICY).vector_index == "updated"
-    assert store.vector_index_stats()["num_unindexed_rows"] == 0 and read_record(store).rows_at_build == 2000
-    store.upsert(_rows(vectors[3000:], seed=5, first=3000))  # twice the rows trained on: retrain
-    assert maintain_indexes(store, POLICY).vector_index == "rebuilt"
-    assert read_record(store).rows_at_build == 4000
-    pq = maintain_indexes(store, POLICY, index_type="IVF_PQ")
-    assert pq.vector_index == "rebuilt" and store.vector_index_stats()["index_type"] == "IVF_PQ"
-    engine = SearchEngine(db, "growing", index_policy=POLICY)
-    response = engine.similar_to_vector(centres[321], k=10)
-    assert response.used_index and [r.chip.chip_id for r in response.results] == \
-        [f"g0321_r{i:05d}" for i in sorted(range(3210, 3220), key=lambda i: -vectors[i] @ centres[321])]
-
-
-def test_cli_optimize_and_info_report_the_index(tmp_path):
-    from chipscout.indexer.cli.commands import app
-
-    _, vectors = _grouped_vectors(seed=6)
-    db = str(tmp_path / "db")
-    _write(db, "cli", _rows(vectors[:1500], seed=6))
-    runner = CliRunner()
-    before = json.loads(runner.invoke(app, ["info", "--db", db, "--table", "cli", "--json"]).stdout)
-    assert before["index"]["vector"] is None
-    text = runner.invoke(app, ["info", "--db", db, "--table", "cli"]).stdout
-    assert "no index: exact search" in text
-    result = runner.invoke(app, ["optimize", "--db", db, "--table", "cli", "--index-type", "ivf_pq", "--json"])
-    assert result.exit_code == 0, result.stdout
-    # 1500 rows is below the default threshold: compacted and filter-indexed only.
-    assert json.loads(result.stdout)["vector_index"] == "none"
-    status = index_status(ChipStore(db, "cli"))
-    assert status["vector"] is None and status["fragments"]["num_fragments"] == 1
-    maintain_indexes(ChipStore(db, "cli"), POLICY, index_type="IVF_PQ")
-    info = json.loads(runner.invoke(app, ["info", "--db", db, "--table", "cli", "--json"]).stdout)
-    vector = info["index"]["vector"]
-    assert vector["index_type"] == "IVF_PQ" and vector["num_indexed_rows"] == 1500
-    built = vector["chipscout"]
-    assert built["params"]["num_sub_vectors"] == 4 and built["rows_at_build"] == 1500
-    assert built["build_s"] > 0 and built["built_at"] and built["query"]["refine_factor"] == 10
-    text = runner.invoke(app, ["info", "--db", db, "--table", "cli"]).stdout
-    assert "IVF_PQ (cosine), 1500 rows indexed" in text and "built " in text
-    bad = runner.invoke(app, ["optimize", "--db", db, "--table", "cli", "--index-type", "FLAT"])
-    assert bad.exit_code != 0
-
-
-# ----------------------------------------------------------------------------- interrupted build
-_BUILD = """
-import sys
-from chipscout.indexer.store import ChipStore
-from chipscout.indexer.search.vector_index import VectorIndexSpec
-store = ChipStore(sys.argv[1], "killed")
-print("building", flush=True)
-store.create_vector_index(VectorIndexSpec("IVF_HNSW_SQ", 4, m=32, ef_construction=400))
-print("built", flush=True)
-"""
-
-
-def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
-    rng = np.random.default_rng(9)
-    vectors = rng.standard_normal((20_000, 128)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    db = str(tmp_path / "db")
-    rows = _rows(vectors, seed=9)
-    store = ChipStore(db, "killed")
-    store.create(synthetic_config(128), encode_state({}))
-    store.upsert(rows)
-    version = store.version
-    folder = Path(db) / "killed.lance"
-    versions_on_disk = sorted(os.listdir(folder / "_versions"))
-
-    root = Path(__file__).resolve().parents[2]
-    builder = subprocess.Popen([sys.executable, "-c", _BUILD, db], cwd=root, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert builder.stdout.readline().strip() == "building"
-        deadline = time.monotonic() + 120
-        # Index files being written, nothing committed yet: the middle of the build.
-        while not (folder / "_indices").is_dir() or not any((folder / "_indices").iterdir()):
-            assert builder.poll() is None and time.monotonic() < deadline, "build ended before it was seen"
-            time.sleep(0.02)
-        time.sleep(0.3)
-        assert builder.poll() is None, "the build finished before it could be killed; make it bigger"
-        builder.send_signal(signal.SIGKILL)
-        assert builder.wait(30) == -signal.SIGKILL
-    finally:
-        if builder.poll() is None:
-            builder.kill()
-            builder.wait()
-
-    left_over = [p for p in (folder / "_indices").rglob("*") if p.is_file()]
-    assert left_over, "the killed build should have left uncommitted index files behind"
-    assert sorted(os.listdir(folder / "_versions")) == versions_on_disk  # no commit happened
-    reopened = ChipStore(db, "killed")
-    assert reopened.version == version and reopened.vector_index_stats() is None
-    engine = SearchEngine(db, "killed", index_policy=POLICY)
-    for q in rng.standard_normal((3, 128)):
-        response = engine.similar_to_vector(q, k=10)
-        assert response.used_index is False
-        assert [r.chip.chip_id for r in response.results] == _truth(vectors, rows, q, 10)
-    # The leftovers do not stand in the way of the next build.
-    report = maintain_indexes(reopened, IndexPolicy(min_rows=1000, scalar_min_rows=1000, rows_per_partition=2000))
-    assert report.vector_index == "built" and reopened.vector_index_stats()["num_indexed_rows"] == 20_000

@@ -1,0 +1,485 @@
+"""The warm query runtime (the read path): vectors and filter columns in memory, the binary
+sketch, and `VectorSearcher`, which runs each query as `chipscout.indexer.search.planner` plans it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from chipscout.indexer.errors import StoreError
+from chipscout.indexer.search.filters import FilterColumns, SearchFilters
+from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
+from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
+from chipscout.indexer.store import unit_rows
+
+
+def _top(scores: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, cosine distances) of the k best `scores` (cosine similarities of `row_ids`);
+    ties broken by the lower row id, as LanceDB breaks them."""
+    k = min(k, len(scores))
+    if k == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.float32)
+    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    best = best[np.lexsort((row_ids[best], -scores[best]))]
+    return row_ids[best], (1.0 - scores[best]).astype(np.float32)
+
+
+def _unit_query(query: np.ndarray) -> np.ndarray:
+    return query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-30)
+
+
+class MemoryVectors:
+    """All vectors of a table version in memory, unit length, in row-id order: float32 for
+    exact search (one matrix-vector product, several times faster than LanceDB's flat search
+    on small tables), or float16 for re-ranking ANN candidates and exact search over the rows a
+    filter allows, where their ~1e-4 error in a cosine distance does not reorder real neighbours."""
+
+    def __init__(self, store, dtype: Any = np.float32):
+        self.version = store.version
+        self.row_ids, self.vectors = store.all_vectors(dtype=dtype, unit=True)
+
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.nbytes + self.row_ids.nbytes
+
+    def scores(self, query: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Cosine similarities of `query` (unit length) to the rows at `positions` (all: None),
+        in float32 arithmetic."""
+        block = self.vectors if positions is None else self.vectors[positions]
+        if block.dtype == np.float32:
+            return block @ query
+        if len(block) <= 2048:  # torch's thread pool costs more than it saves on a few rows
+            return block.astype(np.float32) @ query
+        # torch converts float16 with the CPU's vector instructions; numpy's astype is ~5x slower.
+        return (torch.from_numpy(block).float() @ torch.from_numpy(query)).numpy()
+
+    def top(self, query: np.ndarray, k: int, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        query = _unit_query(query)
+        if positions is None:
+            positions = np.arange(len(self.row_ids))
+        if self.vectors.dtype == np.float16 and len(positions) > 8 * k + 64:
+            # torch's float16 product (float32 sums, float16 results: ~3e-4 off near 1) ranks
+            # without converting the rows; the best 8 k are then scored in float32.
+            block = torch.from_numpy(self.vectors[positions])
+            rough = (block @ torch.from_numpy(query).half()).float().numpy()
+            positions = positions[np.argpartition(-rough, 8 * k + 63)[:8 * k + 64]]
+        return _top(self.scores(query, positions), self.row_ids[positions], k)
+
+
+class BinarySketch:
+    """256 bits per row of a warm table version, ordered by acquisition date, to pick candidates
+    fast; `MemoryVectors` then re-ranks them exactly.
+
+    The bits are signs of the centred vectors projected on their principal directions (fitted on
+    a sample) and randomly rotated, so every bit carries a share of the variance; the Hamming
+    distance between two rows then tracks the angle between them (SimHash on a PCA basis; RaBitQ
+    and the 1-bit codes of Earth Index and TerraBit are the same idea). A query scores every
+    allowed row: the rows of its date range are contiguous here, so the area, cloud and source
+    tests and the distances run over plain array slices (numpy, split across threads), and the
+    ~1000 nearest by Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
+    walk, no allowed row is skipped because of where it sits, so filters cost no recall; at a
+    million 768-d rows the true top 10 is among those candidates 99 % of the time or more
+    (BENCHMARKS.md (search))."""
+
+    SAMPLE_ROWS = 50_000
+    THREAD_MIN_ROWS = 100_000  # below this, one thread: the pool costs more than it saves
+
+    def __init__(self, vectors: MemoryVectors, filters: FilterColumns, bits: int = 256, seed: int = 0):
+        started = time.perf_counter()
+        rows, dim = vectors.vectors.shape
+        self.bits = bits
+        rng = np.random.default_rng(seed)
+        sample = vectors.vectors[np.sort(rng.choice(rows, min(rows, self.SAMPLE_ROWS), replace=False))]
+        sample = sample.astype(np.float32)
+        self.mean = sample.mean(axis=0)
+        sample -= self.mean
+        _, basis = np.linalg.eigh(sample.T @ sample)
+        kept = min(dim, bits)
+        principal = basis[:, ::-1][:, :kept]  # the `kept` directions of largest variance
+        # An orthogonal rotation when there are as many directions as bits, else random
+        # hyperplanes in the principal subspace.
+        mixing = (np.linalg.qr(rng.standard_normal((bits, bits)))[0] if kept == bits
+                  else rng.standard_normal((kept, bits)))
+        self.projection = np.ascontiguousarray(principal @ mixing, dtype=np.float32)
+        self.order = np.argsort(filters.acquired_us, kind="stable")
+        self.filters = filters.reordered(self.order)
+        codes = np.empty((rows, bits // 8), dtype=np.uint8)
+        projection, mean = torch.from_numpy(self.projection), torch.from_numpy(self.mean)
+        for start in range(0, rows, 65_536):
+            positions = self.order[start:start + 65_536]
+            block = torch.from_numpy(vectors.vectors[positions]).float() - mean
+            codes[start:start + len(positions)] = np.packbits((block @ projection).numpy() > 0, axis=1)
+        words = codes.view(np.uint64)
+        self.words = [np.ascontiguousarray(words[:, w]) for w in range(words.shape[1])]
+        self._threads = max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self._threads)
+        self.build_s = time.perf_counter() - started
+
+    @property
+    def nbytes(self) -> int:
+        return (sum(w.nbytes for w in self.words) + self.order.nbytes + self.filters.nbytes
+                + self.projection.nbytes)
+
+    def _code(self, query: np.ndarray) -> np.ndarray:
+        return np.packbits(((query - self.mean) @ self.projection) > 0).view(np.uint64)
+
+    def _distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
+        distances = np.zeros(stop - start, dtype=np.uint16)
+        scratch = np.empty(stop - start, dtype=np.uint64)
+        counts = np.empty(stop - start, dtype=np.uint8)
+        for word, column in zip(code, self.words):
+            np.bitwise_xor(column[start:stop], word, out=scratch)
+            np.bitwise_count(scratch, out=counts)
+            distances += counts
+        return distances
+
+    def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        pieces = 1 if stop - start < self.THREAD_MIN_ROWS else self._threads
+        bounds = np.linspace(start, stop, pieces + 1).astype(int)
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def _map(self, work, chunks: list[tuple[int, int]]) -> list[Any]:
+        """`work` of every chunk, the first on the calling thread (one hand-off fewer)."""
+        others = [self._pool.submit(work, *chunk) for chunk in chunks[1:]]
+        return [work(*chunks[0]), *(future.result() for future in others)]
+
+    def search(self, query: np.ndarray, row_filter: SearchFilters | None, count: int,
+               exact_max: int) -> tuple[np.ndarray, int | None, bool]:
+        """(positions in row-id order as in `MemoryVectors`, rows `row_filter` allows (None: no
+        filter), whether those positions are every allowed row). Up to `exact_max` allowed rows
+        all come back; more are narrowed down to at least `count` nearest `query` by Hamming
+        distance (ties included). The date window is cut into one chunk per thread, each tested,
+        scored and counted in one task."""
+        if row_filter is None:
+            start, stop = 0, len(self.order)
+        else:
+            start, stop = self.filters.date_window(row_filter)
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64), 0, True
+        chunks = self._chunks(start, stop)
+        code = self._code(_unit_query(query))
+
+        def score(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+            allowed = None if row_filter is None else self.filters.window_mask(row_filter, a, b, dates=False)
+            if allowed is not None and not allowed.any():
+                return allowed, None, np.zeros(self.bits + 1, dtype=np.int64)
+            distances = self._distances(code, a, b)
+            if allowed is not None:
+                np.copyto(distances, self.bits + 1, where=~allowed)
+            return allowed, distances, np.bincount(distances, minlength=self.bits + 2)[:self.bits + 1]
+
+        scored = self._map(score, chunks)
+        histogram = np.sum([h for _, _, h in scored], axis=0)
+        matches = None if row_filter is None else int(histogram.sum())
+        if matches is not None and matches <= exact_max:
+            picked = [a + np.flatnonzero(allowed) for (a, _), (allowed, _, _) in zip(chunks, scored)]
+            return self.order[np.concatenate(picked)], matches, True
+        cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all allowed
+        picked = [a + np.flatnonzero(distances <= cutoff)
+                  for (a, _), (_, distances, _) in zip(chunks, scored) if distances is not None]
+        return self.order[np.concatenate(picked)], matches, False
+
+
+@dataclass
+class WarmCache:
+    """What a warmed searcher keeps of one table version (`VectorSearcher.warm_up`)."""
+
+    version: int
+    records: pa.Table
+    """The warmed columns of every row, in row-id order (results are taken from here)."""
+    filters: FilterColumns
+    vectors: MemoryVectors | None
+    """None when the vectors exceed `IndexPolicy.warm_cache_bytes`."""
+    load_s: float
+    sketch: BinarySketch | None = None
+    """Kept from `IndexPolicy.sketch_min_rows` rows on, when the vectors are in memory."""
+
+    @property
+    def nbytes(self) -> int:
+        return (self.records.nbytes + self.filters.nbytes + (self.vectors.nbytes if self.vectors else 0)
+                + (self.sketch.nbytes if self.sketch else 0))
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "rows": self.records.num_rows, "load_s": round(self.load_s, 2),
+                "bytes": self.nbytes,
+                "vectors": None if self.vectors is None else str(self.vectors.vectors.dtype),
+                "sketch": None if self.sketch is None else {"bits": self.sketch.bits,
+                                                            "build_s": round(self.sketch.build_s, 2)}}
+
+
+class VectorSearcher:
+    """Answers nearest-neighbour queries over one table by the cheapest path that keeps the
+    answer right. Without an index: exact search over vectors cached in memory. With one: the
+    index (`ann`) when there is no filter; for a filter, its allowed rows come from filter
+    columns cached in memory, then
+      - few rows allowed (`exact_max_matches`): exact search over just those rows (a prefilter:
+        LanceDB's for small tables, chipscout's by row id for large ones);
+      - otherwise: the index over-fetches ~k * refine_factor / 2 / share candidates by its codes,
+        the filter keeps the allowed ones and chipscout re-ranks those on their full vectors (a
+        postfilter), asking again for more when too few survive, and falling back to LanceDB's
+        own prefiltered search when over-fetching would cost more.
+    `warm_up` (for long-running front ends) also keeps the result columns and, within
+    `IndexPolicy.warm_cache_bytes`, the vectors in memory: candidates are then re-ranked and
+    results read without touching disk, and exact search covers more filtered rows. From
+    `IndexPolicy.sketch_min_rows` rows it also keeps a `BinarySketch`, which then answers every
+    query instead of LanceDB: exact search when a filter allows few rows, else the sketch's
+    candidates among the allowed rows, re-ranked exactly (`sketch`).
+    Caches are per table version (`refresh` a store to see new commits). Thread-safe.
+    Measured choices and their numbers: BENCHMARKS.md (search)."""
+
+    def __init__(self, store, policy: IndexPolicy = DEFAULT_POLICY):
+        self.store = store
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._state: TableState | None = None
+        self._filters: FilterColumns | None = None
+        self._exact: MemoryVectors | None = None
+        self._warm_columns: tuple[str, ...] | None = None
+        self._warm: WarmCache | None = None
+
+    def _current(self, version: int | None = None) -> TableState:
+        # Each `table.version` is a round trip to LanceDB's event loop (~0.1-2 ms): a query reads
+        # it once and hands it on.
+        version = self.store.version if version is None else version
+        with self._lock:
+            if self._state is None or self._state.version != version:
+                self._state = TableState(self.store, self.policy)
+            return self._state
+
+    def warm_up(self, columns: Sequence[str]) -> WarmCache:
+        """Keep `columns` of every row, the filter columns and (when they fit the budget) the
+        vectors of the table's current version in memory, reloading after each new version;
+        returns what was loaded. Costs seconds at a million rows, so one-shot commands skip it."""
+        wanted = tuple(dict.fromkeys([*columns, *FilterColumns.COLUMNS]))
+        missing = [c for c in wanted if c not in self.store.schema.names]
+        if missing:
+            raise StoreError(f"cannot keep columns {missing} in memory: table "
+                             f"{self.store.table_name!r} has no such columns")
+        with self._lock:
+            self._warm_columns = wanted
+        cache = self._warm_cache(self.store.version)
+        assert cache is not None
+        return cache
+
+    def _warm_cache(self, version: int) -> WarmCache | None:
+        with self._lock:
+            if self._warm_columns is None:
+                return None
+            if self._warm is None or self._warm.version != version:
+                self._warm = None  # let the old arrays go before the new ones are read
+                self._filters = self._exact = None
+                started = time.perf_counter()
+                records = self.store.scan_with_row_ids(list(self._warm_columns))
+                filters = FilterColumns(self.store, records)
+                dim = self.store.config.embedding_dim
+                rows = records.num_rows
+                dtype = (np.float32 if rows * dim * 4 <= self.policy.exact_cache_bytes
+                         else np.float16 if rows * dim * 2 <= self.policy.warm_cache_bytes else None)
+                vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
+                if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
+                    raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
+                sketch = None
+                if (vectors is not None and self.policy.sketch_min_rows
+                        and rows >= self.policy.sketch_min_rows):
+                    sketch = BinarySketch(vectors, filters, self.policy.sketch_bits)
+                # One chunk: `take` on a table of many chunks concatenates them first, every call.
+                records = records.drop_columns(["_rowid"]).combine_chunks()
+                self._warm = WarmCache(version, records, filters, vectors,
+                                       time.perf_counter() - started, sketch)
+            return self._warm
+
+    def _filter_columns(self, version: int | None = None) -> FilterColumns:
+        version = self.store.version if version is None else version
+        warm = self._warm_cache(version)
+        if warm is not None:
+            return warm.filters
+        with self._lock:
+            if self._filters is None or self._filters.version != version:
+                self._filters = None
+                self._filters = FilterColumns(self.store)
+            return self._filters
+
+    def _memory_vectors(self, state: TableState, warm: WarmCache | None) -> MemoryVectors | None:
+        """The vectors in memory: the warm cache's, or float32 for exact search on a table
+        without an index that fits `exact_cache_bytes`; None otherwise."""
+        if warm is not None:
+            return warm.vectors
+        if state.index is not None or not state.fits_in_memory:
+            return None
+        with self._lock:
+            if self._exact is None or self._exact.version != state.version:
+                self._exact = None
+                self._exact = MemoryVectors(self.store)
+            return self._exact
+
+    def matches(self, row_filter: SearchFilters) -> int:
+        """How many rows `row_filter` allows (exactly)."""
+        return int(self._filter_columns().mask(row_filter).sum())
+
+    def plan(self, k: int, matches: int | None, in_memory: bool = False) -> SearchPlan:
+        """The method for a query of `k` results whose filter allows `matches` rows (None: no
+        filter), before any retry; `in_memory`: the searcher holds the vectors (`warm_up`)."""
+        return plan_query(self.policy, self._current(), k, matches, in_memory)
+
+    def _rows(self, row_ids: np.ndarray, distances: np.ndarray, columns: list[str],
+              warm: WarmCache | None) -> pa.Table:
+        """`columns` of `row_ids` with `_distance` = `distances`: from the warm cache when it
+        holds them, else read from the table."""
+        wanted = [c for c in columns if c != "_distance"]
+        if warm is None or any(c not in warm.records.column_names for c in wanted):
+            return self.store.take_rows(row_ids, distances, columns)
+        positions, found = warm.filters.positions(row_ids)
+        if not found.all():
+            raise StoreError(f"table {self.store.table_name!r} changed during a query; try again")
+        rows = warm.records.take(pa.array(positions)).select(wanted)
+        rows = rows.append_column("_distance", pa.array(distances, pa.float32()))
+        return rows.select(columns) if "_distance" in columns else rows
+
+    def _rerank(self, vector: np.ndarray, row_ids: np.ndarray, k: int,
+                warm: WarmCache | None) -> tuple[np.ndarray, np.ndarray]:
+        """The k of `row_ids` nearest `vector` by their full vectors (in memory when warm)."""
+        if warm is not None and warm.vectors is not None:
+            positions, found = warm.filters.positions(row_ids)
+            positions = positions[found]
+            return warm.vectors.top(vector, k, positions)
+        vectors = unit_rows(self.store.vectors_by_row_id(row_ids))
+        return _top(vectors @ _unit_query(vector), row_ids, k)
+
+    def _count(self, state: TableState, filters: FilterColumns, row_filter: SearchFilters,
+               k: int, in_memory: bool) -> tuple[int, np.ndarray | None]:
+        """(rows allowed, mask of every row or None): exact, except for a large indexed table
+        whose sample says the allowed rows are too many for exact search anyway."""
+        if state.index is None or state.rows <= self.policy.exact_count_rows:
+            mask = filters.mask(row_filter)
+            return int(mask.sum()), mask
+        estimate = filters.estimate(row_filter)
+        exact_max = self.policy.warm_exact_max_matches if in_memory else self.policy.exact_max_matches
+        if estimate > 2 * max(k, exact_max):
+            return estimate, None
+        mask = filters.mask(row_filter)
+        return int(mask.sum()), mask
+
+    def nearest(self, vector: np.ndarray, k: int, filters: SearchFilters | None, columns: list[str],
+                near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+        """The k nearest rows (`columns` plus `_distance`, nearest first) that `filters` allows
+        (its overlap rule aside), and how they were found: from its in-memory masks, or its SQL
+        on LanceDB's own paths. `near`: the plan of an earlier query with the same filter whose
+        neighbourhood holds this one's (query expansion's second search); a warm sketch then
+        re-ranks that query's candidates instead of scanning the sketch again, when they are
+        enough for k."""
+        version = self.store.version
+        if filters is not None and not filters.selects_rows:
+            filters = None
+        where = filters.where_clause() if filters is not None else None
+        rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
+        return rows, replace(plan, table_version=version)
+
+    def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
+        """The unit vectors (float32) of rows `rows` (indices into the table `nearest` returned
+        with `plan`) from the warm cache; None when that query did not run on it."""
+        with self._lock:
+            warm = self._warm
+        if (plan.positions is None or warm is None or warm.version != plan.table_version
+                or warm.vectors is None):
+            return None  # not a warm query, or the cache has moved on to a newer version
+        return warm.vectors.vectors[plan.positions[np.asarray(rows, dtype=np.int64)]].astype(np.float32)
+
+    def _sketch_search(self, warm: WarmCache, memory: MemoryVectors, vector: np.ndarray, k: int,
+                       row_filter: SearchFilters | None, columns: list[str],
+                       near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+        """A warmed searcher's query: the allowed rows from the sketch's date-ordered filter
+        columns; up to twice the candidates it would pick are all re-ranked (exact), more are
+        narrowed down by the sketch first. With `near` (see `nearest`), its candidates."""
+        assert warm.sketch is not None
+        wanted = max(self.policy.sketch_candidates, 20 * k)
+        if (near is not None and near.candidates is not None and near.table_version == warm.version
+                and (near.method == "exact" or len(near.candidates) >= wanted)):
+            positions, matches, method = near.candidates, near.matches, near.method
+        else:
+            # Re-ranking every allowed row costs little more than re-ranking `wanted` of them
+            # when they are at most twice as many, and is exact.
+            positions, matches, exact = warm.sketch.search(vector, row_filter, wanted, 2 * wanted)
+            method = "exact" if exact else "sketch"
+        row_ids, distances = memory.top(vector, k, positions)
+        found, _ = warm.filters.positions(row_ids)
+        return (self._rows(row_ids, distances, columns, warm),
+                SearchPlan(method, matches, candidates=positions, positions=found))
+
+    def _nearest(self, version: int, vector: np.ndarray, k: int, row_filter: SearchFilters | None,
+                 where: str | None, columns: list[str],
+                 near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+        state = self._current(version)
+        warm = self._warm_cache(version)
+        memory = self._memory_vectors(state, warm)
+        if warm is not None and warm.sketch is not None and memory is not None:
+            return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
+        in_memory = memory is not None
+        filters = mask = matches = None
+        if row_filter is not None:
+            filters = self._filter_columns(version)
+            matches, mask = self._count(state, filters, row_filter, k, in_memory)
+        plan = plan_query(self.policy, state, k, matches, in_memory)
+        if matches == 0:
+            return self._rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns, warm), plan
+        if plan.method == "exact" and memory is not None:
+            positions = None if mask is None else np.flatnonzero(mask)  # same row-id order
+            row_ids, distances = memory.top(vector, k, positions)
+            return self._rows(row_ids, distances, columns, warm), plan
+        if plan.method == "exact":
+            assert filters is not None and mask is not None
+            allowed_ids = filters.row_ids[mask]
+            vectors = unit_rows(self.store.vectors_by_row_id(allowed_ids))
+            row_ids, distances = _top(vectors @ _unit_query(vector), allowed_ids, k)
+            return self._rows(row_ids, distances, columns, warm), plan
+        if plan.method == "exact-scan":
+            return self.store.nearest(vector, k, where, columns, use_index=False), plan
+        refine = (state.tuning.refine_factor if state.tuning else None) or 1
+        if plan.method == "ann":
+            if in_memory and plan.tuning is not None:
+                # The index's codes pick k * refine_factor candidates; the vectors in memory re-rank.
+                fetch = k * refine
+                candidates, _ = self.store.nearest_row_ids(vector, fetch, replace(plan.tuning, refine_factor=None))
+                if len(candidates) >= min(fetch, state.rows):
+                    ids, distances = self._rerank(vector, candidates, k, warm)
+                    return self._rows(ids, distances, columns, warm), plan
+            else:
+                rows = self.store.nearest(vector, k, None, columns, tuning=plan.tuning)
+                if rows.num_rows >= min(k, state.rows):
+                    return rows, plan
+            # k beyond what the probed partitions hold (k near the table's size): exact search.
+            if memory is not None:
+                ids, distances = memory.top(vector, k)
+                return self._rows(ids, distances, columns, warm), SearchPlan("exact", None)
+            plan = SearchPlan("exact-scan", None)
+            return self.store.nearest(vector, k, None, columns, use_index=False), plan
+        assert filters is not None and row_filter is not None and matches is not None
+        if plan.method == "ann-postfilter":
+            # Candidates by the index's codes, the filter from memory, then an exact re-rank of
+            # the allowed candidates (at most k * refine_factor) on their full vectors.
+            fetch = plan.fetch
+            while True:
+                row_ids, _ = self.store.nearest_row_ids(vector, fetch, plan.tuning)
+                allowed_ids = row_ids[filters.allowed(row_filter, row_ids, mask)][:k * refine]
+                if len(allowed_ids) >= min(k, matches):
+                    ids, distances = self._rerank(vector, allowed_ids, k, warm)
+                    return self._rows(ids, distances, columns, warm), replace(plan, fetch=fetch)
+                if fetch * 4 > self.policy.max_postfilter_fetch:
+                    break
+                fetch *= 4
+                plan = replace(plan, tuning=fetch_tuning(state, k, fetch))
+            plan = SearchPlan("ann-prefilter", matches, wide_tuning(state, matches / max(1, state.rows)), k)
+        rows = self.store.nearest(vector, k, where, columns, tuning=plan.tuning)
+        if rows.num_rows < min(k, matches or k):  # the probed partitions held too few allowed rows
+            plan = SearchPlan("exact-scan", matches)
+            rows = self.store.nearest(vector, k, where, columns, use_index=False)
+        return rows, plan

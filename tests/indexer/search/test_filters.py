@@ -1,0 +1,67 @@
+"""`SearchFilters` compiled two ways (`chipscout.indexer.search.filters`): the SQL LanceDB runs and
+the in-memory masks the planner and the warm cache run must allow exactly the same rows."""
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from chipscout.indexer.errors import QueryError
+from chipscout.indexer.search import BBox, SearchFilters
+from chipscout.indexer.search.filters import FilterColumns
+from tests.indexer.grouped_tables import _grouped_vectors, _keep, _rows, _write
+
+FILTERS = [
+    SearchFilters.build(),
+    SearchFilters.build(date_from="2023-06-01"),
+    SearchFilters.build(date_to="2023-08-31"),
+    SearchFilters.build(date_from="2023-06-01", date_to="2023-08-31"),
+    SearchFilters.build(date_from="2024-03-05T10:00:00Z", date_to="2024-03-05T10:00:00Z"),
+    SearchFilters.build(bbox=(2.0, 42.0, 6.0, 45.0)),
+    SearchFilters.build(bbox="0,40,20,50", max_cloud_fraction=0.3),
+    SearchFilters.build(max_cloud_fraction=0.0),
+    SearchFilters.build(max_nodata_fraction=0.1, source_ids=["src-1", "src-4", "no-such-source"]),
+    SearchFilters.build(date_from="2024-01-01", bbox=(5.0, 44.0, 15.0, 48.0), max_cloud_fraction=0.8,
+                        max_nodata_fraction=0.25, source_ids=["src-2"]),
+    SearchFilters.build(bbox=(-60.0, -10.0, -50.0, 0.0)),
+]
+
+
+@pytest.fixture(scope="module")
+def filter_table(tmp_path_factory):
+    _, vectors = _grouped_vectors(seed=3)
+    rows = _rows(vectors[:2000], seed=3)
+    return _write(str(tmp_path_factory.mktemp("filters") / "db"), "filters", rows), rows
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=range(len(FILTERS)))
+def test_sql_and_masks_allow_the_same_rows(filter_table, filters):
+    store, rows = filter_table
+    columns = FilterColumns(store)
+    ids = np.array(store.scan_with_row_ids(["chip_id"])["chip_id"].to_pylist())
+    by_mask = set(ids[columns.mask(filters)])
+    query = np.ones(rows.schema.field("vector").type.list_size, dtype=np.float32)
+    by_sql = set(store.nearest(query, rows.num_rows, filters.where_clause(), ["chip_id", "_distance"],
+                               use_index=False)["chip_id"].to_pylist())
+    expected = set(np.array(rows["chip_id"].to_pylist())[_keep(rows, filters)])
+    assert by_mask == by_sql == expected
+    # A sample of positions, and the contiguous-slice form the sketch uses, agree with the whole mask.
+    whole = columns.mask(filters)
+    positions = np.arange(0, len(columns), 7)
+    assert (columns.mask(filters, positions) == whole[positions]).all()
+    assert (columns.window_mask(filters, 100, 900) == whole[100:900]).all()
+    assert filters.selects_rows == (filters.where_clause() is not None)
+
+
+def test_a_bare_end_date_covers_its_whole_day_and_dates_are_utc():
+    filters = SearchFilters.build(date_from="2024-06-01T02:00:00+02:00", date_to="2024-06-30")
+    assert filters.date_from == datetime(2024, 6, 1, tzinfo=timezone.utc)
+    assert filters.date_to == datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=timezone.utc)
+    assert SearchFilters.build(bbox="1,2,3,4").bbox == BBox(1.0, 2.0, 3.0, 4.0)
+
+
+def test_overlap_and_excluded_ids_are_not_row_filters():
+    assert not SearchFilters.build(exclude_overlapping=True).selects_rows
+    assert SearchFilters().where_clause(exclude_ids=["a'b"]) == "chip_id NOT IN ('a''b')"
+    with pytest.raises(QueryError, match="bad source id"):
+        SearchFilters.build(source_ids=["x' OR 1=1"])
