@@ -1,7 +1,7 @@
 """Seed-set labelling in the app: the session picker, label buttons, rounds, metrics and downloads.
 
-A thin Streamlit layer over `chipscout.indexer.seedsets.labels` (sessions and labels), `chipscout.indexer.seedsets.refine` (rankings, rounds,
-metrics) and `chipscout.indexer.seedsets.export` (GeoJSON / GeoParquet). Labels are read from the store on every run and
+A thin Streamlit layer over `chipscout.indexer.seedsets` (sessions and labels; rankings, rounds and
+metrics; GeoJSON / GeoParquet export). Labels are read from the store on every run and
 never kept in `st.session_state`, so a label given in another browser tab shows on the next rerun.
 A label button acts on the label the page showed: if the store holds another one by the time of the
 click (another tab or a script labelled that chip meanwhile), the click changes nothing and says so,
@@ -18,11 +18,11 @@ from typing import Any
 
 import streamlit as st
 
-from chipscout.indexer.seedsets import refine
+from chipscout.indexer import seedsets
 from chipscout.indexer.errors import ChipscoutError
-from chipscout.indexer.seedsets.export import FORMATS, ExportSummary, export_formats
-from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, Label, LabelStore, Session, default_user
 from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters
+from chipscout.indexer.seedsets import (FORMATS, NEGATIVE, POSITIVE, ExportSummary, Label, LabelStore, Session,
+                                        default_user, export_formats)
 
 # st.session_state keys (per-session widgets add `-<session id>` to theirs).
 SESSION = "label_session"
@@ -30,9 +30,9 @@ SESSION = "label_session"
 NOTICES = "label_notices"
 """[(kind, text, toast)] written by callbacks, shown once at the top of the next run."""
 SHOWN_ROUND = "label_shown_round"
-"""(session id, refine.Proposals, recorded?) shown as the proposals grid."""
+"""(session id, seedsets.Proposals, recorded?) shown as the proposals grid."""
 MEASURED = "label_measured"
-"""(session id, labels fingerprint, refine.SeedSetMetrics) from "Measure now"."""
+"""(session id, labels fingerprint, seedsets.SeedSetMetrics) from "Measure now"."""
 CONFIRM_DELETE = "label_confirm_delete"
 """The id of the session waiting for "Yes, delete"."""
 LABELLED_BY = "label_by"
@@ -296,7 +296,7 @@ def _metrics(seed: Seed, engine: SearchEngine) -> None:
     if measured and measured[:2] == (seed.session.session_id, seed.fingerprint):
         metrics, source = measured[2], "Measured just now on the current labels"
     elif rounds:
-        metrics = refine.recorded_metrics(seed.session.name, rounds[-1])
+        metrics = seedsets.recorded_metrics(seed.session.name, rounds[-1])
         source = (f"Measured when round {metrics.round} started, on {metrics.n_positive} positive and "
                   f"{metrics.n_negative} negative labels")
     else:
@@ -339,7 +339,7 @@ def _round_options(session_id: str) -> dict[str, Any]:
     """The round controls' values (read in callbacks too, from the previous run's widgets)."""
     value = st.session_state.get
     return {"strategy": value(f"label_strategy-{session_id}"), "n": int(value(f"label_n-{session_id}") or 1),
-            "beta": float(value(f"label_beta-{session_id}", refine.DEFAULT_BETA)),
+            "beta": float(value(f"label_beta-{session_id}", seedsets.DEFAULT_BETA)),
             "uncertain": int(value(f"label_uncertain-{session_id}") or 0),
             "spread_km": float(value(f"label_spread_km-{session_id}") or 0.0),
             "per_cell": int(value(f"label_per_cell-{session_id}") or 1)}
@@ -353,21 +353,21 @@ def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None,
     strategy = strategy_column.selectbox(
         "Strategy", list(STRATEGIES), index=list(STRATEGIES).index(seed.session.strategy),
         format_func=STRATEGIES.get, key=f"label_strategy-{sid}",
-        help=f"The classifier needs {refine.MIN_PER_CLASS} positive and {refine.MIN_PER_CLASS} negative labels; "
+        help=f"The classifier needs {seedsets.MIN_PER_CLASS} positive and {seedsets.MIN_PER_CLASS} negative labels; "
              "with fewer the ranking falls back to Rocchio or the mean, and says so.")
     count_column.number_input("Proposals", min_value=1, max_value=100, value=DEFAULT_PROPOSALS, key=f"label_n-{sid}")
-    classifier_ready = (strategy in ("auto", "classifier") and positives >= refine.MIN_PER_CLASS
-                        and negatives >= refine.MIN_PER_CLASS)
+    classifier_ready = (strategy in ("auto", "classifier") and positives >= seedsets.MIN_PER_CLASS
+                        and negatives >= seedsets.MIN_PER_CLASS)
     with st.expander("Round options"):
         beta_column, uncertain_column, spread_column, per_cell_column = st.columns(4)
-        beta_column.slider("Rocchio β", 0.0, 2.0, refine.DEFAULT_BETA, step=0.05, key=f"label_beta-{sid}",
+        beta_column.slider("Rocchio β", 0.0, 2.0, seedsets.DEFAULT_BETA, step=0.05, key=f"label_beta-{sid}",
                            help="Weight of the negatives' mean (Rocchio, and the classifier's candidate pool).")
         uncertain_column.number_input(
             "of which most uncertain", min_value=0, max_value=100, value=0, key=f"label_uncertain-{sid}",
             disabled=not classifier_ready,
             help="Proposals whose classifier probability is nearest 0.5 (active learning)." if classifier_ready else
-                 f"Needs the classifier: strategy auto or classifier, and at least {refine.MIN_PER_CLASS} "
-                 f"positive and {refine.MIN_PER_CLASS} negative labels (have {positives} and {negatives}).")
+                 f"Needs the classifier: strategy auto or classifier, and at least {seedsets.MIN_PER_CLASS} "
+                 f"positive and {seedsets.MIN_PER_CLASS} negative labels (have {positives} and {negatives}).")
         spread_column.number_input("Spread cell (km)", min_value=0.0, max_value=1000.0, value=0.0, step=1.0,
                                    key=f"label_spread_km-{sid}", help="At most N proposals per cell; 0 = off.")
         per_cell_column.number_input("Per cell (N)", min_value=1, max_value=100, value=1, key=f"label_per_cell-{sid}")
@@ -391,7 +391,7 @@ def _run_round(seed: Seed, engine: SearchEngine, example_id: str | None, record:
     options = _round_options(seed.session.session_id)
     spread_km = options["spread_km"] or None
     try:
-        proposals = (refine.next_round if record else refine.propose)(
+        proposals = (seedsets.next_round if record else seedsets.propose)(
             engine, seed.session, options["n"], uncertain=min(options["uncertain"], options["n"]),
             spread_km=spread_km, per_cell=options["per_cell"], filters=filters,
             **_ranking_options(seed, example_id))
@@ -407,7 +407,7 @@ def _measure(seed: Seed, engine: SearchEngine) -> None:
     try:
         fresh = seed.store.session(seed.session)
         current = Seed(seed.store, fresh, {label.chip_id: label for label in seed.store.labels(fresh)})
-        metrics = refine.seed_set_metrics(engine, fresh, **kwargs)
+        metrics = seedsets.seed_set_metrics(engine, fresh, **kwargs)
     except ChipscoutError as err:
         notice("error", f"Cannot measure the seed set: {err}")
         return
@@ -468,7 +468,7 @@ def _downloads(seed: Seed, engine: SearchEngine) -> None:
             "scoring at least", min_value=-1.0, max_value=1.0, value=0.5, step=0.05, key=f"label_threshold-{sid}",
             help="A cosine similarity, or a probability when the ranking is the classifier's.")
     options = _round_options(sid)
-    where = f"{engine.store.db_uri}|{engine.table_name}@{engine.version}|{sid}"
+    where = f"{engine.db_uri}|{engine.table_name}@{engine.version}|{sid}"
     try:
         files = _exports(engine, seed.session, where, seed.fingerprint, int(candidates),
                          float(threshold) if candidates else None, options["strategy"] or seed.session.strategy,

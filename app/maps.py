@@ -17,9 +17,9 @@ import pydeck as pdk
 from PIL import Image
 from shapely.geometry import Polygon
 
-from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE
+from chipscout.indexer.errors import BasemapError
 from chipscout.indexer.search import ChipRecord, SearchResult
-from chipscout.indexer.errors import BasemapError  # noqa: F401  (raised here, defined with the others)
+from chipscout.indexer.seedsets import NEGATIVE, POSITIVE
 
 #: Layer ids the page reads selections from.
 RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER = "results", "query", "chips"

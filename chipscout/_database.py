@@ -15,10 +15,10 @@ from chipscout.indexer.errors import QueryError
 if TYPE_CHECKING:
     import numpy as np
 
-    from chipscout.indexer.search.engine import ChipRecord, SearchEngine
+    from chipscout.indexer.search import ChipRecord, SearchEngine
     from chipscout.indexer.store import IndexConfig
-    from chipscout.indexer.seedsets.export import ExportSummary
-    from chipscout.indexer.seedsets.labels import Label, LabelStore, Session
+    from chipscout.indexer.seedsets import ExportSummary
+    from chipscout.indexer.seedsets import Label, LabelStore, Session
 
 
 def connect(uri: str | Path | None = None, storage_options: Mapping[str, str] | None = None) -> Database:
@@ -50,7 +50,7 @@ class Database:
 
     def open_table(self, name: str = "chips") -> Table:
         """The chip table `name`; a missing one raises `chipscout.StoreError` naming those there are."""
-        from chipscout.indexer.search.engine import SearchEngine
+        from chipscout.indexer.search import SearchEngine
 
         return Table(SearchEngine(self.uri, name, self.storage_options), self)
 
@@ -65,7 +65,7 @@ class Table:
 
     @property
     def name(self) -> str:
-        return self.engine.store.table_name
+        return self.engine.table_name
 
     def __repr__(self) -> str:
         return f"<chipscout.Table {self.name!r} of {self.database.uri!r}>"
@@ -112,7 +112,7 @@ class Table:
     def label_store(self) -> LabelStore:
         """The table's labelling sessions (`chipscout.indexer.seedsets.labels.LabelStore`)."""
         if self._labels is None:
-            from chipscout.indexer.seedsets.labels import LabelStore
+            from chipscout.indexer.seedsets import LabelStore
 
             self._labels = LabelStore.open(self.database.uri, self.name, self.database.storage_options)
         return self._labels
@@ -148,7 +148,7 @@ class Table:
                candidates: int = 0, threshold: float | None = None) -> ExportSummary:
         """Write the session's labelled chips (and optionally the best `candidates` unlabelled
         chips scoring at least `threshold`) to GeoJSON or GeoParquet (`format`, else from the suffix)."""
-        from chipscout.indexer.seedsets.export import export_session
+        from chipscout.indexer.seedsets import export_session
 
         return export_session(self.engine, session, path, format, candidates=candidates,
                               threshold=threshold, labels=self.label_store)

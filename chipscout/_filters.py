@@ -9,7 +9,7 @@ from datetime import date
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from chipscout.indexer.search.engine import SearchFilters
+    from chipscout.indexer.search import SearchFilters
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Filters:
 
     def compiled(self) -> SearchFilters:
         """The engine's `SearchFilters` for these values."""
-        from chipscout.indexer.search.engine import SearchFilters
+        from chipscout.indexer.search import SearchFilters
 
         return SearchFilters.build(
             date_from=self.date_from, date_to=self.date_to, bbox=self.bbox,

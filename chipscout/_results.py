@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     import geopandas
     import pyarrow as pa
 
-    from chipscout.indexer.search.engine import SearchResponse, SearchResult
+    from chipscout.indexer.search import SearchResponse, SearchResult
 
 #: The footprint column: WKB polygons in EPSG:4326, tagged the GeoArrow way so GeoArrow-aware
 #: readers (geopandas, lonboard, DuckDB) see a geometry column.

@@ -334,6 +334,11 @@ class SearchEngine:
         return response, plan, [i for i, _, _ in kept[:k]]
 
     @property
+    def db_uri(self) -> str:
+        """The database this engine searches (a folder or an object-store URI)."""
+        return self.store.db_uri
+
+    @property
     def table_name(self) -> str:
         """The name of the table this engine searches."""
         return self.store.table_name

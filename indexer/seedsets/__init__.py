@@ -27,6 +27,8 @@ from chipscout.indexer.seedsets.labels import (
     normalise_label,
 )
 from chipscout.indexer.seedsets.refine import (
+    DEFAULT_BETA,
+    MIN_PER_CLASS,
     Proposals,
     Ranking,
     SeedSetMetrics,
@@ -34,10 +36,13 @@ from chipscout.indexer.seedsets.refine import (
     propose,
     rank,
     rank_session,
+    recorded_metrics,
     seed_set_metrics,
 )
 
 __all__ = [
+    "DEFAULT_BETA",
+    "MIN_PER_CLASS",
     "FORMATS",
     "NEGATIVE",
     "POSITIVE",
@@ -62,5 +67,6 @@ __all__ = [
     "rank",
     "rank_session",
     "read_geojson",
+    "recorded_metrics",
     "seed_set_metrics",
 ]

@@ -152,7 +152,7 @@ def test_a_build_killed_half_way_leaves_the_table_searchable_exactly(tmp_path):
     assert left_over, "the killed build should have left uncommitted index files behind"
     assert sorted(os.listdir(folder / "_versions")) == versions_on_disk  # no commit happened
     reopened = ChipStore(db, "killed")
-    assert reopened.table.version == version and reopened.vector_index_stats() is None
+    assert reopened.version == version and reopened.vector_index_stats() is None
     engine = SearchEngine(db, "killed", index_policy=POLICY)
     for q in rng.standard_normal((3, 128)):
         response = engine.similar_to_vector(q, k=10)
