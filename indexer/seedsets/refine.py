@@ -26,6 +26,7 @@ import numpy as np
 from chipscout.indexer.seedsets.labels import NEGATIVE, POSITIVE, LabelError, LabelStore, RoundRecord, Session, Strategy
 from chipscout.indexer.search.engine import MAX_K, ChipRecord, SearchEngine, SearchFilters
 from chipscout.indexer.search.spread import cap_per_cell
+from chipscout.indexer.store import unit_rows
 
 
 #: Weight of the negatives' mean in Rocchio; see BENCHMARKS.md (seedset) for the comparison.
@@ -46,18 +47,17 @@ COSINE, PROBABILITY = "cosine similarity", "probability"
 
 
 # ----------------------------------------------------------------------------- query vectors
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float64); all-zero rows stay zero."""
-    array = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0)
+def _unit_copy(vectors: np.ndarray) -> np.ndarray:
+    """A float64 copy of `vectors` (one row or many) with unit rows: the store's `unit_rows`,
+    which scales in place, on a copy, so callers' (and sklearn's) arrays are never changed."""
+    return unit_rows(np.array(vectors, dtype=np.float64, ndmin=2))
 
 
 def mean_query(positives: np.ndarray) -> np.ndarray:
     """The normalised mean of the normalised positives (a single positive gives itself)."""
     if len(positives) == 0:
         raise LabelError("a query needs at least one positive example")
-    return _normalised(unit_rows(positives).mean(axis=0), "the positives' mean")
+    return _normalised(_unit_copy(positives).mean(axis=0), "the positives' mean")
 
 
 def rocchio_query(positives: np.ndarray, negatives: np.ndarray, beta: float = DEFAULT_BETA) -> np.ndarray:
@@ -65,9 +65,9 @@ def rocchio_query(positives: np.ndarray, negatives: np.ndarray, beta: float = DE
     beta = _check_beta(beta)
     if len(positives) == 0:
         raise LabelError("a query needs at least one positive example")
-    query = unit_rows(positives).mean(axis=0)
+    query = _unit_copy(positives).mean(axis=0)
     if len(negatives):
-        query = query - beta * unit_rows(negatives).mean(axis=0)
+        query = query - beta * _unit_copy(negatives).mean(axis=0)
     return _normalised(query, "mean(positives) - beta * mean(negatives)")
 
 
@@ -118,7 +118,7 @@ def choose_strategy(requested: str | Strategy, n_positive: int, n_negative: int,
 
 # ----------------------------------------------------------------------------- classifier
 def _centre_rows(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    return unit_rows(np.asarray(vectors, dtype=np.float64) - centre)
+    return _unit_copy(np.asarray(vectors, dtype=np.float64) - centre)
 
 
 def make_classifier(c: float = DEFAULT_C):
@@ -131,7 +131,7 @@ def make_classifier(c: float = DEFAULT_C):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer
 
-    return make_pipeline(FunctionTransformer(unit_rows), _LabelMeanCentring(),
+    return make_pipeline(FunctionTransformer(_unit_copy), _LabelMeanCentring(),
                          LogisticRegression(class_weight="balanced", C=c, max_iter=5000))
 
 
@@ -161,7 +161,7 @@ def train_classifier(positives: np.ndarray, negatives: np.ndarray, c: float = DE
     if len(positives) == 0 or len(negatives) == 0:
         raise LabelError(f"a classifier needs positive and negative labels; have {len(positives)} "
                          f"positive and {len(negatives)} negative")
-    features = unit_rows(np.vstack([positives, negatives]))
+    features = _unit_copy(np.vstack([positives, negatives]))
     target = np.r_[np.ones(len(positives), int), np.zeros(len(negatives), int)]
     return make_classifier(c).fit(features, target)
 
@@ -195,7 +195,7 @@ def cross_validate(positives: np.ndarray, negatives: np.ndarray, c: float = DEFA
     smaller = min(n_pos, n_neg)
     if smaller < 2:
         return CrossValidation(None, None, None, _too_few_to_validate(n_pos, n_neg))
-    features = unit_rows(np.vstack([positives, negatives]))
+    features = _unit_copy(np.vstack([positives, negatives]))
     target = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
     if n_pos + n_neg < LEAVE_ONE_OUT_BELOW:
         splitter, method = LeaveOneOut(), "leave-one-out"
@@ -308,7 +308,7 @@ def rank(engine: SearchEngine, positives: Sequence[str], negatives: Sequence[str
         ids, vectors = engine.vectors([example])
         if not ids:
             raise LabelError(f"no chip {example!r} in table {engine.store.table_name!r}")
-        query = unit_rows(vectors)[0]
+        query = _unit_copy(vectors)[0]
         skip.add(example)
     elif chosen is Strategy.MEAN:
         query = mean_query(labelled.positives)
@@ -334,7 +334,7 @@ def _classifier_ranking(engine: SearchEngine, labelled: _Labelled, beta: float,
             pool.setdefault(item.chip.chip_id, item.chip)
     ids, vectors = engine.vectors(list(pool))
     if ids:
-        features = unit_rows(vectors)
+        features = _unit_copy(vectors)
         probability = model.predict_proba(features)[:, 1]
         margin = model.decision_function(features)  # orders chips whose probability saturates at 1
         order = np.argsort(-margin, kind="stable")

@@ -383,7 +383,7 @@ class ChipStore:
 
         `use_index=False` is exact (flat) search over the rows `where` allows; otherwise the
         vector index answers when there is one, with `tuning` (`nprobes`, `refine_factor`, `ef`:
-        see `chipscout.indexer.search.vector_index.QueryTuning`). `prefilter=False` applies `where` to the ANN
+        see `chipscout.indexer.store.indexes.QueryTuning`). `prefilter=False` applies `where` to the ANN
         candidates only (fewer than k rows may come back).
         """
         query = (self._query_table().vector_search(vector.astype(np.float32)).column("vector")
@@ -535,7 +535,7 @@ class ChipStore:
         ]
 
     # ------------------------------------------------------------------ indexes
-    # What to build and when is decided in `chipscout.indexer.search.vector_index`; these are the LanceDB calls.
+    # What to build and when is decided in `chipscout.indexer.store.indexes`; these are the LanceDB calls.
     def _vector_index_entry(self):
         return next((i for i in self._table.list_indices() if list(getattr(i, "columns", [])) == ["vector"]),
                     None)
@@ -588,7 +588,7 @@ class ChipStore:
             raise StoreError(f"cannot index column {column!r} of {self.table_name!r}: {err}") from err
 
     def create_vector_index(self, spec: Any) -> None:
-        """Build (or replace) the vector index of `spec` (`chipscout.indexer.search.vector_index.VectorIndexSpec`);
+        """Build (or replace) the vector index of `spec` (`chipscout.indexer.store.indexes.VectorIndexSpec`);
         one commit at the end, so an interrupted build leaves the table as it was."""
         from lancedb.index import IvfHnswSq, IvfPq, IvfRq
 
@@ -834,7 +834,7 @@ def storage_error_message(err: BaseException) -> str:
 
 
 def _tuned(query, tuning: Any):
-    """`query` with the index knobs of `tuning` (`chipscout.indexer.search.vector_index.QueryTuning`; None: LanceDB's
+    """`query` with the index knobs of `tuning` (`chipscout.indexer.store.indexes.QueryTuning`; None: LanceDB's
     defaults). Exactly `nprobes` partitions: an open maximum makes LanceDB 0.40 search every
     partition; callers retry when fewer than k rows come back."""
     if tuning is None:

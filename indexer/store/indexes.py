@@ -1,7 +1,7 @@
 """Indexes of a chip table (the write path): which vector index to build, when, with which
 parameters; BTREE indexes for the filter columns; compaction; the record of every build.
 
-Policy lives here; the LanceDB calls live in `chipscout.indexer.store.table`. Every build is recorded
+Policy lives here; the LanceDB calls live in `chipscout.indexer.store.chip_store`. Every build is recorded
 (type, parameters, rows, seconds, lancedb version) in the companion table `<table>__indexes`, which
 `chipscout info` reports beside LanceDB's own index statistics. How a query uses the indexes is
 `chipscout.indexer.search.planner`'s business; `IndexPolicy` holds the knobs of both.

@@ -12,7 +12,7 @@ from chipscout.indexer.search import SearchFilters
 from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.store.indexes import IndexPolicy
 from chipscout.indexer.store import ChipStore, chip_schema
-from tests.indexer.synthetic_chips import synthetic_config
+from tests.synthetic import synthetic_config
 
 DIM = 64
 GROUPS, PER_GROUP = 400, 10  # 4000 rows: groups of 10 near-duplicates, far from each other

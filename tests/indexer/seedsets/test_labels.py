@@ -14,7 +14,7 @@ from chipscout.indexer.cli.commands import app
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.seedsets.labels import LABELS, LabelError, LabelStore
 from chipscout.indexer.store import ChipStore
-from tests.indexer.synthetic_chips import clustered_table
+from tests.synthetic import clustered_table
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from chipscout.indexer.seedsets.labels import LabelError, LabelStore
 from chipscout.indexer.seedsets.refine import RankedChip, Strategy
 from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.search import grid_cell
-from tests.indexer.synthetic_chips import clustered_table, write_table
+from tests.synthetic import clustered_table, write_table
 
 
 def _unit(v):

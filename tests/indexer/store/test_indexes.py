@@ -19,7 +19,7 @@ from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.store.indexes import IndexPolicy, index_status, maintain_indexes, plan_vector_index, read_record
 from chipscout.indexer.store import ChipStore
 from tests.indexer.grouped_tables import POLICY, _grouped_vectors, _rows, _truth, _write
-from tests.indexer.synthetic_chips import synthetic_config
+from tests.synthetic import synthetic_config
 
 
 def test_plans_follow_size_and_dimension():
