@@ -191,10 +191,13 @@ def optimize(
         raise ChipscoutError(f"unknown index type {index_type!r}; choose one of {', '.join(VECTOR_INDEX_TYPES)}")
     store = ChipStore(db_uri(db), table)
     store.ensure_exists()  # the missing-table error, with the tables there are
+    # Rows of one chip id twice (two writers at once on an object store, or chipscout before the
+    # writer lock) go first, in one commit, so the indexes are built on one row per chip.
+    duplicates = store.remove_duplicates()
     report = maintain_indexes(store, DEFAULT_POLICY, index_type=index_type.upper() if index_type else None,
                               rebuild=rebuild, compact=True)
     if as_json:
-        print_json(report.to_dict())
+        print_json({**report.to_dict(), "duplicates_removed": duplicates})
         return
     vector = {"none": f"no vector index (exact search below {DEFAULT_POLICY.min_rows} rows)",
               "built": f"vector index built in {report.vector_build_s:.1f} s",
@@ -207,7 +210,8 @@ def optimize(
         scalar = f"no filter indexes below {DEFAULT_POLICY.scalar_min_rows} rows"
     else:
         scalar = "filter indexes current"
-    typer.echo(f"{table}: {report.rows} rows; compacted; {scalar}; {vector} ({report.elapsed_s:.1f} s)")
+    repaired = f"{duplicates} duplicate rows removed; " if duplicates else ""
+    typer.echo(f"{table}: {report.rows} rows; {repaired}compacted; {scalar}; {vector} ({report.elapsed_s:.1f} s)")
 
 
 @app.command()

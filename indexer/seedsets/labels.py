@@ -243,12 +243,16 @@ class LabelStore:
         name = _check_session_name(session)
         rows = self.store.companion_rows(SESSIONS, {"name": name})
         if rows is None or rows.num_rows == 0:
+            # A session id addresses a session too: the way out when two share a name.
+            rows = self.store.companion_rows(SESSIONS, {"session_id": name})
+        if rows is None or rows.num_rows == 0:
             known = ", ".join(s.name for s in self.sessions()) or "none"
             raise LabelError(f"no labelling session {name!r} for table {self.table_name!r} "
                              f"(sessions: {known}); create it with `chipscout label new`")
         if rows.num_rows > 1:
+            ids = ", ".join(sorted(rows["session_id"].to_pylist()))
             raise LabelError(f"{rows.num_rows} sessions of table {self.table_name!r} are named {name!r} "
-                             "(renamed at the same moment elsewhere); rename one of them")
+                             f"(ids {ids}); rename one by its id: `chipscout label rename ID NEW_NAME`")
         return self._session(rows.to_pylist()[0])
 
     def exists(self, name: str) -> bool:
@@ -258,16 +262,17 @@ class LabelStore:
     def create_session(self, name: str, strategy: str = "auto", notes: str = "",
                        created_by: str | None = None) -> Session:
         name = _check_session_name(name)
+        taken = LabelError(f"a labelling session {name!r} already exists for table {self.table_name!r}; "
+                           "resume it, or pick another name")
         if self.exists(name):
-            raise LabelError(f"a labelling session {name!r} already exists for table {self.table_name!r}; "
-                             "resume it, or pick another name")
+            raise taken
         session = Session(session_id=uuid.uuid4().hex, name=name, table=self.table_name, created=_now(),
                           renamed=None, created_by=_check_user(created_by), strategy=_check_strategy(strategy),
                           notes=str(notes or ""), current_round=0)
-        # Insert-only merge on the name: of two writers creating one name at once, one wins.
-        self.store.companion_upsert(SESSIONS, self._session_rows([session]), on=["name"], update=False)
-        if self.session(name).session_id != session.session_id:
-            raise LabelError(f"a labelling session {name!r} was created elsewhere just now; resume it")
+        # Of two writers creating one name at once, one wins; the other is refused, storing nothing.
+        if not self.store.companion_insert_new(SESSIONS, self._session_rows([session]), key="name",
+                                               identity="session_id"):
+            raise taken
         return session
 
     def rename_session(self, session: str | Session, new_name: str) -> Session:

@@ -18,10 +18,12 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Any
 
+import filelock
 import lancedb
 import numpy as np
 import pyarrow as pa
@@ -249,9 +251,80 @@ class ChipStore:
             return 0
         schema = self._table.schema
         rows = rows.select(schema.names).cast(schema)
-        result = (self._table.merge_insert("chip_id").when_matched_update_all()
-                  .when_not_matched_insert_all().execute(rows))
+        with self.writer_lock(self.table_name):
+            # Under the lock the merge sees every commit before it, so a chip id is never inserted
+            # twice by two local writers.
+            self._table.checkout_latest()
+            result = (self._table.merge_insert("chip_id").when_matched_update_all()
+                      .when_not_matched_insert_all().execute(rows))
+        if not self.is_local:
+            # No lock across hosts: two merges of one new chip id are two appends. The later
+            # committer sees both rows and removes its own copy.
+            self.remove_duplicates(rows["chip_id"].to_pylist())
         return int(getattr(result, "num_inserted_rows", rows.num_rows))
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the database is a local folder (where writers can share a file lock)."""
+        return "://" not in self.db_uri or self.db_uri.startswith("file://")
+
+    @contextmanager
+    def writer_lock(self, table_name: str) -> Iterator[None]:
+        """Hold the writer lock of `table_name` (this table or a companion): a thread lock in this
+        process and, on a local folder, a file lock `<db>/.<table>.lock` that writers in other
+        processes wait on. The OS releases it when its holder dies, so a killed writer never
+        leaves it held. Object stores get only the thread lock (see `remove_duplicates`)."""
+        with _writer_lock(self.db_uri, table_name):
+            if not self.is_local:
+                yield
+                return
+            folder = self.db_uri.removeprefix("file://")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f".{table_name}.lock")
+            # filelock: a well-kept cross-platform flock/fcntl wrapper, released when a process dies.
+            lock = filelock.FileLock(path, timeout=WRITER_LOCK_WAIT_S)
+            try:
+                lock.acquire()
+            except filelock.Timeout as err:
+                raise StoreError(f"table {table_name!r} in {self.db_uri} is still being written by another "
+                                 f"process after {WRITER_LOCK_WAIT_S:.0f} s (lock {path}); try again "
+                                 "when it has finished") from err
+            try:
+                yield
+            finally:
+                lock.release()
+
+    def remove_duplicates(self, chip_ids: Sequence[str] | None = None) -> int:
+        """Keep one row per chip id (the first committed: the lowest row id), among `chip_ids` or
+        the whole table; the others go in one delete commit. Returns how many rows went.
+
+        Duplicates come from writers that could not share a lock (object stores) or from tables
+        written by chipscout 0.x before the lock existed. Rows of one chip id hold the same chip."""
+        with self.writer_lock(self.table_name):
+            table = self._table
+            table.checkout_latest()
+            query = table.search().with_row_id(True).select(["chip_id"])
+            if chip_ids is not None:
+                unique = list(dict.fromkeys(chip_ids))
+                if not unique:
+                    return 0
+                query = query.where(f"chip_id IN ({', '.join(sql_literal(c) for c in unique)})")
+            rows = query.limit(None).to_arrow()
+            first: dict[str, int] = {}
+            extra: list[int] = []
+            for chip_id, row_id in sorted(zip(rows["chip_id"].to_pylist(), rows["_rowid"].to_pylist()),
+                                          key=lambda pair: pair[1]):
+                if chip_id in first:
+                    extra.append(int(row_id))
+                else:
+                    first[chip_id] = int(row_id)
+            if extra:
+                try:
+                    table.delete(f"_rowid IN ({', '.join(map(str, extra))})")
+                except (ValueError, OSError, RuntimeError) as err:
+                    raise StoreError(f"cannot remove the duplicate chips of {self.table_name!r} in "
+                                     f"{self.db_uri}: {storage_error_message(err)}") from err
+            return len(extra)
 
     # Distributed writes (chipscout.indexer.ingest.cluster): workers write fragments, one client commits them.
     @property
@@ -320,7 +393,10 @@ class ChipStore:
     def chip_ids_of_source(self, source_id: str) -> set[str]:
         rows = (self._table.search().where(f"source_id = {sql_literal(source_id)}")
                 .select(["chip_id"]).limit(None).to_arrow())
-        return set(rows["chip_id"].to_pylist())
+        ids = rows["chip_id"].to_pylist()
+        if len(set(ids)) < len(ids):  # a concurrent writer's copies left by a kill: a resume repairs them
+            self.remove_duplicates(ids)
+        return set(ids)
 
     def fetch(self, chip_ids: Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
         if not chip_ids:
@@ -652,15 +728,42 @@ class ChipStore:
         inserts rows whose key is new (existing rows are kept). Concurrent writers: Lance retries
         a merge whose commit conflicts by re-applying it on the newer version, so rows with
         different keys from two writers are all kept, and for one key the last commit wins.
-        Writers in one process (threads: the app's browser tabs) are serialised per companion
-        table. Writers in separate processes that insert the same new key at the same moment can
-        both insert it (Lance sees two appends, not a conflict); readers must then keep one row per
-        key (the next merge on that key updates both). Returns the number of rows written.
+        Writers are serialised per companion table by `writer_lock` (threads, and processes on a
+        local folder). On an object store, writers in separate processes that insert the same new
+        key at the same moment can both insert it (Lance sees two appends, not a conflict); readers
+        must then keep one row per key (the next merge on that key updates both), and keys that must
+        stay unique go through `companion_insert_new`. Returns the number of rows written.
         """
         if rows.num_rows == 0:
             return 0
-        with _writer_lock(self.db_uri, self._companion_name(suffix)):
+        with self.writer_lock(self._companion_name(suffix)):
             return self._companion_merge(suffix, rows, on, update)
+
+    def companion_insert_new(self, suffix: str, row: pa.Table, key: str, identity: str) -> bool:
+        """Insert the one row `row` into `<table>__<suffix>` unless a row with its `key` exists.
+        Returns True when it went in and is the only row with that key, False (nothing stored
+        changed) when the key was taken. `identity` is a column unique to the row (its id).
+
+        On a local folder the check and the insert hold the writer lock. On an object store, of
+        rows with one key inserted at the same moment the first committed (lowest row id) stays;
+        a later writer sees it after its own commit and deletes its own row."""
+        name = self._companion_name(suffix)
+        value, ours = row[key][0].as_py(), row[identity][0].as_py()
+        same_key = _equality_filter({key: value}, None)
+        with self.writer_lock(name):
+            table = self._companion(suffix, row.schema)
+            if table.count_rows(same_key):
+                return False
+            self._companion_merge(suffix, row, [key], update=False)
+            if self.is_local:
+                return True
+            found = (self._companion(suffix).search().with_row_id(True).where(same_key)
+                     .select([identity]).limit(None).to_arrow())
+            first = min(zip(found["_rowid"].to_pylist(), found[identity].to_pylist()))[1]
+            if first == ours:
+                return True
+            self._companion(suffix).delete(_equality_filter({identity: ours}, None))
+            return False
 
     def _companion_merge(self, suffix: str, rows: pa.Table, on: Sequence[str], update: bool) -> int:
         table = self._companion(suffix, rows.schema)
@@ -708,7 +811,8 @@ class ChipStore:
         if table is None or (within is not None and not within[1]):
             return 0
         where = _equality_filter(equals, within)
-        with _writer_lock(self.db_uri, self._companion_name(suffix)):
+        with self.writer_lock(self._companion_name(suffix)):
+            table = self._companion(suffix)
             matched = table.count_rows(where)
             if matched:
                 table.delete(where)
@@ -753,6 +857,8 @@ class ChipStore:
 _COMPANION_SUFFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _COLUMN_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 _COMMIT_ATTEMPTS = 6
+#: How long a writer waits for another process's commit on a local folder before giving up.
+WRITER_LOCK_WAIT_S = 600.0
 _FETCH_CHUNK = 500
 _WRITER_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _WRITER_LOCKS_GUARD = threading.Lock()
