@@ -254,14 +254,17 @@ class ChipStore:
         with self.writer_lock(self.table_name):
             # Under the lock the merge sees every commit before it, so a chip id is never inserted
             # twice by two local writers.
-            self._table.checkout_latest()
-            result = (self._table.merge_insert("chip_id").when_matched_update_all()
-                      .when_not_matched_insert_all().execute(rows))
+            result = _retry_conflicts(lambda: self._merge_chips(rows), f"{self.table_name!r} in {self.db_uri}")
         if not self.is_local:
             # No lock across hosts: two merges of one new chip id are two appends. The later
             # committer sees both rows and removes its own copy.
             self.remove_duplicates(rows["chip_id"].to_pylist())
         return int(getattr(result, "num_inserted_rows", rows.num_rows))
+
+    def _merge_chips(self, rows: pa.Table):
+        self._table.checkout_latest()
+        return (self._table.merge_insert("chip_id").when_matched_update_all()
+                .when_not_matched_insert_all().execute(rows))
 
     @property
     def is_local(self) -> bool:
@@ -319,11 +322,9 @@ class ChipStore:
                 else:
                     first[chip_id] = int(row_id)
             if extra:
-                try:
-                    table.delete(f"_rowid IN ({', '.join(map(str, extra))})")
-                except (ValueError, OSError, RuntimeError) as err:
-                    raise StoreError(f"cannot remove the duplicate chips of {self.table_name!r} in "
-                                     f"{self.db_uri}: {storage_error_message(err)}") from err
+                # Another writer removing the same copies at once conflicts; the retry deletes none twice.
+                _retry_conflicts(lambda: table.delete(f"_rowid IN ({', '.join(map(str, extra))})"),
+                                 f"the duplicate chips of {self.table_name!r} in {self.db_uri}")
             return len(extra)
 
     # Distributed writes (chipscout.indexer.ingest.cluster): workers write fragments, one client commits them.
@@ -868,6 +869,19 @@ def _writer_lock(db_uri: str, table_name: str) -> threading.Lock:
     """One lock per companion table in this process, so writers in one process never race."""
     with _WRITER_LOCKS_GUARD:
         return _WRITER_LOCKS.setdefault((db_uri, table_name), threading.Lock())
+
+
+def _retry_conflicts(write, what: str):
+    """`write()`, again after a pause when Lance reports that a concurrent commit preempted it
+    (writers on an object store share no lock); other failures are one `StoreError` line."""
+    for attempt in range(_COMMIT_ATTEMPTS):
+        try:
+            return write()
+        except (ValueError, OSError, RuntimeError) as err:
+            if not ("conflict" in str(err).lower() or "preempted" in str(err).lower()) \
+                    or attempt == _COMMIT_ATTEMPTS - 1:
+                raise StoreError(f"cannot write {what}: {storage_error_message(err)}") from err
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def _equality_filter(equals: Mapping[str, Any], within: tuple[str, Sequence[Any]] | None) -> str | None:

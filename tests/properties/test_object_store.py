@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -210,3 +211,22 @@ def test_label_commands_and_export_reach_a_table_on_s3(s3, single_table, chipsco
     assert len(json.loads((tmp_path / "seed.geojson").read_text())["features"]) == 3
     code, out, err = chipscout("label", "delete", "on-s3", "--yes", *where)
     assert code == 0 and "deleted session 'on-s3' and its 3 labels" in out, err
+
+
+def test_concurrent_index_runs_and_label_new_on_s3_leave_no_duplicates(s3, single_table, small_cog, tmp_path):
+    """No lock reaches across hosts: each writer removes its own copies of chips another wrote at
+    the same moment after its commit, and the later of two sessions of one name is taken back."""
+    from tests.properties.test_concurrent_writers import FLAGS, chipscout_process, finish
+
+    db = f"s3://{BUCKET}/concurrent"
+    scenes = [shutil.copy(small_cog, tmp_path / f"scene{n}.tif") for n in range(3)]
+    results = finish([chipscout_process("index", "files", *paths, *FLAGS, "--db", db, *s3.flags())
+                      for paths in (scenes[:2], scenes[1:])])
+    assert [code for code, _, _ in results] == [0, 0], [err[-500:] for _, _, err in results]
+    ids = ChipStore(db, "chips", s3.options()).scan(["chip_id"])["chip_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 3 * 64
+
+    results = finish([chipscout_process("label", "new", "solar", "--db", db, *s3.flags()) for _ in range(2)])
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    from chipscout.indexer.seedsets import LabelStore
+    assert [s.name for s in LabelStore.open(db, "chips", s3.options()).sessions()] == ["solar"]
