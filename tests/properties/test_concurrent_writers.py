@@ -132,3 +132,30 @@ def test_sessions_that_share_a_name_are_renamed_and_deleted_by_id(labelled_table
     (code, _, err), = finish([chipscout_process("label", "delete", "b" * 32, "--yes", "--db", labelled_table)])
     assert code == 0, err
     assert [s.name for s in labels.sessions()] == ["solar"]
+
+
+LABEL_LOOP = """
+import sys
+from chipscout.indexer.seedsets import LabelStore
+from chipscout.indexer.store import ChipStore
+db = sys.argv[1]
+labels = LabelStore.open(db, "chips")
+for chip_id in ChipStore(db, "chips").scan(["chip_id"])["chip_id"].to_pylist():
+    labels.set_labels("solar", {chip_id: True})
+    print(chip_id, flush=True)
+"""
+
+
+def test_label_add_killed_loses_no_stored_label(labelled_table):
+    LabelStore.open(labelled_table, "chips").create_session("solar")
+    writer = subprocess.Popen([sys.executable, "-c", LABEL_LOOP, labelled_table], cwd=str(REPO),
+                              stdout=subprocess.PIPE, text=True)
+    stored = [writer.stdout.readline().strip() for _ in range(5)]
+    writer.kill()  # SIGKILL, mid-way through a later commit or between two
+    writer.wait(timeout=60)
+    labels = LabelStore.open(labelled_table, "chips")
+    assert set(stored) <= set(labels.label_map("solar"))
+    (code, out, err), = finish([chipscout_process("label", "add", "solar", "scene0_r000224_c000224_s32",
+                                                  "--db", labelled_table)])
+    assert code == 0, err
+    assert "scene0_r000224_c000224_s32" in labels.label_map("solar")
