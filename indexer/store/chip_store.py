@@ -246,7 +246,8 @@ class ChipStore:
             )
 
     def upsert(self, rows: pa.Table) -> int:
-        """Insert rows, replacing any with the same chip_id; one atomic commit."""
+        """Insert rows, replacing any with the same chip_id; one atomic commit. Writers of one
+        table take turns (see `writer_lock`; on object stores `remove_duplicates` follows)."""
         if rows.num_rows == 0:
             return 0
         schema = self._table.schema
@@ -814,7 +815,7 @@ class ChipStore:
         where = _equality_filter(equals, within)
         with self.writer_lock(self._companion_name(suffix)):
             table = self._companion(suffix)
-            matched = table.count_rows(where)
+            matched = 0 if table is None else table.count_rows(where)
             if matched:
                 table.delete(where)
         return matched
