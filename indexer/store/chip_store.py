@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -859,6 +860,7 @@ class ChipStore:
 _COMPANION_SUFFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 _COLUMN_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
 _COMMIT_ATTEMPTS = 6
+_PREEMPTED_ATTEMPTS = 12
 #: How long a writer waits for another process's commit on a local folder before giving up.
 WRITER_LOCK_WAIT_S = 600.0
 _FETCH_CHUNK = 500
@@ -875,14 +877,14 @@ def _writer_lock(db_uri: str, table_name: str) -> threading.Lock:
 def _retry_conflicts(write, what: str):
     """`write()`, again after a pause when Lance reports that a concurrent commit preempted it
     (writers on an object store share no lock); other failures are one `StoreError` line."""
-    for attempt in range(_COMMIT_ATTEMPTS):
+    for attempt in range(_PREEMPTED_ATTEMPTS):
         try:
             return write()
         except (ValueError, OSError, RuntimeError) as err:
             if not ("conflict" in str(err).lower() or "preempted" in str(err).lower()) \
-                    or attempt == _COMMIT_ATTEMPTS - 1:
+                    or attempt == _PREEMPTED_ATTEMPTS - 1:
                 raise StoreError(f"cannot write {what}: {storage_error_message(err)}") from err
-            time.sleep(0.05 * 2 ** attempt)
+            time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))  # jitter: writers drift apart
 
 
 def _equality_filter(equals: Mapping[str, Any], within: tuple[str, Sequence[Any]] | None) -> str | None:
