@@ -11,10 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
-                                           JsonOption, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
-                                           StorageOption, StrideOpt, TableOption, index_job, print_json,
+                                           JsonOption, MaxChipsOpt, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
+                                           StorageOption, StrideOpt, TableOption, failures_reported, index_job, print_json,
                                            report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
+
+#: `ingest.job.DEFAULT_MAX_CHIPS_PER_SOURCE`, spelled here so `--help` imports no torch.
+DEFAULT_MAX_CHIPS_PER_SOURCE = 1_000_000
 
 index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 
@@ -32,6 +35,7 @@ def index_files(
     stride: StrideOpt = None,
     encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
+    max_chips_per_source: MaxChipsOpt = DEFAULT_MAX_CHIPS_PER_SOURCE,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = None,
     db: DbOption = None,
@@ -57,7 +61,9 @@ def index_files(
                             source_id=source_id) for p in paths]
     job = index_job(flags, "chipscout index files", commit_every=commit_every,
                     **({"transform": transform} if transform else {}))
-    report_summary(index(sources, job), as_json)
+    with failures_reported(as_json):
+        summary = index(sources, job)
+    report_summary(summary, as_json)
 
 
 @index_app.command("stac")
@@ -76,6 +82,7 @@ def index_stac(
     stride: StrideOpt = None,
     encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
+    max_chips_per_source: MaxChipsOpt = DEFAULT_MAX_CHIPS_PER_SOURCE,
     max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
     batch_size: BatchSizeOpt = 32,
     read_workers: Annotated[int, typer.Option("--read-workers", help="Items read at once, each by its own thread (reads wait on the network).")] = 4,
@@ -105,7 +112,8 @@ def index_stac(
     search = StacSearch(query, sensor=sensor)
     if search.unsigned_warning:
         typer.secho(f"warning: {search.unsigned_warning}", fg="yellow", err=True)
-    summary = index_search(search, job)
+    with failures_reported(as_json):
+        summary = index_search(search, job)
     stats = search.stats
     if as_json:
         print_json({**summary.to_dict(), "stac": stats.to_dict()})

@@ -359,7 +359,8 @@ def index_unit(unit: WorkUnit, job: UnitJob) -> UnitResult:
     embedder = _worker_embedder(job, store)
     source = unit.source
     result = UnitResult(unit.unit_id, source.location or source.source_id, worker=_worker_address())
-    chip_reader = ChipReader(job.bands, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+    chip_reader = ChipReader(job.bands, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                             job.max_chips_per_source)
     facts: dict[str, SourceFacts] = {}
     pending: list[Chip] = []
     rows: list[pa.Table] = []
@@ -663,7 +664,8 @@ class _ClusterLoop:
         run, job, client, retries = self.run, self.job, self.client, self.retries
         sampling = dict(bands=tuple(run.band_names), grid=job.grid,
                         max_nodata_fraction=job.max_nodata_fraction, max_cloud_fraction=job.max_cloud_fraction)
-        fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                                 job.max_chips_per_source)
 
         def encoder_sample(pool: Sequence[RasterSource]) -> list[Chip]:
             # The workers read the sample (the single-process draw); the client fits on it.
@@ -673,7 +675,8 @@ class _ClusterLoop:
 
         run.fit(encoder_sample, lambda pool: _fit_transform_on_cluster(
             client, run.embedder, run.config, job.encoder.name, job.transform, pool, fit_reader,
-            job.transform_sample_chips, sampling, job.device, self.slots, retries))
+            job.transform_sample_chips, sampling, job.device, self.slots, retries),
+            refused=fit_reader.refused)
 
     def _warm_workers(self, facts: Sequence[WorkerFacts]) -> UnitJob:
         """What every unit needs; every worker loads the encoder now, so that a missing GPU or
@@ -701,7 +704,8 @@ class _ClusterLoop:
         from distributed import as_completed
 
         run, job, client, store = self.run, self.job, self.client, self.run.store
-        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                                 job.max_chips_per_source)
         units = plan_units(run.admitted(run.stream()), chip_reader, job.batch_size, job.cluster.tile_chips)
         bar = progress_bar(job.progress)
         waiting: list[UnitResult] = []
