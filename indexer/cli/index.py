@@ -12,7 +12,7 @@ import typer
 
 from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
                                            JsonOption, MaxChipsOpt, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
-                                           StorageOption, StrideOpt, TableOption, failures_reported, index_job, print_json,
+                                           StorageOption, StrideOpt, TableOption, TimeoutOpt, failures_reported, index_job, print_json,
                                            report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -85,6 +85,7 @@ def index_stac(
     max_chips_per_source: MaxChipsOpt = DEFAULT_MAX_CHIPS_PER_SOURCE,
     max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
     batch_size: BatchSizeOpt = 32,
+    timeout: TimeoutOpt = 60.0,
     read_workers: Annotated[int, typer.Option("--read-workers", help="Items read at once, each by its own thread (reads wait on the network).")] = 4,
     device: DeviceOpt = None,
     db: DbOption = None,
@@ -107,9 +108,11 @@ def index_stac(
     query = StacQuery.build(url, collection, bbox=bbox, intersects=intersects, datetime=datetime,
                             max_cloud_cover=max_cloud, max_items=limit)
     # A cluster reads one item per worker task: --read-workers is for a run in this process.
-    job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud,
+    if not timeout > 0:
+        raise ChipscoutError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud, http_timeout_s=timeout,
                     read_workers=1 if cluster or scheduler else read_workers)
-    search = StacSearch(query, sensor=sensor)
+    search = StacSearch(query, sensor=sensor, timeout_s=timeout)
     if search.unsigned_warning:
         typer.secho(f"warning: {search.unsigned_warning}", fg="yellow", err=True)
     with failures_reported(as_json):

@@ -360,7 +360,7 @@ def index_unit(unit: WorkUnit, job: UnitJob) -> UnitResult:
     source = unit.source
     result = UnitResult(unit.unit_id, source.location or source.source_id, worker=_worker_address())
     chip_reader = ChipReader(job.bands, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
-                             job.max_chips_per_source)
+                             job.max_chips_per_source, job.http_timeout_s)
     facts: dict[str, SourceFacts] = {}
     pending: list[Chip] = []
     rows: list[pa.Table] = []
@@ -665,7 +665,7 @@ class _ClusterLoop:
         sampling = dict(bands=tuple(run.band_names), grid=job.grid,
                         max_nodata_fraction=job.max_nodata_fraction, max_cloud_fraction=job.max_cloud_fraction)
         fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
-                                 job.max_chips_per_source)
+                                 job.max_chips_per_source, job.http_timeout_s)
 
         def encoder_sample(pool: Sequence[RasterSource]) -> list[Chip]:
             # The workers read the sample (the single-process draw); the client fits on it.
@@ -705,7 +705,7 @@ class _ClusterLoop:
 
         run, job, client, store = self.run, self.job, self.client, self.run.store
         chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
-                                 job.max_chips_per_source)
+                                 job.max_chips_per_source, job.http_timeout_s)
         units = plan_units(run.admitted(run.stream()), chip_reader, job.batch_size, job.cluster.tile_chips)
         bar = progress_bar(job.progress)
         waiting: list[UnitResult] = []

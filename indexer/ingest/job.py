@@ -70,6 +70,8 @@ class IndexJob:
     storage_options: dict[str, str] | None = None
     read_workers: int = 1
     max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE
+    http_timeout_s: float = 60.0
+    """Each HTTP request of a remote raster read ends within this (GDAL_HTTP_TIMEOUT)."""
     """A source whose grid makes more chips is refused before any pixel is read."""
     run_request: dict[str, Any] | None = None
     cluster: ClusterOptions = ClusterOptions()
@@ -84,6 +86,8 @@ class IndexJob:
         if isinstance(self.max_chips_per_source, bool) or not isinstance(self.max_chips_per_source, int) \
                 or self.max_chips_per_source < 1:
             raise IndexJobError(f"max chips per source must be a positive integer, got {self.max_chips_per_source!r}")
+        if not (isinstance(self.http_timeout_s, (int, float)) and self.http_timeout_s > 0):
+            raise IndexJobError(f"the network timeout must be a positive number of seconds, got {self.http_timeout_s!r}")
         if self.read_workers < 1:
             raise IndexJobError(f"read workers must be at least 1, got {self.read_workers}")
         if self.cluster.tile_chips is not None and self.cluster.tile_chips <= 0:

@@ -43,7 +43,7 @@ def run_local(sources: Sequence[RasterSource] | Iterable[RasterSource], job: Ind
     run.start(device=str(torch_device), read_workers=job.read_workers)
     with run.recorded():
         chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
-                                 job.max_chips_per_source)
+                                 job.max_chips_per_source, job.http_timeout_s)
         run.fit(lambda pool: sample_chips(pool, chip_reader, job.fit_sample_chips),
                 lambda pool: fit_transform(
                     run.embedder, job.transform, job.encoder.name,

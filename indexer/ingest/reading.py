@@ -129,8 +129,10 @@ class ChipReader:
     """Reads the chips of sources on a grid, with quality checks; used by indexing and fitting."""
 
     def __init__(self, bands: Sequence[str], grid: ChipGrid, max_nodata_fraction: float,
-                 max_cloud_fraction: float | None, max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE):
+                 max_cloud_fraction: float | None, max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE,
+                 http_timeout_s: float | None = None):
         self.max_chips_per_source = max_chips_per_source
+        self.http_timeout_s = http_timeout_s
         self.refused: dict[str, str] = {}
         """Why each source a sample draw could not open was left out, by location: the
         reasons a run reports when no source gives a chip to fit on."""
@@ -147,7 +149,7 @@ class ChipReader:
                      and any(a.band.matches(b) for a in source.bands)]
         if rgb_extra:
             selected = source.select_bands(self.bands + rgb_extra)
-        reader = RasterReader(selected)
+        reader = RasterReader(selected, http_timeout_s=self.http_timeout_s)
         try:
             where = source.location or source.source_id
             projector = FootprintProjector(reader.grid.crs, reader.grid.transform, where)

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +29,7 @@ from pystac_client.stac_api_io import StacApiIO
 from shapely.errors import GEOSException
 from shapely.ops import unary_union
 from urllib3 import Retry
+from urllib3.exceptions import MaxRetryError
 
 from chipscout.indexer import geo
 from chipscout.indexer.errors import SourceError
@@ -57,7 +59,11 @@ COLLECTION_SENSORS: dict[str, str] = {
 SEARCH_RETRY = Retry(total=5, connect=2, read=3, backoff_factor=0.5,
                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
                      raise_on_status=False)
-SEARCH_TIMEOUT_S = (10.0, 60.0)
+#: Each request to the STAC API, retries and their backoff included, ends within this many
+#: seconds (connecting within `CONNECT_TIMEOUT_S` of them): a server that accepts the connection
+#: and never answers fails the search in one line, not after minutes of retries.
+SEARCH_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
 PAGE_SIZE = 100
 
 ItemSigner = Callable[[pystac.Item], "pystac.Item | None"]
@@ -365,6 +371,52 @@ def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
     )
 
 
+# ----------------------------------------------------------------------------- the transport
+class _DeadlineRetry(Retry):
+    """urllib3's retries, which stop once the request's time budget would be spent: requests'
+    own timeouts bound each socket operation, not a request with its retries."""
+
+    started: float | None = None
+    budget_s: float | None = None
+
+    def new(self, **kw: Any) -> _DeadlineRetry:
+        fresh = super().new(**kw)
+        fresh.started, fresh.budget_s = self.started, self.budget_s
+        return fresh
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        fresh = super().increment(method, url, response, error, _pool, _stacktrace)
+        if self.started is not None and self.budget_s is not None:
+            if time.monotonic() - self.started + fresh.get_backoff_time() >= self.budget_s:
+                raise MaxRetryError(_pool, url, error or Exception(f"no answer within {self.budget_s:g} s"))
+        return fresh
+
+
+class _DeadlineApiIO(StacApiIO):
+    """pystac-client's transport with one deadline per request: connect, read, retries and
+    backoff together end within about `timeout_s`. Two traps of pystac-client 0.9 this avoids:
+    `Client.open(stac_io=...)` calls `stac_io.update(timeout=None)`, wiping the transport's
+    timeout (so reads waited forever); and requests applies a timeout to each socket operation
+    and to each retry afresh, never to a request as a whole."""
+
+    def __init__(self, timeout_s: float, connect_s: float, retry: Retry | int | None):
+        base = retry if isinstance(retry, Retry) else Retry(total=retry or 0)
+        self._retry = _DeadlineRetry(**{k: getattr(base, k) for k in (
+            "total", "connect", "read", "status", "other", "backoff_factor", "status_forcelist",
+            "allowed_methods", "raise_on_status", "respect_retry_after_header")})
+        self._timeouts = (min(connect_s, timeout_s), timeout_s)
+        super().__init__(timeout=self._timeouts, max_retries=self._retry)
+        self.timeout_s = timeout_s
+
+    def request(self, href: str, *args: Any, **kwargs: Any) -> str:
+        self.timeout = self._timeouts  # whatever `update()` set
+        retry = self._retry.new()
+        retry.started, retry.budget_s = time.monotonic(), self.timeout_s
+        for adapter in self.session.adapters.values():
+            adapter.max_retries = retry
+        return super().request(href, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the search
 def _one_line(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
@@ -399,7 +451,7 @@ class StacSearch:
     def __init__(self, query: StacQuery, *, sensor: str | Sensor | None = None,
                  signer: ItemSigner | None | str = "auto", page_size: int = PAGE_SIZE,
                  retry: Retry | int | None = SEARCH_RETRY,
-                 timeout_s: float | tuple[float, float] = SEARCH_TIMEOUT_S):
+                 timeout_s: float = SEARCH_TIMEOUT_S):
         self.query = query
         self.stats = SearchStats()
         self.signer: ItemSigner | None
@@ -414,9 +466,11 @@ class StacSearch:
         else:
             self.signer = signer  # type: ignore[assignment]
         self._page_size = page_size
-        io = StacApiIO(timeout=timeout_s, max_retries=retry)
+        if not timeout_s > 0:
+            raise StacSearchError(f"the network timeout must be a positive number of seconds, got {timeout_s}")
+        io = _DeadlineApiIO(float(timeout_s), CONNECT_TIMEOUT_S, retry)
         try:
-            self.client = Client.open(query.url, stac_io=io)
+            self.client = Client.open(query.url, stac_io=io, timeout=io.timeout)
         except APIError as err:
             status = getattr(err, "status_code", None)
             raise StacSearchError(

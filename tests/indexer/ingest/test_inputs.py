@@ -122,3 +122,40 @@ def test_db_that_is_a_file_is_refused_in_one_line(small_cog, tmp_path):
     assert result.returncode == 1 and "is a file" in result.stderr and "Errno" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert path.read_text() == "hello"
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback port that accepts connections (the kernel's backlog) and never answers."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_stac_search_on_a_silent_server_fails_within_the_timeout(silent_server, tmp_path):
+    started = time.perf_counter()
+    result = _cli("index", "stac", "--url", silent_server, "--collection", "sentinel-2-l2a", "--timeout", "1",
+                  "--db", tmp_path / "db", "--no-progress")
+    took = time.perf_counter() - started
+    assert result.returncode == 1 and "cannot reach the STAC API" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert took < 60  # 1 s of waiting plus the command's start; without a deadline it hung for good
+
+
+def test_remote_read_from_a_silent_server_fails_the_source_within_the_timeout(small_cog, silent_server,
+                                                                               tmp_path):
+    from dataclasses import replace
+
+    good = local_source(small_cog, sensor="sentinel-2-l2a", source_id="good")
+    silent = replace(good, source_id="silent", location=f"{silent_server}/scene.tif",
+                     bands=tuple(replace(b, href=f"{silent_server}/scene.tif") for b in good.bands))
+    started = time.perf_counter()
+    summary = _index([good, silent], tmp_path / "db", http_timeout_s=1.0)
+    assert time.perf_counter() - started < 60  # the reads time out after 1 s (twice: fit and index)
+    assert summary.chips_new > 0
+    [failure] = summary.failures
+    assert failure["source"].endswith("/scene.tif") and "timed out" in failure["reason"]
