@@ -86,6 +86,8 @@ def index_stac(
     max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
     batch_size: BatchSizeOpt = 32,
     timeout: TimeoutOpt = 60.0,
+    allow_href_scheme: Annotated[Optional[list[str]], typer.Option("--allow-href-scheme", help="Also read asset hrefs of this scheme (repeatable), e.g. file or gs; default http, https, s3.")] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="Read asset hrefs on this loopback/private HOST or HOST:PORT (repeatable; also $CHIPSCOUT_ALLOW_HOSTS); default only the catalogue's own.")] = None,
     read_workers: Annotated[int, typer.Option("--read-workers", help="Items read at once, each by its own thread (reads wait on the network).")] = 4,
     device: DeviceOpt = None,
     db: DbOption = None,
@@ -98,7 +100,7 @@ def index_stac(
 ) -> None:
     """Index the items of a STAC API search (Earth Search, Planetary Computer, ...)."""
     from chipscout.indexer.ingest import index_search
-    from chipscout.indexer.sources import StacQuery, StacSearch
+    from chipscout.indexer.sources import HrefPolicy, StacQuery, StacSearch
 
     flags = dict(locals())
     if max_chip_cloud is not None and not 0.0 <= max_chip_cloud <= 1.0:
@@ -112,7 +114,8 @@ def index_stac(
         raise ChipscoutError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud, http_timeout_s=timeout,
                     read_workers=1 if cluster or scheduler else read_workers)
-    search = StacSearch(query, sensor=sensor, timeout_s=timeout)
+    policy = HrefPolicy.build(query.url, allow_href_scheme or (), allow_host or ())
+    search = StacSearch(query, sensor=sensor, timeout_s=timeout, href_policy=policy)
     if search.unsigned_warning:
         typer.secho(f"warning: {search.unsigned_warning}", fg="yellow", err=True)
     with failures_reported(as_json):

@@ -8,10 +8,14 @@ band table in `chipscout.indexer.sensors`. `chipscout.indexer.ingest.index_searc
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import itertools
 import json
 import math
+import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -334,7 +338,94 @@ def _href(asset: pystac.Asset) -> str:
     return asset.get_absolute_href() or asset.href
 
 
-def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
+# ----------------------------------------------------------------------------- which hrefs are read
+#: Asset href schemes read by default; a bare path or `file:` only from a local catalogue or when
+#: allowed (`--allow-href-scheme file`).
+DEFAULT_HREF_SCHEMES = frozenset({"http", "https", "s3"})
+#: Hosts (HOST or HOST:PORT, comma-separated) whose hrefs may be read although they are loopback
+#: or private, added to `--allow-host`.
+ALLOW_HOSTS_ENV = "CHIPSCOUT_ALLOW_HOSTS"
+
+
+class HrefRefused(SourceError):
+    """An asset href the catalogue gives that chipscout will not read (scheme or host)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _internal_address(host: str) -> str | None:
+    """The loopback, private, link-local or reserved address `host` is or resolves to, or None."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return name
+    try:
+        addresses = [ipaddress.ip_address(name)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
+                         for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)]
+        except (OSError, UnicodeError, ValueError):
+            return None  # unresolvable: the read fails by itself
+    for address in addresses:
+        if (address.is_loopback or address.is_private or address.is_link_local or address.is_reserved
+                or address.is_unspecified or address.is_multicast):
+            return str(address)
+    return None
+
+
+@dataclass(frozen=True)
+class HrefPolicy:
+    """Which asset hrefs of a catalogue chipscout reads (docs/stac.md, "Which hrefs are read").
+
+    Schemes: `schemes` (default http, https, s3); `file:` and bare paths only when the catalogue
+    itself is local. Hosts: an href on a loopback, private, link-local or reserved address is read
+    only from the catalogue's own origin (scheme, host and port) or a host in `hosts`
+    (HOST or HOST:PORT): a catalogue cannot make chipscout call the machine's or the network's
+    internal services.
+    """
+
+    catalogue_url: str
+    schemes: frozenset[str] = DEFAULT_HREF_SCHEMES
+    hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(cls, catalogue_url: str, schemes: Sequence[str] = (), hosts: Sequence[str] = ()) -> HrefPolicy:
+        allowed = set(DEFAULT_HREF_SCHEMES) | {s.strip().lower().rstrip(":/") for s in schemes if s.strip()}
+        if urlparse(catalogue_url).scheme in ("", "file"):
+            allowed.add("file")
+        listed = [h for h in os.environ.get(ALLOW_HOSTS_ENV, "").split(",")] + list(hosts)
+        return cls(catalogue_url, frozenset(allowed), frozenset(h.strip().lower() for h in listed if h.strip()))
+
+    def check(self, href: str, item_id: str) -> None:
+        parsed = urlparse(href)
+        scheme = parsed.scheme.lower()
+        if scheme == "" or len(scheme) == 1:  # a bare path (or a Windows drive letter)
+            scheme = "file"
+        if scheme not in self.schemes:
+            raise HrefRefused(
+                f"item {item_id}: asset href {href[:200]} has scheme {scheme!r}, which this catalogue may "
+                f"not make chipscout read (allowed: {', '.join(sorted(self.schemes))}; "
+                f"--allow-href-scheme {scheme} to allow it)")
+        if scheme not in ("http", "https") or not parsed.hostname:
+            return
+        own = urlparse(self.catalogue_url)
+        if (parsed.hostname, parsed.port or _default_port(scheme)) == (
+                own.hostname, own.port or _default_port(own.scheme)):
+            return
+        host_port = f"{parsed.hostname}:{parsed.port or _default_port(scheme)}"
+        if parsed.hostname in self.hosts or host_port in self.hosts:
+            return
+        internal = _internal_address(parsed.hostname)
+        if internal is not None:
+            raise HrefRefused(
+                f"item {item_id}: asset href {href[:200]} points at an internal address ({internal}) "
+                f"other than the catalogue's own; --allow-host {host_port} to read it")
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"http": 80, "https": 443}.get(scheme.lower())
+
+
+def item_source(item: pystac.Item, sensor: Sensor, policy: HrefPolicy | None = None) -> RasterSource:
     """The item as a raster source: one `BandAsset` per band of `sensor` the item has an asset
     for (missing bands are named when the index asks for them), and the cloud-mask asset."""
     acquired = _acquired(item)
@@ -350,9 +441,14 @@ def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
         bands.append(BandAsset(band, _href(asset), 1, radiometry.scale, radiometry.offset,
                                nodata if nodata is not None else sensor.nodata_dn))
     cloud_mask = None
+    if policy is not None:
+        for asset in bands:
+            policy.check(asset.href, item.id)
     rule = sensor.cloud_mask
     mask_asset = _find_asset(assets, rule.matches) if rule is not None else None
     if rule is not None and mask_asset is not None:
+        if policy is not None:
+            policy.check(_href(mask_asset), item.id)
         cloud_mask = CloudMaskAsset(_href(mask_asset), 1, rule.cloudy_classes, rule.cloudy_bits,
                                     rule.nodata_classes)
     self_href = item.get_self_href()
@@ -451,8 +547,9 @@ class StacSearch:
     def __init__(self, query: StacQuery, *, sensor: str | Sensor | None = None,
                  signer: ItemSigner | None | str = "auto", page_size: int = PAGE_SIZE,
                  retry: Retry | int | None = SEARCH_RETRY,
-                 timeout_s: float = SEARCH_TIMEOUT_S):
+                 timeout_s: float = SEARCH_TIMEOUT_S, href_policy: HrefPolicy | None = None):
         self.query = query
+        self.href_policy = href_policy or HrefPolicy.build(query.url)
         self.stats = SearchStats()
         self.signer: ItemSigner | None
         self.unsigned_warning = ""
@@ -565,5 +662,9 @@ class StacSearch:
             return None
 
     def sources(self) -> Iterator[RasterSource]:
+        """The items as sources; an item with an href the policy refuses is a failure, unread."""
         for item in self.items():
-            yield item_source(item, self.sensor)
+            try:
+                yield item_source(item, self.sensor, self.href_policy)
+            except HrefRefused as err:
+                self.stats.failures.append({"source": item.get_self_href() or item.id, "reason": str(err)})
