@@ -9,6 +9,7 @@ epilogue (index maintenance, the summary, the run log result). The runners keep 
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -140,6 +141,9 @@ class IndexRun:
         pool = self._fit_pool()
         fit_started = time.perf_counter()
         if not self.embedder.encoder.is_fitted:
+            if self.job.progress:  # the sample is read before the progress bar starts
+                print(f"fitting the encoder on up to {self.job.fit_sample_chips} chips of "
+                      f"{len(pool)} source(s)...", file=sys.stderr, flush=True)
             sample = encoder_sample(pool)
             if not sample:
                 self._fail_unfittable(pool, refused or {})
