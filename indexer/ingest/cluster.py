@@ -30,7 +30,7 @@ from chipscout.indexer.chips import Chip, ChipGrid
 from chipscout.indexer.errors import ChipscoutError, ClusterError, StoreError
 from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.ingest.fitting import fit_transform
-from chipscout.indexer.ingest.job import IndexJob
+from chipscout.indexer.ingest.job import DEFAULT_MAX_CHIPS_PER_SOURCE, IndexJob
 from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, Skipped, SourceFacts, SourceFailed,
                                               SourceOpened, chip_events, prefetch, read_valid, sample_draws)
 from chipscout.indexer.ingest.rows import embed_batch_group
@@ -228,6 +228,8 @@ class UnitJob:
     batch_size: int
     device: str | None
     slots: tuple[tuple[str, int], ...] = ()
+    max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE
+    http_timeout_s: float = 60.0
 
 
 @dataclass
@@ -687,7 +689,7 @@ class _ClusterLoop:
             state_sha256=store.config.state_sha256, checkpoint=job.encoder.params.get("checkpoint"),
             bands=tuple(run.band_names), grid=job.grid, max_nodata_fraction=job.max_nodata_fraction,
             max_cloud_fraction=job.max_cloud_fraction, batch_size=job.batch_size, device=job.device,
-            slots=self.slots)
+            slots=self.slots, max_chips_per_source=job.max_chips_per_source, http_timeout_s=job.http_timeout_s)
         warm = [client.submit(warm_worker, unit_job, workers=[f.address], allow_other_workers=True,
                               pure=False) for f in facts]
         try:
