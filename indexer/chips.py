@@ -51,6 +51,13 @@ class ChipGrid:
         if self.size_px > 4096:
             raise ChipSpecError(f"size_px={self.size_px} is absurd; chips are at most 4096 px")
 
+    def count(self, width: int, height: int) -> int:
+        """How many whole chips a width x height grid holds, without listing them."""
+        if self.size_px > width or self.size_px > height:
+            return 0
+        return (((height - self.size_px) // self.stride_px + 1)
+                * ((width - self.size_px) // self.stride_px + 1))
+
     def offsets(self, width: int, height: int, where: str = "raster") -> list[tuple[int, int]]:
         """(row_off, col_off) of every whole chip in a width x height grid, row-major."""
         if self.size_px > width or self.size_px > height:
@@ -81,6 +88,22 @@ class FootprintProjector:
             raise SourceError(f"{where}: its CRS {crs} gives no valid longitude/latitude")
         self.transform = transform
         self.crs_string = crs.to_string()
+
+    def check_on_globe(self, width: int, height: int, where: str) -> None:
+        """Refuse a raster whose extent, mapped to lon/lat, leaves lon [-180, 180] / lat [-90, 90]:
+        its georeference is wrong, and footprints off the globe would be indexed as they are."""
+        steps = np.linspace(0.0, 1.0, 9)
+        edge = [(c * width, 0.0) for c in steps] + [(c * width, float(height)) for c in steps]
+        edge += [(0.0, r * height) for r in steps] + [(float(width), r * height) for r in steps]
+        xs, ys = zip(*(self.transform @ corner for corner in edge))
+        lons, lats = (np.asarray(v, dtype=float) for v in self._to_lonlat.transform(xs, ys))
+        if (not (np.isfinite(lons).all() and np.isfinite(lats).all())
+                or lons.min() < -180 - 1e-9 or lons.max() > 180 + 1e-9
+                or lats.min() < -90 - 1e-9 or lats.max() > 90 + 1e-9):
+            raise SourceError(
+                f"{where}: its extent maps to longitudes {np.nanmin(lons):.6g}..{np.nanmax(lons):.6g}, "
+                f"latitudes {np.nanmin(lats):.6g}..{np.nanmax(lats):.6g}, off the globe "
+                "(lon -180..180, lat -90..90); fix its georeference")
 
     def footprint(self, row_off: int, col_off: int, size_px: int) -> Polygon:
         corners_px = [(col_off, row_off), (col_off + size_px, row_off),

@@ -30,6 +30,14 @@ class UnknownBandError(ChipscoutError, KeyError):
         return str(self.args[0])
 
 
+class NothingToFitError(SourceError):
+    """No source of a run gave a valid chip to fit the encoder on; `failures` says why, per source."""
+
+    def __init__(self, message: str, failures: list[dict[str, str]]):
+        super().__init__(message)
+        self.failures = list(failures)
+
+
 class ChipSpecError(ChipscoutError):
     """Chip size/stride or a grid that does not fit the raster."""
 

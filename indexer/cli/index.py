@@ -11,10 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
-                                           JsonOption, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
-                                           StorageOption, StrideOpt, TableOption, index_job, print_json,
+                                           JsonOption, MaxChipsOpt, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
+                                           StorageOption, StrideOpt, TableOption, TimeoutOpt, failures_reported, index_job, print_json,
                                            report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
+
+#: `ingest.job.DEFAULT_MAX_CHIPS_PER_SOURCE`, spelled here so `--help` imports no torch.
+DEFAULT_MAX_CHIPS_PER_SOURCE = 1_000_000
 
 index_app = typer.Typer(help="Embed imagery into a chip table.", no_args_is_help=True)
 
@@ -32,6 +35,7 @@ def index_files(
     stride: StrideOpt = None,
     encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
+    max_chips_per_source: MaxChipsOpt = DEFAULT_MAX_CHIPS_PER_SOURCE,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = None,
     db: DbOption = None,
@@ -57,7 +61,9 @@ def index_files(
                             source_id=source_id) for p in paths]
     job = index_job(flags, "chipscout index files", commit_every=commit_every,
                     **({"transform": transform} if transform else {}))
-    report_summary(index(sources, job), as_json)
+    with failures_reported(as_json):
+        summary = index(sources, job)
+    report_summary(summary, as_json)
 
 
 @index_app.command("stac")
@@ -76,8 +82,12 @@ def index_stac(
     stride: StrideOpt = None,
     encoder_flags: Optional[dict] = None,
     max_nodata: MaxNodataOpt = 0.5,
+    max_chips_per_source: MaxChipsOpt = DEFAULT_MAX_CHIPS_PER_SOURCE,
     max_chip_cloud: Annotated[Optional[float], typer.Option("--max-chip-cloud", help="Skip chips whose cloud fraction (from SCL / QA_PIXEL) exceeds this (0..1).")] = None,
     batch_size: BatchSizeOpt = 32,
+    timeout: TimeoutOpt = 60.0,
+    allow_href_scheme: Annotated[Optional[list[str]], typer.Option("--allow-href-scheme", help="Also read asset hrefs of this scheme (repeatable), e.g. file or gs; default http, https, s3.")] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", help="Read asset hrefs on this loopback/private HOST or HOST:PORT (repeatable; also $CHIPSCOUT_ALLOW_HOSTS); default only the catalogue's own.")] = None,
     read_workers: Annotated[int, typer.Option("--read-workers", help="Items read at once, each by its own thread (reads wait on the network).")] = 4,
     device: DeviceOpt = None,
     db: DbOption = None,
@@ -90,7 +100,7 @@ def index_stac(
 ) -> None:
     """Index the items of a STAC API search (Earth Search, Planetary Computer, ...)."""
     from chipscout.indexer.ingest import index_search
-    from chipscout.indexer.sources import StacQuery, StacSearch
+    from chipscout.indexer.sources import HrefPolicy, StacQuery, StacSearch
 
     flags = dict(locals())
     if max_chip_cloud is not None and not 0.0 <= max_chip_cloud <= 1.0:
@@ -100,12 +110,16 @@ def index_stac(
     query = StacQuery.build(url, collection, bbox=bbox, intersects=intersects, datetime=datetime,
                             max_cloud_cover=max_cloud, max_items=limit)
     # A cluster reads one item per worker task: --read-workers is for a run in this process.
-    job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud,
+    if not timeout > 0:
+        raise ChipscoutError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud, http_timeout_s=timeout,
                     read_workers=1 if cluster or scheduler else read_workers)
-    search = StacSearch(query, sensor=sensor)
+    policy = HrefPolicy.build(query.url, allow_href_scheme or (), allow_host or ())
+    search = StacSearch(query, sensor=sensor, timeout_s=timeout, href_policy=policy)
     if search.unsigned_warning:
         typer.secho(f"warning: {search.unsigned_warning}", fg="yellow", err=True)
-    summary = index_search(search, job)
+    with failures_reported(as_json):
+        summary = index_search(search, job)
     stats = search.stats
     if as_json:
         print_json({**summary.to_dict(), "stac": stats.to_dict()})

@@ -4,6 +4,7 @@ No `from __future__ import annotations`: typer reads the aliases below at runtim
 is imported here (no torch, rasterio or lancedb), so `chipscout --help` stays light.
 """
 
+import contextlib
 import functools
 import inspect
 import json
@@ -70,6 +71,8 @@ BandsOpt = Annotated[Optional[str], typer.Option(help="Bands to index, comma-sep
 SizeOpt = Annotated[int, typer.Option("--size", help="Chip size in pixels.")]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Grid stride in pixels (default: the chip size).")]
 MaxNodataOpt = Annotated[float, typer.Option("--max-nodata", help="Skip chips with more nodata than this fraction.")]
+MaxChipsOpt = Annotated[int, typer.Option("--max-chips-per-source", help="Refuse a source whose grid makes more chips than this (checked on its header, before reading).")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds each network request (STAC API, remote raster reads) may take, retries included; a silent server fails within it.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Chips per encoder batch.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: a GPU when there is one).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
@@ -80,7 +83,10 @@ SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Ind
 def db_uri(db: str | None) -> str:
     from chipscout.indexer.paths import default_db_uri
 
-    return db or default_db_uri()
+    uri = db or default_db_uri()
+    if "://" not in uri and Path(uri).expanduser().is_file():
+        raise ChipscoutError(f"--db {uri}: is a file; a LanceDB database is a folder (or an s3:// URI)")
+    return uri
 
 
 def print_json(payload: Any) -> None:
@@ -141,12 +147,33 @@ def index_job(flags: dict[str, Any], command: str, **options: Any):
                             encoder["no_time"], bias=encoder["bias"], band_stats=encoder["band_stats"])
     return IndexJob(
         db_uri=db_uri(flags["db"]), table_name=flags["table"], encoder=choice,
-        grid=ChipGrid(flags["size"], flags["stride"] or flags["size"]), bands=split(flags["bands"]),
-        max_nodata_fraction=flags["max_nodata"], batch_size=flags["batch_size"], device=flags["device"],
+        grid=ChipGrid(flags["size"], flags["size"] if flags["stride"] is None else flags["stride"]), bands=split(flags["bands"]),
+        max_nodata_fraction=flags["max_nodata"], max_chips_per_source=flags["max_chips_per_source"],
+        batch_size=flags["batch_size"], device=flags["device"],
         progress=flags["progress"] and not flags["as_json"],
         storage_options=storage_options(flags["storage_option"]),
         cluster=ClusterOptions(cluster=flags["cluster"], scheduler=flags["scheduler"]),
         run_request={"command": command, "argv": sys.argv[1:]}, **options)
+
+
+@contextlib.contextmanager
+def failures_reported(as_json: bool):
+    """Around an index run: when no source gives a chip (`NothingToFitError`), every source's
+    reason goes to stderr as a red line (and to stdout as JSON with --json); exit 2."""
+    from chipscout.indexer.errors import NothingToFitError
+
+    try:
+        yield
+    except NothingToFitError as err:
+        if as_json:
+            print_json({"error": str(err), "chips_new": 0, "failures": err.failures})
+        for failure in err.failures:
+            reason = failure["reason"]
+            where = "" if reason.startswith(failure["source"]) else failure["source"] + ": "
+            typer.secho(f"failed: {where}{reason}", fg="red", err=True)
+        typer.secho("error: no valid chips to fit the encoder on; every source failed (above)",
+                    fg="red", err=True)
+        raise typer.Exit(2) from None
 
 
 def report_summary(summary, as_json: bool) -> None:

@@ -30,7 +30,7 @@ from chipscout.indexer.chips import Chip, ChipGrid
 from chipscout.indexer.errors import ChipscoutError, ClusterError, StoreError
 from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.ingest.fitting import fit_transform
-from chipscout.indexer.ingest.job import IndexJob
+from chipscout.indexer.ingest.job import DEFAULT_MAX_CHIPS_PER_SOURCE, IndexJob
 from chipscout.indexer.ingest.reading import (BatchEnd, ChipReader, Skipped, SourceFacts, SourceFailed,
                                               SourceOpened, chip_events, prefetch, read_valid, sample_draws)
 from chipscout.indexer.ingest.rows import embed_batch_group
@@ -228,6 +228,8 @@ class UnitJob:
     batch_size: int
     device: str | None
     slots: tuple[tuple[str, int], ...] = ()
+    max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE
+    http_timeout_s: float = 60.0
 
 
 @dataclass
@@ -359,7 +361,8 @@ def index_unit(unit: WorkUnit, job: UnitJob) -> UnitResult:
     embedder = _worker_embedder(job, store)
     source = unit.source
     result = UnitResult(unit.unit_id, source.location or source.source_id, worker=_worker_address())
-    chip_reader = ChipReader(job.bands, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+    chip_reader = ChipReader(job.bands, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                             job.max_chips_per_source, job.http_timeout_s)
     facts: dict[str, SourceFacts] = {}
     pending: list[Chip] = []
     rows: list[pa.Table] = []
@@ -663,7 +666,8 @@ class _ClusterLoop:
         run, job, client, retries = self.run, self.job, self.client, self.retries
         sampling = dict(bands=tuple(run.band_names), grid=job.grid,
                         max_nodata_fraction=job.max_nodata_fraction, max_cloud_fraction=job.max_cloud_fraction)
-        fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        fit_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                                 job.max_chips_per_source, job.http_timeout_s)
 
         def encoder_sample(pool: Sequence[RasterSource]) -> list[Chip]:
             # The workers read the sample (the single-process draw); the client fits on it.
@@ -673,7 +677,8 @@ class _ClusterLoop:
 
         run.fit(encoder_sample, lambda pool: _fit_transform_on_cluster(
             client, run.embedder, run.config, job.encoder.name, job.transform, pool, fit_reader,
-            job.transform_sample_chips, sampling, job.device, self.slots, retries))
+            job.transform_sample_chips, sampling, job.device, self.slots, retries),
+            refused=fit_reader.refused)
 
     def _warm_workers(self, facts: Sequence[WorkerFacts]) -> UnitJob:
         """What every unit needs; every worker loads the encoder now, so that a missing GPU or
@@ -684,7 +689,7 @@ class _ClusterLoop:
             state_sha256=store.config.state_sha256, checkpoint=job.encoder.params.get("checkpoint"),
             bands=tuple(run.band_names), grid=job.grid, max_nodata_fraction=job.max_nodata_fraction,
             max_cloud_fraction=job.max_cloud_fraction, batch_size=job.batch_size, device=job.device,
-            slots=self.slots)
+            slots=self.slots, max_chips_per_source=job.max_chips_per_source, http_timeout_s=job.http_timeout_s)
         warm = [client.submit(warm_worker, unit_job, workers=[f.address], allow_other_workers=True,
                               pure=False) for f in facts]
         try:
@@ -701,7 +706,8 @@ class _ClusterLoop:
         from distributed import as_completed
 
         run, job, client, store = self.run, self.job, self.client, self.run.store
-        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                                 job.max_chips_per_source, job.http_timeout_s)
         units = plan_units(run.admitted(run.stream()), chip_reader, job.batch_size, job.cluster.tile_chips)
         bar = progress_bar(job.progress)
         waiting: list[UnitResult] = []

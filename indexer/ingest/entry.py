@@ -53,7 +53,8 @@ def index_search(search: StacSearch, job: IndexJob | None = None, **options: Any
             skipped.append(f"{len(failures)} unusable")
         raise NothingToIndexError(
             f"nothing to index: no items match {search.query.describe()}"
-            + (f" ({search.stats.items_matched} found, {', '.join(skipped)})" if skipped else ""))
+            + (f" ({search.stats.items_matched} found, {', '.join(skipped)})" if skipped else "")
+            + "".join(f"; {f['reason']}" for f in failures[:3]))
     query = search.query
     run_request = {**(job.run_request or {}), "stac": {
         "url": query.url, "collection": query.collection, "bbox": query.bbox,

@@ -20,6 +20,9 @@ DEFAULT_TILE_CHIPS = 512
 #: Times a unit is run again after raising (a worker that dies is handled by the scheduler:
 #: its tasks move to other workers, up to `distributed.scheduler.allowed-failures` times).
 DEFAULT_RETRIES = 2
+#: Chips one source may make before it is refused, on its header alone (a small sparse file can
+#: declare billions of pixels); a 10 m Sentinel-2 tile at 32 px chips, stride 16, makes ~470,000.
+DEFAULT_MAX_CHIPS_PER_SOURCE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class IndexJob:
     progress: bool = True
     storage_options: dict[str, str] | None = None
     read_workers: int = 1
+    max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE
+    http_timeout_s: float = 60.0
+    """Each HTTP request of a remote raster read ends within this (GDAL_HTTP_TIMEOUT)."""
+    """A source whose grid makes more chips is refused before any pixel is read."""
     run_request: dict[str, Any] | None = None
     cluster: ClusterOptions = ClusterOptions()
 
@@ -76,6 +83,11 @@ class IndexJob:
             raise IndexJobError(f"max cloud fraction must be within 0..1, got {self.max_cloud_fraction}")
         if self.batch_size <= 0 or self.commit_every <= 0:
             raise IndexJobError("batch size and commit size must be positive")
+        if isinstance(self.max_chips_per_source, bool) or not isinstance(self.max_chips_per_source, int) \
+                or self.max_chips_per_source < 1:
+            raise IndexJobError(f"max chips per source must be a positive integer, got {self.max_chips_per_source!r}")
+        if not (isinstance(self.http_timeout_s, (int, float)) and self.http_timeout_s > 0):
+            raise IndexJobError(f"the network timeout must be a positive number of seconds, got {self.http_timeout_s!r}")
         if self.read_workers < 1:
             raise IndexJobError(f"read workers must be at least 1, got {self.read_workers}")
         if self.cluster.tile_chips is not None and self.cluster.tile_chips <= 0:

@@ -42,12 +42,14 @@ def run_local(sources: Sequence[RasterSource] | Iterable[RasterSource], job: Ind
     summary = run.resolve_encoder(job.device, torch_device)
     run.start(device=str(torch_device), read_workers=job.read_workers)
     with run.recorded():
-        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction)
+        chip_reader = ChipReader(run.band_names, job.grid, job.max_nodata_fraction, job.max_cloud_fraction,
+                                 job.max_chips_per_source, job.http_timeout_s)
         run.fit(lambda pool: sample_chips(pool, chip_reader, job.fit_sample_chips),
                 lambda pool: fit_transform(
                     run.embedder, job.transform, job.encoder.name,
                     lambda: sample_chips(pool, chip_reader, job.transform_sample_chips, seed=1),
-                    gsd_lookup(pool, chip_reader)))
+                    gsd_lookup(pool, chip_reader)),
+                refused=chip_reader.refused)
         _LocalLoop(run, chip_reader).index()
     return summary
 

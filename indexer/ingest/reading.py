@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chipscout.indexer.chips import Chip, ChipGrid, FootprintProjector, make_chip_id
-from chipscout.indexer.errors import ChipscoutError
+from chipscout.indexer.errors import ChipscoutError, SourceError
+from chipscout.indexer.ingest.job import DEFAULT_MAX_CHIPS_PER_SOURCE
 from chipscout.indexer.sensors import Sensor
 from chipscout.indexer.sources import RasterReader, RasterSource
 
@@ -128,7 +129,13 @@ class ChipReader:
     """Reads the chips of sources on a grid, with quality checks; used by indexing and fitting."""
 
     def __init__(self, bands: Sequence[str], grid: ChipGrid, max_nodata_fraction: float,
-                 max_cloud_fraction: float | None):
+                 max_cloud_fraction: float | None, max_chips_per_source: int = DEFAULT_MAX_CHIPS_PER_SOURCE,
+                 http_timeout_s: float | None = None):
+        self.max_chips_per_source = max_chips_per_source
+        self.http_timeout_s = http_timeout_s
+        self.refused: dict[str, str] = {}
+        """Why each source a sample draw could not open was left out, by location: the
+        reasons a run reports when no source gives a chip to fit on."""
         self.bands = list(bands)
         self.grid = grid
         self.max_nodata_fraction = max_nodata_fraction
@@ -142,9 +149,19 @@ class ChipReader:
                      and any(a.band.matches(b) for a in source.bands)]
         if rgb_extra:
             selected = source.select_bands(self.bands + rgb_extra)
-        reader = RasterReader(selected)
+        reader = RasterReader(selected, http_timeout_s=self.http_timeout_s)
         try:
-            projector = FootprintProjector(reader.grid.crs, reader.grid.transform, source.location)
+            where = source.location or source.source_id
+            projector = FootprintProjector(reader.grid.crs, reader.grid.transform, where)
+            projector.check_on_globe(reader.grid.width, reader.grid.height, where)
+            # Checked on the header alone, before any pixel is read: a small sparse file can
+            # declare a grid of billions of pixels.
+            chips = self.grid.count(reader.grid.width, reader.grid.height)
+            if chips > self.max_chips_per_source:
+                raise SourceError(
+                    f"{where}: {reader.grid.width} x {reader.grid.height} px makes {chips:,} chips of "
+                    f"{self.grid.size_px} px (stride {self.grid.stride_px}), over the limit of "
+                    f"{self.max_chips_per_source:,} per source; raise --max-chips-per-source to index it")
         except BaseException:
             reader.close()
             raise
@@ -261,14 +278,17 @@ def sample_draws(sources: Sequence[RasterSource], chip_reader: ChipReader, count
     rng = random.Random(seed)
     per_source = max(1, -(-count // max(1, len(sources))))
     for source in sources:
+        where = source.location or source.source_id
         try:
             reader, projector, selected = chip_reader.open(source)
-        except Exception:
-            continue  # reported by the main pass
+        except Exception as err:  # reported by the main pass, or by the fit when no source opens
+            chip_reader.refused[where] = failure_reason(err, where)
+            continue
         with reader:
             try:
-                offsets = chip_reader.grid.offsets(reader.grid.width, reader.grid.height)
-            except Exception:
+                offsets = chip_reader.grid.offsets(reader.grid.width, reader.grid.height, where)
+            except Exception as err:
+                chip_reader.refused[where] = failure_reason(err, where)
                 continue
             picked = rng.sample(offsets, min(len(offsets), per_source * 2))
             yield SampleDraw(source, reader, projector, selected, picked, per_source)

@@ -9,6 +9,7 @@ epilogue (index maintenance, the summary, the run log result). The runners keep 
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from chipscout.indexer.chips import Chip
-from chipscout.indexer.errors import SourceError
+from chipscout.indexer.errors import NothingToFitError, SourceError
 from chipscout.indexer.ingest.embedding import Embedder, with_transform
 from chipscout.indexer.ingest.fitted_state import encode_state, save_state
 from chipscout.indexer.ingest.fitting import check_stored_transform, fit_encoder, resolve_encoder, transform_label
@@ -130,14 +131,23 @@ class IndexRun:
         self.summary.run_id = self.log_entry.run_id
 
     def fit(self, encoder_sample: Callable[[Sequence[RasterSource]], Sequence[Chip]],
-            new_transform: Callable[[Sequence[RasterSource]], VectorTransform | None]) -> None:
+            new_transform: Callable[[Sequence[RasterSource]], VectorTransform | None],
+            refused: dict[str, str] | None = None) -> None:
         """Fit the encoder on `encoder_sample(pool)` when it must be, and the vector transform of a
         new table with `new_transform(pool)` (an existing table's is checked against the job's).
-        `pool`: the sources given, or the first few of a stream."""
+        `pool`: the sources given, or the first few of a stream. `refused`: why sources of the
+        pool could not be opened (`ChipReader.refused`); when no chip is left to fit on, each
+        becomes a failure of the run (summary, run log) and the error names them."""
         pool = self._fit_pool()
         fit_started = time.perf_counter()
         if not self.embedder.encoder.is_fitted:
-            fit_encoder(self.embedder, encoder_sample(pool), self.config, self.torch_device)
+            if self.job.progress:  # the sample is read before the progress bar starts
+                print(f"fitting the encoder on up to {self.job.fit_sample_chips} chips of "
+                      f"{len(pool)} source(s)...", file=sys.stderr, flush=True)
+            sample = encoder_sample(pool)
+            if not sample:
+                self._fail_unfittable(pool, refused or {})
+            fit_encoder(self.embedder, sample, self.config, self.torch_device)
         if self.store.exists():
             check_stored_transform(self.store, self.job.transform)
         else:
@@ -150,6 +160,19 @@ class IndexRun:
             self.config = with_transform(self.config, fitted)
             self.summary.encoder = transform_label(self.config)
         self.fit_s = time.perf_counter() - fit_started
+
+    def _fail_unfittable(self, pool: Sequence[RasterSource], refused: dict[str, str]) -> None:
+        """No source of `pool` gave a valid chip: each one's reason becomes a failure, then the
+        run stops with an error naming them."""
+        for source in pool:
+            where = source.location or source.source_id
+            reason = refused.get(where, f"{where}: no valid chip (every window was nodata or cloud)")
+            self.summary.failures.append({"source": where, "reason": reason})
+        reasons = "; ".join(f["reason"] for f in self.summary.failures[:5])
+        more = len(self.summary.failures) - 5
+        raise NothingToFitError(
+            "no valid chips to fit the encoder on: " + reasons + (f"; and {more} more" if more > 0 else ""),
+            self.summary.failures)
 
     def _fit_pool(self) -> list[RasterSource]:
         if self._head is None:

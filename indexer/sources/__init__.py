@@ -3,11 +3,12 @@ import nothing of ingest, store or search (`chipscout.indexer.ingest` indexes wh
 
 from chipscout.indexer.sources.demo import DEMO_GRID, DEMO_SOURCE_ID, prepare_demo_scene
 from chipscout.indexer.sources.files import RasterReader, RasterSource, is_remote, local_source, parse_datetime
-from chipscout.indexer.sources.stac import StacQuery, StacSearch
+from chipscout.indexer.sources.stac import HrefPolicy, StacQuery, StacSearch
 
 __all__ = [
     "DEMO_GRID",
     "DEMO_SOURCE_ID",
+    "HrefPolicy",
     "RasterReader",
     "RasterSource",
     "StacQuery",

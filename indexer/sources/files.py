@@ -8,6 +8,7 @@ window of the scene's finest grid, resampling coarser bands (20 m, 60 m) onto it
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -115,7 +116,7 @@ REMOTE_GDAL_OPTIONS: dict[str, str] = {
     "GDAL_HTTP_RETRY_DELAY": "0.5",
     "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
     "GDAL_HTTP_CONNECTTIMEOUT": "15",
-    "GDAL_HTTP_TIMEOUT": "120",
+    "GDAL_HTTP_TIMEOUT": "60",
 }
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "az://", "/vsicurl", "/vsis3", "/vsigs",
                     "/vsiaz", "/vsiadls")
@@ -125,9 +126,30 @@ def is_remote(href: str) -> bool:
     return href.startswith(_REMOTE_PREFIXES)
 
 
-def remote_gdal_options() -> dict[str, str]:
-    """`REMOTE_GDAL_OPTIONS` less the ones the user set in the environment."""
-    return {key: value for key, value in REMOTE_GDAL_OPTIONS.items() if key not in os.environ}
+#: Each HTTP request of a remote read ends within this many seconds (GDAL_HTTP_TIMEOUT, curl's
+#: whole-transfer limit), connecting within 15 of them: a silent server fails the source.
+DEFAULT_HTTP_TIMEOUT_S = 60.0
+
+
+def remote_gdal_options(http_timeout_s: float | None = None) -> dict[str, str]:
+    """`REMOTE_GDAL_OPTIONS`, fitted to a deadline of `http_timeout_s` (default 60 s) per request
+    with its retries, less the ones the user set in the environment.
+
+    GDAL retries timed-out requests too (3.10), each with a fresh GDAL_HTTP_TIMEOUT and a
+    doubling delay: the deadline is shared out between the attempts and the delays (60 s: 4
+    retries, 10.5 s an attempt), and short deadlines keep fewer retries."""
+    options = dict(REMOTE_GDAL_OPTIONS)
+    deadline_s = DEFAULT_HTTP_TIMEOUT_S if http_timeout_s is None else float(http_timeout_s)
+    first_delay_s = float(options["GDAL_HTTP_RETRY_DELAY"])
+    for retries in range(int(options["GDAL_HTTP_MAX_RETRY"]), -1, -1):
+        delays_s = first_delay_s * (2 ** retries - 1)
+        if delays_s <= deadline_s / 2:
+            break
+    attempt_s = (deadline_s - delays_s) / (retries + 1)
+    options["GDAL_HTTP_MAX_RETRY"] = str(retries)
+    options["GDAL_HTTP_TIMEOUT"] = f"{attempt_s:.3f}"
+    options["GDAL_HTTP_CONNECTTIMEOUT"] = f"{min(15.0, attempt_s):.3f}"
+    return {key: value for key, value in options.items() if key not in os.environ}
 
 
 def _gdal_message(err: BaseException) -> str:
@@ -156,7 +178,8 @@ def _open(href: str, location: str) -> rasterio.io.DatasetReader:
 class RasterReader:
     """Windowed reads of a `RasterSource` onto its finest band's grid, as reflectance."""
 
-    def __init__(self, source: RasterSource, resampling: Resampling = Resampling.bilinear):
+    def __init__(self, source: RasterSource, resampling: Resampling = Resampling.bilinear,
+                 http_timeout_s: float | None = None):
         if not source.bands:
             raise SourceError(f"{source.location or source.source_id}: no bands to read")
         self.source = source
@@ -170,7 +193,7 @@ class RasterReader:
                 hrefs.append(source.cloud_mask.href)
             if any(is_remote(href) for href in hrefs):
                 # Entered in the thread that opens (and so reads): GDAL config is per thread there.
-                self._stack.enter_context(rasterio.Env(**remote_gdal_options()))
+                self._stack.enter_context(rasterio.Env(**remote_gdal_options(http_timeout_s)))
             for asset in source.bands:
                 self._dataset(asset.href)
             self.grid = self._finest_grid()

@@ -8,10 +8,15 @@ band table in `chipscout.indexer.sensors`. `chipscout.indexer.ingest.index_searc
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import itertools
 import json
 import math
+import os
 import re
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +33,7 @@ from pystac_client.stac_api_io import StacApiIO
 from shapely.errors import GEOSException
 from shapely.ops import unary_union
 from urllib3 import Retry
+from urllib3.exceptions import MaxRetryError
 
 from chipscout.indexer import geo
 from chipscout.indexer.errors import SourceError
@@ -57,7 +63,11 @@ COLLECTION_SENSORS: dict[str, str] = {
 SEARCH_RETRY = Retry(total=5, connect=2, read=3, backoff_factor=0.5,
                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
                      raise_on_status=False)
-SEARCH_TIMEOUT_S = (10.0, 60.0)
+#: Each request to the STAC API, retries and their backoff included, ends within this many
+#: seconds (connecting within `CONNECT_TIMEOUT_S` of them): a server that accepts the connection
+#: and never answers fails the search in one line, not after minutes of retries.
+SEARCH_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
 PAGE_SIZE = 100
 
 ItemSigner = Callable[[pystac.Item], "pystac.Item | None"]
@@ -328,7 +338,94 @@ def _href(asset: pystac.Asset) -> str:
     return asset.get_absolute_href() or asset.href
 
 
-def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
+# ----------------------------------------------------------------------------- which hrefs are read
+#: Asset href schemes read by default; a bare path or `file:` only from a local catalogue or when
+#: allowed (`--allow-href-scheme file`).
+DEFAULT_HREF_SCHEMES = frozenset({"http", "https", "s3"})
+#: Hosts (HOST or HOST:PORT, comma-separated) whose hrefs may be read although they are loopback
+#: or private, added to `--allow-host`.
+ALLOW_HOSTS_ENV = "CHIPSCOUT_ALLOW_HOSTS"
+
+
+class HrefRefused(SourceError):
+    """An asset href the catalogue gives that chipscout will not read (scheme or host)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _internal_address(host: str) -> str | None:
+    """The loopback, private, link-local or reserved address `host` is or resolves to, or None."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return name
+    try:
+        addresses = [ipaddress.ip_address(name)]
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
+                         for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)]
+        except (OSError, UnicodeError, ValueError):
+            return None  # unresolvable: the read fails by itself
+    for address in addresses:
+        if (address.is_loopback or address.is_private or address.is_link_local or address.is_reserved
+                or address.is_unspecified or address.is_multicast):
+            return str(address)
+    return None
+
+
+@dataclass(frozen=True)
+class HrefPolicy:
+    """Which asset hrefs of a catalogue chipscout reads (docs/stac.md, "Which hrefs are read").
+
+    Schemes: `schemes` (default http, https, s3); `file:` and bare paths only when the catalogue
+    itself is local. Hosts: an href on a loopback, private, link-local or reserved address is read
+    only from the catalogue's own origin (scheme, host and port) or a host in `hosts`
+    (HOST or HOST:PORT): a catalogue cannot make chipscout call the machine's or the network's
+    internal services.
+    """
+
+    catalogue_url: str
+    schemes: frozenset[str] = DEFAULT_HREF_SCHEMES
+    hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def build(cls, catalogue_url: str, schemes: Sequence[str] = (), hosts: Sequence[str] = ()) -> HrefPolicy:
+        allowed = set(DEFAULT_HREF_SCHEMES) | {s.strip().lower().rstrip(":/") for s in schemes if s.strip()}
+        if urlparse(catalogue_url).scheme in ("", "file"):
+            allowed.add("file")
+        listed = [h for h in os.environ.get(ALLOW_HOSTS_ENV, "").split(",")] + list(hosts)
+        return cls(catalogue_url, frozenset(allowed), frozenset(h.strip().lower() for h in listed if h.strip()))
+
+    def check(self, href: str, item_id: str) -> None:
+        parsed = urlparse(href)
+        scheme = parsed.scheme.lower()
+        if scheme == "" or len(scheme) == 1:  # a bare path (or a Windows drive letter)
+            scheme = "file"
+        if scheme not in self.schemes:
+            raise HrefRefused(
+                f"item {item_id}: asset href {href[:200]} has scheme {scheme!r}, which this catalogue may "
+                f"not make chipscout read (allowed: {', '.join(sorted(self.schemes))}; "
+                f"--allow-href-scheme {scheme} to allow it)")
+        if scheme not in ("http", "https") or not parsed.hostname:
+            return
+        own = urlparse(self.catalogue_url)
+        if (parsed.hostname, parsed.port or _default_port(scheme)) == (
+                own.hostname, own.port or _default_port(own.scheme)):
+            return
+        host_port = f"{parsed.hostname}:{parsed.port or _default_port(scheme)}"
+        if parsed.hostname in self.hosts or host_port in self.hosts:
+            return
+        internal = _internal_address(parsed.hostname)
+        if internal is not None:
+            raise HrefRefused(
+                f"item {item_id}: asset href {href[:200]} points at an internal address ({internal}) "
+                f"other than the catalogue's own; --allow-host {host_port} to read it")
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"http": 80, "https": 443}.get(scheme.lower())
+
+
+def item_source(item: pystac.Item, sensor: Sensor, policy: HrefPolicy | None = None) -> RasterSource:
     """The item as a raster source: one `BandAsset` per band of `sensor` the item has an asset
     for (missing bands are named when the index asks for them), and the cloud-mask asset."""
     acquired = _acquired(item)
@@ -344,9 +441,14 @@ def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
         bands.append(BandAsset(band, _href(asset), 1, radiometry.scale, radiometry.offset,
                                nodata if nodata is not None else sensor.nodata_dn))
     cloud_mask = None
+    if policy is not None:
+        for asset in bands:
+            policy.check(asset.href, item.id)
     rule = sensor.cloud_mask
     mask_asset = _find_asset(assets, rule.matches) if rule is not None else None
     if rule is not None and mask_asset is not None:
+        if policy is not None:
+            policy.check(_href(mask_asset), item.id)
         cloud_mask = CloudMaskAsset(_href(mask_asset), 1, rule.cloudy_classes, rule.cloudy_bits,
                                     rule.nodata_classes)
     self_href = item.get_self_href()
@@ -363,6 +465,52 @@ def item_source(item: pystac.Item, sensor: Sensor) -> RasterSource:
         radiometry_note=_radiometry_note(per_band),
         extra=extra,
     )
+
+
+# ----------------------------------------------------------------------------- the transport
+class _DeadlineRetry(Retry):
+    """urllib3's retries, which stop once the request's time budget would be spent: requests'
+    own timeouts bound each socket operation, not a request with its retries."""
+
+    started: float | None = None
+    budget_s: float | None = None
+
+    def new(self, **kw: Any) -> _DeadlineRetry:
+        fresh = super().new(**kw)
+        fresh.started, fresh.budget_s = self.started, self.budget_s
+        return fresh
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        fresh = super().increment(method, url, response, error, _pool, _stacktrace)
+        if self.started is not None and self.budget_s is not None:
+            if time.monotonic() - self.started + fresh.get_backoff_time() >= self.budget_s:
+                raise MaxRetryError(_pool, url, error or Exception(f"no answer within {self.budget_s:g} s"))
+        return fresh
+
+
+class _DeadlineApiIO(StacApiIO):
+    """pystac-client's transport with one deadline per request: connect, read, retries and
+    backoff together end within about `timeout_s`. Two traps of pystac-client 0.9 this avoids:
+    `Client.open(stac_io=...)` calls `stac_io.update(timeout=None)`, wiping the transport's
+    timeout (so reads waited forever); and requests applies a timeout to each socket operation
+    and to each retry afresh, never to a request as a whole."""
+
+    def __init__(self, timeout_s: float, connect_s: float, retry: Retry | int | None):
+        base = retry if isinstance(retry, Retry) else Retry(total=retry or 0)
+        self._retry = _DeadlineRetry(**{k: getattr(base, k) for k in (
+            "total", "connect", "read", "status", "other", "backoff_factor", "status_forcelist",
+            "allowed_methods", "raise_on_status", "respect_retry_after_header")})
+        self._timeouts = (min(connect_s, timeout_s), timeout_s)
+        super().__init__(timeout=self._timeouts, max_retries=self._retry)
+        self.timeout_s = timeout_s
+
+    def request(self, href: str, *args: Any, **kwargs: Any) -> str:
+        self.timeout = self._timeouts  # whatever `update()` set
+        retry = self._retry.new()
+        retry.started, retry.budget_s = time.monotonic(), self.timeout_s
+        for adapter in self.session.adapters.values():
+            adapter.max_retries = retry
+        return super().request(href, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the search
@@ -399,8 +547,9 @@ class StacSearch:
     def __init__(self, query: StacQuery, *, sensor: str | Sensor | None = None,
                  signer: ItemSigner | None | str = "auto", page_size: int = PAGE_SIZE,
                  retry: Retry | int | None = SEARCH_RETRY,
-                 timeout_s: float | tuple[float, float] = SEARCH_TIMEOUT_S):
+                 timeout_s: float = SEARCH_TIMEOUT_S, href_policy: HrefPolicy | None = None):
         self.query = query
+        self.href_policy = href_policy or HrefPolicy.build(query.url)
         self.stats = SearchStats()
         self.signer: ItemSigner | None
         self.unsigned_warning = ""
@@ -414,9 +563,11 @@ class StacSearch:
         else:
             self.signer = signer  # type: ignore[assignment]
         self._page_size = page_size
-        io = StacApiIO(timeout=timeout_s, max_retries=retry)
+        if not timeout_s > 0:
+            raise StacSearchError(f"the network timeout must be a positive number of seconds, got {timeout_s}")
+        io = _DeadlineApiIO(float(timeout_s), CONNECT_TIMEOUT_S, retry)
         try:
-            self.client = Client.open(query.url, stac_io=io)
+            self.client = Client.open(query.url, stac_io=io, timeout=io.timeout)
         except APIError as err:
             status = getattr(err, "status_code", None)
             raise StacSearchError(
@@ -511,5 +662,9 @@ class StacSearch:
             return None
 
     def sources(self) -> Iterator[RasterSource]:
+        """The items as sources; an item with an href the policy refuses is a failure, unread."""
         for item in self.items():
-            yield item_source(item, self.sensor)
+            try:
+                yield item_source(item, self.sensor, self.href_policy)
+            except HrefRefused as err:
+                self.stats.failures.append({"source": item.get_self_href() or item.id, "reason": str(err)})

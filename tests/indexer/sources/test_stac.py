@@ -74,6 +74,8 @@ def catalog(small_scene_dir, tmp_path_factory):
         patch.setenv("GDAL_HTTP_MAX_RETRY", "2")
         patch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")
         with LoopbackFileServer(root / "files", FAULTS) as files:
+            # The assets sit on another loopback port than the catalogue: allowed by name.
+            patch.setenv("CHIPSCOUT_ALLOW_HOSTS", files.url.split("//", 1)[1])
             items = [write_item_assets(cut, spec, root / "files", files.url) for spec in ITEMS]
             with RustacServer(write_catalog(root / "catalog", items)) as api:
                 yield Catalog(api.url, files.url, cut)
