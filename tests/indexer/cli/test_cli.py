@@ -196,3 +196,17 @@ def test_index_stac_takes_the_same_rcf_options(tmp_path):
                        "--encoder", "band-stats", "--bias", "-0.5", "--db", tmp_path / "db", check=False)
     assert result.returncode == 1 and "encoder band-stats does not take --bias" in result.stderr
     assert "--band-stats" in chipscout("index", "stac", "--help").stdout
+
+
+@pytest.mark.parametrize("name", ["dbc", "db"])
+def test_a_bare_database_name_is_a_local_folder_for_every_command(name, tmp_path):
+    # LanceDB sends any URI starting with "db" to its cloud; chipscout means the folder here.
+    from tests.synthetic import clustered_table
+
+    clustered_table(str(tmp_path / name), "clusters", per_cluster=4)
+    for args in (["info"], ["search", "a00", "-k", "2", "--json"]):
+        result = subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *args, "--db", name,
+                                 "--table", "clusters"], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr and "Cloud" not in result.stderr
