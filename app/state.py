@@ -28,12 +28,18 @@ DATE_LIMITS = (date(1970, 1, 1), date(2100, 12, 31))
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~^$:&\"'=])")
 
+_BARE_WWW = re.compile(r"(?i)www\.")
+
 
 def markdown_text(value: Any) -> str:
     """`value` as literal text inside Streamlit Markdown (st.warning, st.error...): every Markdown
     and HTML character backslash-escaped, line breaks and other control characters shown as
-    escapes, so a value from a link or a text box cannot close a code span or add links or images."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _printable(value))
+    escapes, so a value from a link or a text box cannot close a code span or add links or images.
+    Streamlit's GFM turns bare URLs and e-mail addresses into links after escapes are read, so a
+    zero-width space breaks `://`, `www.` and `@`."""
+    text = _printable(value).replace("://", ":\u200b//").replace("@", "\u200b@")
+    text = _BARE_WWW.sub(lambda match: match[0][0] + "\u200b" + match[0][1:], text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def _printable(value: Any) -> str:

@@ -75,6 +75,8 @@ def test_rejected_link_values_render_as_literal_text_not_markdown(value):
         html = markdown.render(problem)
         assert html.count("<p>") == 1 and "<a " not in html and "<img" not in html and "<b>" not in html
         assert "<h1>" not in html and "\n" not in html.strip()
+    for problem in problems:  # bare URLs too (GFM links them): only inside code spans
+        assert "://" not in problem.split("from the link:")[1]
     first = markdown.render(problems[0])
     code = first[first.index("<code>") + 6:first.index("</code>")]
     assert code.strip() == ("chip=" + value).replace("\n", "\\n").replace("&", "&amp;").replace(
