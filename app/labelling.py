@@ -18,6 +18,7 @@ from typing import Any
 
 import streamlit as st
 
+from chipscout.app.state import code_span, markdown_text
 from chipscout.indexer import seedsets
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters
@@ -88,7 +89,7 @@ class Seed:
     def map_legend(self, chip_ids: Sequence[str]) -> str:
         """The legend line of a map showing `chip_ids`: how many of them this session labelled, and how."""
         shown = [self.label_of(chip_id) for chip_id in chip_ids]
-        return (f"Labelled in “{self.session.name}”: :green[{shown.count(POSITIVE)} positive] filled green, "
+        return (f"Labelled in “{markdown_text(self.session.name)}”: :green[{shown.count(POSITIVE)} positive] filled green, "
                 f":red[{shown.count(NEGATIVE)} negative] filled red.")
 
     @property
@@ -137,7 +138,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
     from_link = st.session_state.pop(FROM_LINK, None)
     if st.session_state.get(SESSION) and st.session_state[SESSION] not in by_id:
         if from_link:
-            notice("warning", f"The link names labelling session `{from_link}`, which table "
+            notice("warning", f"The link names labelling session {code_span(from_link)}, which table "
                               f"`{engine.table_name}` does not have (deleted, or another table's); "
                               "labelling is off.")
         else:
@@ -179,7 +180,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
         st.button("Rename", on_click=_rename_session, args=(store, session))
         st.button("Delete session…", on_click=_ask_delete, args=(session.session_id,))
     if st.session_state.get(CONFIRM_DELETE) == session.session_id:
-        st.warning(f"Delete session “{session.name}” and its {len(seed.labels)} labels? This cannot be undone.")
+        st.warning(f"Delete session “{markdown_text(session.name)}” and its {len(seed.labels)} labels? This cannot be undone.")
         yes, no = st.columns(2)
         yes.button("Yes, delete", type="primary", on_click=_delete_session, args=(store, session))
         no.button("Cancel", on_click=_cancel_delete)
@@ -201,7 +202,7 @@ def _create_session(store: LabelStore) -> None:
         return
     st.session_state[SESSION] = session.session_id
     st.session_state.label_new_name = ""
-    notice("success", f"Created session “{session.name}”. Label chips with the :material/thumb_up: / "
+    notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the :material/thumb_up: / "
                       ":material/thumb_down: buttons under any thumbnail, then click Next round.")
 
 
@@ -212,7 +213,7 @@ def _rename_session(store: LabelStore, session: Session) -> None:
         notice("error", f"Cannot rename the session: {err}")
         return
     st.session_state.label_rename_to = ""
-    notice("success", f"Renamed session “{session.name}” to “{renamed.name}”.")
+    notice("success", f"Renamed session “{markdown_text(session.name)}” to “{markdown_text(renamed.name)}”.")
 
 
 def _ask_delete(session_id: str) -> None:
@@ -231,7 +232,7 @@ def _delete_session(store: LabelStore, session: Session) -> None:
         notice("error", f"Cannot delete the session: {err}")
         return
     st.session_state[SESSION] = ""
-    notice("success", f"Deleted session “{session.name}” and its {count} labels.")
+    notice("success", f"Deleted session “{markdown_text(session.name)}” and its {count} labels.")
 
 
 # ----------------------------------------------------------------------------- label buttons
@@ -276,7 +277,7 @@ def panel(seed: Seed, engine: SearchEngine, example_id: str | None,
     key, scores, strategy)`) and the downloads. Rounds propose only chips `filters` (the sidebar's
     dates, area and quality limits) allow."""
     st.html(BUTTON_STYLE)
-    st.subheader(f"Seed set · {seed.session.name}")
+    st.subheader(f"Seed set · {markdown_text(seed.session.name)}")
     _metrics(seed, engine)
     # Proposals come from several seeds, not one example chip: there is no footprint to avoid.
     filters = replace(filters, exclude_overlapping=False) if filters is not None else None

@@ -34,7 +34,7 @@ GRID_COLUMNS = 6
 OVERVIEW_MAX_CHIPS = 2000
 #: Chips whose small thumbnails form the maps' mosaic (about 1 KB each in every map update).
 MOSAIC_MAX_CHIPS = 1000
-DATE_LIMITS = (date(1970, 1, 1), date(2100, 12, 31))
+DATE_LIMITS = state.DATE_LIMITS
 
 
 def _arguments() -> argparse.Namespace:
@@ -300,7 +300,7 @@ try:
     basemap_url = st.session_state.basemap_url or None
     maps.basemap_style(basemap_url)
 except maps.BasemapError as err:
-    st.warning(f"Basemap ignored: {err}. Maps show chip thumbnails only.")
+    st.warning(f"Basemap ignored: {state.markdown_text(err)}. Maps show chip thumbnails only.")
     basemap_url = None
 
 query: ChipRecord | None = None
@@ -319,7 +319,7 @@ if seed is not None:
     try:
         round_filters = state.search_filters(settings)
     except ChipscoutError as err:  # a bad bbox or date range, also reported under Look-alikes
-        st.warning(f"Rounds ignore the sidebar filters until they are fixed: {err}")
+        st.warning(f"Rounds ignore the sidebar filters until they are fixed: {state.markdown_text(err)}")
         round_filters = None
     labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed),
                     round_filters)

@@ -8,6 +8,7 @@ link reproduces the search. Only values that differ from the defaults go into th
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import date
@@ -22,6 +23,36 @@ K_RANGE = (1, 100)
 SPREAD_KM_RANGE = (0.0, 1000.0)
 PER_CELL_RANGE = (1, 100)
 EXPAND_RANGE = (0, 20)
+DATE_LIMITS = (date(1970, 1, 1), date(2100, 12, 31))
+"""The date widgets' range: a link's date outside it is refused here, not by the widget."""
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~^$:&\"'=])")
+
+_BARE_WWW = re.compile(r"(?i)www\.")
+
+
+def markdown_text(value: Any) -> str:
+    """`value` as literal text inside Streamlit Markdown (st.warning, st.error...): every Markdown
+    and HTML character backslash-escaped, line breaks and other control characters shown as
+    escapes, so a value from a link or a text box cannot close a code span or add links or images.
+    Streamlit's GFM turns bare URLs and e-mail addresses into links after escapes are read, so a
+    zero-width space breaks `://`, `www.` and `@`."""
+    text = _printable(value).replace("://", ":\u200b//").replace("@", "\u200b@")
+    text = _BARE_WWW.sub(lambda match: match[0][0] + "\u200b" + match[0][1:], text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def _printable(value: Any) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
+
+
+def code_span(value: Any) -> str:
+    """`value` as a Markdown code span, shown literally whatever it holds: the fence is one
+    backtick longer than the longest run inside (CommonMark), control characters show as escapes."""
+    text = _printable(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,13 @@ def _flag(text: str) -> bool:
     raise ValueError("must be 1 or 0")
 
 
+def _day(text: str) -> date:
+    value = date.fromisoformat(text.strip())
+    if not DATE_LIMITS[0] <= value <= DATE_LIMITS[1]:
+        raise ValueError(f"must be within {DATE_LIMITS[0]}..{DATE_LIMITS[1]}")
+    return value
+
+
 def _bbox(text: str) -> str:
     BBox.parse(text)  # raises QueryError with the reason
     return text.strip()
@@ -93,8 +131,8 @@ _PARSERS = {
     "table": str.strip,
     "chip_id": _chip,
     "k": lambda t: _whole(t, *K_RANGE),
-    "date_from": date.fromisoformat,
-    "date_to": date.fromisoformat,
+    "date_from": _day,
+    "date_to": _day,
     "bbox": _bbox,
     "max_cloud": lambda t: _number(t, 0.0, 1.0),
     "max_nodata": lambda t: _number(t, 0.0, 1.0),
@@ -117,7 +155,7 @@ def from_query_params(params: Mapping[str, str], default_table: str) -> tuple[Se
         try:
             values[name] = _PARSERS[name](str(text))
         except (ValueError, QueryError) as err:
-            problems.append(f"ignored `{url_name}={text}` from the link: {err}")
+            problems.append(f"ignored {code_span(f'{url_name}={text}')} from the link: {markdown_text(err)}")
     settings = Settings(table=values.pop("table", default_table) or default_table)
     settings = replace(settings, **values)
     if settings.date_from and settings.date_to and settings.date_from > settings.date_to:

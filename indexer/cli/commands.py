@@ -407,6 +407,12 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
                "--server.address", address, "--server.port", str(port), "--server.headless", "true",
                "--browser.gatherUsageStats", "false", "--", "--db", db_uri, "--table", table]
     typer.echo(f"chipscout app on http://{address}:{port}  (Ctrl+C to stop)")
+    if os.name == "posix":
+        # Become the server: a supervisor's SIGTERM (`docker stop`) or Ctrl+C then reaches Streamlit
+        # itself, rather than ending this process and leaving the server holding the port.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, command, env if env is not None else os.environ)
     try:
         subprocess.run(command, check=False, env=env)
     except KeyboardInterrupt:

@@ -73,18 +73,28 @@ def sql_literal(value: Any) -> str:
     raise QueryError(f"unsupported filter value type {type(value).__name__}")
 
 
+def connect_uri(db_uri: str) -> str:
+    """The URI LanceDB is given: a path without a scheme (`dbc`, `./dbc`, `~/db`) as an absolute
+    local folder. LanceDB's Rust `connect` sends every URI that starts with "db" to LanceDB Cloud
+    (not only `db://`), so a bare `db` or `dbc` would otherwise ask for an api key."""
+    if "://" in db_uri:
+        return db_uri
+    return os.path.abspath(os.path.expanduser(db_uri))
+
+
 class ChipStore:
     """A chip table (existing, or created on the first write) in a LanceDB database."""
 
     def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
                  storage_options: dict[str, str] | None = None):
         self.db_uri = str(db_uri)
+        self._connect_uri = connect_uri(self.db_uri)
         self.table_name = validate_table_name(table_name)
         self.storage_options = {**storage_options_from_env(), **(storage_options or {})} or None
         """Object-store options (credentials, endpoint, region...) on top of the AWS_* / GOOGLE_* /
         AZURE_* environment variables, which the store reads itself."""
         try:
-            self._db = lancedb.connect(self.db_uri, storage_options=self.storage_options)
+            self._db = lancedb.connect(self._connect_uri, storage_options=self.storage_options)
         except Exception as err:  # lancedb raises plain ValueError/OSError/RuntimeError here
             raise StoreError(f"cannot open database {self.db_uri}: {storage_error_message(err)}") from err
         self._opened = None
@@ -441,7 +451,7 @@ class ChipStore:
             async def open_at_version():
                 table = self._async_table
                 if table is None:
-                    connection = await lancedb.connect_async(self.db_uri, storage_options=self.storage_options)
+                    connection = await lancedb.connect_async(self._connect_uri, storage_options=self.storage_options)
                     table = await connection.open_table(self.table_name)
                 await table.checkout(version)
                 return table

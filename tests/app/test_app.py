@@ -280,3 +280,17 @@ def test_a_basemap_url_becomes_a_raster_style_and_a_bad_one_is_ignored(open_app,
     assert decks(at)[0]["mapStyle"].startswith("data:application/json;base64,")
     at.text_input(key="basemap_url").input("tiles.example/{z}").run()
     assert "Basemap ignored" in texts(at.warning) and decks(at)[0]["mapStyle"] == "__MAP_STYLE__"
+
+
+def test_link_dates_outside_the_date_widgets_range_are_ignored_and_the_page_keeps_working(open_app):
+    at = open_app(to="0001-01-01", **{"from": "9999-12-31"})
+    warnings = texts(at.warning)
+    assert "ignored `to=0001-01-01`" in warnings and "ignored `from=9999-12-31`" in warnings
+    assert at.date_input(key="date_from").value is None and at.date_input(key="date_to").value is None
+    at.slider(key="k").set_value(6).run()
+    assert not at.exception and at.slider(key="k").value == 6
+
+
+def test_a_rejected_link_value_is_shown_literally_not_as_markdown(open_app):
+    at = open_app(chip="x`[link](http://evil.example) ![i](http://evil.example/i.png)`y")
+    assert "ignored ``chip=x`[link](http://evil.example) ![i](http://evil.example/i.png)`y``" in texts(at.warning)

@@ -47,3 +47,37 @@ def test_filters_leave_out_settings_at_their_off_values():
 def test_a_bad_typed_bbox_is_a_query_error():
     with pytest.raises(QueryError, match="bbox"):
         search_filters(Settings(table="t", bbox="-75,38,-76,37"))
+
+
+@pytest.mark.parametrize("name", ["from", "to"])
+@pytest.mark.parametrize("day", ["0001-01-01", "9999-12-31"])
+def test_a_link_date_outside_the_date_widgets_range_is_refused_with_a_reason(name, day):
+    settings, problems = from_query_params({name: day}, "chips")
+    assert settings == Settings(table="chips") and problems == [
+        f"ignored `{name}={day}` from the link: must be within 1970\\-01\\-01\\.\\.2100\\-12\\-31"]
+
+
+HOSTILE = ["a`b [x](http://evil.example) c", "``k`` ![i](http://evil.example/i.png)", "<img src=x onerror=alert(1)>",
+           "line\n# heading\n[x](http://evil.example)", "`", "x\\`<b>bold</b>`"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_rejected_link_values_render_as_literal_text_not_markdown(value):
+    # Streamlit renders st.warning as CommonMark (+ GFM); parse ours with HTML on, the worst case.
+    from markdown_it import MarkdownIt
+
+    from chipscout.app.state import markdown_text
+
+    markdown = MarkdownIt("commonmark", {"html": True})
+    _, problems = from_query_params({"chip": value, "k": value, "bbox": value}, "chips")
+    assert len(problems) == 3
+    for problem in problems + [markdown_text(value)]:
+        html = markdown.render(problem)
+        assert html.count("<p>") == 1 and "<a " not in html and "<img" not in html and "<b>" not in html
+        assert "<h1>" not in html and "\n" not in html.strip()
+    for problem in problems:  # bare URLs too (GFM links them): only inside code spans
+        assert "://" not in problem.split("from the link:")[1]
+    first = markdown.render(problems[0])
+    code = first[first.index("<code>") + 6:first.index("</code>")]
+    assert code.strip() == ("chip=" + value).replace("\n", "\\n").replace("&", "&amp;").replace(
+        "<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")

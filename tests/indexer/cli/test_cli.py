@@ -196,3 +196,67 @@ def test_index_stac_takes_the_same_rcf_options(tmp_path):
                        "--encoder", "band-stats", "--bias", "-0.5", "--db", tmp_path / "db", check=False)
     assert result.returncode == 1 and "encoder band-stats does not take --bias" in result.stderr
     assert "--band-stats" in chipscout("index", "stac", "--help").stdout
+
+
+def test_a_bare_database_name_is_a_local_folder_for_every_command(tmp_path):
+    # LanceDB sends any URI starting with "db" to its cloud; chipscout means the folder here.
+    from tests.synthetic import clustered_table
+
+    for name, args in (("dbc", ["search", "a00", "-k", "2", "--json"]), ("db", ["info"])):
+        clustered_table(str(tmp_path / name), "clusters", per_cluster=2)
+        result = subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *args, "--db", name,
+                                 "--table", "clusters"], capture_output=True, text=True, timeout=300,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr and "Cloud" not in result.stderr
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_chipscout_app_stops_the_server_and_frees_the_port(signal_name, tmp_path):
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from tests.synthetic import clustered_table
+
+    clustered_table(str(tmp_path / "db"), "clusters", per_cluster=2)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    # Its own session, so that whatever it leaves behind can be cleaned up below.
+    app = subprocess.Popen([sys.executable, "-m", "chipscout.indexer.cli", "app", "--db", tmp_path / "db",
+                            "--table", "clusters", "--port", str(port)], start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert app.poll() is None and time.monotonic() < deadline, "the app server did not come up"
+            time.sleep(0.5)
+        app.send_signal(getattr(signal, signal_name))
+        app.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _port_open(port), "the Streamlit server outlived chipscout app"
+    finally:
+        try:
+            os.killpg(app.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        app.wait(timeout=30)
