@@ -98,6 +98,11 @@ def prefetch(events: Iterator[Any] | Sequence[Iterator[Any]], depth: int) -> Ite
         except BaseException as err:  # handed to the consumer, raised there
             buffer.put(err)
         finally:
+            # Closed here, not by the garbage collector in another thread: its open readers hold
+            # GDAL environments, which are per thread.
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
             buffer.put(finished)
 
     threads = [threading.Thread(target=produce, args=(producer,), daemon=True,

@@ -22,7 +22,7 @@ import torch
 from chipscout.indexer.chips import Chip
 from chipscout.indexer.errors import NothingToFitError, SourceError
 from chipscout.indexer.ingest.embedding import Embedder, with_transform
-from chipscout.indexer.ingest.fitted_state import encode_state, save_state
+from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.ingest.fitting import check_stored_transform, fit_encoder, resolve_encoder, transform_label
 from chipscout.indexer.ingest.job import IndexJob
 from chipscout.indexer.ingest.transform import VectorTransform
@@ -184,9 +184,10 @@ class IndexRun:
     def create_table(self) -> None:
         """Create the table with the run's configuration, encoder state and transform."""
         keep_state = not self.embedder.encoder.config().get("checkpoint")
-        if self.embedder.transform is not None:
-            save_state(self.store, "transform", self.embedder.transform.to_state())
-        self.store.create(self.config, encode_state(self.embedder.encoder.state_dict()), keep_state=keep_state)
+        states = ({"transform": encode_state(self.embedder.transform.to_state())}
+                  if self.embedder.transform is not None else {})
+        self.store.create(self.config, encode_state(self.embedder.encoder.state_dict()), keep_state=keep_state,
+                          states=states)
 
     # ------------------------------------------------------------------------- sources
     def stream(self) -> Iterator[RasterSource]:

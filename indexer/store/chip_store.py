@@ -214,19 +214,54 @@ class ChipStore:
         return FittedState(rows["blob"][0].as_py(), rows["sha256"][0].as_py())
 
     # ------------------------------------------------------------------ writing
-    def create(self, config: IndexConfig, encoder_state: FittedState, keep_state: bool = True) -> None:
-        """Create the table for `config`, recording the digest of `encoder_state`; refuse if one exists.
+    def create(self, config: IndexConfig, encoder_state: FittedState, keep_state: bool = True,
+               states: Mapping[str, FittedState] | None = None) -> None:
+        """Create the table for `config`, recording the digest of `encoder_state`, after storing
+        the fitted `states` (e.g. the vector transform) beside it.
 
         `keep_state` stores the encoder's tensors in the companion table. Encoders whose weights
         come from a user's checkpoint file (Clay) keep only the weights' digest, so a table never
         duplicates a multi-GB checkpoint; the digest proves the same weights are used later.
+
+        Two runs may start on a table that does not exist yet. On a local folder they create it
+        in turn under the writer lock; on an object store the later `create_table` fails. Either
+        way the later run writes into the table the first one created when both fitted the same
+        encoder state and transform (their rows are the same vectors), and otherwise fails with
+        one line and leaves the first run's table and states as they were.
         """
-        if self.exists():
-            raise StoreError(f"table {self.table_name!r} already exists in {self.db_uri}")
-        if keep_state:
-            self.put_fitted_state("encoder", encoder_state)
         config = dataclasses.replace(config, state_sha256=encoder_state.sha256)
-        self._opened = self._db.create_table(self.table_name, schema=chip_schema(config))
+        states = {**({"encoder": encoder_state} if keep_state else {}), **(states or {})}
+        with self.writer_lock(self.table_name):
+            if self.exists():
+                self._adopt(config)
+                return
+            # An object store has no lock: keep what another writer may have stored meanwhile.
+            previous = {} if self.is_local else {key: self.fitted_state(key) for key in states}
+            for key, state in states.items():
+                self.put_fitted_state(key, state)
+            try:
+                self._opened = self._db.create_table(self.table_name, schema=chip_schema(config))
+            except ValueError as err:
+                if "already exists" not in str(err):
+                    raise
+                try:
+                    self._adopt(config)
+                except StoreError:
+                    for key, state in previous.items():
+                        if state is not None:
+                            self.put_fitted_state(key, state)
+                    raise
+
+    def _adopt(self, config: IndexConfig) -> None:
+        """Write into the table another run created meanwhile, if its vectors are ours."""
+        self._opened = None
+        self.check_compatible(config)
+        stored = self.config
+        if stored.state_sha256 != config.state_sha256 or stored.transform != config.transform:
+            raise IncompatibleTableError(
+                f"table {self.table_name!r} in {self.db_uri} was created by another run while this "
+                "one was fitting, with other fitted kernels or another vector transform; run the "
+                "command again to resume into it (nothing of this run was stored)")
 
     def create_with_rows(self, config: IndexConfig, rows: Iterator[pa.RecordBatch],
                          encoder_state: FittedState | None,

@@ -32,7 +32,9 @@ def chipscout_process(*args) -> subprocess.Popen:
 
 
 def finish(processes) -> list[tuple[int, str, str]]:
-    return [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    """Each process's exit status, stdout and stderr (read while it runs: a full pipe would block it)."""
+    outputs = [p.communicate(timeout=300) for p in processes]
+    return [(p.returncode, *output) for p, output in zip(processes, outputs)]
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,28 @@ def test_config_survives_json_round_trip(indexed_db):
     config = ChipStore(indexed_db, "chips").config
     assert type(config).from_json(config.to_json()) == config
     assert json.loads(config.to_json())["encoder_config"]["kernels"] == "gaussian"
+
+
+def test_a_table_created_meanwhile_is_written_into_only_when_its_fit_is_this_runs(tmp_path):
+    """Two runs both saw no table: the later `create` writes into the first one's table when its
+    encoder state and transform are the same, and otherwise fails leaving the first's state."""
+    from chipscout.indexer.ingest.fitted_state import encode_state
+    import torch
+    from tests.synthetic import synthetic_config
+
+    db = str(tmp_path / "db")
+    first, same, other = ChipStore(db, "chips"), ChipStore(db, "chips"), ChipStore(db, "chips")
+    assert not first.exists() and not same.exists() and not other.exists()
+    kernels = encode_state({"weight": torch.ones(3)})
+    first.create(synthetic_config(8), kernels, states={"transform": encode_state({"mean": torch.zeros(8)})})
+
+    same.create(synthetic_config(8), kernels, states={"transform": encode_state({"mean": torch.zeros(8)})})
+    assert same.exists() and same.version == first.version
+
+    with pytest.raises(IncompatibleTableError, match="created by another run while this one was fitting"):
+        other.create(synthetic_config(8), encode_state({"weight": torch.zeros(3)}),
+                     states={"transform": encode_state({"mean": torch.ones(8)})})
+    check = ChipStore(db, "chips")
+    assert check.config.state_sha256 == kernels.sha256
+    assert check.fitted_state("encoder").sha256 == kernels.sha256
+    assert check.fitted_state("transform").sha256 == encode_state({"mean": torch.zeros(8)}).sha256
