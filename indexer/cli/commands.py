@@ -15,7 +15,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from chipscout.encoders.base import EncoderError
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
@@ -455,9 +454,21 @@ app.command("export")(export_command)
 def main() -> None:
     try:
         app()
-    except (ChipscoutError, EncoderError) as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(1)
+
+
+def _is_user_error(err: Exception) -> bool:
+    """A ChipscoutError or an encoder's EncoderError. The encoders package imports torch, so it is
+    looked up only if a command already imported it: an EncoderError cannot be raised otherwise,
+    and `chipscout --help`, search, info, label and export start without torch."""
+    if isinstance(err, ChipscoutError):
+        return True
+    encoder_errors = sys.modules.get("chipscout.encoders.errors")
+    return encoder_errors is not None and isinstance(err, encoder_errors.EncoderError)
 
 
 if __name__ == "__main__":
