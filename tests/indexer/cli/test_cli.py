@@ -260,3 +260,38 @@ def test_a_signal_to_chipscout_app_stops_the_server_and_frees_the_port(signal_na
         except ProcessLookupError:
             pass
         app.wait(timeout=30)
+
+
+# Commands that never embed start without torch (and `--help` without any heavy library): run
+# one after another in one process, as `chipscout` runs them, checking `sys.modules` after each.
+_STARTUP_PROBE = """
+import json, sys
+from chipscout.indexer.cli import main
+seen = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["chipscout", *args]
+    try:
+        main()
+    except SystemExit as done:
+        assert not done.code, (args, done.code)
+    heavy = ("torch", "chipscout.encoders", "rasterio", "lancedb", "streamlit")
+    seen.append([args[0], [name for name in heavy if name in sys.modules]])
+print("LOADED " + json.dumps(seen))
+"""
+
+
+def test_commands_that_never_embed_start_without_torch(cli_db, tmp_path):
+    query = "S2-small_r000064_c000064_s64"
+    where = ["--db", str(cli_db), "--table", "scene"]
+    commands = [["--help"], ["search", query, "-k", "3", *where], ["info", *where],
+                ["label", "new", "probe", *where], ["label", "add", "probe", query, *where],
+                ["label", "sessions", *where],
+                ["export", "probe", "--out", str(tmp_path / "seeds.geojson"), *where]]
+    result = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(commands)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.rsplit("LOADED ", 1)[1])
+    assert loaded[0] == ["--help", []], loaded[0]  # no torch, rasterio, lancedb or streamlit
+    assert [name for name, modules in loaded if "torch" in modules or "chipscout.encoders" in modules] == []
+    assert all("rasterio" not in modules and "streamlit" not in modules for _, modules in loaded), loaded
+    assert (tmp_path / "seeds.geojson").exists()
