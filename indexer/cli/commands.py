@@ -19,7 +19,7 @@ from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
-                                           StorageOption, TableOption, db_uri, encoder_choice, print_json,
+                                           StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
                                            report_summary, split, storage_options)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -35,6 +35,7 @@ app.add_typer(index_app, name="index")
 
 # ----------------------------------------------------------------------------- search / info
 @app.command()
+@default_table
 def search(
     chip_id: Annotated[str, typer.Argument(help="The example chip's id.")],
     k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.")] = 10,
@@ -48,7 +49,7 @@ def search(
     spread_km: Annotated[float, typer.Option("--spread-km", help="Spread the results: at most --per-cell per grid cell of this size in km; 0 turns spreading off.")] = 0.0,
     per_cell: Annotated[int, typer.Option("--per-cell", help="Results per grid cell when spreading (--spread-km).")] = 1,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
@@ -75,7 +76,7 @@ def search(
 @app.command()
 def info(
     db: DbOption = None,
-    table: Annotated[Optional[str], typer.Option("--table", help="Chip table (default: list the tables).")] = None,
+    table: Annotated[Optional[str], typer.Option("--table", help="Chip table (default: the database's only one; with several, list them).")] = None,
     versions: Annotated[bool, typer.Option("--versions", help="List the table's versions (see `chipscout restore`).")] = False,
     runs: Annotated[bool, typer.Option("--runs", help="List every run recorded for the table: indexing, restores, cleanups.")] = False,
     as_json: JsonOption = False,
@@ -88,8 +89,10 @@ def info(
 
     uri = db_uri(db)
     options = storage_options(storage_option)
+    names = ChipStore(uri, "chips", options).table_names() if table is None else []
+    if table is None and len(names) == 1:
+        table = names[0]
     if table is None:
-        names = ChipStore(uri, "chips", options).table_names()
         if as_json:
             print_json({"db": uri, "tables": names})
         else:
@@ -175,11 +178,12 @@ def _index_lines(status: dict[str, Any]) -> list[str]:
 
 
 @app.command()
+@default_table
 def optimize(
     index_type: Annotated[Optional[str], typer.Option("--index-type", help="IVF_RQ (default), IVF_PQ or IVF_HNSW_SQ; another type than the table's rebuilds it.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain the vector index even if it is current.")] = False,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compact the table and build or update its vector and filter indexes."""
@@ -214,13 +218,14 @@ def optimize(
 
 
 @app.command()
+@default_table
 def refit(
     into: Annotated[str, typer.Option("--into", help="Name of the new table to write (must not exist).")],
     transform: Annotated[str, typer.Option("--transform", help="Transform spec to fit (see `chipscout eval --transform`), or 'default' for the encoder family's measured default.")] = "default",
     sample: Annotated[int, typer.Option("--sample", help="Fit on a seeded sample of this many raw vectors (0: all of them).")] = 100_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fit a new vector transform on a table's raw encoder vectors and write every chip, with its
@@ -281,10 +286,11 @@ def _show_versions(store, as_json: bool) -> None:
 
 
 @app.command()
+@default_table
 def restore(
     version: Annotated[int, typer.Option("--version", help="The version to go back to (see `chipscout info --versions`).")],
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Make an earlier version of a table current again (as a new version; nothing is deleted)."""
@@ -304,11 +310,12 @@ def restore(
 
 
 @app.command()
+@default_table
 def cleanup(
     older_than: Annotated[float, typer.Option("--older-than", help="Delete versions older than this many days (0: all but the current one).")],
     delete_unverified: Annotated[bool, typer.Option("--delete-unverified", help="Also delete files of writes that never committed (killed runs) younger than 7 days; only when nothing is writing.")] = False,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Delete a table's old versions (and compact its files). Readers on a deleted version fail."""
@@ -419,9 +426,10 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
 
 
 @app.command("app")
+@default_table
 def run_app(
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
     address: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     storage_option: StorageOption = None,
@@ -434,7 +442,7 @@ def run_app(
 def demo(
     no_app: Annotated[bool, typer.Option("--no-app", help="Only prepare and index the demo scene.")] = False,
     db: DbOption = None,
-    table: TableOption = "demo",
+    table: IndexTableOption = "demo",
     port: Annotated[int, typer.Option(help="Port for the app.")] = 8501,
     as_json: JsonOption = False,
 ) -> None:
