@@ -52,9 +52,11 @@ STRATEGIES = {
 DOWNLOADS = {"geojson": ("GeoJSON", "geojson", "application/geo+json"),
              "geoparquet": ("GeoParquet", "parquet", "application/vnd.apache.parquet")}
 # Material icons, not emoji: Streamlit ships their font, so they show on machines without emoji fonts.
-ICONS = {POSITIVE: ":material/thumb_up:", NEGATIVE: ":material/thumb_down:"}
-BADGES = {POSITIVE: ":green-badge[:material/thumb_up: positive]",
-          NEGATIVE: ":red-badge[:material/thumb_down: negative]", None: ":gray-badge[unlabelled]"}
+# Emoji, not Material icon names: a screen reader announces a Material icon by its ligature text
+# ("thumb_up"), and an emoji by its name ("thumbs up").
+ICONS = {POSITIVE: "👍", NEGATIVE: "👎"}
+BADGES = {POSITIVE: ":green-badge[👍 positive]", NEGATIVE: ":red-badge[👎 negative]",
+          None: ":gray-badge[unlabelled]"}
 #: The highlighted (current-label) button is green for positive, red for negative. Keyed elements
 #: carry an `st-key-<key>` class; label buttons' keys are `label-<grid>-<label>-<chip id>`.
 BUTTON_STYLE = """<style>
@@ -151,8 +153,9 @@ def sidebar(engine: SearchEngine) -> Seed | None:
             return "none (labelling off)"
         tally = counts.get(session_id, {})
         session = by_id[session_id]
-        return (f"{session.name} · {tally.get(POSITIVE, 0)} positive, {tally.get(NEGATIVE, 0)} negative · "
-                f"round {session.current_round}")
+        # Short, so the sidebar's box shows it whole; the caption below spells it out.
+        return (f"{session.name} ({tally.get(POSITIVE, 0)}+ {tally.get(NEGATIVE, 0)}− · "
+                f"r{session.current_round})")
 
     # The browser shows the text the option had when picked; setting the value again every run makes it
     # redraw the current text (counts, a rename from another tab). A value set this way wins over the
@@ -166,10 +169,12 @@ def sidebar(engine: SearchEngine) -> Seed | None:
 
     chosen = st.session_state.get(SESSION)
     if not chosen:
-        st.caption("Open or create a session to label chips: :material/thumb_up: / :material/thumb_down: buttons "
-                   "then appear under every thumbnail.")
+        st.caption("Open or create a session to label chips: 👍 / 👎 buttons then appear under every thumbnail.")
         return None
     session = by_id[chosen]
+    tally = counts.get(chosen, {})
+    st.caption(f"**{session.name}**: {tally.get(POSITIVE, 0)} positive, {tally.get(NEGATIVE, 0)} negative, "
+               f"round {session.current_round}")
     try:
         seed = Seed(store, session, {label.chip_id: label for label in store.labels(session)})
     except ChipscoutError as err:  # deleted between the two reads
@@ -245,7 +250,7 @@ def label_buttons(seed: Seed, chip_id: str, key: str, *, score: float | None = N
     st.markdown(BADGES[shown])
     for column, label in zip(st.columns(2, gap="small"), (POSITIVE, NEGATIVE)):
         active = shown == label
-        column.button("", icon=ICONS[label], key=f"label-{key}-{label}-{chip_id}",
+        column.button(ICONS[label], key=f"label-{key}-{label}-{chip_id}",
                       type="primary" if active else "secondary",
                       help=f"Clear the {label} label of {chip_id}" if active else f"Label {chip_id} {label}",
                       on_click=_label_clicked, width="stretch",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from datetime import date
@@ -197,8 +198,18 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                     if seed is not None:
                         labelling.label_buttons(seed, chip.chip_id, button_prefix, strategy=strategy,
                                                 score=(scores or {}).get(chip.chip_id))
-                    st.button("Use as example", key=f"{button_prefix}-{chip.chip_id}", help=chip.chip_id,
+                    st.button(f"Use {short_chip_name(chip.chip_id)} as example", key=f"{button_prefix}-{chip.chip_id}",
+                              help=chip.chip_id,
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def short_chip_name(chip_id: str) -> str:
+    """What tells a chip from its neighbours in a grid, for its button's label (screen readers read
+    the label, not the tooltip): `r720 c1280` for chipscout's ids, else the id's last 24 characters."""
+    grid = re.search(r"_r(\d+)_c(\d+)_s\d+$", chip_id)
+    if grid:
+        return f"r{int(grid.group(1))} c{int(grid.group(2))}"
+    return chip_id if len(chip_id) <= 24 else "…" + chip_id[-23:]
 
 
 def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[ChipRecord], captions: list[str],
@@ -371,6 +382,7 @@ if query is not None:
         st.subheader("Look-alikes")
         # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter, sketch (warm, large tables).
         method = getattr(response, "method", "ann" if response.used_index else "exact")
+        method = method.removesuffix("+expanded:0")  # nothing was found to fold in: a plain search
         cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
         st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
                    f"table version {response.table_version}")

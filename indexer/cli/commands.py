@@ -406,12 +406,9 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
     env = None
     if storage_options:  # the app's stores read them from the environment
         env = {**os.environ, STORAGE_OPTIONS_ENV: json.dumps(storage_options)}
-    from chipscout import app as app_package
+    from chipscout.app import streamlit_command
 
-    script = Path(app_package.__file__).resolve().with_name("main.py")
-    command = [sys.executable, "-m", "streamlit", "run", str(script),
-               "--server.address", address, "--server.port", str(port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false", "--", "--db", db_uri, "--table", table]
+    command = streamlit_command(db_uri, table, port, address)
     typer.echo(f"chipscout app on http://{address}:{port}  (Ctrl+C to stop)")
     if os.name == "posix":
         # Become the server: a supervisor's SIGTERM (`docker stop`) or Ctrl+C then reaches Streamlit

@@ -159,7 +159,8 @@ def test_two_rounds_of_labelling_end_in_both_downloads(open_app, engine, store, 
     second = grid_ids(at, "proposal")
     expected = {**seeded, first[0]: "positive", first[1]: "negative", first[2]: "negative", first[4]: "positive"}
     assert len(second) == 12 and not set(second) & set(expected)
-    assert "two rounds · 5 positive, 4 negative · round 2" in at.selectbox(key="label_session").options
+    assert "two rounds (5+ 4− · r2)" in at.selectbox(key="label_session").options
+    assert "**two rounds**: 5 positive, 4 negative, round 2" in texts(at.caption)
 
     # What the store holds: every label, with the round and ranking it came from.
     labels = {x.chip_id: x for x in store.labels(session)}
@@ -234,7 +235,7 @@ def test_rename_then_delete_with_a_confirmation(open_app, store):
     session = store.create_session("to delete")
     store.set_labels(session, {QUERY: "positive", "cut-june_r000000_c000000_s64": "negative"})
     at = open_session(open_app(chip=QUERY), session)
-    assert "to delete · 1 positive, 1 negative · round 0" in at.selectbox(key="label_session").options
+    assert "to delete (1+ 1− · r0)" in at.selectbox(key="label_session").options
 
     at.text_input(key="label_rename_to").input("renamed")
     click(at, "Rename")
