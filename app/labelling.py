@@ -440,8 +440,8 @@ def _proposals(seed: Seed, grid: Callable[..., None]) -> None:
         st.warning("Nothing to propose: every chip the ranking reaches is labelled already.")
         return
     done = sum(seed.label_of(p.chip.chip_id) is not None for p in proposals.proposals)
-    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them with :material/thumb_up: / "
-               ":material/thumb_down:, then click Next round.")
+    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them with 👍 / 👎, "
+               "then click Next round.")
     captions = [f"**{p.rank}.** {p.score:.3f}" + (" · uncertain" if p.kind == "uncertain" else "")
                 for p in proposals.proposals]
     grid([p.chip for p in proposals.proposals], captions, "proposal",

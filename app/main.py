@@ -215,6 +215,13 @@ def short_chip_name(chip_id: str) -> str:
 def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[ChipRecord], captions: list[str],
                    key: str, scores: dict[str, float], strategy: str) -> None:
     pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in chips))
+    if chips:
+        st.caption("Map: this round's proposals, orange until labelled, then green (positive) or red "
+                   "(negative). Click one to search from it.")
+        # `basemap_url`: the page's, checked above before the labelling panel draws this.
+        show_map(maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
+                                     st.session_state.map_thumbnails),
+                 f"{key}-map", (maps.PROPOSALS_LAYER,), f"Map of {len(chips)} proposals of this round")
     thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy)
 
 

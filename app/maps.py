@@ -22,7 +22,7 @@ from chipscout.indexer.search import ChipRecord, SearchResult
 from chipscout.indexer.seedsets import NEGATIVE, POSITIVE
 
 #: Layer ids the page reads selections from.
-RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER = "results", "query", "chips"
+RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER, PROPOSALS_LAYER = "results", "query", "chips", "proposals"
 OSM_TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 #: Viridis stops, low to high similarity.
 _RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
@@ -239,6 +239,28 @@ def overview_deck(chips: Sequence[ChipRecord], small_pngs: Mapping[str, bytes] |
     # Highlighted last, so their outlines draw on top.
     rows.sort(key=lambda row: row["chip_id"] in marked)
     layers.append(_polygon_layer(CHIPS_LAYER, rows, 1))
+    return _deck(layers, chips, basemap_url, width_px)
+
+
+def proposals_deck(chips: Sequence[ChipRecord], captions: Sequence[str], thumbnails: Mapping[str, bytes | None],
+                   labels: Mapping[str, str], basemap_url: str | None = None, show_thumbnails: bool = True,
+                   context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None,
+                   width_px: int = 900) -> pdk.Deck:
+    """A round's proposals where they lie: over their thumbnails, outlined orange until labelled,
+    then green / red (`labels`), on a faded mosaic of other chips (`context`); `captions` (rank,
+    score) are their tooltips."""
+    layers = []
+    if show_thumbnails and context and context_pngs:
+        layers.append(mosaic_layer(context, context_pngs, opacity=0.45))
+    if show_thumbnails:
+        layers += thumbnail_layers(chips, thumbnails)
+    rows = []
+    for chip, caption in zip(chips, captions):
+        label = labels.get(chip.chip_id)
+        colour = LABEL_COLOURS.get(label, GALLERY_COLOUR)
+        text = caption.replace("*", "") + (f" · labelled {label}" if label else " · click to search from it")
+        rows.append(_row(chip, colour, text, LABEL_FILL_ALPHA if label else 30))
+    layers.append(_polygon_layer(PROPOSALS_LAYER, rows, 2))
     return _deck(layers, chips, basemap_url, width_px)
 
 

@@ -147,6 +147,14 @@ def test_two_rounds_of_labelling_end_in_both_downloads(open_app, engine, store, 
     assert at.button(key=f"label-proposal-positive-{first[3]}").proto.type == "secondary"
     label(at, "proposal", "positive", first[4])
     assert "4 of 12 labelled" in texts(at.caption)
+    # The round's proposals are on their own map too, labelled ones in their label's colour.
+    from tests.app.test_app import decks, layer
+
+    (on_map,) = [layer(d, "proposals")["data"] for d in decks(at) if layer(d, "proposals")]
+    by_id = {row["chip_id"]: row for row in on_map}
+    assert list(by_id) == first
+    assert by_id[first[0]]["line"] == [46, 125, 50, 255] and by_id[first[1]]["line"] == [198, 40, 40, 255]
+    assert by_id[first[5]]["line"][:3] == [255, 140, 0] and "click to search" in by_id[first[5]]["label"]
 
     # Round 2: four of each, so the classifier ranks, and the figures are defined.
     click(at, "Next round ▶")
