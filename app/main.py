@@ -67,7 +67,10 @@ def chip_record(db_uri: str, table: str, row_count: int, chip_id: str) -> ChipRe
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def gallery_page(db_uri: str, table: str, row_count: int, seed: int, page: int) -> list[ChipRecord]:
-    return search_engine(db_uri, table).sample(GALLERY_SIZE, seed=seed, offset=page * GALLERY_SIZE)
+    engine = search_engine(db_uri, table)
+    if page == 0:  # one chip of each kind of place first (k-means on the vectors), then random pages
+        return engine.diverse_sample(GALLERY_SIZE, seed=seed)
+    return engine.sample(GALLERY_SIZE, seed=seed, offset=page * GALLERY_SIZE)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -450,7 +453,8 @@ previous_column, next_column, shuffle_column, page_column = st.columns([1, 1, 1,
 previous_column.button("◀ Previous", on_click=turn_gallery, args=(pages, -1), width="stretch")
 next_column.button("Next ▶", on_click=turn_gallery, args=(pages, 1), width="stretch")
 shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
-page_column.caption(f"Random sample, page {page + 1} of {pages}")
+page_column.caption(f"One chip of each kind (clusters of the vectors), page 1 of {pages}" if page == 0
+                    else f"Random sample, page {page + 1} of {pages}")
 gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
 gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
 thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs, seed)
