@@ -52,11 +52,10 @@ STRATEGIES = {
 DOWNLOADS = {"geojson": ("GeoJSON", "geojson", "application/geo+json"),
              "geoparquet": ("GeoParquet", "parquet", "application/vnd.apache.parquet")}
 # Material icons, not emoji: Streamlit ships their font, so they show on machines without emoji fonts.
-# Emoji, not Material icon names: a screen reader announces a Material icon by its ligature text
-# ("thumb_up"), and an emoji by its name ("thumbs up").
-ICONS = {POSITIVE: "👍", NEGATIVE: "👎"}
-BADGES = {POSITIVE: ":green-badge[👍 positive]", NEGATIVE: ":red-badge[👎 negative]",
-          None: ":gray-badge[unlabelled]"}
+# Words, not Material icons: a screen reader announces an icon by its ligature text ("thumb_up"),
+# and emoji need a font that headless and minimal Linux browsers lack.
+ICONS = {POSITIVE: "Yes", NEGATIVE: "No"}
+BADGES = {POSITIVE: ":green-badge[positive]", NEGATIVE: ":red-badge[negative]", None: ":gray-badge[unlabelled]"}
 #: The highlighted (current-label) button is green for positive, red for negative. Keyed elements
 #: carry an `st-key-<key>` class; label buttons' keys are `label-<grid>-<label>-<chip id>`.
 BUTTON_STYLE = """<style>
@@ -169,7 +168,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
 
     chosen = st.session_state.get(SESSION)
     if not chosen:
-        st.caption("Open or create a session to label chips: 👍 / 👎 buttons then appear under every thumbnail.")
+        st.caption("Open or create a session to label chips: Yes / No buttons (positive / negative) then appear under every thumbnail.")
         return None
     session = by_id[chosen]
     tally = counts.get(chosen, {})
@@ -207,8 +206,8 @@ def _create_session(store: LabelStore) -> None:
         return
     st.session_state[SESSION] = session.session_id
     st.session_state.label_new_name = ""
-    notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the :material/thumb_up: / "
-                      ":material/thumb_down: buttons under any thumbnail, then click Next round.")
+    notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the Yes / No "
+                      "buttons under any thumbnail, then click Next round.")
 
 
 def _rename_session(store: LabelStore, session: Session) -> None:
@@ -440,8 +439,8 @@ def _proposals(seed: Seed, grid: Callable[..., None]) -> None:
         st.warning("Nothing to propose: every chip the ranking reaches is labelled already.")
         return
     done = sum(seed.label_of(p.chip.chip_id) is not None for p in proposals.proposals)
-    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them with 👍 / 👎, "
-               "then click Next round.")
+    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them Yes (positive) or No "
+               "(negative), then click Next round.")
     captions = [f"**{p.rank}.** {p.score:.3f}" + (" · uncertain" if p.kind == "uncertain" else "")
                 for p in proposals.proposals]
     grid([p.chip for p in proposals.proposals], captions, "proposal",

@@ -184,7 +184,7 @@ def similarity_threshold(similarities: list[float]) -> float | None:
 def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[str], button_prefix: str,
                    pngs: dict[str, bytes | None], seed: labelling.Seed | None = None,
                    scores: dict[str, float] | None = None, strategy: str | None = None) -> None:
-    """Thumbnails with captions and a "Use as example" button; with a labelling session open, also
+    """Thumbnails with captions and a "Use <chip>" button (it makes the chip the example); with a labelling session open, also
     each chip's label and thumbs-up / thumbs-down buttons (`scores`, `strategy`: the ranking the chips
     are shown from, stored with their labels)."""
     with st.container(key=container_key):
@@ -201,18 +201,18 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                     if seed is not None:
                         labelling.label_buttons(seed, chip.chip_id, button_prefix, strategy=strategy,
                                                 score=(scores or {}).get(chip.chip_id))
-                    st.button(f"Use {short_chip_name(chip.chip_id)} as example", key=f"{button_prefix}-{chip.chip_id}",
-                              help=chip.chip_id,
+                    st.button(f"Use {short_chip_name(chip.chip_id)}", key=f"{button_prefix}-{chip.chip_id}",
+                              help=f"Use {chip.chip_id} as the example",
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
 
 
 def short_chip_name(chip_id: str) -> str:
     """What tells a chip from its neighbours in a grid, for its button's label (screen readers read
-    the label, not the tooltip): `r720 c1280` for chipscout's ids, else the id's last 24 characters."""
+    the label, not the tooltip): `r720 c1280` for chipscout's ids, else the id's last 16 characters."""
     grid = re.search(r"_r(\d+)_c(\d+)_s\d+$", chip_id)
     if grid:
         return f"r{int(grid.group(1))} c{int(grid.group(2))}"
-    return chip_id if len(chip_id) <= 24 else "…" + chip_id[-23:]
+    return chip_id if len(chip_id) <= 16 else "…" + chip_id[-15:]
 
 
 def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[ChipRecord], captions: list[str],
