@@ -52,9 +52,10 @@ STRATEGIES = {
 DOWNLOADS = {"geojson": ("GeoJSON", "geojson", "application/geo+json"),
              "geoparquet": ("GeoParquet", "parquet", "application/vnd.apache.parquet")}
 # Material icons, not emoji: Streamlit ships their font, so they show on machines without emoji fonts.
-ICONS = {POSITIVE: ":material/thumb_up:", NEGATIVE: ":material/thumb_down:"}
-BADGES = {POSITIVE: ":green-badge[:material/thumb_up: positive]",
-          NEGATIVE: ":red-badge[:material/thumb_down: negative]", None: ":gray-badge[unlabelled]"}
+# Words, not Material icons: a screen reader announces an icon by its ligature text ("thumb_up"),
+# and emoji need a font that headless and minimal Linux browsers lack.
+ICONS = {POSITIVE: "Yes", NEGATIVE: "No"}
+BADGES = {POSITIVE: ":green-badge[positive]", NEGATIVE: ":red-badge[negative]", None: ":gray-badge[unlabelled]"}
 #: The highlighted (current-label) button is green for positive, red for negative. Keyed elements
 #: carry an `st-key-<key>` class; label buttons' keys are `label-<grid>-<label>-<chip id>`.
 BUTTON_STYLE = """<style>
@@ -151,8 +152,9 @@ def sidebar(engine: SearchEngine) -> Seed | None:
             return "none (labelling off)"
         tally = counts.get(session_id, {})
         session = by_id[session_id]
-        return (f"{session.name} · {tally.get(POSITIVE, 0)} positive, {tally.get(NEGATIVE, 0)} negative · "
-                f"round {session.current_round}")
+        # Short, so the sidebar's box shows it whole; the caption below spells it out.
+        return (f"{session.name} ({tally.get(POSITIVE, 0)}+ {tally.get(NEGATIVE, 0)}− · "
+                f"r{session.current_round})")
 
     # The browser shows the text the option had when picked; setting the value again every run makes it
     # redraw the current text (counts, a rename from another tab). A value set this way wins over the
@@ -166,10 +168,12 @@ def sidebar(engine: SearchEngine) -> Seed | None:
 
     chosen = st.session_state.get(SESSION)
     if not chosen:
-        st.caption("Open or create a session to label chips: :material/thumb_up: / :material/thumb_down: buttons "
-                   "then appear under every thumbnail.")
+        st.caption("Open or create a session to label chips: Yes / No buttons (positive / negative) then appear under every thumbnail.")
         return None
     session = by_id[chosen]
+    tally = counts.get(chosen, {})
+    st.caption(f"**{session.name}**: {tally.get(POSITIVE, 0)} positive, {tally.get(NEGATIVE, 0)} negative, "
+               f"round {session.current_round}")
     try:
         seed = Seed(store, session, {label.chip_id: label for label in store.labels(session)})
     except ChipscoutError as err:  # deleted between the two reads
@@ -202,8 +206,8 @@ def _create_session(store: LabelStore) -> None:
         return
     st.session_state[SESSION] = session.session_id
     st.session_state.label_new_name = ""
-    notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the :material/thumb_up: / "
-                      ":material/thumb_down: buttons under any thumbnail, then click Next round.")
+    notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the Yes / No "
+                      "buttons under any thumbnail, then click Next round.")
 
 
 def _rename_session(store: LabelStore, session: Session) -> None:
@@ -245,7 +249,7 @@ def label_buttons(seed: Seed, chip_id: str, key: str, *, score: float | None = N
     st.markdown(BADGES[shown])
     for column, label in zip(st.columns(2, gap="small"), (POSITIVE, NEGATIVE)):
         active = shown == label
-        column.button("", icon=ICONS[label], key=f"label-{key}-{label}-{chip_id}",
+        column.button(ICONS[label], key=f"label-{key}-{label}-{chip_id}",
                       type="primary" if active else "secondary",
                       help=f"Clear the {label} label of {chip_id}" if active else f"Label {chip_id} {label}",
                       on_click=_label_clicked, width="stretch",
@@ -435,8 +439,8 @@ def _proposals(seed: Seed, grid: Callable[..., None]) -> None:
         st.warning("Nothing to propose: every chip the ranking reaches is labelled already.")
         return
     done = sum(seed.label_of(p.chip.chip_id) is not None for p in proposals.proposals)
-    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them with :material/thumb_up: / "
-               ":material/thumb_down:, then click Next round.")
+    st.caption(f"{done} of {len(proposals.proposals)} labelled. Label them Yes (positive) or No "
+               "(negative), then click Next round.")
     captions = [f"**{p.rank}.** {p.score:.3f}" + (" · uncertain" if p.kind == "uncertain" else "")
                 for p in proposals.proposals]
     grid([p.chip for p in proposals.proposals], captions, "proposal",

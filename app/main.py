@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from datetime import date
@@ -66,7 +67,10 @@ def chip_record(db_uri: str, table: str, row_count: int, chip_id: str) -> ChipRe
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def gallery_page(db_uri: str, table: str, row_count: int, seed: int, page: int) -> list[ChipRecord]:
-    return search_engine(db_uri, table).sample(GALLERY_SIZE, seed=seed, offset=page * GALLERY_SIZE)
+    engine = search_engine(db_uri, table)
+    if page == 0:  # one chip of each kind of place first (k-means on the vectors), then random pages
+        return engine.diverse_sample(GALLERY_SIZE, seed=seed)
+    return engine.sample(GALLERY_SIZE, seed=seed, offset=page * GALLERY_SIZE)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -180,7 +184,7 @@ def similarity_threshold(similarities: list[float]) -> float | None:
 def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[str], button_prefix: str,
                    pngs: dict[str, bytes | None], seed: labelling.Seed | None = None,
                    scores: dict[str, float] | None = None, strategy: str | None = None) -> None:
-    """Thumbnails with captions and a "Use as example" button; with a labelling session open, also
+    """Thumbnails with captions and a "Use <chip>" button (it makes the chip the example); with a labelling session open, also
     each chip's label and thumbs-up / thumbs-down buttons (`scores`, `strategy`: the ranking the chips
     are shown from, stored with their labels)."""
     with st.container(key=container_key):
@@ -197,13 +201,30 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                     if seed is not None:
                         labelling.label_buttons(seed, chip.chip_id, button_prefix, strategy=strategy,
                                                 score=(scores or {}).get(chip.chip_id))
-                    st.button("Use as example", key=f"{button_prefix}-{chip.chip_id}", help=chip.chip_id,
+                    st.button(f"Use {short_chip_name(chip.chip_id)}", key=f"{button_prefix}-{chip.chip_id}",
+                              help=f"Use {chip.chip_id} as the example",
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def short_chip_name(chip_id: str) -> str:
+    """What tells a chip from its neighbours in a grid, for its button's label (screen readers read
+    the label, not the tooltip): `r720 c1280` for chipscout's ids, else the id's last 16 characters."""
+    grid = re.search(r"_r(\d+)_c(\d+)_s\d+$", chip_id)
+    if grid:
+        return f"r{int(grid.group(1))} c{int(grid.group(2))}"
+    return chip_id if len(chip_id) <= 16 else "…" + chip_id[-15:]
 
 
 def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[ChipRecord], captions: list[str],
                    key: str, scores: dict[str, float], strategy: str) -> None:
     pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in chips))
+    if chips:
+        st.caption("Map: this round's proposals, orange until labelled, then green (positive) or red "
+                   "(negative). Click one to search from it.")
+        # `basemap_url`: the page's, checked above before the labelling panel draws this.
+        show_map(maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
+                                     st.session_state.map_thumbnails),
+                 f"{key}-map", (maps.PROPOSALS_LAYER,), f"Map of {len(chips)} proposals of this round")
     thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy)
 
 
@@ -371,6 +392,7 @@ if query is not None:
         st.subheader("Look-alikes")
         # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter, sketch (warm, large tables).
         method = getattr(response, "method", "ann" if response.used_index else "exact")
+        method = method.removesuffix("+expanded:0")  # nothing was found to fold in: a plain search
         cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
         st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
                    f"table version {response.table_version}")
@@ -431,7 +453,8 @@ previous_column, next_column, shuffle_column, page_column = st.columns([1, 1, 1,
 previous_column.button("◀ Previous", on_click=turn_gallery, args=(pages, -1), width="stretch")
 next_column.button("Next ▶", on_click=turn_gallery, args=(pages, 1), width="stretch")
 shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
-page_column.caption(f"Random sample, page {page + 1} of {pages}")
+page_column.caption(f"One chip of each kind (clusters of the vectors), page 1 of {pages}" if page == 0
+                    else f"Random sample, page {page + 1} of {pages}")
 gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
 gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
 thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs, seed)

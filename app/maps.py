@@ -22,7 +22,7 @@ from chipscout.indexer.search import ChipRecord, SearchResult
 from chipscout.indexer.seedsets import NEGATIVE, POSITIVE
 
 #: Layer ids the page reads selections from.
-RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER = "results", "query", "chips"
+RESULTS_LAYER, QUERY_LAYER, CHIPS_LAYER, PROPOSALS_LAYER = "results", "query", "chips", "proposals"
 OSM_TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 #: Viridis stops, low to high similarity.
 _RAMP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
@@ -36,7 +36,11 @@ LABEL_FILL_ALPHA = 110
 #: Side of the small thumbnails drawn as a mosaic under the maps (about 1 KB each as PNG).
 MOSAIC_SIZE_PX = 24
 MAP_HEIGHT_PX = 520
-_TOOLTIP_STYLE = {"backgroundColor": "#222", "color": "#fff", "fontSize": "12px"}
+# The template is HTML and each {field} is put in as text: the chip id gets its own line, and a long
+# id wraps inside the map instead of running off its edge.
+_TOOLTIP_HTML = "{label}<br/>{chip_id}"
+_TOOLTIP_STYLE = {"backgroundColor": "#222", "color": "#fff", "fontSize": "12px", "maxWidth": "260px",
+                  "whiteSpace": "normal", "overflowWrap": "anywhere"}
 
 
 def basemap_style(url: str | None) -> str | None:
@@ -125,10 +129,10 @@ def result_rows(results: Sequence[SearchResult], labels: Mapping[str, str] | Non
         label = (labels or {}).get(r.chip.chip_id)
         text = f"#{r.rank} · similarity {r.similarity:.4f} · {_date(r.chip)}"
         if label in LABEL_COLOURS:
-            rows.append(_row(r.chip, LABEL_COLOURS[label], f"{text} · labelled {label}<br/>{r.chip.chip_id}",
+            rows.append(_row(r.chip, LABEL_COLOURS[label], f"{text} · labelled {label}",
                              LABEL_FILL_ALPHA))
         else:
-            rows.append(_row(r.chip, similarity_colour(r.similarity, low, high), f"{text}<br/>{r.chip.chip_id}", 40))
+            rows.append(_row(r.chip, similarity_colour(r.similarity, low, high), text, 40))
     return rows
 
 
@@ -194,7 +198,7 @@ def _deck(layers: list[pdk.Layer], chips: Sequence[ChipRecord], basemap_url: str
     map_options = {"map_provider": "carto", "map_style": style} if style else {"map_provider": None}
     return pdk.Deck(layers=layers, initial_view_state=pdk.ViewState(
         longitude=view.longitude, latitude=view.latitude, zoom=view.zoom, pitch=0, bearing=0),
-        tooltip={"html": "{label}", "style": _TOOLTIP_STYLE}, **map_options)
+        tooltip={"html": _TOOLTIP_HTML, "style": _TOOLTIP_STYLE}, **map_options)
 
 
 def _polygon_layer(layer_id: str, rows: list[dict], line_width_px: float) -> pdk.Layer:
@@ -218,7 +222,7 @@ def results_deck(query: ChipRecord, results: Sequence[SearchResult], thumbnails:
         layers += thumbnail_layers(chips, thumbnails)
     layers.append(_polygon_layer(RESULTS_LAYER, result_rows(results, labels), 2))
     layers.append(_polygon_layer(QUERY_LAYER, [
-        _row(query, QUERY_COLOUR, f"example · {_date(query)}<br/>{query.chip_id}", 30)], 3))
+        _row(query, QUERY_COLOUR, f"example · {_date(query)}", 30)], 3))
     return _deck(layers, chips, basemap_url, width_px)
 
 
@@ -228,13 +232,35 @@ def overview_deck(chips: Sequence[ChipRecord], small_pngs: Mapping[str, bytes] |
     `highlighted` chips (the gallery page) are outlined in orange."""
     layers = [mosaic_layer(chips, small_pngs)] if small_pngs else []
     marked = set(highlighted)
-    rows = [_row(chip, GALLERY_COLOUR, f"{chip.chip_id}<br/>{_date(chip)} · in the gallery", 10)
+    rows = [_row(chip, GALLERY_COLOUR, f"{_date(chip)} · in the gallery", 10)
             if chip.chip_id in marked else
-            _row(chip, CHIP_COLOUR, f"{chip.chip_id}<br/>{_date(chip)} · click to search", 10, line_alpha=70)
+            _row(chip, CHIP_COLOUR, f"{_date(chip)} · click to search", 10, line_alpha=70)
             for chip in chips]
     # Highlighted last, so their outlines draw on top.
     rows.sort(key=lambda row: row["chip_id"] in marked)
     layers.append(_polygon_layer(CHIPS_LAYER, rows, 1))
+    return _deck(layers, chips, basemap_url, width_px)
+
+
+def proposals_deck(chips: Sequence[ChipRecord], captions: Sequence[str], thumbnails: Mapping[str, bytes | None],
+                   labels: Mapping[str, str], basemap_url: str | None = None, show_thumbnails: bool = True,
+                   context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None,
+                   width_px: int = 900) -> pdk.Deck:
+    """A round's proposals where they lie: over their thumbnails, outlined orange until labelled,
+    then green / red (`labels`), on a faded mosaic of other chips (`context`); `captions` (rank,
+    score) are their tooltips."""
+    layers = []
+    if show_thumbnails and context and context_pngs:
+        layers.append(mosaic_layer(context, context_pngs, opacity=0.45))
+    if show_thumbnails:
+        layers += thumbnail_layers(chips, thumbnails)
+    rows = []
+    for chip, caption in zip(chips, captions):
+        label = labels.get(chip.chip_id)
+        colour = LABEL_COLOURS.get(label, GALLERY_COLOUR)
+        text = caption.replace("*", "") + (f" · labelled {label}" if label else " · click to search from it")
+        rows.append(_row(chip, colour, text, LABEL_FILL_ALPHA if label else 30))
+    layers.append(_polygon_layer(PROPOSALS_LAYER, rows, 2))
     return _deck(layers, chips, basemap_url, width_px)
 
 

@@ -14,14 +14,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
-APP_SCRIPT = Path(__file__).resolve().with_name("main.py")
+from chipscout.app import streamlit_command
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 #: SwiftShader gives WebGL (for deck.gl) without a GPU; the rest keeps the run offline and quiet.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -46,9 +45,7 @@ def serve_app(db_uri: str, table: str, port: int | None = None, log_path: Path |
               timeout_s: float = 90.0, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run `streamlit run app/main.py` on 127.0.0.1 and yield its base URL; stops it afterwards."""
     port = port or free_port()
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.address", "127.0.0.1",
-               "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer", "--", "--db", db_uri, "--table", table]
+    command = streamlit_command(db_uri, table, port, "127.0.0.1", "--server.fileWatcherType", "none")
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base_url = f"http://127.0.0.1:{port}"

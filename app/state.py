@@ -212,8 +212,8 @@ def describe_filters(settings: Settings) -> list[str]:
         parts.append("excluding chips that overlap the example")
     if settings.spread_km > 0:
         parts.append(f"at most {settings.per_cell} per {settings.spread_km:g} km cell")
-    if settings.expand:
-        parts.append(f"query expanded with its {settings.expand} nearest results")
+    # Query expansion is left out: it folds in results the filters found, so with none it folds
+    # none (the caption says 0), and it never makes a search find nothing.
     return parts
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from affine import Affine
-from pyproj import Transformer
-from pyproj.exceptions import CRSError, ProjError
-from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
 from chipscout.indexer.errors import ChipSpecError, QueryError, SourceError
+
+if TYPE_CHECKING:  # rasterio and pyproj only where a raster is read: a search starts without them
+    from rasterio.crs import CRS
 
 #: The one grammar of chip ids (and of the source ids they start with) that searches, seed sets
 #: and the app accept: letters, digits and _ . : / -, at most 200 characters. The ids chipscout
@@ -79,6 +79,9 @@ class FootprintProjector:
     def __init__(self, crs: CRS, transform: Affine, where: str = "raster"):
         if crs is None:
             raise SourceError(f"{where}: raster has no CRS (unknown coordinate reference system)")
+        from pyproj import Transformer
+        from pyproj.exceptions import CRSError, ProjError
+
         try:
             self._to_lonlat = Transformer.from_crs(crs.to_wkt(), "EPSG:4326", always_xy=True)
             lon, lat = self._to_lonlat.transform(transform.c, transform.f, errcheck=True)

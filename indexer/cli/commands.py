@@ -15,12 +15,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from chipscout.encoders.base import EncoderError
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
-                                           StorageOption, TableOption, db_uri, encoder_choice, print_json,
+                                           StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
                                            report_summary, split, storage_options)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -36,6 +35,7 @@ app.add_typer(index_app, name="index")
 
 # ----------------------------------------------------------------------------- search / info
 @app.command()
+@default_table
 def search(
     chip_id: Annotated[str, typer.Argument(help="The example chip's id.")],
     k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.")] = 10,
@@ -49,7 +49,7 @@ def search(
     spread_km: Annotated[float, typer.Option("--spread-km", help="Spread the results: at most --per-cell per grid cell of this size in km; 0 turns spreading off.")] = 0.0,
     per_cell: Annotated[int, typer.Option("--per-cell", help="Results per grid cell when spreading (--spread-km).")] = 1,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
@@ -76,7 +76,7 @@ def search(
 @app.command()
 def info(
     db: DbOption = None,
-    table: Annotated[Optional[str], typer.Option("--table", help="Chip table (default: list the tables).")] = None,
+    table: Annotated[Optional[str], typer.Option("--table", help="Chip table (default: the database's only one; with several, list them).")] = None,
     versions: Annotated[bool, typer.Option("--versions", help="List the table's versions (see `chipscout restore`).")] = False,
     runs: Annotated[bool, typer.Option("--runs", help="List every run recorded for the table: indexing, restores, cleanups.")] = False,
     as_json: JsonOption = False,
@@ -89,8 +89,10 @@ def info(
 
     uri = db_uri(db)
     options = storage_options(storage_option)
+    names = ChipStore(uri, "chips", options).table_names() if table is None else []
+    if table is None and len(names) == 1:
+        table = names[0]
     if table is None:
-        names = ChipStore(uri, "chips", options).table_names()
         if as_json:
             print_json({"db": uri, "tables": names})
         else:
@@ -176,11 +178,12 @@ def _index_lines(status: dict[str, Any]) -> list[str]:
 
 
 @app.command()
+@default_table
 def optimize(
     index_type: Annotated[Optional[str], typer.Option("--index-type", help="IVF_RQ (default), IVF_PQ or IVF_HNSW_SQ; another type than the table's rebuilds it.")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain the vector index even if it is current.")] = False,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Compact the table and build or update its vector and filter indexes."""
@@ -215,13 +218,14 @@ def optimize(
 
 
 @app.command()
+@default_table
 def refit(
     into: Annotated[str, typer.Option("--into", help="Name of the new table to write (must not exist).")],
     transform: Annotated[str, typer.Option("--transform", help="Transform spec to fit (see `chipscout eval --transform`), or 'default' for the encoder family's measured default.")] = "default",
     sample: Annotated[int, typer.Option("--sample", help="Fit on a seeded sample of this many raw vectors (0: all of them).")] = 100_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fit a new vector transform on a table's raw encoder vectors and write every chip, with its
@@ -282,10 +286,11 @@ def _show_versions(store, as_json: bool) -> None:
 
 
 @app.command()
+@default_table
 def restore(
     version: Annotated[int, typer.Option("--version", help="The version to go back to (see `chipscout info --versions`).")],
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Make an earlier version of a table current again (as a new version; nothing is deleted)."""
@@ -305,11 +310,12 @@ def restore(
 
 
 @app.command()
+@default_table
 def cleanup(
     older_than: Annotated[float, typer.Option("--older-than", help="Delete versions older than this many days (0: all but the current one).")],
     delete_unverified: Annotated[bool, typer.Option("--delete-unverified", help="Also delete files of writes that never committed (killed runs) younger than 7 days; only when nothing is writing.")] = False,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Delete a table's old versions (and compact its files). Readers on a deleted version fail."""
@@ -400,12 +406,9 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
     env = None
     if storage_options:  # the app's stores read them from the environment
         env = {**os.environ, STORAGE_OPTIONS_ENV: json.dumps(storage_options)}
-    from chipscout import app as app_package
+    from chipscout.app import streamlit_command
 
-    script = Path(app_package.__file__).resolve().with_name("main.py")
-    command = [sys.executable, "-m", "streamlit", "run", str(script),
-               "--server.address", address, "--server.port", str(port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false", "--", "--db", db_uri, "--table", table]
+    command = streamlit_command(db_uri, table, port, address)
     typer.echo(f"chipscout app on http://{address}:{port}  (Ctrl+C to stop)")
     if os.name == "posix":
         # Become the server: a supervisor's SIGTERM (`docker stop`) or Ctrl+C then reaches Streamlit
@@ -420,9 +423,10 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
 
 
 @app.command("app")
+@default_table
 def run_app(
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: TableOption = None,
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
     address: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     storage_option: StorageOption = None,
@@ -435,7 +439,7 @@ def run_app(
 def demo(
     no_app: Annotated[bool, typer.Option("--no-app", help="Only prepare and index the demo scene.")] = False,
     db: DbOption = None,
-    table: TableOption = "demo",
+    table: IndexTableOption = "demo",
     port: Annotated[int, typer.Option(help="Port for the app.")] = 8501,
     as_json: JsonOption = False,
 ) -> None:
@@ -455,9 +459,21 @@ app.command("export")(export_command)
 def main() -> None:
     try:
         app()
-    except (ChipscoutError, EncoderError) as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(1)
+
+
+def _is_user_error(err: Exception) -> bool:
+    """A ChipscoutError or an encoder's EncoderError. The encoders package imports torch, so it is
+    looked up only if a command already imported it: an EncoderError cannot be raised otherwise,
+    and `chipscout --help`, search, info, label and export start without torch."""
+    if isinstance(err, ChipscoutError):
+        return True
+    encoder_errors = sys.modules.get("chipscout.encoders.errors")
+    return encoder_errors is not None and isinstance(err, encoder_errors.EncoderError)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import typer
 
 from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
                                            JsonOption, MaxChipsOpt, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
-                                           StorageOption, StrideOpt, TableOption, TimeoutOpt, failures_reported, index_job, print_json,
+                                           StorageOption, StrideOpt, IndexTableOption, TimeoutOpt, failures_reported, index_job, print_json,
                                            report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -39,7 +39,7 @@ def index_files(
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = None,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: IndexTableOption = "chips",
     as_json: JsonOption = False,
     progress: ProgressOpt = True,
     commit_every: Annotated[int, typer.Option("--commit-every", help="Chips per atomic commit; a killed run loses at most this many.")] = 512,
@@ -91,7 +91,7 @@ def index_stac(
     read_workers: Annotated[int, typer.Option("--read-workers", help="Items read at once, each by its own thread (reads wait on the network).")] = 4,
     device: DeviceOpt = None,
     db: DbOption = None,
-    table: TableOption = "chips",
+    table: IndexTableOption = "chips",
     as_json: JsonOption = False,
     progress: ProgressOpt = True,
     cluster: ClusterOption = None,

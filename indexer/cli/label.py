@@ -13,7 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from chipscout.indexer.cli.options import DbOption, JsonOption, StorageOption, TableOption, db_uri, storage_options
+from chipscout.indexer.cli.options import (DbOption, JsonOption, StorageOption, TableOption, db_uri, default_table,
+                                           storage_options)
 
 label_app = typer.Typer(help="Label chips into seed sets: sessions, labels, proposals, quality.",
                         no_args_is_help=True)
@@ -42,7 +43,8 @@ def _options(beta: Optional[float]) -> dict[str, Any]:
 
 
 @label_app.command("sessions")
-def sessions(db: DbOption = None, table: TableOption = "chips",
+@default_table
+def sessions(db: DbOption = None, table: TableOption = None,
              storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """List the labelling sessions of a table."""
     _, store = _labels(db, table, storage_option)
@@ -60,9 +62,10 @@ def sessions(db: DbOption = None, table: TableOption = "chips",
 
 
 @label_app.command("new")
+@default_table
 def new(name: SessionArg, strategy: Annotated[str, typer.Option(help="Default ranking strategy.")] = "auto",
         notes: Annotated[str, typer.Option(help="Free text kept with the session.")] = "",
-        by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+        by: ByOption = None, db: DbOption = None, table: TableOption = None,
         storage_option: StorageOption = None,
         as_json: JsonOption = False) -> None:
     """Create a labelling session."""
@@ -75,8 +78,9 @@ def new(name: SessionArg, strategy: Annotated[str, typer.Option(help="Default ra
 
 
 @label_app.command("rename")
+@default_table
 def rename(name: SessionArg, new_name: Annotated[str, typer.Argument(help="New name.")],
-           db: DbOption = None, table: TableOption = "chips",
+           db: DbOption = None, table: TableOption = None,
            storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Rename a session (its labels stay with it)."""
     _, store = _labels(db, table, storage_option)
@@ -88,8 +92,9 @@ def rename(name: SessionArg, new_name: Annotated[str, typer.Argument(help="New n
 
 
 @label_app.command("delete")
+@default_table
 def delete(name: SessionArg, yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
-           db: DbOption = None, table: TableOption = "chips",
+           db: DbOption = None, table: TableOption = None,
            storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Delete a session and all its labels."""
     _, store = _labels(db, table, storage_option)
@@ -106,9 +111,10 @@ def delete(name: SessionArg, yes: Annotated[bool, typer.Option("--yes", help="Do
 
 
 @label_app.command("add")
+@default_table
 def add(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Chip ids to label.")],
         negative: Annotated[bool, typer.Option("--negative", help="Label them negative (default: positive).")] = False,
-        by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+        by: ByOption = None, db: DbOption = None, table: TableOption = None,
         storage_option: StorageOption = None,
         as_json: JsonOption = False) -> None:
     """Label chips positive (or --negative); a chip labelled before gets the new label."""
@@ -122,8 +128,9 @@ def add(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Ch
 
 
 @label_app.command("remove")
+@default_table
 def remove(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help="Chip ids to unlabel.")],
-           db: DbOption = None, table: TableOption = "chips",
+           db: DbOption = None, table: TableOption = None,
            storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Remove chips' labels from a session."""
     _, store = _labels(db, table, storage_option)
@@ -135,7 +142,8 @@ def remove(name: SessionArg, chip_ids: Annotated[list[str], typer.Argument(help=
 
 
 @label_app.command("labels")
-def show_labels(name: SessionArg, db: DbOption = None, table: TableOption = "chips",
+@default_table
+def show_labels(name: SessionArg, db: DbOption = None, table: TableOption = None,
                 storage_option: StorageOption = None,
                 as_json: JsonOption = False) -> None:
     """List a session's labels."""
@@ -151,6 +159,7 @@ def show_labels(name: SessionArg, db: DbOption = None, table: TableOption = "chi
 
 
 @label_app.command("propose")
+@default_table
 def propose(name: SessionArg,
             n: Annotated[int, typer.Option("-n", help="How many chips to propose.")] = 20,
             uncertain: Annotated[int, typer.Option("--uncertain", help="Of those, how many the classifier is least sure of.")] = 0,
@@ -158,7 +167,7 @@ def propose(name: SessionArg,
             spread_km: Annotated[Optional[float], typer.Option("--spread-km", help="Grid cell size in km for spreading proposals.")] = None,
             per_cell: Annotated[int, typer.Option("--per-cell", help="At most this many proposals per cell.")] = 1,
             dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show; do not start a new round.")] = False,
-            db: DbOption = None, table: TableOption = "chips",
+            db: DbOption = None, table: TableOption = None,
             storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """Propose the next chips to label (starting the session's next round unless --dry-run)."""
     from chipscout.indexer.seedsets import refine
@@ -202,8 +211,9 @@ def _metrics_text(metrics) -> str:
 
 
 @label_app.command("metrics")
+@default_table
 def metrics(name: SessionArg, strategy: StrategyOption = None, beta: BetaOption = None,
-            db: DbOption = None, table: TableOption = "chips",
+            db: DbOption = None, table: TableOption = None,
             storage_option: StorageOption = None, as_json: JsonOption = False) -> None:
     """How good the seed set is: cross-validated classifier precision/recall, ranking stability."""
     from chipscout.indexer.seedsets import refine
@@ -218,12 +228,13 @@ def metrics(name: SessionArg, strategy: StrategyOption = None, beta: BetaOption 
 
 
 @label_app.command("import")
+@default_table
 def import_places(name: SessionArg, path: Annotated[Path, typer.Argument(help="GeoJSON of points or polygons (WGS 84).")],
                   negative: Annotated[bool, typer.Option("--negative", help="Label the chips negative.")] = False,
                   no_create: Annotated[bool, typer.Option("--no-create", help="Fail if the session does not exist.")] = False,
                   date_from: Annotated[Optional[str], typer.Option("--from", help="Only chips acquired on or after.")] = None,
                   date_to: Annotated[Optional[str], typer.Option("--to", help="Only chips acquired on or before.")] = None,
-                  by: ByOption = None, db: DbOption = None, table: TableOption = "chips",
+                  by: ByOption = None, db: DbOption = None, table: TableOption = None,
                   storage_option: StorageOption = None,
                   as_json: JsonOption = False) -> None:
     """Label the chips intersecting a GeoJSON's features (creating the session if needed)."""
@@ -242,6 +253,7 @@ def import_places(name: SessionArg, path: Annotated[Path, typer.Argument(help="G
                    + (f"; features {summary.unmatched_features[:10]} meet no chip" if summary.unmatched_features else ""))
 
 
+@default_table
 def export_command(
     name: SessionArg,
     fmt: Annotated[Optional[str], typer.Option("--format", help="geojson or geoparquet (default: from --out's suffix).")] = None,
@@ -249,7 +261,7 @@ def export_command(
     candidates: Annotated[int, typer.Option("--candidates", help="Also export the top N unlabelled chips as candidates.")] = 0,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Only candidates scoring at least this.")] = None,
     strategy: StrategyOption = None, beta: BetaOption = None,
-    db: DbOption = None, table: TableOption = "chips",
+    db: DbOption = None, table: TableOption = None,
     storage_option: StorageOption = None, as_json: JsonOption = False,
 ) -> None:
     """Export a labelling session (and optional candidates) as GeoJSON or GeoParquet."""

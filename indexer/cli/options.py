@@ -19,7 +19,10 @@ from chipscout.indexer.errors import ChipscoutError
 
 # ----------------------------------------------------------------------------- tables
 DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database (folder or s3:// URI). Default: $CHIPSCOUT_DB or ~/.local/share/chipscout/db.")]
-TableOption = Annotated[str, typer.Option("--table", help="Chip table name.")]
+#: The table a command reads. Omitted: the database's one chip table (`default_table`).
+TableOption = Annotated[Optional[str], typer.Option("--table", help="Chip table name (default: the database's only chip table).")]
+#: The table an index run writes (created when missing).
+IndexTableOption = Annotated[str, typer.Option("--table", help="Chip table name (created when missing).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
 
@@ -87,6 +90,35 @@ def db_uri(db: str | None) -> str:
     if "://" not in uri and Path(uri).expanduser().is_file():
         raise ChipscoutError(f"--db {uri}: is a file; a LanceDB database is a folder (or an s3:// URI)")
     return uri
+
+
+def resolve_table(db: str | None, table: str | None, storage_option: list[str] | None = None) -> str:
+    """`table`, or when it is None the database's only chip table; with none or several, the
+    one-line error names the tables there are."""
+    if table is not None:
+        return table
+    from chipscout.indexer.store import ChipStore
+
+    uri = db_uri(db)
+    names = ChipStore(uri, "chips", storage_options(storage_option)).table_names()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise ChipscoutError(f"no chip tables in {uri}; run `chipscout demo` or `chipscout index` first "
+                             "(or give --db)")
+    raise ChipscoutError(f"{uri} holds {len(names)} chip tables ({', '.join(names)}); choose one with --table")
+
+
+def default_table(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `command` with its `table` resolved by `resolve_table` (from its `db` and, when it has
+    one, `storage_option`): every command that reads a table treats an omitted --table alike."""
+
+    @functools.wraps(command)
+    def with_table(**given: Any) -> Any:
+        given["table"] = resolve_table(given.get("db"), given.get("table"), given.get("storage_option"))
+        return command(**given)
+
+    return with_table
 
 
 def print_json(payload: Any) -> None:

@@ -212,6 +212,32 @@ class SearchEngine:
         by_id = {r.chip_id: r for r in _records(rows)}
         return [by_id[i] for i in ids if i in by_id]
 
+    def diverse_sample(self, n: int, seed: int = 0, pool_size: int = 4000) -> list[ChipRecord]:
+        """`n` chips that look unlike each other, for a gallery's first page: k-means (k = n) on
+        the vectors of a seeded random pool of `pool_size` chips, and from each cluster the chip
+        nearest its centre, the largest clusters first. A random page of a scene that is mostly
+        water is mostly water; this shows one of each kind of place."""
+        total = self.count()
+        if total <= n or n <= 1:
+            return self.sample(n, seed=seed)
+        from sklearn.cluster import KMeans  # here: a search by chip id never needs it
+
+        positions = sorted(int(p) for p in np.random.default_rng(seed).permutation(total)[:pool_size])
+        ids, vectors = self.store.vectors(self.store.take_offsets(positions, ["chip_id"])["chip_id"].to_pylist())
+        if len(ids) <= n:
+            return self.sample(n, seed=seed)
+        vectors = unit_rows(vectors)
+        kmeans = KMeans(n_clusters=n, n_init=1, random_state=seed).fit(vectors)
+        distances = np.linalg.norm(vectors - kmeans.cluster_centers_[kmeans.labels_], axis=1)
+        sizes = np.bincount(kmeans.labels_, minlength=n)
+        chosen = []
+        for cluster in np.argsort(-sizes, kind="stable"):
+            members = np.flatnonzero(kmeans.labels_ == cluster)
+            if len(members):
+                chosen.append(ids[members[np.argmin(distances[members])]])
+        by_id = {r.chip_id: r for r in _records(self.store.fetch(chosen, METADATA_COLUMNS))}
+        return [by_id[i] for i in chosen if i in by_id]
+
     @property
     def default_expand(self) -> int:
         """The query expansion a search gets when it passes `expand=None`: the table's encoder

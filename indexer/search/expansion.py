@@ -7,12 +7,15 @@ weighted by its cosine similarity to the power QE_ALPHA, searched again.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import sys
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from chipscout.indexer.errors import QueryError
+
+if TYPE_CHECKING:
+    import torch
 
 #: m = 5, alpha = 3 were the best of m in {3, 5, 10} x alpha in {1, 3} on held-out EuroSAT
 #: queries (BENCHMARKS.md, quality).
@@ -24,7 +27,7 @@ MAX_EXPAND = 100
 #: RCF vectors (no transform) it lost 0.03. Other families have no measurement here: none.
 DEFAULT_EXPANSION: dict[str, int] = {"rcf": 5}
 
-Array = TypeVar("Array", np.ndarray, torch.Tensor)
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 
 def default_expansion(encoder_name: str, transformed: bool = True) -> int:
@@ -48,8 +51,10 @@ def expand_query(query: Array, similarity: Array, neighbours: Array) -> Array:
     neighbours_j. query (D,) or (Q, D), unit; similarity (m,) or (Q, m) cosine similarities of
     the query to its neighbours; neighbours (m, D), unit rows (cosine: only directions count).
     numpy (in the query's dtype) or torch alike; a (Q, N) similarity with zeros off the
-    neighbours expands Q queries over all N rows at once."""
-    if isinstance(query, torch.Tensor):
+    neighbours expands Q queries over all N rows at once. torch is not imported here (a search
+    by chip id starts without it): a tensor can only come from a caller that imported it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(query, torch.Tensor):
         weights = similarity.clamp_min(0.0) ** QE_ALPHA
         expanded = query + weights.to(query.dtype) @ neighbours
         return expanded / expanded.norm(dim=-1, keepdim=True).clamp_min(1e-12)

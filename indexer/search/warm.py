@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
@@ -61,6 +60,8 @@ class MemoryVectors:
         if len(block) <= 2048:  # torch's thread pool costs more than it saves on a few rows
             return block.astype(np.float32) @ query
         # torch converts float16 with the CPU's vector instructions; numpy's astype is ~5x slower.
+        import torch  # here, not at the top: a one-shot search of a small table never needs it
+
         return (torch.from_numpy(block).float() @ torch.from_numpy(query)).numpy()
 
     def top(self, query: np.ndarray, k: int, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +71,8 @@ class MemoryVectors:
         if self.vectors.dtype == np.float16 and len(positions) > 8 * k + 64:
             # torch's float16 product (float32 sums, float16 results: ~3e-4 off near 1) ranks
             # without converting the rows; the best 8 k are then scored in float32.
+            import torch
+
             block = torch.from_numpy(self.vectors[positions])
             rough = (block @ torch.from_numpy(query).half()).float().numpy()
             positions = positions[np.argpartition(-rough, 8 * k + 63)[:8 * k + 64]]
@@ -114,6 +117,8 @@ class BinarySketch:
         self.order = np.argsort(filters.acquired_us, kind="stable")
         self.filters = filters.reordered(self.order)
         codes = np.empty((rows, bits // 8), dtype=np.uint8)
+        import torch
+
         projection, mean = torch.from_numpy(self.projection), torch.from_numpy(self.mean)
         for start in range(0, rows, 65_536):
             positions = self.order[start:start + 65_536]

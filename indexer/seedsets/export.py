@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -226,14 +227,31 @@ def export_session(engine: SearchEngine, session: str | Session, out: str | Path
     fmt = _format(fmt, out)
     payload, summary = export_bytes(engine, session, fmt, **options)
     out = Path(out).expanduser()
+    temporary = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) as handle:
+            temporary = handle.name
             handle.write(payload)
-        os.replace(handle.name, out)
+        # mkstemp makes the file 0600; give it the mode any file the user writes gets (an
+        # overwritten file keeps its own), so QGIS under another account can open it.
+        os.chmod(temporary, _mode_of(out))
+        os.replace(temporary, out)
     except OSError as err:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
         raise ExportError(f"cannot write {out}: {err}") from err
     return replace(summary, path=str(out))
+
+
+def _mode_of(out: Path) -> int:
+    """The permission bits of `out` when it exists, else 0666 less the process umask."""
+    try:
+        return stat.S_IMODE(out.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)  # the only way to read it; set straight back
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 # ----------------------------------------------------------------------------- import

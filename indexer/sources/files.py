@@ -248,7 +248,7 @@ class RasterReader:
         if grid.transform.b or grid.transform.d:
             return  # rotated grids: WarpedVRT handles them, extents are not axis-aligned boxes
         x0, y0 = grid.transform.c, grid.transform.f
-        x1, y1 = grid.transform * (grid.width, grid.height)
+        x1, y1 = grid.transform @ (grid.width, grid.height)
         scene = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
         for href, dataset in self._datasets.items():
             if dataset.crs != grid.crs or dataset.transform.b or dataset.transform.d:

@@ -106,7 +106,10 @@ def test_pick_search_and_click_the_map_in_chromium(app_db, browser_page, tmp_pat
         page.screenshot(path=str(tmp_path / "1-start.png"))
 
         # Pick the first gallery chip: its look-alikes appear as 12 thumbnails and a second map.
-        page.locator(".st-key-gallery button", has_text="Use as example").first.click()
+        # A local tool shows no "Deploy" button; each "Use ..." button names its chip.
+        assert page.get_by_role("button", name="Deploy").count() == 0
+        assert page.get_by_role("button", name=re.compile(r"^Use r\d+ c\d+$")).count() >= 12
+        page.locator(".st-key-gallery button", has_text=re.compile(r"^Use .+")).first.click()
         page.wait_for_selector(RESULT_IMAGES, timeout=180_000)
         wait_for_page(page)
         picked = chip_in_url(page)
@@ -165,6 +168,9 @@ def test_pick_search_and_click_the_map_in_chromium(app_db, browser_page, tmp_pat
         positives = page.locator("[data-testid='stMetric']", has_text="Positives").inner_text()
         assert positives.split() == ["Positives", "1"]
         picker = sidebar.get_by_role("combobox", name="Labelling session").input_value()
-        assert picker == "browser session · 1 positive, 0 negative · round 0"  # redrawn with the new counts
+        assert picker == "browser session (1+ 0− · r0)"  # redrawn with the new counts
+        # Label buttons are announced by a word, not by an icon's ligature text ("thumb_up").
+        assert page.locator(".st-key-results-grid").get_by_role("button", name="Yes", exact=True).count() >= 12
+        assert "thumb_up" not in page.inner_text("body")
         assert_no_error_shown(page)
         page.screenshot(path=str(tmp_path / "4-labelled.png"))

@@ -147,6 +147,14 @@ def test_two_rounds_of_labelling_end_in_both_downloads(open_app, engine, store, 
     assert at.button(key=f"label-proposal-positive-{first[3]}").proto.type == "secondary"
     label(at, "proposal", "positive", first[4])
     assert "4 of 12 labelled" in texts(at.caption)
+    # The round's proposals are on their own map too, labelled ones in their label's colour.
+    from tests.app.test_app import decks, layer
+
+    (on_map,) = [layer(d, "proposals")["data"] for d in decks(at) if layer(d, "proposals")]
+    by_id = {row["chip_id"]: row for row in on_map}
+    assert list(by_id) == first
+    assert by_id[first[0]]["line"] == [46, 125, 50, 255] and by_id[first[1]]["line"] == [198, 40, 40, 255]
+    assert by_id[first[5]]["line"][:3] == [255, 140, 0] and "click to search" in by_id[first[5]]["label"]
 
     # Round 2: four of each, so the classifier ranks, and the figures are defined.
     click(at, "Next round ▶")
@@ -159,7 +167,8 @@ def test_two_rounds_of_labelling_end_in_both_downloads(open_app, engine, store, 
     second = grid_ids(at, "proposal")
     expected = {**seeded, first[0]: "positive", first[1]: "negative", first[2]: "negative", first[4]: "positive"}
     assert len(second) == 12 and not set(second) & set(expected)
-    assert "two rounds · 5 positive, 4 negative · round 2" in at.selectbox(key="label_session").options
+    assert "two rounds (5+ 4− · r2)" in at.selectbox(key="label_session").options
+    assert "**two rounds**: 5 positive, 4 negative, round 2" in texts(at.caption)
 
     # What the store holds: every label, with the round and ranking it came from.
     labels = {x.chip_id: x for x in store.labels(session)}
@@ -234,7 +243,7 @@ def test_rename_then_delete_with_a_confirmation(open_app, store):
     session = store.create_session("to delete")
     store.set_labels(session, {QUERY: "positive", "cut-june_r000000_c000000_s64": "negative"})
     at = open_session(open_app(chip=QUERY), session)
-    assert "to delete · 1 positive, 1 negative · round 0" in at.selectbox(key="label_session").options
+    assert "to delete (1+ 1− · r0)" in at.selectbox(key="label_session").options
 
     at.text_input(key="label_rename_to").input("renamed")
     click(at, "Rename")

@@ -85,8 +85,8 @@ def test_info_reports_encoder_and_bands(cli_db):
     assert payload["config"]["encoder_label"] == "rcf-gaussian"
     assert payload["default_expand"] == 5  # an RCF table with a transform
     assert payload["config"]["bands"][:3] == ["blue", "green", "red"]
-    listing = json.loads(chipscout("info", "--db", cli_db, "--json").stdout)
-    assert listing["tables"] == ["scene"]
+    only = json.loads(chipscout("info", "--db", cli_db, "--json").stdout)  # its one table
+    assert only["table"] == "scene" and only["rows"] == 16
     text = chipscout("info", "--db", cli_db, "--table", "scene").stdout
     spec = payload["config"]["transform"]["spec"]
     assert f"transform {spec}: " in text and "fitted on 16 vectors; raw vectors kept" in text
@@ -260,3 +260,68 @@ def test_a_signal_to_chipscout_app_stops_the_server_and_frees_the_port(signal_na
         except ProcessLookupError:
             pass
         app.wait(timeout=30)
+
+
+# Commands that never embed start without torch (and `--help` without any heavy library): run
+# one after another in one process, as `chipscout` runs them, checking `sys.modules` after each.
+_STARTUP_PROBE = """
+import json, sys
+from chipscout.indexer.cli import main
+seen = []
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["chipscout", *args]
+    try:
+        main()
+    except SystemExit as done:
+        assert not done.code, (args, done.code)
+    heavy = ("torch", "chipscout.encoders", "rasterio", "lancedb", "streamlit")
+    seen.append([args[0], [name for name in heavy if name in sys.modules]])
+print("LOADED " + json.dumps(seen))
+"""
+
+
+def test_commands_that_never_embed_start_without_torch(cli_db, tmp_path):
+    query = "S2-small_r000064_c000064_s64"
+    where = ["--db", str(cli_db), "--table", "scene"]
+    commands = [["--help"], ["search", query, "-k", "3", *where], ["info", *where],
+                ["label", "new", "probe", *where], ["label", "add", "probe", query, *where],
+                ["label", "sessions", *where],
+                ["export", "probe", "--out", str(tmp_path / "seeds.geojson"), *where]]
+    result = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, json.dumps(commands)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.rsplit("LOADED ", 1)[1])
+    assert loaded[0] == ["--help", []], loaded[0]  # no torch, rasterio, lancedb or streamlit
+    assert [name for name, modules in loaded if "torch" in modules or "chipscout.encoders" in modules] == []
+    assert all("rasterio" not in modules and "streamlit" not in modules for _, modules in loaded), loaded
+    assert (tmp_path / "seeds.geojson").exists()
+
+
+def test_an_omitted_table_is_the_databases_only_chip_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from chipscout.indexer.cli import app
+    from chipscout.indexer.errors import ChipscoutError
+    from tests.synthetic import clustered_table
+
+    db = str(tmp_path / "db")
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(app, [*args, "--db", db])
+
+    missing = run("search", "a00")
+    assert isinstance(missing.exception, ChipscoutError) and "no chip tables in" in str(missing.exception)
+    clustered_table(db, "demo", per_cluster=2)
+    found = run("search", "a00", "-k", "2", "--json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["results"][0]["chip_id"].startswith("a")  # its own cluster
+    assert "on table demo" in run("label", "new", "s").output
+    assert json.loads(run("label", "sessions", "--json").output)["table"] == "demo"
+    clustered_table(db, "other", per_cluster=2)  # two tables now: the user must choose
+    for args in (["search", "a00"], ["label", "sessions"], ["export", "s", "--out", str(tmp_path / "x.geojson")],
+                 ["optimize"]):
+        result = run(*args)
+        assert isinstance(result.exception, ChipscoutError), (args, result.output)
+        assert "holds 2 chip tables (demo, other); choose one with --table" in str(result.exception)
+    assert json.loads(run("info", "--json").output)["tables"] == ["demo", "other"]

@@ -190,3 +190,15 @@ def test_tables_without_a_transform_or_of_other_encoders_do_not_expand(tmp_path)
 def test_bad_query_expansion_is_refused(engine, expand):
     with pytest.raises(QueryError, match="query expansion"):
         engine.similar_to_chip(QUERY, k=10, expand=expand)
+
+
+def test_a_diverse_sample_has_one_chip_of_each_kind(tmp_path):
+    from chipscout.indexer.search import SearchEngine
+    from tests.synthetic import clustered_table
+
+    clustered_table(str(tmp_path / "db"), "kinds", per_cluster=30)
+    engine = SearchEngine(str(tmp_path / "db"), "kinds")
+    picked = engine.diverse_sample(3, seed=0)
+    assert sorted(c.chip_id[0] for c in picked) == ["a", "b", "c"]
+    assert [c.chip_id for c in engine.diverse_sample(3, seed=0)] == [c.chip_id for c in picked]  # reproducible
+    assert len(engine.diverse_sample(200)) == 90  # fewer chips than asked: all of them

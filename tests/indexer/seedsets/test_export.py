@@ -64,6 +64,24 @@ def test_geojson_export_reads_back(engine, labelled, footprints, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_an_export_honours_the_umask_like_any_file_the_user_writes(engine, labelled, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o002)
+    try:
+        export_session(engine, "export-me", tmp_path / "group.geojson")
+        os.umask(0o022)
+        export_session(engine, "export-me", tmp_path / "shared.parquet")
+        (tmp_path / "kept.geojson").write_text("{}")
+        os.chmod(tmp_path / "kept.geojson", 0o640)
+        export_session(engine, "export-me", tmp_path / "kept.geojson")  # overwriting keeps its mode
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"group.geojson": 0o664, "shared.parquet": 0o644, "kept.geojson": 0o640}, modes
+
+
 def test_geoparquet_export_has_valid_geo_metadata(engine, labelled, footprints, tmp_path):
     _, chips = labelled
     path = tmp_path / "seed.parquet"

@@ -33,7 +33,7 @@ def test_twenty_metre_bands_are_resampled_onto_the_ten_metre_grid(small_scene_di
     assert pixels.shape == (2, 64, 64) and pixels.dtype == np.float32 and valid.all()
     # The resampled 20 m band agrees with a direct read of the 20 m file over the same ground.
     with rasterio.open(small_scene_dir / "s2_B11.tif") as src:
-        x, y = Affine(10, 0, 443730, 0, -10, 4171460) * (64 + 32, 64 + 32)
+        x, y = Affine(10, 0, 443730, 0, -10, 4171460) @ (64 + 32, 64 + 32)
         row, col = src.index(x, y)
         direct = src.read(1)[row - 2: row + 2, col - 2: col + 2].astype(np.float32).mean() / 1e4
     assert pixels[1, 28:36, 28:36].mean() == pytest.approx(direct, rel=0.1)
