@@ -54,6 +54,8 @@ def normalise(pixels: torch.Tensor, normalization: Normalization) -> torch.Tenso
 
 
 def normalization_for(encoder: ChipEncoder, sensor: Sensor, bands: Sequence[str]) -> Normalization:
+    if encoder.input_scaling == "none":  # embedding products: values as stored, de-quantised by the encoder
+        return Normalization("none", tuple(0.0 for _ in bands), tuple(1.0 for _ in bands))
     if encoder.input_scaling == "reflectance":
         return Normalization("reflectance", tuple(0.0 for _ in bands), tuple(1.0 for _ in bands))
     if encoder.input_scaling == "standardize":

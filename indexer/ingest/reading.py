@@ -322,7 +322,10 @@ def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count
 
 
 def rgb_positions(selected: RasterSource, sensor: Sensor) -> tuple[int, int, int] | None:
-    """Where red, green and blue sit among the bands read for a chip (None: no thumbnail)."""
+    """Where red, green and blue sit among the bands read for a chip (None: no thumbnail, as for
+    embedding products, whose pictures are drawn from their vectors instead)."""
+    if not sensor.rgb:
+        return None
     positions = []
     for name in sensor.rgb:
         found = [i for i, asset in enumerate(selected.bands) if asset.band.matches(name)]
