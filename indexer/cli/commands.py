@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from chipscout.encoders.base import EncoderError
+from chipscout.indexer.cli.importing import import_command
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(index_app, name="index")
+app.command("import")(import_command)
 
 
 # ----------------------------------------------------------------------------- search / info
