@@ -97,6 +97,14 @@ def test_aef_both_orientations_give_the_same_vectors_footprints_and_nodata(tmp_p
     assert td[(0, 0)]["nodata_fraction"] == pytest.approx(64 / 256)  # the 8 x 8 nodata corner
     assert td[(0, 16)]["nodata_fraction"] == 0.0
     assert td[(0, 0)]["acquired"].year == 2024
+    # No pixels to show: each chip is coloured by three principal components of the table's vectors.
+    from io import BytesIO
+
+    from PIL import Image
+
+    pictures = [np.asarray(Image.open(BytesIO(td[cell]["thumbnail"]))) for cell in sorted(td)]
+    assert all(p.shape == (16, 16, 3) for p in pictures)
+    assert len({p[0, 0].tobytes() for p in pictures}) == 4  # four different vectors, four colours
     config = ChipStore(db, "td").config
     assert (config.encoder, config.encoder_config["product"], config.encoder_config["year"]) == ("aef", "aef", 2024)
     assert config.encoder_config["dequantize"] == "aef" and config.embedding_dim == 64
