@@ -227,6 +227,38 @@ def embedding_sensor(channels: int, nodata: float | None = None) -> Sensor:
                   rgb=(), rgb_max_reflectance=1.0, nodata_dn=nodata, product="raster-embedding")
 
 
+@dataclass(frozen=True)
+class ProductNote:
+    """What a front end shows beside a table of published embeddings: the product and the
+    attribution line its licence asks for (docs/products.md says where each line comes from)."""
+
+    product: str
+    name: str
+    attribution: str
+
+
+PRODUCT_NOTES: dict[str, ProductNote] = {
+    "aef": ProductNote("aef", "AlphaEarth Foundations Satellite Embedding (CC-BY 4.0)",
+                       "The AlphaEarth Foundations Satellite Embedding dataset is produced by Google and "
+                       "Google DeepMind."),
+    "tessera": ProductNote("tessera", "TESSERA embeddings (CC-BY 4.0)",
+                           "Contains TESSERA embeddings by the University of Cambridge (geotessera), CC-BY 4.0."),
+    "major-tom": ProductNote("major-tom", "Major TOM embeddings",
+                             "Contains Major TOM embeddings (ESA Phi-lab and partners); see the dataset card for "
+                             "the licence of the set used."),
+    "clay": ProductNote("clay", "Clay embeddings",
+                        "Contains embeddings published by the Clay project; see the release for its licence."),
+    "earth-index": ProductNote("earth-index", "Earth Index embeddings (CC-BY)",
+                               "Contains Earth Index embeddings by Earth Genome, CC-BY."),
+}
+
+
+def product_note(product: str, label: str | None = None) -> ProductNote:
+    """The note of a known product; for others, its name and a reminder to credit its makers."""
+    return PRODUCT_NOTES.get(product) or ProductNote(
+        product, label or product, "Published embeddings: credit their makers as their licence asks.")
+
+
 SENSORS: dict[str, Sensor] = {
     s.name: s for s in (SENTINEL2_L1C, SENTINEL2_L2A, LANDSAT_C2_L2, NAIP, RGB8, AEF, TESSERA)
 }

@@ -21,6 +21,7 @@ from shapely.geometry import Polygon
 from chipscout.indexer.chips import validate_chip_id
 from chipscout.indexer.errors import QueryError
 from chipscout.indexer.geo import BBox, BBoxLike, parse_place  # BBox re-exported: callers import it with the engine
+from chipscout.indexer.sensors import ProductNote, product_note
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
 from chipscout.indexer.search.filters import SearchFilters
 from chipscout.indexer.search.planner import SearchPlan
@@ -196,6 +197,14 @@ class SearchEngine:
         ids = [validate_chip_id(c) for c in chip_ids]
         rows = self.store.fetch(ids, ["chip_id", "thumbnail"])
         return dict(zip(rows["chip_id"].to_pylist(), rows["thumbnail"].to_pylist()))
+
+    @property
+    def product(self) -> ProductNote | None:
+        """The published embedding product the table holds (None for tables of imagery)."""
+        config = self.config
+        if config.encoder != "imported" and config.normalization.kind != "none":
+            return None
+        return product_note(str(config.encoder_config.get("product", config.encoder)), config.encoder_label)
 
     def chip_at(self, place: BBoxLike) -> ChipRecord:
         """The chip a point `LON,LAT` falls in, or that covers most of a box (`geo.parse_place`),
