@@ -22,13 +22,16 @@ from chipscout.encoders.registry import register_encoder
 DEQUANTIZATIONS = ("aef", "per-pixel-scale", "linear")
 
 
-def dequantize(values: torch.Tensor, how: str, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
-    """(B, C, H, W) stored values -> (B, D, H, W) float32 embeddings (D = C - 1 for a per-pixel scale)."""
+def dequantize(values: torch.Tensor, how: str, scale: float = 1.0, offset: float = 0.0,
+               dim: int = 1) -> torch.Tensor:
+    """Stored values -> float32 embeddings along channel axis `dim` ((B, C, H, W) -> (B, D, H, W)
+    by default; D = C - 1 for a per-pixel scale, the last channel)."""
     values = values.float()
-    if how == "aef":
-        return torch.sign(values) * (values.abs() / 127.5) ** 2
+    if how == "aef":  # sign(v) * (|v| / 127.5)^2, as |v| * v / 127.5^2: fewer passes
+        return values.abs().mul_(values).mul_(1.0 / 127.5 ** 2)
     if how == "per-pixel-scale":
-        return values[:, :-1] * values[:, -1:]
+        channels = values.shape[dim]
+        return values.narrow(dim, 0, channels - 1) * values.narrow(dim, channels - 1, 1)
     if how == "linear":
         return values * scale + offset
     raise EncoderError(f"unknown de-quantisation {how!r}; known: {', '.join(DEQUANTIZATIONS)}")
@@ -88,9 +91,8 @@ class RasterEmbedding(ChipEncoder):
                 "cell_px": self.cell_px}
 
     # ------------------------------------------------------------------ pixels -> unit vectors
-    def _unit_pixels(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D, H, W) unit vectors per pixel (zeros where invalid) and the (B, H, W) validity."""
+    def _check(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None) -> torch.Tensor:
+        """The (B, H, W) validity of a well-formed batch (all True without a mask)."""
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
             raise EncoderError(f"{self.product} expects pixels of shape (B, C, H, W), got "
                                f"{getattr(pixels, 'shape', type(pixels).__name__)}")
@@ -104,14 +106,36 @@ class RasterEmbedding(ChipEncoder):
                 raise EncoderError(f"valid_mask must be bool of shape {expected}, "
                                    f"got {valid_mask.dtype} {tuple(valid_mask.shape)}")
             valid = valid_mask.to(pixels.device)
-        vectors = dequantize(pixels, self.dequantize, self.scale, self.offset)
-        finite = torch.isfinite(vectors).all(dim=1)
-        if not bool(finite[valid].all()):
+        return valid
+
+    def _vectors_and_weights(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, H*W, D) de-quantised vectors, channel last, (B, H*W) weights 1 / |v| on valid
+        pixels (0 elsewhere: nodata, and all-zero vectors, which carry no direction) and the
+        (B, H, W) validity. Unit vectors are never materialised where a pooled sum will do.
+
+        Channel last, in a handful of whole-batch ops: a norm across the strided channel axis,
+        or a loop over channel planes, is several times slower on a busy 2-core CPU, where every
+        parallel op waits on both cores (measured in bench/products.py)."""
+        valid = self._check(pixels, valid_mask)
+        batch, channels, height, width = pixels.shape
+        stored = pixels.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # one copy
+        vectors = dequantize(stored, self.dequantize, self.scale, self.offset, dim=2)
+        norms = torch.linalg.vector_norm(vectors, dim=2)  # (B, P)
+        valid = valid & (norms > 0).view(batch, height, width)
+        weights = torch.where(valid.view(batch, -1), 1.0 / norms.clamp_min(1e-30),
+                              torch.zeros((), device=norms.device))
+        return vectors, weights, valid
+
+    def _unit_pixels(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, H, W) unit vectors per pixel (zeros where invalid) and the (B, H, W) validity."""
+        vectors, weights, valid = self._vectors_and_weights(pixels, valid_mask)
+        unit = vectors * weights[:, :, None]
+        if not bool(torch.isfinite(unit).all()):
             raise EncoderError(f"{self.product} values de-quantise to NaN or infinity outside nodata")
-        # A pixel whose vector is all zeros (a zero scale) carries no direction: not valid either.
-        valid = valid & finite & (vectors.abs().amax(dim=1) > 0)
-        vectors = torch.where(valid[:, None], vectors, torch.zeros((), device=vectors.device))
-        return F.normalize(vectors, dim=1), valid
+        batch, _, height, width = pixels.shape
+        return unit.view(batch, height, width, -1).permute(0, 3, 1, 2), valid
 
     def forward(
         self,
@@ -124,13 +148,16 @@ class RasterEmbedding(ChipEncoder):
         latlon: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, D): each chip's mean of its valid pixels' unit vectors, renormalised."""
-        unit, valid = self._unit_pixels(pixels, valid_mask)
+        vectors, weights, valid = self._vectors_and_weights(pixels, valid_mask)
         counts = valid.flatten(1).sum(dim=1)  # (B,)
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
             raise EncoderError(f"chip(s) {empty} of the batch have no valid {self.product} pixel")
-        mean = unit.flatten(2).sum(dim=2) / counts[:, None]  # (B, D)
-        return F.normalize(mean, dim=1)
+        # Sum over pixels of v / |v| (the mean's 1 / count does not change its direction).
+        summed = torch.bmm(weights[:, None, :], vectors)[:, 0]  # (B, D)
+        if not bool(torch.isfinite(summed).all()):
+            raise EncoderError(f"{self.product} values de-quantise to NaN or infinity outside nodata")
+        return F.normalize(summed, dim=1)
 
     # ------------------------------------------------------------------ heatmaps (#20)
     @property

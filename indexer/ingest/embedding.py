@@ -91,6 +91,8 @@ def scaled_input(pixels: torch.Tensor, valid: torch.Tensor | None,
                  normalization: Normalization | None) -> torch.Tensor:
     """Reflectance (B, C, H, W) -> encoder input: the table's scaling, nodata pixels (valid
     False) set to 0 after it. Indexing and `chipscout eval` both scale through here."""
+    if normalization is not None and normalization.kind == "none":
+        return pixels  # products, read as stored: the reader already zeroed nodata pixels
     if normalization is not None:
         pixels = normalise(pixels, normalization)
     if valid is not None:

@@ -168,7 +168,7 @@ def import_product(uri: str, db_uri: str, table_name: str, *, preset_name: str |
                 "mixes products, import into another --table")
         store.check_compatible(config)
     summary = ImportSummary(table_name, uri, name, batch_rows=rows_per_batch)
-    created = store.exists()
+    created = resuming = store.exists()  # only a table that existed before can hold this file's ids
 
     # Pass 2: write, batch by batch, skipping what an earlier run stored.
     done = 0
@@ -182,7 +182,8 @@ def import_product(uri: str, db_uri: str, table_name: str, *, preset_name: str |
         if not created:
             store.create(config, encode_state({}), keep_state=False)
             created = True
-        present = set(store.fetch(chips["chip_id"].to_pylist(), ["chip_id"])["chip_id"].to_pylist())
+        present = set(store.fetch(chips["chip_id"].to_pylist(), ["chip_id"])["chip_id"].to_pylist()) \
+            if resuming else set()
         if present:
             keep = np.array([c not in present for c in chips["chip_id"].to_pylist()])
             chips = chips.filter(pa.array(keep))

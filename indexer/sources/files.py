@@ -314,6 +314,19 @@ class RasterReader:
                     f"{assets[0].href}: failed to read band(s) {', '.join(a.band.name for a in assets)} "
                     f"window row={row_off} col={col_off} size={size_px}: {_gdal_message(err)}"
                 ) from err
+            if len({(a.dn_scale, a.dn_offset, a.nodata_dn) for a in assets}) == 1:
+                # Bands of one file with one radiometry (an embedding product's channels): whole-block ops.
+                block = dns.astype(np.float32, copy=False)
+                asset = assets[0]
+                if np.issubdtype(dns.dtype, np.floating):
+                    valid &= np.isfinite(block).all(axis=0)
+                if asset.nodata_dn is not None:
+                    valid &= (block != asset.nodata_dn).all(axis=0)
+                if asset.dn_scale == 1.0 and asset.dn_offset == 0.0:
+                    pixels[start:stop] = block
+                else:
+                    pixels[start:stop] = block * asset.dn_scale + asset.dn_offset
+                continue
             for position, asset, dn in zip(range(start, stop), assets, dns):
                 dn = dn.astype(np.float32, copy=False)
                 band_valid = np.isfinite(dn)
