@@ -143,6 +143,9 @@ def main() -> None:
         write_aef(raster, args.side)
     if not parquet.exists():
         write_major_tom(parquet, args.rows, args.dim)
+    # Pay the imports (torch, lancedb) before any clock starts.
+    import chipscout.indexer.ingest.importing  # noqa: F401
+    import chipscout.indexer.ingest.local  # noqa: F401
     print(f"load average at start: {os.getloadavg()}")
     print(f"A. {raster} ({raster.stat().st_size / 2**20:.1f} MiB on disk, {args.side} px a side, "
           f"{args.size} px chips)")
