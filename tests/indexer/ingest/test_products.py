@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+import rasterio.warp
 from rasterio.warp import transform as warp_points
 from typer.testing import CliRunner
 
@@ -206,3 +207,40 @@ def test_a_table_never_mixes_products(tmp_path):
     other_year = index_cli(db, "aef", path, "--encoder", "aef", "--year", "2023")
     assert '"year": 2024' in one_line_error(other_year)
     assert ChipStore(db, "aef").count() == before
+
+
+def test_index_stac_reads_a_product_item_like_the_local_file(tmp_path, monkeypatch):
+    """An AEF item of a STAC API (rustac on loopback): one COG asset with the 64 channels listed in
+    `eo:bands`, served over HTTP Range requests; the same vectors as the file indexed locally."""
+    from tests.conftest import LoopbackFileServer
+    from tests.stac_fixtures import RustacServer, write_catalog
+
+    files = tmp_path / "files"
+    files.mkdir()
+    values = _aef_values(seed=5)
+    local = write_aef(files / "aef_31N_2024.tif", values)
+    with rasterio.open(local) as src:
+        bounds = rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    db = str(tmp_path / "db")
+    assert index_cli(db, "local", local, "--encoder", "aef", "--year", "2024").exit_code == 0
+    with LoopbackFileServer(files) as server:
+        monkeypatch.setenv("CHIPSCOUT_ALLOW_HOSTS", server.url.split("//", 1)[1])
+        west, south, east, north = bounds
+        item = {
+            "type": "Feature", "stac_version": "1.0.0", "id": "aef_31N_2024", "collection": "aef-annual",
+            "geometry": {"type": "Polygon", "coordinates": [[[west, south], [east, south], [east, north],
+                                                             [west, north], [west, south]]]},
+            "bbox": list(bounds), "properties": {"datetime": "2024-01-01T00:00:00Z"}, "links": [],
+            "assets": {"data": {"href": f"{server.url}/aef_31N_2024.tif", "roles": ["data"],
+                                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                                "eo:bands": [{"name": f"A{i:02d}"} for i in range(64)]}},
+        }
+        with RustacServer(write_catalog(tmp_path / "catalog", [item])) as api:
+            result = cli("index", "stac", "--url", api.url, "--collection", "aef-annual", "--encoder", "aef",
+                         "--year", "2024", "--size", str(SIZE_PX), "--db", db, "--table", "stac", "--no-progress")
+    assert result.exit_code == 0, result.output
+    local_rows, stac_rows = rows_by_cell(db, "local"), rows_by_cell(db, "stac")
+    assert sorted(local_rows) == sorted(stac_rows)
+    for cell in local_rows:
+        assert local_rows[cell]["vector"] == stac_rows[cell]["vector"]
+        assert local_rows[cell]["footprint"] == stac_rows[cell]["footprint"]
