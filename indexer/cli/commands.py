@@ -19,6 +19,7 @@ from chipscout.encoders.base import EncoderError
 from chipscout.indexer.cli.importing import import_command
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
+from chipscout.indexer.cli.thumbnails import thumbnails_command
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
                                            StorageOption, TableOption, db_uri, encoder_choice, print_json,
@@ -34,6 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(index_app, name="index")
 app.command("import")(import_command)
+app.command("thumbnails")(thumbnails_command)
 
 
 # ----------------------------------------------------------------------------- search / info

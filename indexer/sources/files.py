@@ -597,3 +597,46 @@ def product_source(path: Path, sensor: Sensor, acquired: datetime | None = None,
         location=location,
         radiometry_note=f"{sensor.product} channels as stored; de-quantised by the encoder",
     )
+
+
+# ----------------------------------------------------------------------------- pictures from imagery
+def source_lonlat_bounds(source: RasterSource) -> tuple[float, float, float, float]:
+    """The lon/lat box of a source's first band (reads the header only)."""
+    from rasterio.warp import transform_bounds
+
+    with _open(source.bands[0].href, source.location) as dataset:
+        if dataset.crs is None:
+            raise SourceError(f"{source.bands[0].href}: raster has no CRS (unknown coordinate reference system)")
+        return tuple(transform_bounds(dataset.crs, "EPSG:4326", *dataset.bounds))  # type: ignore[return-value]
+
+
+def read_rgb_box(source: RasterSource, lonlat_bounds: tuple[float, float, float, float], out_px: int,
+                 datasets: dict[str, rasterio.io.DatasetReader]) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance (3, out_px, out_px) of the source's red, green and blue bands over a lon/lat box,
+    resampled (bilinear) in one windowed read per band, and the validity mask; `datasets` keeps
+    the files open between calls (the caller closes them)."""
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import from_bounds
+
+    rgb = source.select_bands(list(source.sensor.rgb))
+    pixels = np.zeros((3, out_px, out_px), dtype=np.float32)
+    valid = np.ones((out_px, out_px), dtype=bool)
+    for position, asset in enumerate(rgb.bands):
+        if asset.href not in datasets:
+            datasets[asset.href] = _open(asset.href, source.location)
+        dataset = datasets[asset.href]
+        box = transform_bounds("EPSG:4326", dataset.crs, *lonlat_bounds)
+        window = from_bounds(*box, transform=dataset.transform)
+        fill = asset.nodata_dn if asset.nodata_dn is not None else 0
+        try:
+            dn = dataset.read(asset.band_index, window=window, out_shape=(out_px, out_px), boundless=True,
+                              fill_value=fill, resampling=Resampling.bilinear).astype(np.float32)
+        except Exception as err:  # GDAL's read errors reach Python in several types
+            raise SourceError(f"{asset.href}: failed to read a thumbnail window: {_gdal_message(err)}") from err
+        band_valid = np.isfinite(dn)
+        if asset.nodata_dn is not None:
+            band_valid &= dn != asset.nodata_dn
+        valid &= band_valid
+        pixels[position] = dn * asset.dn_scale + asset.dn_offset
+    pixels[:, ~valid] = 0.0
+    return pixels, valid

@@ -244,3 +244,34 @@ def test_index_stac_reads_a_product_item_like_the_local_file(tmp_path, monkeypat
     for cell in local_rows:
         assert local_rows[cell]["vector"] == stac_rows[cell]["vector"]
         assert local_rows[cell]["footprint"] == stac_rows[cell]["footprint"]
+
+
+def test_rgb_thumbnails_from_imagery_of_the_same_place(tmp_path):
+    """`chipscout thumbnails`: imagery (8-bit RGB at 20 m over the west half) replaces the PCA
+    pictures of the chips it covers; the others keep theirs."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    db = str(tmp_path / "db")
+    assert index_cli(db, "aef", write_aef(tmp_path / "aef.tif", _aef_values()), "--encoder", "aef").exit_code == 0
+    before = rows_by_cell(db, "aef")
+    rgb = np.zeros((3, 16, 8), dtype=np.uint8)
+    rgb[0], rgb[1], rgb[2] = 200, 100, 50
+    imagery = tmp_path / "west_half_rgb.tif"
+    with rasterio.open(imagery, "w", driver="GTiff", width=8, height=16, count=3, dtype="uint8", crs=CRS,
+                       transform=Affine(20.0, 0.0, ORIGIN[0], 0.0, -20.0, ORIGIN[1])) as dst:
+        dst.write(rgb)
+    result = cli("thumbnails", str(imagery), "--sensor", "rgb8", "--file-bands", "red,green,blue",
+                 "--db", db, "--table", "aef", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["thumbnails_drawn"] == 2  # the two western chips
+    after = rows_by_cell(db, "aef")
+    for cell in ((0, 0), (16, 0)):
+        picture = np.asarray(Image.open(BytesIO(after[cell]["thumbnail"])))
+        assert picture.shape == (64, 64, 3)
+        red, green, blue = picture[32, 32]
+        assert red > green > blue > 0
+    for cell in ((0, 16), (16, 16)):
+        assert after[cell]["thumbnail"] == before[cell]["thumbnail"]
+        assert after[cell]["vector"] == before[cell]["vector"]
