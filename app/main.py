@@ -317,6 +317,8 @@ if row_count == 0:
 sensor_note = f" · {SENTINEL_ATTRIBUTION}" if "sentinel" in engine.config.sensor.lower() else ""
 st.caption(f"{row_count} chips in `{table}` · encoder {engine.config.encoder_label} · "
            f"sensor {engine.config.sensor}{sensor_note}")
+if engine.product is not None:  # published embeddings: name the product and credit it as its licence asks
+    st.caption(f"Product: {engine.product.name} · {engine.product.attribution}")
 try:
     basemap_url = st.session_state.basemap_url or None
     maps.basemap_style(basemap_url)

@@ -79,13 +79,24 @@ class Table:
         return self.engine.config
 
     # ------------------------------------------------------------------ search
-    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10, *,
+    def chip_at(self, lon: float, lat: float | None = None) -> ChipRecord:
+        """The chip containing the point (`lon`, `lat`), or, given a box (MINLON, MINLAT, MAXLON,
+        MAXLAT) as `lon` alone, the chip covering most of it: a query example from a place."""
+        place = (lon, lat) if lat is not None else lon
+        return self.engine.chip_at(place)  # type: ignore[arg-type]
+
+    def search(self, query: str | Sequence[float] | np.ndarray | None = None, k: int = 10, *,
                filters: Filters | None = None, expand: int | None = None,
-               exclude: Sequence[str] = ()) -> Results:
+               exclude: Sequence[str] = (), at: Sequence[float] | str | None = None) -> Results:
         """The `k` chips most like `query`, a chip id of this table or a vector of its dimension,
         that `filters` allow. `expand`: results folded into the query (None: the table's default,
         0: plain nearest neighbours). `exclude`: chip ids to leave out (vector queries; a chip
-        query always leaves out itself)."""
+        query always leaves out itself). `at`: (lon, lat) or a box instead of `query`: the chip
+        there is the example (`chip_at`)."""
+        if (query is None) == (at is None):
+            raise QueryError("give a query (a chip id or a vector) or at=(lon, lat), one of the two")
+        if at is not None:
+            query = self.engine.chip_at(at).chip_id
         if filters is not None and not isinstance(filters, Filters):
             raise QueryError(f"filters must be a chipscout.Filters, got {type(filters).__name__}")
         compiled = filters.compiled() if filters is not None else None

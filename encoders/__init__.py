@@ -4,7 +4,7 @@ Importing the package imports every family, each of which registers itself in `r
 `build_encoder(name)` knows every built-in name without lazy loading.
 """
 
-from chipscout.encoders import baseline, clay, rcf  # noqa: F401  (the families register themselves)
+from chipscout.encoders import baseline, clay, raster_embedding, rcf  # noqa: F401  (the families register themselves)
 from chipscout.encoders.base import ChipEncoder, EncoderError
 from chipscout.encoders.registry import (build_encoder, encoder_names, encoder_parameters, load_encoder,
                                          register_encoder)

@@ -30,6 +30,11 @@ class UnknownBandError(ChipscoutError, KeyError):
         return str(self.args[0])
 
 
+class ProductFileError(SourceError):
+    """A chip-level embedding file (GeoParquet) cannot be imported as asked: missing or ragged
+    columns, NaNs, an unreadable URI. Raised before anything is written."""
+
+
 class NothingToFitError(SourceError):
     """No source of a run gave a valid chip to fit the encoder on; `failures` says why, per source."""
 

@@ -95,6 +95,22 @@ def parse_bbox(value: BBoxLike, what: str = "bbox", error: ErrorType = QueryErro
     return BBox(*numbers)
 
 
+def parse_place(value: BBoxLike, what: str = "--at", error: ErrorType = QueryError) -> BBox:
+    """A point `LON,LAT` (a box of no size) or a box `MINLON,MINLAT,MAXLON,MAXLAT`, in degrees."""
+    if isinstance(value, BBox):
+        return value
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value)
+    if len(parts) == 2:
+        try:
+            lon, lat = (float(p) for p in parts)
+        except (TypeError, ValueError, OverflowError):
+            raise error(f"bad {what} {value!r}: expected LON,LAT in degrees (EPSG:4326), e.g. 2.35,48.86") from None
+        return parse_bbox((lon, lat, lon, lat), what, error)
+    if len(parts) != 4:
+        raise error(f"bad {what} {value!r}: expected LON,LAT or MINLON,MINLAT,MAXLON,MAXLAT in degrees")
+    return parse_bbox(parts, what, error)
+
+
 # ----------------------------------------------------------------------------- instants
 DatetimeLike = Union[datetime, date, str]
 

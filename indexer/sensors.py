@@ -67,6 +67,10 @@ class Sensor:
     """Offset added to DNs of products from `baseline_offset_since` on (Sentinel-2 processing
     baseline 04.00 shifted L1C/L2A DNs by +1000: BOA_ADD_OFFSET / RADIO_ADD_OFFSET = -1000)."""
     baseline_offset_since: str | None = None
+    product: str | None = None
+    """Set for a published embedding product (`aef`, `tessera`, `raster-embedding`): its "bands"
+    are embedding channels, not reflectance; they are read as stored (no DN scaling) and
+    de-quantised by the product encoder (`chipscout.encoders.raster_embedding`)."""
 
     def band(self, label: str) -> Band:
         for band in self.bands:
@@ -196,17 +200,78 @@ RGB8 = Sensor(
     nodata_dn=None,
 )
 
+# ----------------------------------------------------------------------------- embedding products
+# Per-pixel embedding rasters (docs/products.md): channels are "bands" read as stored (scale 1),
+# with the product's nodata; no wavelength, no reflectance, no RGB to show.
+
+
+def _channels(prefix: str, count: int, width: int) -> tuple[Band, ...]:
+    return tuple(Band(f"{prefix}{i:0{width}d}", 0.0, 10.0) for i in range(count))
+
+
+#: AlphaEarth Foundations Satellite Embedding: 64 int8 channels A00..A63, -128 = nodata in all.
+AEF = Sensor("aef", _channels("A", 64, 2), dn_scale=1.0, rgb=(), rgb_max_reflectance=1.0,
+             nodata_dn=-128, product="aef")
+#: TESSERA: 128 int8 channels (T000..T127) and a float32 per-pixel `scale` (0 or NaN = nodata).
+TESSERA = Sensor("tessera", _channels("T", 128, 3) + (Band("scale", 0.0, 10.0, ("scales",)),),
+                 dn_scale=1.0, rgb=(), rgb_max_reflectance=1.0, nodata_dn=None, product="tessera")
+#: Prefix of the generic product sensors: `embedding-N` has N channels E000.. (any N >= 1).
+GENERIC_EMBEDDING_PREFIX = "embedding-"
+
+
+def embedding_sensor(channels: int, nodata: float | None = None) -> Sensor:
+    """The band table of a generic per-pixel embedding product with `channels` channels."""
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= 4096:
+        raise UnknownBandError(f"an embedding product has 1 to 4096 channels, got {channels!r}")
+    return Sensor(f"{GENERIC_EMBEDDING_PREFIX}{channels}", _channels("E", channels, 3), dn_scale=1.0,
+                  rgb=(), rgb_max_reflectance=1.0, nodata_dn=nodata, product="raster-embedding")
+
+
+@dataclass(frozen=True)
+class ProductNote:
+    """What a front end shows beside a table of published embeddings: the product and the
+    attribution line its licence asks for (docs/products.md says where each line comes from)."""
+
+    product: str
+    name: str
+    attribution: str
+
+
+PRODUCT_NOTES: dict[str, ProductNote] = {
+    "aef": ProductNote("aef", "AlphaEarth Foundations Satellite Embedding (CC-BY 4.0)",
+                       "The AlphaEarth Foundations Satellite Embedding dataset is produced by Google and "
+                       "Google DeepMind."),
+    "tessera": ProductNote("tessera", "TESSERA embeddings (CC-BY 4.0)",
+                           "Contains TESSERA embeddings by the University of Cambridge (geotessera), CC-BY 4.0."),
+    "major-tom": ProductNote("major-tom", "Major TOM embeddings",
+                             "Contains Major TOM embeddings (ESA Phi-lab and partners); see the dataset card for "
+                             "the licence of the set used."),
+    "clay": ProductNote("clay", "Clay embeddings",
+                        "Contains embeddings published by the Clay project; see the release for its licence."),
+    "earth-index": ProductNote("earth-index", "Earth Index embeddings (CC-BY)",
+                               "Contains Earth Index embeddings by Earth Genome, CC-BY."),
+}
+
+
+def product_note(product: str, label: str | None = None) -> ProductNote:
+    """The note of a known product; for others, its name and a reminder to credit its makers."""
+    return PRODUCT_NOTES.get(product) or ProductNote(
+        product, label or product, "Published embeddings: credit their makers as their licence asks.")
+
+
 SENSORS: dict[str, Sensor] = {
-    s.name: s for s in (SENTINEL2_L1C, SENTINEL2_L2A, LANDSAT_C2_L2, NAIP, RGB8)
+    s.name: s for s in (SENTINEL2_L1C, SENTINEL2_L2A, LANDSAT_C2_L2, NAIP, RGB8, AEF, TESSERA)
 }
 
 
 def get_sensor(name: str) -> Sensor:
+    if name.startswith(GENERIC_EMBEDDING_PREFIX) and name[len(GENERIC_EMBEDDING_PREFIX):].isdigit():
+        return embedding_sensor(int(name[len(GENERIC_EMBEDDING_PREFIX):]))
     try:
         return SENSORS[name]
     except KeyError:
         raise UnknownBandError(
-            f"unknown sensor {name!r}; known sensors: {', '.join(sorted(SENSORS))}"
+            f"unknown sensor {name!r}; known sensors: {', '.join(sorted(SENSORS))}, embedding-N"
         ) from None
 
 

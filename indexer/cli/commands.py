@@ -15,8 +15,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from chipscout.indexer.cli.importing import import_command
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
+from chipscout.indexer.cli.thumbnails import thumbnails_command
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
                                            StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
@@ -31,13 +33,16 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(index_app, name="index")
+app.command("import")(import_command)
+app.command("thumbnails")(thumbnails_command)
 
 
 # ----------------------------------------------------------------------------- search / info
 @app.command()
 @default_table
 def search(
-    chip_id: Annotated[str, typer.Argument(help="The example chip's id.")],
+    chip_id: Annotated[Optional[str], typer.Argument(help="The example chip's id (or give --at).")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", help="Use the chip at LON,LAT (or the one covering most of MINLON,MINLAT,MAXLON,MAXLAT) as the example.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.")] = 10,
     date_from: Annotated[Optional[str], typer.Option("--from", help="Earliest acquisition date.")] = None,
     date_to: Annotated[Optional[str], typer.Option("--to", help="Latest acquisition date (inclusive).")] = None,
@@ -53,12 +58,16 @@ def search(
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
-    """Find the chips most similar to CHIP_ID."""
+    """Find the chips most similar to CHIP_ID (or to the chip at --at LON,LAT)."""
     from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
 
+    if (chip_id is None) == (at is None):
+        raise ChipscoutError("give the example as a CHIP_ID or as --at LON,LAT, one of the two")
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
     spread = Spread(spread_km, per_cell) if spread_km else None
     engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
+    if at is not None:
+        chip_id = engine.chip_at(at).chip_id
     response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
     if as_json:
         print_json(response.to_dict())

@@ -12,7 +12,7 @@ import typer
 
 from chipscout.indexer.cli.options import (BandsOpt, BatchSizeOpt, ClusterOption, DbOption, DeviceOpt,
                                            JsonOption, MaxChipsOpt, MaxNodataOpt, ProgressOpt, SchedulerOption, SizeOpt,
-                                           StorageOption, StrideOpt, IndexTableOption, TimeoutOpt, failures_reported, index_job, print_json,
+                                           StorageOption, StrideOpt, IndexTableOption, TimeoutOpt, failures_reported, index_job, print_json, product_sensor,
                                            report_summary, split, with_encoder_flags)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -56,8 +56,11 @@ def index_files(
     flags = dict(locals())
     if source_id and len(paths) > 1:
         raise ChipscoutError("--source-id names one source; give one path with it")
+    product = product_sensor(encoder_flags, sensor, "sentinel-2-l2a")
+    if product is not None and not date and encoder_flags["year"]:
+        date = f"{encoder_flags['year']}-01-01"  # an annual product: the year is the chips' date
     acquired = parse_datetime(date, "--date") if date else None
-    sources = [local_source(p, sensor=sensor, file_bands=split(file_bands), acquired=acquired,
+    sources = [local_source(p, sensor=product or sensor, file_bands=split(file_bands), acquired=acquired,
                             source_id=source_id) for p in paths]
     job = index_job(flags, "chipscout index files", commit_every=commit_every,
                     **({"transform": transform} if transform else {}))
@@ -115,6 +118,7 @@ def index_stac(
     job = index_job(flags, "chipscout index stac", max_cloud_fraction=max_chip_cloud, http_timeout_s=timeout,
                     read_workers=1 if cluster or scheduler else read_workers)
     policy = HrefPolicy.build(query.url, allow_href_scheme or (), allow_host or ())
+    sensor = product_sensor(encoder_flags, sensor, None) or sensor
     search = StacSearch(query, sensor=sensor, timeout_s=timeout, href_policy=policy)
     if search.unsigned_warning:
         typer.secho(f"warning: {search.unsigned_warning}", fg="yellow", err=True)

@@ -27,7 +27,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
 
 # ----------------------------------------------------------------------------- encoders
-EncoderOpt = Annotated[str, typer.Option("--encoder", help="rcf, band-stats, clay-v1-base, clay-v1.5-large, clay-tiny.")]
+EncoderOpt = Annotated[str, typer.Option("--encoder", help="rcf, band-stats, clay-v1-base, clay-v1.5-large, clay-tiny; or a published per-pixel embedding product: aef, tessera, raster-embedding (docs/products.md).")]
 KernelsOpt = Annotated[Optional[str], typer.Option("--kernels", help="RCF kernels: empirical (default; fitted on a sample of the data) or gaussian (the Planetary Computer tutorial's: 3x3, bias -1).")]
 FeaturesOpt = Annotated[Optional[int], typer.Option("--features", help="RCF features (even; default 1024).")]
 KernelSizeOpt = Annotated[Optional[int], typer.Option("--kernel-size", help="RCF kernel size in pixels (default 5 for empirical kernels, 3 for gaussian).")]
@@ -38,14 +38,24 @@ NoLatLonOpt = Annotated[bool, typer.Option("--no-latlon", help="MAE: ignore loca
 NoTimeOpt = Annotated[bool, typer.Option("--no-time", help="MAE: ignore acquisition time.")]
 BiasOpt = Annotated[Optional[float], typer.Option("--bias", help="RCF bias, in reflectance (default -0.2 for empirical kernels, -1 for gaussian).")]
 BandStatsOpt = Annotated[bool, typer.Option("--band-stats", help="RCF: append each band's mean and standard deviation to the vector.")]
+YearOpt = Annotated[Optional[int], typer.Option("--year", help="Products (aef, tessera, raster-embedding): the product's year, recorded in the table (and the chips' date when the files give none).")]
+ChannelsOpt = Annotated[Optional[int], typer.Option("--channels", help="raster-embedding: bands per pixel in the file (with --dequantize per-pixel-scale, the last one is the scale).")]
+DequantizeOpt = Annotated[Optional[str], typer.Option("--dequantize", help="raster-embedding: linear (v * --scale + --offset; default), aef (sign(v)*(|v|/127.5)^2) or per-pixel-scale (last band scales the others).")]
+ScaleOpt = Annotated[Optional[float], typer.Option("--scale", help="raster-embedding: linear de-quantisation scale (default 1).")]
+OffsetOpt = Annotated[Optional[float], typer.Option("--offset", help="raster-embedding: linear de-quantisation offset (default 0).")]
+NodataOpt = Annotated[Optional[float], typer.Option("--nodata", help="raster-embedding: stored value of a pixel without an embedding (default: the file's nodata).")]
 
 #: The encoder flags of the index commands, in their order: (parameter, option, default).
 ENCODER_FLAGS = (
     ("encoder", EncoderOpt, "rcf"), ("kernels", KernelsOpt, None), ("features", FeaturesOpt, None),
     ("kernel_size", KernelSizeOpt, None), ("seed", SeedOpt, None), ("checkpoint", CheckpointOpt, None),
     ("pooling", PoolingOpt, None), ("no_latlon", NoLatLonOpt, False), ("no_time", NoTimeOpt, False),
-    ("bias", BiasOpt, None), ("band_stats", BandStatsOpt, False),
+    ("bias", BiasOpt, None), ("band_stats", BandStatsOpt, False), ("year", YearOpt, None),
+    ("channels", ChannelsOpt, None), ("dequantize", DequantizeOpt, None), ("scale", ScaleOpt, None),
+    ("offset", OffsetOpt, None), ("nodata", NodataOpt, None),
 )
+#: Encoders that read a published per-pixel embedding product, and the band table each reads with.
+PRODUCT_ENCODERS = ("aef", "tessera", "raster-embedding")
 
 
 def with_encoder_flags(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -143,7 +153,7 @@ def storage_options(pairs: list[str] | None) -> dict[str, str] | None:
 def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_size: int | None,
                    seed: int | None, checkpoint: Path | None, pooling: str | None,
                    no_latlon: bool, no_time: bool, *, bias: float | None = None,
-                   band_stats: bool = False):
+                   band_stats: bool = False, product: dict[str, Any] | None = None):
     """The encoder and the options the user gave; an option this encoder does not take is refused."""
     from chipscout.encoders.base import encoder_parameters
     from chipscout.indexer.ingest.job import EncoderChoice
@@ -154,13 +164,19 @@ def encoder_choice(name: str, kernels: str | None, features: int | None, kernel_
         "use_latlon": False if no_latlon else None, "use_time": False if no_time else None,
         "bias": bias, "band_stats": True if band_stats else None,
     }
+    product = product or {}
+    given.update({"year": product.get("year"), "in_channels": product.get("channels"),
+                  "dequantize": product.get("dequantize"), "scale": product.get("scale"),
+                  "offset": product.get("offset"), "nodata": product.get("nodata")})
+    if name in ("aef", "tessera"):
+        given["in_channels"] = None  # fixed by the product; a wrong file is refused on its header
     accepted = encoder_parameters(name)
     params = {}
     for key, value in given.items():
         if value is None:
             continue
         if key not in accepted:
-            flag = "--" + key.replace("_", "-").replace("use-", "no-")
+            flag = "--" + {"in_channels": "channels"}.get(key, key).replace("_", "-").replace("use-", "no-")
             raise ChipscoutError(f"encoder {name} does not take {flag}")
         params[key] = value
     return EncoderChoice(name, params)
@@ -176,7 +192,8 @@ def index_job(flags: dict[str, Any], command: str, **options: Any):
     encoder = flags["encoder_flags"]
     choice = encoder_choice(encoder["encoder"], encoder["kernels"], encoder["features"], encoder["kernel_size"],
                             encoder["seed"], encoder["checkpoint"], encoder["pooling"], encoder["no_latlon"],
-                            encoder["no_time"], bias=encoder["bias"], band_stats=encoder["band_stats"])
+                            encoder["no_time"], bias=encoder["bias"], band_stats=encoder["band_stats"],
+                            product=encoder)
     return IndexJob(
         db_uri=db_uri(flags["db"]), table_name=flags["table"], encoder=choice,
         grid=ChipGrid(flags["size"], flags["size"] if flags["stride"] is None else flags["stride"]), bands=split(flags["bands"]),
@@ -225,3 +242,24 @@ def report_summary(summary, as_json: bool) -> None:
         typer.secho(f"failed: {where}{reason}", fg="red", err=True)
     if summary.failures:
         raise typer.Exit(2)
+
+
+def product_sensor(encoder_flags: dict[str, Any], sensor: str | None, default_sensor: str | None):
+    """The band table a product encoder reads with (None for imagery encoders): `aef`,
+    `tessera`, or `embedding-N` for `raster-embedding --channels N`. A `--sensor` naming imagery
+    beside a product encoder is refused."""
+    name = encoder_flags["encoder"]
+    if name not in PRODUCT_ENCODERS:
+        return None
+    if sensor not in (None, default_sensor, name):
+        raise ChipscoutError(f"--encoder {name} reads its own band table; drop --sensor {sensor}")
+    from chipscout.indexer.sensors import embedding_sensor, get_sensor
+
+    if name != "raster-embedding":
+        return get_sensor(name)
+    channels = encoder_flags.get("channels")
+    if channels is None:
+        raise ChipscoutError("--encoder raster-embedding needs --channels (the bands per pixel in the file)")
+    if channels < 1:
+        raise ChipscoutError(f"--channels must be at least 1, got {channels}")
+    return embedding_sensor(channels, encoder_flags.get("nodata"))

@@ -23,7 +23,7 @@ from rasterio.errors import RasterioError
 
 from chipscout.encoders.base import ChipEncoder, EncoderError
 from chipscout.indexer.errors import ChipscoutError, QueryError
-from chipscout.indexer.ingest.embedding import make_encoder, normalization_for, pick_device, scaled_input
+from chipscout.indexer.ingest.embedding import make_encoder, normalise, normalization_for, pick_device, scaled_input
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand
 from chipscout.indexer.sensors import Band, Sensor, UnknownBandError, get_sensor
 from chipscout.indexer.errors import EvaluationError  # noqa: F401  (raised here, defined with the others)

@@ -54,6 +54,8 @@ def normalise(pixels: torch.Tensor, normalization: Normalization) -> torch.Tenso
 
 
 def normalization_for(encoder: ChipEncoder, sensor: Sensor, bands: Sequence[str]) -> Normalization:
+    if encoder.input_scaling == "none":  # embedding products: values as stored, de-quantised by the encoder
+        return Normalization("none", tuple(0.0 for _ in bands), tuple(1.0 for _ in bands))
     if encoder.input_scaling == "reflectance":
         return Normalization("reflectance", tuple(0.0 for _ in bands), tuple(1.0 for _ in bands))
     if encoder.input_scaling == "standardize":
@@ -89,6 +91,8 @@ def scaled_input(pixels: torch.Tensor, valid: torch.Tensor | None,
                  normalization: Normalization | None) -> torch.Tensor:
     """Reflectance (B, C, H, W) -> encoder input: the table's scaling, nodata pixels (valid
     False) set to 0 after it. Indexing and `chipscout eval` both scale through here."""
+    if normalization is not None and normalization.kind == "none":
+        return pixels  # products, read as stored: the reader already zeroed nodata pixels
     if normalization is not None:
         pixels = normalise(pixels, normalization)
     if valid is not None:

@@ -11,7 +11,9 @@ from typing import Any
 from chipscout.indexer.errors import NothingToIndexError, StacSearchError
 from chipscout.indexer.ingest.job import EncoderChoice, IndexJob
 from chipscout.indexer.ingest.local import run_local
+from chipscout.indexer.ingest.pca_thumbnails import fill_pca_thumbnails, is_product_table
 from chipscout.indexer.ingest.run import IndexSummary
+from chipscout.indexer.store import ChipStore
 from chipscout.indexer.sources import (DEMO_GRID, DEMO_SOURCE_ID, RasterSource, StacSearch, local_source,
                                        prepare_demo_scene)
 
@@ -24,8 +26,13 @@ def index(sources: Sequence[RasterSource] | Iterable[RasterSource], job: IndexJo
     if job.cluster.wanted:
         from chipscout.indexer.ingest.cluster import run_on_cluster
 
-        return run_on_cluster(sources, job)
-    return run_local(sources, job)
+        summary = run_on_cluster(sources, job)
+    else:
+        summary = run_local(sources, job)
+    store = ChipStore(job.db_uri, job.table_name, storage_options=job.storage_options)
+    if summary.chips_new and is_product_table(store):
+        fill_pca_thumbnails(store)  # products carry no pixels to look at: colour chips by PCA
+    return summary
 
 
 def index_search(search: StacSearch, job: IndexJob | None = None, **options: Any) -> IndexSummary:

@@ -27,6 +27,11 @@ def resolve_encoder(store: ChipStore, sensor: Sensor, encoder: EncoderChoice,
     (refusing other bands, encoder settings or grid), else new ones from the run's options."""
     if store.exists():
         stored = store.config
+        if stored.sensor != sensor.name and (sensor.product or stored.normalization.kind == "none"):
+            raise IncompatibleTableError(
+                f"table {store.table_name!r} holds {stored.encoder_label} vectors read as {stored.sensor}; "
+                f"this run reads {sensor.name} with {encoder.name}: a table never mixes products, "
+                "index into another --table")
         if bands and [sensor.band(b).name for b in bands] != list(stored.bands):
             raise IncompatibleTableError(
                 f"table {store.table_name!r} indexes bands {', '.join(stored.bands)}; "

@@ -245,6 +245,7 @@ def chip_events(sources: Iterable[RasterSource], chip_reader: ChipReader,
                        for i, (r, c) in enumerate(offsets)]
             yield SourceOpened(source, stop - first, stop - first - sum(missing), facts)
             failed = False
+            read_chips = 0
             for start in range(first, stop, batch_size):
                 group = [offsets[i] for i in range(start, min(start + batch_size, len(offsets)))
                          if missing[i]]
@@ -256,11 +257,19 @@ def chip_events(sources: Iterable[RasterSource], chip_reader: ChipReader,
                                             unread=sum(missing[start:]) - done)
                         failed = True
                         break
+                    read_chips += isinstance(event, Chip)
                     yield event
                 if failed:
                     break
                 if group:
                     yield BatchEnd(source.source_id)
+            if (not failed and source.sensor.product is not None and read_chips == 0 and any(missing)
+                    and positions is None):
+                # A product file without one usable chip is a broken or misread file, not a scene
+                # edge: say so (imagery scenes that are all nodata are skipped quietly).
+                yield SourceFailed(source, f"{where}: no chip has enough valid {source.sensor.product} "
+                                           f"pixels (at most {chip_reader.max_nodata_fraction:.0%} nodata "
+                                           "allowed); is it all nodata?")
 
 
 @dataclass(frozen=True)
@@ -327,7 +336,10 @@ def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count
 
 
 def rgb_positions(selected: RasterSource, sensor: Sensor) -> tuple[int, int, int] | None:
-    """Where red, green and blue sit among the bands read for a chip (None: no thumbnail)."""
+    """Where red, green and blue sit among the bands read for a chip (None: no thumbnail, as for
+    embedding products, whose pictures are drawn from their vectors instead)."""
+    if not sensor.rgb:
+        return None
     positions = []
     for name in sensor.rgb:
         found = [i for i, asset in enumerate(selected.bands) if asset.band.matches(name)]

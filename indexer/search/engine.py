@@ -20,7 +20,8 @@ from shapely.geometry import Polygon
 
 from chipscout.indexer.chips import validate_chip_id
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.geo import BBox  # noqa: F401  (re-exported: callers import it with the engine)
+from chipscout.indexer.geo import BBox, BBoxLike, parse_place  # BBox re-exported: callers import it with the engine
+from chipscout.indexer.sensors import ProductNote, product_note
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
 from chipscout.indexer.search.filters import SearchFilters
 from chipscout.indexer.search.planner import SearchPlan
@@ -196,6 +197,38 @@ class SearchEngine:
         ids = [validate_chip_id(c) for c in chip_ids]
         rows = self.store.fetch(ids, ["chip_id", "thumbnail"])
         return dict(zip(rows["chip_id"].to_pylist(), rows["thumbnail"].to_pylist()))
+
+    @property
+    def product(self) -> ProductNote | None:
+        """The published embedding product the table holds (None for tables of imagery)."""
+        config = self.config
+        if config.encoder != "imported" and config.normalization.kind != "none":
+            return None
+        return product_note(str(config.encoder_config.get("product", config.encoder)), config.encoder_label)
+
+    def chip_at(self, place: BBoxLike) -> ChipRecord:
+        """The chip a point `LON,LAT` falls in, or that covers most of a box (`geo.parse_place`),
+        to use as a query example; of several (overlapping grids) the one whose centre is nearest."""
+        box = parse_place(place)
+        where = (f"min_lon <= {box.max_lon!r} AND max_lon >= {box.min_lon!r} "
+                 f"AND min_lat <= {box.max_lat!r} AND max_lat >= {box.min_lat!r}")
+        candidates = _records(self.store.scan(METADATA_COLUMNS, where=where))
+        area = shapely.box(*box.as_tuple())
+        point = area.centroid if area.area > 0 else shapely.Point(box.min_lon, box.min_lat)
+
+        def overlap(chip: ChipRecord) -> float:
+            if area.area > 0:
+                return chip.footprint.intersection(area).area
+            return 1.0 if chip.footprint.covers(point) else 0.0
+
+        scored = [(overlap(c), -shapely.Point(c.center_lon, c.center_lat).distance(point), c.chip_id, c)
+                  for c in candidates]
+        scored = [s for s in scored if s[0] > 0]
+        if not scored:
+            what = (f"point {box.min_lon:g},{box.min_lat:g}" if area.area == 0
+                    else f"box {','.join(f'{v:g}' for v in box.as_tuple())}")
+            raise QueryError(f"no chip of table {self.store.table_name!r} covers the {what}")
+        return max(scored, key=lambda s: (s[0], s[1], s[2]))[3]
 
     def sample(self, n: int, seed: int = 0, offset: int = 0) -> list[ChipRecord]:
         """A reproducible pseudo-random page of chips (for galleries)."""

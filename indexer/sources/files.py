@@ -226,6 +226,13 @@ class RasterReader:
             self._datasets[href] = dataset
         return self._datasets[href]
 
+    def _transform_of(self, href: str) -> Affine:
+        """The dataset's grid as top-down: a bottom-up file (positive y resolution, as the Source
+        Cooperative copy of AlphaEarth) is read through its flipped twin's grid."""
+        dataset = self._datasets[href]
+        flipped = _top_down_transform(dataset)
+        return flipped if flipped is not None else dataset.transform
+
     def _check_dataset(self, href: str, dataset: rasterio.io.DatasetReader) -> None:
         """Refuse what would crash or mislead a read: absurd sizes, missing bands, odd pixel types."""
         if not 0 < dataset.width <= MAX_RASTER_SIDE_PX or not 0 < dataset.height <= MAX_RASTER_SIDE_PX:
@@ -238,6 +245,8 @@ class RasterReader:
             if not 1 <= index <= dataset.count:
                 raise SourceError(f"{href}: has {dataset.count} band(s), no band {index}")
             dtype = dataset.dtypes[index - 1]
+            if self.source.sensor.product is not None and not dtype.startswith("complex"):
+                continue  # embedding products are often int8 (AEF, TESSERA): read as stored
             if dtype in _REFUSED_DTYPES or dtype.startswith("complex"):
                 raise SourceError(f"{href}: band {index} holds {dtype} pixels, which are not "
                                   "reflectance numbers; convert it to an unsigned integer or float type")
@@ -263,18 +272,19 @@ class RasterReader:
                     "all bands of a scene must cover the same ground")
 
     def _finest_grid(self) -> PixelGrid:
-        finest = min(self._datasets.values(), key=lambda d: abs(d.transform.a))
-        return PixelGrid(finest.crs, finest.transform, finest.width, finest.height)
+        href = min(self._datasets, key=lambda h: abs(self._datasets[h].transform.a))
+        finest = self._datasets[href]
+        return PixelGrid(finest.crs, self._transform_of(href), finest.width, finest.height)
 
     def _view_on_grid(self, href: str, resampling: Resampling | None = None):
         dataset = self._datasets[href]
         same_grid = (
             dataset.crs == self.grid.crs
-            and dataset.transform.almost_equals(self.grid.transform)
+            and self._transform_of(href).almost_equals(self.grid.transform)
             and (dataset.width, dataset.height) == (self.grid.width, self.grid.height)
         )
         if same_grid:
-            return dataset
+            return _FlippedView(dataset) if _top_down_transform(dataset) is not None else dataset
         return self._stack.enter_context(
             WarpedVRT(
                 dataset,
@@ -292,20 +302,41 @@ class RasterReader:
         band_count = len(self.source.bands)
         pixels = np.empty((band_count, size_px, size_px), dtype=np.float32)
         valid = np.ones((size_px, size_px), dtype=bool)
-        for position, asset in enumerate(self.source.bands):
+        for start, stop in _runs_by_file(self.source.bands):
+            assets = self.source.bands[start:stop]
             try:
-                dn = self._views[asset.href].read(asset.band_index, window=window, boundless=False)
+                # All bands a file holds for this chip in one read: a pixel-interleaved COG (AEF's
+                # 64 channels) decodes each block once, not once per band.
+                dns = self._views[assets[0].href].read([a.band_index for a in assets], window=window,
+                                                       boundless=False)
             except Exception as err:  # GDAL's read errors reach Python in several types
                 raise SourceError(
-                    f"{asset.href}: failed to read band {asset.band.name} window "
-                    f"row={row_off} col={col_off} size={size_px}: {_gdal_message(err)}"
+                    f"{assets[0].href}: failed to read band(s) {', '.join(a.band.name for a in assets)} "
+                    f"window row={row_off} col={col_off} size={size_px}: {_gdal_message(err)}"
                 ) from err
-            dn = dn.astype(np.float32, copy=False)
-            band_valid = np.isfinite(dn)
-            if asset.nodata_dn is not None:
-                band_valid &= dn != asset.nodata_dn
-            valid &= band_valid
-            pixels[position] = dn * asset.dn_scale + asset.dn_offset
+            if len({(a.dn_scale, a.dn_offset, a.nodata_dn) for a in assets}) == 1:
+                # Bands of one file with one radiometry (an embedding product's channels): whole-block ops.
+                block = dns.astype(np.float32, copy=False)
+                asset = assets[0]
+                if np.issubdtype(dns.dtype, np.floating):
+                    valid &= np.isfinite(block).all(axis=0)
+                if asset.nodata_dn is not None:
+                    valid &= (block != asset.nodata_dn).all(axis=0)
+                if asset.dn_scale == 1.0 and asset.dn_offset == 0.0:
+                    pixels[start:stop] = block
+                else:
+                    pixels[start:stop] = block * asset.dn_scale + asset.dn_offset
+                continue
+            for position, asset, dn in zip(range(start, stop), assets, dns):
+                dn = dn.astype(np.float32, copy=False)
+                band_valid = np.isfinite(dn)
+                if asset.nodata_dn is not None:
+                    band_valid &= dn != asset.nodata_dn
+                valid &= band_valid
+                if asset.dn_scale == 1.0 and asset.dn_offset == 0.0:
+                    pixels[position] = dn
+                else:
+                    pixels[position] = dn * asset.dn_scale + asset.dn_offset
         pixels[:, ~valid] = 0.0
         return pixels, valid
 
@@ -328,6 +359,40 @@ class RasterReader:
             counted = valid & ~np.isin(codes, list(mask.nodata_classes))
         total = int(counted.sum())
         return float((cloudy & counted).sum() / total) if total else None
+
+
+def _top_down_transform(dataset: rasterio.io.DatasetReader) -> Affine | None:
+    """The top-down transform of a bottom-up (positive y resolution, unrotated) dataset, else None."""
+    t = dataset.transform
+    if t.e > 0 and not t.b and not t.d:
+        return Affine(t.a, 0.0, t.c, 0.0, -t.e, t.f + t.e * dataset.height)
+    return None
+
+
+class _FlippedView:
+    """Windowed reads of a bottom-up dataset as if it were stored top-down: window rows counted
+    from the north edge, the rows read from the mirrored window and flipped back. Exact (no
+    resampling), and still a windowed read."""
+
+    def __init__(self, dataset: rasterio.io.DatasetReader):
+        self._dataset = dataset
+
+    def read(self, indexes, window: Window, boundless: bool = False) -> np.ndarray:
+        row_off = self._dataset.height - int(window.row_off) - int(window.height)
+        mirrored = Window(window.col_off, row_off, window.width, window.height)
+        data = self._dataset.read(indexes, window=mirrored, boundless=boundless)
+        return np.ascontiguousarray(data[..., ::-1, :])
+
+
+def _runs_by_file(bands: Sequence[BandAsset]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of consecutive bands that live in one file."""
+    runs: list[tuple[int, int]] = []
+    for position, asset in enumerate(bands):
+        if runs and bands[runs[-1][0]].href == asset.href:
+            runs[-1] = (runs[-1][0], position + 1)
+        else:
+            runs.append((position, position + 1))
+    return runs
 
 
 # ----------------------------------------------------------------------------- local files
@@ -417,6 +482,8 @@ def local_source(
     sensor = get_sensor(sensor) if isinstance(sensor, str) else sensor
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
+    if sensor.product is not None:
+        return product_source(path, sensor, acquired, source_id)
     location = str(path)
     assets: list[BandAsset] = []
     tags: dict[str, str] = {}
@@ -485,3 +552,91 @@ def _multiband_names(path: Path, sensor: Sensor, count: int, file_bands: Sequenc
 def iter_local_sources(paths: Sequence[str | Path], **kwargs) -> Iterator[RasterSource]:
     for path in paths:
         yield local_source(path, **kwargs)
+
+
+# ----------------------------------------------------------------------------- embedding products
+#: Suffixes of the per-pixel scale file beside a TESSERA tile (`grid_0.15_52.05.tif` ->
+#: `grid_0.15_52.05_scales.tif`), after geotessera's `<tile>_scales.npy`.
+TESSERA_SCALE_SUFFIXES = ("_scales.tif", "_scales.tiff")
+
+
+def product_source(path: Path, sensor: Sensor, acquired: datetime | None = None,
+                   source_id: str | None = None) -> RasterSource:
+    """A per-pixel embedding raster (`sensor.product`): one file holding every channel (AEF, a
+    generic product), and for TESSERA a float32 `_scales` file beside it. The channel count is
+    checked on the header, before any pixel is read."""
+    location = str(path)
+    if path.is_dir():
+        raise SourceError(f"{path}: is a folder; give the {sensor.product} raster file itself")
+    channels = [b for b in sensor.bands if b.name != "scale"]
+    with _open(str(path), location) as dataset:
+        tags = dict(dataset.tags())
+        count, nodata = dataset.count, dataset.nodata
+    if count != len(channels):
+        raise SourceError(f"{path}: has {count} band(s); a {sensor.product} file has {len(channels)} "
+                          f"channels ({channels[0].name}..{channels[-1].name})")
+    nodata_dn = sensor.nodata_dn if sensor.nodata_dn is not None else nodata
+    assets = [BandAsset(band, str(path), i + 1, 1.0, 0.0, nodata_dn) for i, band in enumerate(channels)]
+    if sensor.product == "tessera":
+        scales = [path.with_name(path.stem + suffix) for suffix in TESSERA_SCALE_SUFFIXES]
+        found = [p for p in scales if p.exists()]
+        if not found:
+            raise SourceError(f"{path}: a TESSERA tile needs its per-pixel scales beside it "
+                              f"({scales[0].name}, one float32 band); none found")
+        with _open(str(found[0]), location) as dataset:
+            if dataset.count != 1:
+                raise SourceError(f"{found[0]}: has {dataset.count} band(s); a TESSERA scales file has 1")
+        # 0 (and NaN) scales mark pixels without an embedding.
+        assets.append(BandAsset(sensor.band("scale"), str(found[0]), 1, 1.0, 0.0, 0.0))
+    when = acquired if acquired is not None else _date_from_metadata(tags, path.stem)
+    return RasterSource(
+        source_id=sanitize_source_id(source_id or path.stem),
+        sensor=sensor,
+        bands=tuple(assets),
+        acquired=when,
+        location=location,
+        radiometry_note=f"{sensor.product} channels as stored; de-quantised by the encoder",
+    )
+
+
+# ----------------------------------------------------------------------------- pictures from imagery
+def source_lonlat_bounds(source: RasterSource) -> tuple[float, float, float, float]:
+    """The lon/lat box of a source's first band (reads the header only)."""
+    from rasterio.warp import transform_bounds
+
+    with _open(source.bands[0].href, source.location) as dataset:
+        if dataset.crs is None:
+            raise SourceError(f"{source.bands[0].href}: raster has no CRS (unknown coordinate reference system)")
+        return tuple(transform_bounds(dataset.crs, "EPSG:4326", *dataset.bounds))  # type: ignore[return-value]
+
+
+def read_rgb_box(source: RasterSource, lonlat_bounds: tuple[float, float, float, float], out_px: int,
+                 datasets: dict[str, rasterio.io.DatasetReader]) -> tuple[np.ndarray, np.ndarray]:
+    """Reflectance (3, out_px, out_px) of the source's red, green and blue bands over a lon/lat box,
+    resampled (bilinear) in one windowed read per band, and the validity mask; `datasets` keeps
+    the files open between calls (the caller closes them)."""
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import from_bounds
+
+    rgb = source.select_bands(list(source.sensor.rgb))
+    pixels = np.zeros((3, out_px, out_px), dtype=np.float32)
+    valid = np.ones((out_px, out_px), dtype=bool)
+    for position, asset in enumerate(rgb.bands):
+        if asset.href not in datasets:
+            datasets[asset.href] = _open(asset.href, source.location)
+        dataset = datasets[asset.href]
+        box = transform_bounds("EPSG:4326", dataset.crs, *lonlat_bounds)
+        window = from_bounds(*box, transform=dataset.transform)
+        fill = asset.nodata_dn if asset.nodata_dn is not None else 0
+        try:
+            dn = dataset.read(asset.band_index, window=window, out_shape=(out_px, out_px), boundless=True,
+                              fill_value=fill, resampling=Resampling.bilinear).astype(np.float32)
+        except Exception as err:  # GDAL's read errors reach Python in several types
+            raise SourceError(f"{asset.href}: failed to read a thumbnail window: {_gdal_message(err)}") from err
+        band_valid = np.isfinite(dn)
+        if asset.nodata_dn is not None:
+            band_valid &= dn != asset.nodata_dn
+        valid &= band_valid
+        pixels[position] = dn * asset.dn_scale + asset.dn_offset
+    pixels[:, ~valid] = 0.0
+    return pixels, valid

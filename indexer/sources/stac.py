@@ -430,6 +430,8 @@ def item_source(item: pystac.Item, sensor: Sensor, policy: HrefPolicy | None = N
     for (missing bands are named when the index asks for them), and the cloud-mask asset."""
     acquired = _acquired(item)
     assets = item.assets
+    if sensor.product is not None:
+        return _product_item_source(item, sensor, policy, acquired)
     bands: list[BandAsset] = []
     per_band: dict[str, _Radiometry] = {}
     for band in sensor.bands:
@@ -465,6 +467,42 @@ def item_source(item: pystac.Item, sensor: Sensor, policy: HrefPolicy | None = N
         radiometry_note=_radiometry_note(per_band),
         extra=extra,
     )
+
+
+def _product_item_source(item: pystac.Item, sensor: Sensor, policy: HrefPolicy | None,
+                         acquired: datetime | None) -> RasterSource:
+    """An item of a per-pixel embedding product: one raster asset holds every channel (the one
+    whose `eo:bands`/`bands` lists that many, else the only raster asset that is not the scales);
+    a TESSERA item also has a `scales` asset."""
+    channels = [b for b in sensor.bands if b.name != "scale"]
+    rasters = {key: asset for key, asset in item.assets.items() if _asset_is_raster(asset)}
+    scale_key = next((key for key in rasters if key.lower() in ("scale", "scales")), None)
+    listed = [key for key, asset in rasters.items()
+              if len(asset.extra_fields.get("eo:bands") or asset.extra_fields.get("bands") or []) == len(channels)]
+    others = [key for key in rasters if key != scale_key]
+    key = listed[0] if listed else (others[0] if len(others) == 1 else None)
+    if key is None:
+        raise StacSearchError(f"item {item.id}: no asset holds the {len(channels)} {sensor.product} channels "
+                              f"(raster assets: {', '.join(rasters) or 'none'})")
+    href = _href(rasters[key])
+    _, _, declared_nodata = _raster_facts(rasters[key])
+    nodata = sensor.nodata_dn if sensor.nodata_dn is not None else declared_nodata
+    bands = [BandAsset(band, href, i + 1, 1.0, 0.0, nodata) for i, band in enumerate(channels)]
+    if sensor.product == "tessera":
+        if scale_key is None:
+            raise StacSearchError(f"item {item.id}: a TESSERA item needs a 'scales' asset")
+        bands.append(BandAsset(sensor.band("scale"), _href(rasters[scale_key]), 1, 1.0, 0.0, 0.0))
+    if policy is not None:
+        for asset in {b.href for b in bands}:
+            policy.check(asset, item.id)
+    self_href = item.get_self_href()
+    extra = {"stac_item": item.id, "collection": item.collection_id or ""}
+    if self_href:
+        extra["stac_href"] = self_href
+    return RasterSource(
+        source_id=sanitize_source_id(item.id), sensor=sensor, bands=tuple(bands), acquired=acquired,
+        location=self_href or f"{item.collection_id}/{item.id}",
+        radiometry_note=f"{sensor.product} channels as stored; de-quantised by the encoder", extra=extra)
 
 
 # ----------------------------------------------------------------------------- the transport
