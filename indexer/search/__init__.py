@@ -3,7 +3,8 @@ expansion and spreading; what front ends (CLI, app, the Python API) import.
 
 Modules: `engine` (SearchEngine and its results), `filters` (SearchFilters compiled to SQL and to
 in-memory masks), `planner` (how a query runs), `warm` (vectors, filter columns and the sketch
-in memory), `expansion` (alpha-query expansion), `spread` (results per grid cell).
+in memory), `expansion` (alpha-query expansion), `spread` (results per grid cell),
+`where` (where in a chip the match lies: heatmaps, ranking by best cell).
 """
 
 from chipscout.indexer.chips import validate_chip_id
@@ -16,9 +17,14 @@ from chipscout.indexer.search.expansion import (
 )
 from chipscout.indexer.search.filters import SearchFilters
 from chipscout.indexer.search.spread import Spread, grid_cell, spread_results
+from chipscout.indexer.search.where import (
+    DEFAULT_RERANK_POOL, HEATMAP_SOURCES, CellRanked, Heatmap, WhereInChip, heatmap_rgba, overlay_png,
+    write_heatmaps,
+)
 
 __all__ = [
-    "BBox", "ChipRecord", "DEFAULT_EXPANSION", "MAX_EXPAND", "MAX_K", "QE_ALPHA", "SearchEngine",
+    "BBox", "CellRanked", "ChipRecord", "DEFAULT_RERANK_POOL", "HEATMAP_SOURCES", "Heatmap",
+    "WhereInChip", "heatmap_rgba", "overlay_png", "write_heatmaps", "DEFAULT_EXPANSION", "MAX_EXPAND", "MAX_K", "QE_ALPHA", "SearchEngine",
     "SearchFilters", "SearchResponse", "SearchResult", "Spread", "default_expansion", "expand_query",
     "grid_cell", "spread_results", "validate_chip_id", "validate_expand", "validate_k",
 ]
