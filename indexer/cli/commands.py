@@ -18,6 +18,8 @@ import typer
 from chipscout.encoders.base import EncoderError
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
+from chipscout.indexer.cli.where import (CellOpt, HeatmapSourceOpt, PoolOpt, RankByCellOpt, WhereFormatOpt, WhereOpt,
+                                         search_where_command, wanted)
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
                                            StorageOption, TableOption, db_uri, encoder_choice, print_json,
@@ -48,17 +50,28 @@ def search(
     expand: Annotated[Optional[int], typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again. Default: the table's (5 for RCF tables, else 0); 0 = the plain nearest neighbours.")] = None,
     spread_km: Annotated[float, typer.Option("--spread-km", help="Spread the results: at most --per-cell per grid cell of this size in km; 0 turns spreading off.")] = 0.0,
     per_cell: Annotated[int, typer.Option("--per-cell", help="Results per grid cell when spreading (--spread-km).")] = 1,
+    where: WhereOpt = None,
+    where_format: WhereFormatOpt = "both",
+    heatmap_source: HeatmapSourceOpt = "auto",
+    rank_by_cell: RankByCellOpt = False,
+    pool: PoolOpt = None,
+    cell: CellOpt = None,
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
-    """Find the chips most similar to CHIP_ID."""
+    """Find the chips most similar to CHIP_ID (with --where: and where inside each one)."""
     from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
 
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
     spread = Spread(spread_km, per_cell) if spread_km else None
     engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
+    if wanted(where, rank_by_cell, cell):
+        search_where_command(engine, chip_id, k, filters, expand, spread, where=where, where_format=where_format,
+                             heatmap_source=heatmap_source, rank_by_cell=rank_by_cell, pool=pool, cell=cell,
+                             as_json=as_json)
+        return
     response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
     if as_json:
         print_json(response.to_dict())

@@ -18,13 +18,13 @@ from chipscout.indexer.search.expansion import (
 from chipscout.indexer.search.filters import SearchFilters
 from chipscout.indexer.search.spread import Spread, grid_cell, spread_results
 from chipscout.indexer.search.where import (
-    DEFAULT_RERANK_POOL, HEATMAP_SOURCES, CellRanked, Heatmap, WhereInChip, heatmap_rgba, overlay_png,
-    write_heatmaps,
+    DEFAULT_RERANK_POOL, HEATMAP_SOURCES, CellRanked, Heatmap, WhereAnswer, WhereInChip, heatmap_rgba,
+    overlay_png, search_where, write_heatmaps,
 )
 
 __all__ = [
     "BBox", "CellRanked", "ChipRecord", "DEFAULT_RERANK_POOL", "HEATMAP_SOURCES", "Heatmap",
-    "WhereInChip", "heatmap_rgba", "overlay_png", "write_heatmaps", "DEFAULT_EXPANSION", "MAX_EXPAND", "MAX_K", "QE_ALPHA", "SearchEngine",
+    "WhereAnswer", "WhereInChip", "heatmap_rgba", "overlay_png", "search_where", "write_heatmaps", "DEFAULT_EXPANSION", "MAX_EXPAND", "MAX_K", "QE_ALPHA", "SearchEngine",
     "SearchFilters", "SearchResponse", "SearchResult", "Spread", "default_expansion", "expand_query",
     "grid_cell", "spread_results", "validate_chip_id", "validate_expand", "validate_k",
 ]

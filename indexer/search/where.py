@@ -391,3 +391,56 @@ def overlay_png(heatmap: Heatmap, thumbnail: bytes | None, size_px: int = 256) -
 def _write_png(heatmap: Heatmap, path: Path, thumbnail: bytes | None) -> Path:
     path.write_bytes(overlay_png(heatmap, thumbnail))
     return path
+
+
+# ----------------------------------------------------------------------------- one call for front ends
+@dataclass(frozen=True)
+class WhereAnswer:
+    """A search with a heatmap per result (aligned with `response.results`)."""
+
+    response: SearchResponse
+    heatmaps: list[Heatmap]
+    query_vector: np.ndarray
+    ranked_by: str
+    """"chip" (whole-chip similarity) or "cell" (the best cell's similarity)."""
+
+
+def search_where(engine: SearchEngine, query: str | Sequence[float] | np.ndarray, k: int = 10,
+                 filters: Any = None, *, expand: int | None = None, spread: Any = None,
+                 cell: tuple[int, int] | None = None, rank_by_cell: bool = False,
+                 pool: int | None = None, use: str = "auto", exclude_ids: Sequence[str] = ()) -> WhereAnswer:
+    """Search by a chip id or a vector and compute the results' heatmaps.
+
+    cell: (row, col) of the query chip's cell grid to search for instead of the whole chip (a small
+    thing inside it); the whole-chip search then runs with that cell's vector.
+    rank_by_cell: fetch `pool` (default max(`DEFAULT_RERANK_POOL`, k)) whole-chip results and
+    order them by their best cell; the k best are returned, their `similarity` still the
+    whole-chip one, the best cell's value in their heatmap.
+    """
+    from dataclasses import replace
+
+    from chipscout.indexer.search.engine import SearchResult, validate_k
+
+    k = validate_k(k)
+    where = WhereInChip(engine)
+    query_chip = engine.get_chip(query) if isinstance(query, str) else None
+    if cell is not None:
+        if query_chip is None:
+            raise QueryError("a query cell needs a query chip id")
+        vector = where.cell_vector(query_chip, int(cell[0]), int(cell[1]), use)
+    else:
+        vector = engine.get_vector(query) if query_chip is not None else where._unit(query)
+    fetch = max(pool or DEFAULT_RERANK_POOL, k) if rank_by_cell else k
+    if query_chip is not None:
+        response = engine.similar_to_chip(query_chip.chip_id, fetch, filters, expand=expand, spread=spread) \
+            if cell is None else engine.similar_to_vector(vector, fetch, filters, [query_chip.chip_id],
+                                                          expand=expand, spread=spread)
+    else:
+        response = engine.similar_to_vector(vector, fetch, filters, exclude_ids, expand=expand, spread=spread)
+    if not rank_by_cell:
+        maps = where.heatmaps([r.chip for r in response.results], vector, use)
+        return WhereAnswer(response, maps, vector, "chip")
+    ranked = where.rerank(response.results, vector, use)[:k]
+    results = [SearchResult(r.rank, r.result.chip, r.result.distance) for r in ranked]
+    return WhereAnswer(replace(response, results=results, method=response.method + "+cell-rerank"),
+                       [r.heatmap for r in ranked], vector, "cell")

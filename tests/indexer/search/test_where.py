@@ -134,3 +134,25 @@ def test_an_encoder_without_local_vectors_is_one_line(two_sources, monkeypatch):
     with pytest.raises(QueryError, match="gives no local vectors") as err:
         WhereInChip(engine).heatmaps(engine.sample(1), engine.get_vector(engine.sample(1)[0].chip_id))
     assert "\n" not in str(err.value)
+
+
+def test_the_notebook_api_carries_heatmaps(two_sources):
+    import chipscout
+
+    engine, _, _ = two_sources
+    table = chipscout.connect(engine.db_uri).open_table(engine.table_name)
+    query = engine.sample(1, seed=2)[0].chip_id
+    plain = table.search(query, k=3, expand=0)
+    with pytest.raises(chipscout.QueryError, match="carry no heatmaps"):
+        _ = plain.heatmaps
+    results = table.search(query, k=3, expand=0, where=True)
+    assert results.chip_ids == plain.chip_ids and [h.chip_id for h in results.heatmaps] == plain.chip_ids
+    assert all(h.ok and h.similarity.shape == (8, 8) for h in results.heatmaps)
+    again = table.heatmaps(plain)
+    np.testing.assert_allclose(again[0].similarity, results.heatmaps[0].similarity)
+    table.session("s")
+    table.label("s", plain.chip_ids[:2], "positive")
+    by_session = table.heatmaps(plain, session="s")
+    assert all(h.ok for h in by_session)
+    ranked = table.search(query, k=3, expand=0, rank_by="cell", cell=(1, 1), pool=10)
+    assert ranked.method.endswith("+cell-rerank") and len(ranked.heatmaps) == 3
