@@ -110,6 +110,22 @@ class Table:
             return Results(self.engine.similar_to_chip(query, k, compiled, expand))
         return Results(self.engine.similar_to_vector(query, k, compiled, exclude, expand))
 
+    def change(self, location: str, before: str, after: str, k: int = 10, *, filters: Filters | None = None,
+               other_before: str | None = None, other_after: str | None = None, method: str = "difference",
+               min_overlap: float = 0.5, spread_km: float = 0.0, per_cell: int = 1):
+        """Places whose change from `other_before` to `other_after` (default: `before`, `after`) is
+        most like the change at `location`'s place (a chip id of any date there) from `before` to
+        `after`: a `ChangeResponse` of before/after pairs (docs/where-and-change.md)."""
+        from chipscout.indexer.search import ChangeSearch, Spread
+
+        if filters is not None and not isinstance(filters, Filters):
+            raise QueryError(f"filters must be a chipscout.Filters, got {type(filters).__name__}")
+        compiled = filters.compiled() if filters is not None else None
+        spread = Spread(spread_km, per_cell) if spread_km else None
+        return ChangeSearch(self.engine).search(location, before, after, k, compiled, other_before=other_before,
+                                                other_after=other_after, method=method, min_overlap=min_overlap,
+                                                spread=spread)
+
     def heatmaps(self, results: Results, query: str | Sequence[float] | np.ndarray | None = None, *,
                  session: str | None = None, use: str = "auto") -> list:
         """A `Heatmap` per result of `results`: each cell's similarity to `query` (a chip id or a

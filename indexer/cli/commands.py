@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from chipscout.encoders.base import EncoderError
+from chipscout.indexer.cli.change import change_command
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.where import (CellOpt, HeatmapSourceOpt, PoolOpt, RankByCellOpt, WhereFormatOpt, WhereOpt,
@@ -34,6 +35,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(index_app, name="index")
+app.command("change")(change_command)
 
 
 # ----------------------------------------------------------------------------- search / info

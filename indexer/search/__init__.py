@@ -14,7 +14,7 @@ from chipscout.indexer.search.engine import (
 )
 from chipscout.indexer.search.change import (
     CHANGE_METHODS, DEFAULT_MIN_OVERLAP, ChangePair, ChangeResponse, ChangeResult, ChangeSearch, Period,
-    change_vectors, match_places,
+    change_vectors, match_places, pair_png,
 )
 from chipscout.indexer.search.expansion import (
     DEFAULT_EXPANSION, MAX_EXPAND, QE_ALPHA, default_expansion, expand_query, validate_expand,
@@ -28,7 +28,7 @@ from chipscout.indexer.search.where import (
 
 __all__ = [
     "BBox", "CHANGE_METHODS", "CellRanked", "ChangePair", "ChangeResponse", "ChangeResult", "ChangeSearch",
-    "DEFAULT_MIN_OVERLAP", "Period", "change_vectors", "match_places", "ChipRecord", "DEFAULT_RERANK_POOL", "HEATMAP_SOURCES", "Heatmap",
+    "DEFAULT_MIN_OVERLAP", "Period", "change_vectors", "match_places", "pair_png", "ChipRecord", "DEFAULT_RERANK_POOL", "HEATMAP_SOURCES", "Heatmap",
     "WhereAnswer", "WhereInChip", "heatmap_rgba", "overlay_png", "search_where", "write_heatmaps", "DEFAULT_EXPANSION", "MAX_EXPAND", "MAX_K", "QE_ALPHA", "SearchEngine",
     "SearchFilters", "SearchResponse", "SearchResult", "Spread", "default_expansion", "expand_query",
     "grid_cell", "spread_results", "validate_chip_id", "validate_expand", "validate_k",

@@ -296,3 +296,20 @@ class ChangeSearch:
                           1.0 if same_cell else _iou(near[b].footprint, near[a].footprint))
         return pair, change
 
+
+
+def pair_png(before: bytes | None, after: bytes | None, size_px: int = 128) -> bytes:
+    """PNG bytes: the before thumbnail and the after thumbnail side by side (grey where a chip
+    has none), with a 4 px white gap."""
+    import io
+
+    from PIL import Image
+
+    canvas = Image.new("RGB", (2 * size_px + 4, size_px), (255, 255, 255))
+    for slot, thumbnail in enumerate((before, after)):
+        image = (Image.open(io.BytesIO(thumbnail)).convert("RGB").resize((size_px, size_px))
+                 if thumbnail else Image.new("RGB", (size_px, size_px), (128, 128, 128)))
+        canvas.paste(image, (slot * (size_px + 4), 0))
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()

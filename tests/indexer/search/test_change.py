@@ -156,3 +156,34 @@ def test_change_vectors():
     np.testing.assert_allclose(change_vectors(before, after, "residual")[0], [0.0, 1.0], atol=1e-6)
     with pytest.raises(QueryError, match="change method"):
         change_vectors(before, after, "ratio")
+
+
+def test_the_change_command(change_db, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from chipscout.indexer.cli.commands import app
+
+    args = ["change", _id("june", *ROOFS[0]), "--before", "2024-06-15", "--after", "2024-09-20", "-k", "2",
+            "--db", change_db.db_uri, "--geojson", tmp_path / "c.geojson", "--thumbnails", tmp_path / "pairs"]
+    result = CliRunner().invoke(app, [str(a) for a in args] + ["--json"])
+    assert result.exit_code == 0, result.exception
+    payload = json.loads(result.stdout)
+    assert sorted(r["before_chip_id"] for r in payload["results"]) == sorted(_id("june", *rc) for rc in ROOFS[1:])
+    assert len(json.loads((tmp_path / "c.geojson").read_text())["features"]) == 2
+    pngs = sorted((tmp_path / "pairs").glob("*.png"))
+    assert len(pngs) == 3 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    text = CliRunner().invoke(app, [str(a) for a in args[:8]] + ["--db", change_db.db_uri]).stdout
+    assert "rank" in text and "grid-cell" in text
+    bad = CliRunner().invoke(app, ["change", _id("june", 0, 0), "--before", "2024-06-15", "--after", "2024-06-15",
+                                   "--db", change_db.db_uri])
+    assert isinstance(bad.exception, QueryError) and "same period" in str(bad.exception)
+
+
+def test_the_notebook_api(change_db):
+    import chipscout
+
+    table = chipscout.connect(change_db.db_uri).open_table("chips")
+    response = table.change(_id("june", *PONDS[0]), "2024-06-15", "2024-09-20", k=2)
+    assert sorted(r.pair.after.chip_id for r in response.results) == sorted(_id("sept", *rc) for rc in PONDS[1:])
