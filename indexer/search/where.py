@@ -91,7 +91,7 @@ class CellRanked:
 
 
 @dataclass
-class _ChipGrid:
+class CellGrid:
     vectors: np.ndarray  # (rows, cols, D) unit vectors in the table's space, NaN rows for empty cells
     crs: str | None
     transform: tuple[float, ...] | None
@@ -116,7 +116,7 @@ class WhereInChip:
         vector of the table's space, e.g. a chip's stored vector or a seed set's mean)."""
         query = self._unit(query_vector)
         maps = []
-        for chip, grid in zip(chips, self._grids(chips, use)):
+        for chip, grid in zip(chips, self.cell_grids(chips, use)):
             if isinstance(grid, str):
                 maps.append(Heatmap(chip.chip_id, None, note=grid))
                 continue
@@ -128,7 +128,7 @@ class WhereInChip:
 
     def cell_vector(self, chip: ChipRecord, row: int, col: int, use: str = "auto") -> np.ndarray:
         """The unit vector of one cell of `chip` (a query for "this small thing")."""
-        grid = self._grids([chip], use)[0]
+        grid = self.cell_grids([chip], use)[0]
         if isinstance(grid, str):
             raise QueryError(grid)
         rows, cols = grid.vectors.shape[:2]
@@ -167,7 +167,9 @@ class WhereInChip:
                              "--pooling patch); use the pixels")
         return "patches" if (use == "patches" or (use == "auto" and self._keeps_patches)) else "pixels"
 
-    def _grids(self, chips: Sequence[ChipRecord], use: str) -> list[_ChipGrid | str]:
+    def cell_grids(self, chips: Sequence[ChipRecord], use: str = "auto") -> list[CellGrid | str]:
+        """Per chip, its cells' unit vectors in the table's space (`CellGrid`), or a note saying why
+        there are none; what `heatmaps` compares a query with (benchmarks reuse them across queries)."""
         origin = self._origin(use)
         if origin == "patches":
             return [self._patch_grid(chip) for chip in chips]
@@ -185,9 +187,9 @@ class WhereInChip:
                 raise QueryError(f"table {self.engine.table_name!r}: {err}") from None
         return self._embedder
 
-    def _pixel_grids(self, chips: Sequence[ChipRecord]) -> list[_ChipGrid | str]:
+    def _pixel_grids(self, chips: Sequence[ChipRecord]) -> list[CellGrid | str]:
         embedder = self._encoder()
-        grids: list[_ChipGrid | str] = []
+        grids: list[CellGrid | str] = []
         readers: dict[str, Any] = {}
         failed: dict[str, str] = {}  # a source that failed to open is not tried again per chip
         try:
@@ -214,7 +216,7 @@ class WhereInChip:
         return grids
 
     def _embed_cells(self, embedder: Any, chip: ChipRecord, pixels: np.ndarray, valid: np.ndarray,
-                     pixel_grid: Any) -> _ChipGrid | str:
+                     pixel_grid: Any) -> CellGrid | str:
         import torch
         from affine import Affine
 
@@ -236,7 +238,7 @@ class WhereInChip:
         grid = local[0].permute(1, 2, 0).float().cpu().numpy()  # (rows, cols, D)
         cell = embedder.encoder.local_cell_px
         transform = pixel_grid.transform @ Affine.translation(chip.col_off, chip.row_off) @ Affine.scale(cell)
-        return _ChipGrid(self._finished(grid, embedder.finish), str(pixel_grid.crs),
+        return CellGrid(self._finished(grid, embedder.finish), str(pixel_grid.crs),
                          tuple(transform)[:6], cell, "pixels")
 
     @staticmethod
@@ -254,7 +256,7 @@ class WhereInChip:
             out = np.full((rows * cols, dim), np.nan, dtype=np.float32)
         return out.reshape(rows, cols, -1)
 
-    def _patch_grid(self, chip: ChipRecord) -> _ChipGrid | str:
+    def _patch_grid(self, chip: ChipRecord) -> CellGrid | str:
         from chipscout.indexer.ingest.embedding import stored_transform
 
         rows = self.engine.store.patch_vectors(chip.chip_id)
@@ -271,7 +273,7 @@ class WhereInChip:
             grid = self._finished(grid, transform.apply)
         cell = int(self.engine.config.encoder_config.get("patch_size", 8))
         crs, affine = _footprint_georeference(chip, grid.shape[0], grid.shape[1])
-        return _ChipGrid(grid, crs, affine, cell, "patches")
+        return CellGrid(grid, crs, affine, cell, "patches")
 
 
 def _open_source(source_path: str, config: Any):
