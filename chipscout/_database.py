@@ -111,7 +111,7 @@ class Table:
         return Results(self.engine.similar_to_vector(query, k, compiled, exclude, expand))
 
     def change(self, location: str, before: str, after: str, k: int = 10, *, filters: Filters | None = None,
-               other_before: str | None = None, other_after: str | None = None, method: str = "difference",
+               other_before: str | None = None, other_after: str | None = None, method: str = "residual",
                min_overlap: float = 0.5, spread_km: float = 0.0, per_cell: int = 1):
         """Places whose change from `other_before` to `other_after` (default: `before`, `after`) is
         most like the change at `location`'s place (a chip id of any date there) from `before` to

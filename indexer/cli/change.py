@@ -19,7 +19,7 @@ def change_command(
     k: Annotated[int, typer.Option("-k", "--k", help="Number of places.")] = 10,
     other_before: Annotated[Optional[str], typer.Option("--other-before", help="Before period of the other places (default: --before).")] = None,
     other_after: Annotated[Optional[str], typer.Option("--other-after", help="After period of the other places (default: --after).")] = None,
-    method: Annotated[str, typer.Option("--method", help="Change vector: difference (after - before, normalised; the default), residual, or after (the after chip alone, for comparison).")] = "difference",
+    method: Annotated[str, typer.Option("--method", help="Change vector: residual (what is new: after minus its projection on before, normalised; the default, measured best), difference (after - before, normalised), or after (the after chip alone, for comparison).")] = "residual",
     min_overlap: Annotated[float, typer.Option("--min-overlap", help="Chips of different grids are the same place from this footprint intersection over union.")] = 0.5,
     bbox: Annotated[Optional[str], typer.Option(help="MINLON,MINLAT,MAXLON,MAXLAT.")] = None,
     max_cloud: Annotated[Optional[float], typer.Option("--max-cloud", help="Maximum cloud fraction 0..1 (both dates).")] = None,

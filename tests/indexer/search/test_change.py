@@ -150,9 +150,10 @@ def _single_date_engine(small_cog, tmp_path):
 def test_change_vectors():
     before = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     after = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]])
-    diff = change_vectors(before, after)
+    diff = change_vectors(before, after, "difference")
     np.testing.assert_allclose(diff[0], [-np.sqrt(0.5), np.sqrt(0.5)], atol=1e-6)
     assert not diff[1].any() and not diff[2].any()  # no change, whatever the scale
+    assert not change_vectors(before, after)[1].any()  # the default (residual) too
     np.testing.assert_allclose(change_vectors(before, after, "residual")[0], [0.0, 1.0], atol=1e-6)
     with pytest.raises(QueryError, match="change method"):
         change_vectors(before, after, "ratio")
