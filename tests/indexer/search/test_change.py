@@ -30,9 +30,9 @@ def _write(path, data, profile):
             out.set_band_description(i, name)
 
 
-@pytest.fixture(scope="module")
-def change_db(small_cog, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("change")
+def build_change_table(small_cog, folder, table="chips") -> SearchEngine:
+    """One 4 x 4 grid of 64 px chips at three dates: June (the cut), September (another look plus
+    the known changes ROOFS and PONDS) and October (the cut on a grid shifted 8 px east)."""
     with rasterio.open(small_cog) as src:
         data = src.read()
         profile = {"driver": "GTiff", "count": 4, "dtype": data.dtype.name, "crs": src.crs,
@@ -51,9 +51,14 @@ def change_db(small_cog, tmp_path_factory):
     _write(folder / "oct-shifted.tif", shifted, shifted_profile)
     sources = [local_source(folder / f"{name}.tif", sensor="sentinel-2-l2a", acquired=when, source_id=name)
                for name, when in (("june", "2024-06-15"), ("sept", "2024-09-20"), ("oct-shifted", "2024-10-05"))]
-    index_sources(sources, db_uri=str(folder / "db"), table_name="chips", encoder=TINY_RCF,
+    index_sources(sources, db_uri=str(folder / "db"), table_name=table, encoder=TINY_RCF,
                   grid=ChipGrid(64, 64), bands=BANDS, progress=False)
-    return SearchEngine(str(folder / "db"), "chips")
+    return SearchEngine(str(folder / "db"), table)
+
+
+@pytest.fixture(scope="module")
+def change_db(small_cog, tmp_path_factory):
+    return build_change_table(small_cog, tmp_path_factory.mktemp("change"))
 
 
 def _id(source, row, col):
