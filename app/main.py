@@ -23,7 +23,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from chipscout.app import labelling, maps, state
+from chipscout.app import labelling, maps, state, where_change
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.paths import default_db_uri
 from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse, Spread
@@ -292,6 +292,7 @@ with st.sidebar:
                   help=f"An XYZ tile URL such as {maps.OSM_TILES}, or a style.json URL. Empty: no basemap. "
                        "Default from $CHIPSCOUT_BASEMAP_URL.")
     st.checkbox("Draw chip thumbnails on the map", key="map_thumbnails")
+    where_change.sidebar_toggle()
     link_params = sync_link()
     st.header("Share")
     st.caption("The address bar holds this search; this link reopens it:")
@@ -378,6 +379,14 @@ else:
             f"| size | {query.size_px} px at {query.gsd_m:g} m ({query.size_px * query.gsd_m / 1000:g} km) |\n"
             f"| source | `{query.source_id}` ({query.crs}, row {query.row_off}, col {query.col_off}) |")
 
+    def show_change_map(results: list, after: ChipRecord) -> None:
+        pngs = thumbnails(db_uri, table, (after.chip_id, *(r.chip.chip_id for r in results)))
+        show_map(maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails),
+                 f"change-map-{after.chip_id}", (maps.RESULTS_LAYER,),
+                 f"Map of the example and {len(results)} places with a like change")
+
+    where_change.change_panel(db_uri, table, engine, query, partial(thumbnails, db_uri, table), show_change_map)
+
 # ----------------------------------------------------------------------------- its look-alikes
 if query is not None:
     response = None
@@ -414,6 +423,7 @@ if query is not None:
             threshold = similarity_threshold([r.similarity for r in response.results])
         shown = [r for r in response.results if threshold is None or r.similarity >= threshold]
         pngs = thumbnails(db_uri, table, (query.chip_id, *(r.chip.chip_id for r in shown)))
+        pngs = where_change.with_heatmaps(db_uri, table, engine, query, [r.chip for r in shown], pngs)
         digits = score_digits([r.similarity for r in response.results])
         with scores_column:
             if len(shown) < len(response.results):

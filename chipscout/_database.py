@@ -87,24 +87,76 @@ class Table:
 
     def search(self, query: str | Sequence[float] | np.ndarray | None = None, k: int = 10, *,
                filters: Filters | None = None, expand: int | None = None,
-               exclude: Sequence[str] = (), at: Sequence[float] | str | None = None) -> Results:
+               exclude: Sequence[str] = (), at: Sequence[float] | str | None = None,
+               where: bool | str = False, rank_by: str = "chip",
+               cell: tuple[int, int] | None = None, pool: int | None = None) -> Results:
         """The `k` chips most like `query`, a chip id of this table or a vector of its dimension,
         that `filters` allow. `expand`: results folded into the query (None: the table's default,
         0: plain nearest neighbours). `exclude`: chip ids to leave out (vector queries; a chip
         query always leaves out itself). `at`: (lon, lat) or a box instead of `query`: the chip
-        there is the example (`chip_at`)."""
+        there is the example (`chip_at`).
+
+        Where in each chip (docs/where-and-change.md): `where=True` (or "pixels" / "patches")
+        gives every result a heatmap (`Results.heatmaps`); `rank_by="cell"` orders the whole-chip
+        search's top `pool` by their best-matching cell; `cell=(row, col)` searches for one cell
+        of the query chip (a small thing) instead of the whole chip. Each implies `where`."""
         if (query is None) == (at is None):
             raise QueryError("give a query (a chip id or a vector) or at=(lon, lat), one of the two")
         if at is not None:
             query = self.engine.chip_at(at).chip_id
         if filters is not None and not isinstance(filters, Filters):
             raise QueryError(f"filters must be a chipscout.Filters, got {type(filters).__name__}")
+        if rank_by not in ("chip", "cell"):
+            raise QueryError(f"rank_by must be 'chip' or 'cell', got {rank_by!r}")
         compiled = filters.compiled() if filters is not None else None
+        if isinstance(query, str) and exclude:
+            raise QueryError("exclude is for vector queries; a chip query leaves out only itself")
+        if where or rank_by == "cell" or cell is not None:
+            from chipscout.indexer.search import search_where
+
+            use = where if isinstance(where, str) else "auto"
+            answer = search_where(self.engine, query, k, compiled, expand=expand, cell=cell,
+                                  rank_by_cell=rank_by == "cell", pool=pool, use=use, exclude_ids=exclude)
+            return Results(answer.response, answer.heatmaps)
         if isinstance(query, str):
-            if exclude:
-                raise QueryError("exclude is for vector queries; a chip query leaves out only itself")
             return Results(self.engine.similar_to_chip(query, k, compiled, expand))
         return Results(self.engine.similar_to_vector(query, k, compiled, exclude, expand))
+
+    def change(self, location: str, before: str, after: str, k: int = 10, *, filters: Filters | None = None,
+               other_before: str | None = None, other_after: str | None = None, method: str = "residual",
+               min_overlap: float = 0.5, spread_km: float = 0.0, per_cell: int = 1):
+        """Places whose change from `other_before` to `other_after` (default: `before`, `after`) is
+        most like the change at `location`'s place (a chip id of any date there) from `before` to
+        `after`: a `ChangeResponse` of before/after pairs (docs/where-and-change.md)."""
+        from chipscout.indexer.search import ChangeSearch, Spread
+
+        if filters is not None and not isinstance(filters, Filters):
+            raise QueryError(f"filters must be a chipscout.Filters, got {type(filters).__name__}")
+        compiled = filters.compiled() if filters is not None else None
+        spread = Spread(spread_km, per_cell) if spread_km else None
+        return ChangeSearch(self.engine).search(location, before, after, k, compiled, other_before=other_before,
+                                                other_after=other_after, method=method, min_overlap=min_overlap,
+                                                spread=spread)
+
+    def heatmaps(self, results: Results, query: str | Sequence[float] | np.ndarray | None = None, *,
+                 session: str | None = None, use: str = "auto") -> list:
+        """A `Heatmap` per result of `results`: each cell's similarity to `query` (a chip id or a
+        vector; default: the results' query chip) or to the mean of `session`'s positives."""
+        from chipscout.indexer.search import WhereInChip
+
+        if session is not None:
+            from chipscout.indexer.seedsets import mean_query
+
+            positives = [c for c, label in self.labels(session).items() if label == "positive"]
+            _, vectors = self.engine.vectors(positives)
+            vector = mean_query(vectors)
+        elif query is None:
+            if results.query_chip_id is None:
+                raise QueryError("these results came from a vector: pass the query vector (or a session)")
+            vector = self.engine.get_vector(results.query_chip_id)
+        else:
+            vector = self.engine.get_vector(query) if isinstance(query, str) else query
+        return WhereInChip(self.engine).heatmaps([r.chip for r in results], vector, use)
 
     def sample(self, n: int = 10, seed: int = 0) -> list[ChipRecord]:
         """`n` chips picked at random (the same for the same `seed`), to look at or start from."""

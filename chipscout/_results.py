@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from chipscout.indexer.errors import QueryError
+
 if TYPE_CHECKING:
     import geopandas
     import pyarrow as pa
 
-    from chipscout.indexer.search import SearchResponse, SearchResult
+    from chipscout.indexer.search import Heatmap, SearchResponse, SearchResult
 
 #: The footprint column: WKB polygons in EPSG:4326, tagged the GeoArrow way so GeoArrow-aware
 #: readers (geopandas, lonboard, DuckDB) see a geometry column.
@@ -20,8 +22,18 @@ FOOTPRINT_METADATA = {b"ARROW:extension:name": b"geoarrow.wkb",
 class Results:
     """The ranked chips of one search (best first) and how they were found."""
 
-    def __init__(self, response: SearchResponse):
+    def __init__(self, response: SearchResponse, heatmaps: list[Heatmap] | None = None):
         self.response = response
+        self._heatmaps = heatmaps
+
+    @property
+    def heatmaps(self) -> list[Heatmap]:
+        """One `Heatmap` per result (same order): where in the chip it matches the query; a heatmap
+        without a grid carries a `note` (e.g. the source moved). Search with `where=True`."""
+        if self._heatmaps is None:
+            raise QueryError("these results carry no heatmaps: search with where=True "
+                             "(or call Table.heatmaps(results))")
+        return self._heatmaps
 
     @property
     def query_chip_id(self) -> str | None:

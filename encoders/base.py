@@ -8,9 +8,11 @@ STAC or files, so an index's encoder can be rebuilt anywhere from `config()` + `
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chipscout.encoders.errors import EncoderError
@@ -18,8 +20,33 @@ from chipscout.encoders.errors import EncoderError
 from chipscout.encoders.registry import (EncoderFactory, build_encoder, encoder_names, encoder_parameters,
                                          load_encoder, register_encoder)
 
-__all__ = ["ChipEncoder", "EncoderError", "EncoderFactory", "build_encoder", "encoder_names",
-           "encoder_parameters", "load_encoder", "register_encoder"]
+__all__ = ["ChipEncoder", "EncoderError", "EncoderFactory", "LOCAL_CELL_PX", "build_encoder",
+           "cell_means", "encoder_names", "encoder_parameters", "load_encoder", "register_encoder"]
+
+#: Input pixels per side of a local-vector cell, for encoders whose cells are not fixed by the
+#: model (RCF, band statistics): small enough to place a field or a building, large enough that
+#: a 5 x 5 convolution has 64 positions to average.
+LOCAL_CELL_PX = 8
+
+
+def cell_means(values: torch.Tensor, weights: torch.Tensor | None, cell_px: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted means of `values` (B, F, H, W) over cells of `cell_px` x `cell_px` positions.
+
+    weights: (B, H, W) float, 0 where a position must not count (None: all count). The grid is
+    ceil(H / cell_px) x ceil(W / cell_px); a last, partial cell averages what it holds.
+    Returns (means (B, F, h, w) float32, NaN where a cell has no weight; weight per cell (B, h, w)).
+    """
+    batch, _, height, width = values.shape
+    if weights is None:
+        weights = torch.ones((batch, height, width), dtype=torch.float32, device=values.device)
+    pad_h, pad_w = (-height) % cell_px, (-width) % cell_px
+    weighted = F.pad(values.float() * weights[:, None], (0, pad_w, 0, pad_h))
+    total = F.avg_pool2d(weighted, cell_px, divisor_override=1)
+    mass = F.avg_pool2d(F.pad(weights[:, None].float(), (0, pad_w, 0, pad_h)), cell_px,
+                        divisor_override=1)
+    means = torch.where(mass > 0, total / mass.clamp_min(1e-12), torch.full_like(total, math.nan))
+    return means, mass[:, 0]
 
 
 class ChipEncoder(nn.Module, abc.ABC):
@@ -81,3 +108,26 @@ class ChipEncoder(nn.Module, abc.ABC):
         time, latlon: (B, 4) sin/cos encodings, zeros meaning "unknown".
         Returns (B, D) float32; a batch of one gives (1, D).
         """
+
+    # -- where in the chip (issue #20) --------------------------------------------------------
+
+    @property
+    def local_cell_px(self) -> int:
+        """Input pixels per side of one cell of `local_vectors`' grid."""
+        raise EncoderError(f"encoder {self.name} gives no local vectors (no grid of cells)")
+
+    def local_vectors(
+        self,
+        pixels: torch.Tensor,
+        waves_um: torch.Tensor | None = None,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        gsd_m: float | None = None,
+        time: torch.Tensor | None = None,
+        latlon: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A grid of local vectors: (B, D, h, w) float32 in the space of `forward`'s output (before
+        any vector transform a table fits), cell (i, j) covering input pixels
+        [i*c, (i+1)*c) x [j*c, (j+1)*c) with c = `local_cell_px`; h = ceil(H / c), w = ceil(W / c).
+        A cell with no valid pixel to describe is NaN. Inputs as `forward`."""
+        raise EncoderError(f"encoder {self.name} gives no local vectors (no grid of cells)")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.base import LOCAL_CELL_PX, ChipEncoder, EncoderError, cell_means
 from chipscout.encoders.registry import register_encoder
 
 
@@ -51,7 +51,11 @@ class BandStatistics(ChipEncoder):
     def config(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels}
 
-    def forward(
+    @property
+    def local_cell_px(self) -> int:
+        return LOCAL_CELL_PX
+
+    def local_vectors(
         self,
         pixels: torch.Tensor,
         waves_um: torch.Tensor | None = None,
@@ -61,6 +65,20 @@ class BandStatistics(ChipEncoder):
         time: torch.Tensor | None = None,
         latlon: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, 2C, h, w): each cell's band means then (population) stds over its valid pixels;
+        a cell without one is NaN."""
+        self._check(pixels, valid_mask, allow_empty=True)
+        weights = None if valid_mask is None else valid_mask.to(pixels.device).float()
+        pixels = pixels.float()
+        if valid_mask is not None:
+            pixels = torch.where(valid_mask.to(pixels.device)[:, None], pixels, 0.0)
+        mean, _ = cell_means(pixels, weights, LOCAL_CELL_PX)
+        square, _ = cell_means(pixels * pixels, weights, LOCAL_CELL_PX)
+        std = (square - mean * mean).clamp_min(0).sqrt()
+        return torch.cat([mean, std], dim=1)
+
+    def _check(self, pixels: torch.Tensor, valid_mask: torch.Tensor | None,
+               allow_empty: bool = False) -> None:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
             raise EncoderError(f"band-stats expects pixels of shape (B, C, H, W), got "
                                f"{getattr(pixels, 'shape', type(pixels).__name__)}")
@@ -75,8 +93,20 @@ class BandStatistics(ChipEncoder):
                 raise EncoderError(f"valid_mask must be bool of shape {expected}, "
                                    f"got {valid_mask.dtype} {tuple(valid_mask.shape)}")
             empty = (~valid_mask.flatten(1).any(dim=1)).nonzero().flatten().tolist()
-            if empty:
+            if empty and not allow_empty:
                 raise EncoderError(f"chip(s) {empty} of the batch have no valid pixel")
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        waves_um: torch.Tensor | None = None,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        gsd_m: float | None = None,
+        time: torch.Tensor | None = None,
+        latlon: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check(pixels, valid_mask)
         vectors = band_statistics(pixels, valid_mask)
         if not torch.isfinite(vectors).all():
             raise EncoderError("pixels contain NaN or infinite values outside nodata; mark them "

@@ -129,6 +129,29 @@ class ClayEncoder(ChipEncoder):
         weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
         return (patches * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
 
+    # -- where in the chip -------------------------------------------------------------------
+    @property
+    def local_cell_px(self) -> int:
+        return self.patch_size
+
+    def local_vectors(self, pixels: torch.Tensor,
+                      waves_um: torch.Tensor | Sequence[float] | None = None, *,
+                      valid_mask: torch.Tensor | None = None, gsd_m: float | None = None,
+                      time: torch.Tensor | None = None, latlon: torch.Tensor | None = None,
+                      ) -> torch.Tensor:
+        """(B, D, rows, cols): the patch tokens on their grid (what a `--pooling patch` table
+        keeps). They are what "mean" pooling averages; for "cls" and "patch" tables they share
+        the CLS token's space (the last layer's output) but are not the CLS token itself.
+        Patches whose pixels are all nodata in `valid_mask` are NaN."""
+        tokens = self.patch_embeddings(pixels, waves_um, gsd_m=gsd_m, time=time, latlon=latlon)
+        rows, cols = self.patch_grid(pixels.shape[2], pixels.shape[3])
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
+        if valid_mask is not None:
+            seen = self._patch_validity(valid_mask, pixels.shape).to(grid.device).bool()
+            grid = torch.where(seen.reshape(-1, 1, rows, cols), grid,
+                               torch.full((), math.nan, device=grid.device))
+        return grid.contiguous()
+
     # -- Clay-specific API ----------------------------------------------------------------
     def patch_grid(self, height_px: int, width_px: int) -> tuple[int, int]:
         """(rows, cols) of the patch grid for a chip; patch tokens come row by row."""

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from chipscout.encoders.base import ChipEncoder, EncoderError
+from chipscout.encoders.base import LOCAL_CELL_PX, ChipEncoder, EncoderError, cell_means
 from chipscout.encoders.registry import register_encoder
 from chipscout.encoders.baseline import band_statistics
 
@@ -420,6 +420,65 @@ class RandomConvolutionalFeatures(ChipEncoder):
                 f"mark such pixels False in valid_mask"
             )
         return vectors
+
+    # -- where in the chip: the feature maps before global pooling ---------------------------
+
+    @property
+    def local_cell_px(self) -> int:
+        return LOCAL_CELL_PX
+
+    def local_vectors(
+        self,
+        pixels: torch.Tensor,
+        waves_um: torch.Tensor | None = None,
+        *,
+        valid_mask: torch.Tensor | None = None,
+        gsd_m: float | None = None,
+        time: torch.Tensor | None = None,
+        latlon: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, embedding_dim, h, w): `forward`'s features pooled over cells of `local_cell_px`
+        instead of the whole chip. The convolution at output position p sees pixels p..p+k-1, so
+        a cell pools the positions whose window starts in it (a shift of (k-1)/2 px, and the last
+        k-1 px of the chip start no window). With `band_stats`, each cell's band mean and std.
+        Cells without a valid window are NaN. Separate from `forward`, whose pooling is tuned
+        for whole chips; the mean of a chip's cells (weighted by their windows) is `forward`."""
+        if not self.is_fitted:
+            raise EncoderError(f"{self.name} has no kernels yet: fit it, or load it with its state")
+        pixels = self._checked_pixels(pixels, waves_um, "local_vectors")
+        mask = self._checked_mask(valid_mask, pixels)
+        half, cell = self.features // 2, LOCAL_CELL_PX
+        batch, _, height, width = pixels.shape
+        rows, cols = -(-height // cell), -(-width // cell)
+        out = torch.empty((batch, self.embedding_dim, rows, cols), dtype=torch.float32,
+                          device=pixels.device)
+        with torch.no_grad():
+            windows = None
+            if mask is not None:
+                pixels = torch.where(mask[:, None], pixels, torch.zeros((), device=pixels.device))
+                windows = valid_windows(mask, self.kernel_size).float()  # (B, H', W')
+            out_h, out_w = height - self.kernel_size + 1, width - self.kernel_size + 1
+            # Pad the response back to H x W with weight 0, so cells sit on the pixel grid.
+            ones = torch.ones((batch, out_h, out_w), device=pixels.device)
+            weights = F.pad(ones if windows is None else windows,
+                            (0, width - out_w, 0, height - out_h))
+            _, kernels_step = self._chunk_sizes(1, out_h * out_w, pixels.device)
+            for chip in range(batch):  # one chip at a time: heatmaps embed a handful of chips
+                for first in range(0, half, kernels_step):
+                    last = min(first + kernels_step, half)
+                    response = self._convolve(pixels[chip:chip + 1], slice(first, last)).float()
+                    response = F.pad(response, (0, width - out_w, 0, height - out_h))
+                    mean, _ = cell_means(response, weights[chip:chip + 1], cell)
+                    positive, _ = cell_means(response.relu_(), weights[chip:chip + 1], cell)
+                    out[chip, first:last] = positive[0]
+                    out[chip, half + first: half + last] = (positive - mean).clamp_min_(0)[0]
+            if self.band_stats:
+                pixel_weights = None if mask is None else mask.float()
+                band_mean, _ = cell_means(pixels, pixel_weights, cell)
+                band_square, _ = cell_means(pixels * pixels, pixel_weights, cell)
+                out[:, self.features:] = torch.cat(
+                    [band_mean, (band_square - band_mean ** 2).clamp_min(0).sqrt()], dim=1)
+        return out
 
     # -- helpers ------------------------------------------------------------------------------
 

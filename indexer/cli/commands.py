@@ -15,10 +15,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from chipscout.indexer.cli.change import change_command
 from chipscout.indexer.cli.importing import import_command
 from chipscout.indexer.cli.index import index_app
 from chipscout.indexer.cli.label import export_command, label_app
 from chipscout.indexer.cli.thumbnails import thumbnails_command
+from chipscout.indexer.cli.where import (CellOpt, HeatmapSourceOpt, PoolOpt, RankByCellOpt, WhereFormatOpt, WhereOpt,
+                                         search_where_command, wanted)
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
                                            JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
                                            StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
@@ -35,6 +38,7 @@ app = typer.Typer(
 app.add_typer(index_app, name="index")
 app.command("import")(import_command)
 app.command("thumbnails")(thumbnails_command)
+app.command("change")(change_command)
 
 
 # ----------------------------------------------------------------------------- search / info
@@ -53,12 +57,18 @@ def search(
     expand: Annotated[Optional[int], typer.Option("--expand", help="Query expansion: fold this many nearest results into the query and search again. Default: the table's (5 for RCF tables, else 0); 0 = the plain nearest neighbours.")] = None,
     spread_km: Annotated[float, typer.Option("--spread-km", help="Spread the results: at most --per-cell per grid cell of this size in km; 0 turns spreading off.")] = 0.0,
     per_cell: Annotated[int, typer.Option("--per-cell", help="Results per grid cell when spreading (--spread-km).")] = 1,
+    where: WhereOpt = None,
+    where_format: WhereFormatOpt = "both",
+    heatmap_source: HeatmapSourceOpt = "auto",
+    rank_by_cell: RankByCellOpt = False,
+    pool: PoolOpt = None,
+    cell: CellOpt = None,
     db: DbOption = None,
     table: TableOption = None,
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
 ) -> None:
-    """Find the chips most similar to CHIP_ID (or to the chip at --at LON,LAT)."""
+    """Find the chips most similar to CHIP_ID (or to the chip at --at LON,LAT; with --where: and where inside each one)."""
     from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
 
     if (chip_id is None) == (at is None):
@@ -68,6 +78,11 @@ def search(
     engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
     if at is not None:
         chip_id = engine.chip_at(at).chip_id
+    if wanted(where, rank_by_cell, cell):
+        search_where_command(engine, chip_id, k, filters, expand, spread, where=where, where_format=where_format,
+                             heatmap_source=heatmap_source, rank_by_cell=rank_by_cell, pool=pool, cell=cell,
+                             as_json=as_json)
+        return
     response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
     if as_json:
         print_json(response.to_dict())
