@@ -15,12 +15,34 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 from chipscout.indexer.store import unit_rows
+
+
+_THREAD_CONTROLLER: ThreadpoolController | None = None
+_THREAD_CONTROLLER_LOCK = threading.Lock()
+
+
+def one_math_thread():
+    """A context running the calling thread's BLAS and OpenMP (numpy, torch) on one thread.
+
+    Thread rule of the read path: a query's math is small (a product of a few thousand rows, a
+    top-k), so it runs on one thread. With numpy's 2-thread OpenBLAS a ~1,100 x 768 re-rank took
+    32-36 ms on 2 busy cores instead of ~0.5 ms, and a warm 100k query 99 ms instead of 17 ms
+    (issue #21; BENCHMARKS.md "Search"). The sketch scan's own chunk threads do no BLAS.
+    Setting the limit costs ~0.1 ms (the controller lists the libraries once per process).
+    """
+    global _THREAD_CONTROLLER
+    with _THREAD_CONTROLLER_LOCK:
+        if _THREAD_CONTROLLER is None:
+            _THREAD_CONTROLLER = ThreadpoolController()
+    torch.get_num_threads()  # torch sets a new thread's OpenMP count on first use: not inside the limit
+    return _THREAD_CONTROLLER.limit(limits=1)
 
 
 def _top(scores: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -381,7 +403,8 @@ class VectorSearcher:
         if filters is not None and not filters.selects_rows:
             filters = None
         where = filters.where_clause() if filters is not None else None
-        rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
+        with one_math_thread():
+            rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
         return rows, replace(plan, table_version=version)
 
     def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
