@@ -18,6 +18,7 @@ Wall times on a shared machine swing with other jobs; process CPU time per query
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.synthetic import FootprintIndex, SyntheticChips, bench_config  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from background import background_load  # noqa: E402
 
 K = 10
 TABLE = "bench"
@@ -395,6 +399,8 @@ def main() -> None:
     parser.add_argument("--faiss-ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--skip", nargs="*", default=[], choices=["faiss"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load", choices=["idle", "background"], default="idle",
+                        help="background: the whole run with one busy-loop process per core beside it")
     parser.add_argument("--json", help="write all figures here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -403,8 +409,10 @@ def main() -> None:
         return
     results = []
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    print(f"load average at the start: {os.getloadavg()}; --load {args.load}", flush=True)
     for rows in args.rows or [100_000]:
-        results.append(run_size(args, rows))
+        with (background_load() if args.load == "background" else contextlib.nullcontext()):
+            results.append(run_size(args, rows))
         print(markdown(results[-1]), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

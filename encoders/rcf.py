@@ -32,9 +32,11 @@ signature the zero-sum kernels see only as contrasts (+0.001 to +0.008 P@10 on E
 an option rather than a default).
 
 Both halves come from one convolution through the identity relu(-x) = relu(x) - x: we pool
-relu(x) and x itself, never materialising relu(-x). The convolution runs over chunks of chips
-(and, for big chips, of kernels) small enough to stay in cache on a CPU; on CUDA it runs
-channels-last under bf16 (else fp16) autocast, and pooling is always accumulated in float32.
+relu(x) and x itself, never materialising relu(-x). On a CPU the convolution runs one chip
+at a time over blocks of kernels small enough to stay in cache, each block a task for one of
+`torch.get_num_threads()` single-threaded workers (so a chip's vector never depends on its batch
+or the thread count, and no OpenMP team waits on a busy core); on CUDA it runs over big chunks
+channels-last under bf16 (else fp16) autocast. Pooling is always accumulated in float32.
 
 Nodata: given a valid_mask, only output positions whose whole k x k window is valid are
 averaged, so nodata never pulls a vector towards zero; a chip without one such window is an
@@ -47,15 +49,49 @@ and no torchgeo code is copied.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from chipscout.encoders.base import LOCAL_CELL_PX, ChipEncoder, EncoderError, cell_means
 from chipscout.encoders.registry import register_encoder
 from chipscout.encoders.baseline import band_statistics
+
+#: Per-process pools of single-threaded CPU workers, by size (`_cpu_workers`).
+_WORKER_POOLS: dict[int, ThreadPoolExecutor] = {}
+_WORKER_POOLS_LOCK = threading.Lock()
+
+
+def _one_openmp_thread() -> None:
+    """Limit the calling thread to one OpenMP thread (torch's intra-op pool, oneDNN and MKL read
+    the thread's own OpenMP setting), leaving every other thread's as it was."""
+    torch.get_num_threads()  # torch sets a new thread's OpenMP count lazily: do it first
+    threadpool_limits(1, user_api="openmp")
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    with threadpool_limits(1, user_api="openmp"):
+        yield
+
+
+def _cpu_workers(count: int) -> ThreadPoolExecutor:
+    """`count` worker threads, each running torch on one OpenMP thread, kept for the process."""
+    with _WORKER_POOLS_LOCK:
+        pool = _WORKER_POOLS.get(count)
+        if pool is None:
+            pool = ThreadPoolExecutor(count, thread_name_prefix="rcf-cpu",
+                                      initializer=_one_openmp_thread)
+            _WORKER_POOLS[count] = pool
+        return pool
+
 
 KERNEL_SOURCES = ("gaussian", "empirical")
 #: What `kernel_size` and `bias` left as None become, per kernel source. Gaussian: the Planetary
@@ -370,7 +406,6 @@ class RandomConvolutionalFeatures(ChipEncoder):
             )
         pixels = self._checked_pixels(pixels, waves_um, "forward")
         mask = self._checked_mask(valid_mask, pixels)
-        half = self.features // 2
         batch = pixels.shape[0]
         out_h = pixels.shape[2] - self.kernel_size + 1
         out_w = pixels.shape[3] - self.kernel_size + 1
@@ -392,24 +427,11 @@ class RandomConvolutionalFeatures(ChipEncoder):
                     )
                 weights = windows.to(torch.float32) / counts[:, None]
 
-            chips_step, kernels_step = self._chunk_sizes(batch, out_h * out_w, pixels.device)
-            for start in range(0, batch, chips_step):
-                chips = slice(start, start + chips_step)
-                for first in range(0, half, kernels_step):
-                    last = min(first + kernels_step, half)
-                    kernels = slice(first, last)
-                    response = self._convolve(pixels[chips], kernels)  # (b, f, H', W')
-                    if weights is None:
-                        mean = response.mean(dim=(2, 3), dtype=torch.float32)
-                        positive = response.relu_().mean(dim=(2, 3), dtype=torch.float32)
-                    else:
-                        flat = response.flatten(2).float()  # (b, f, H'*W')
-                        chip_weights = weights[chips, :, None]  # (b, H'*W', 1)
-                        mean = torch.bmm(flat, chip_weights)[..., 0]
-                        positive = torch.bmm(flat.relu_(), chip_weights)[..., 0]
-                    vectors[chips, kernels] = positive
-                    # relu(-x) = relu(x) - x; clamp the float rounding of a difference of means.
-                    vectors[chips, half + first: half + last] = (positive - mean).clamp_min_(0)
+            if pixels.device.type == "cpu":
+                self._pool_on_cpu_workers(pixels, weights, vectors)
+            else:
+                self._pool_chunks(pixels, weights, vectors, range(batch),
+                                  *self._chunk_sizes(batch, out_h * out_w, pixels.device))
             if self.band_stats:
                 vectors[:, self.features:] = band_statistics(pixels, mask)
 
@@ -485,6 +507,64 @@ class RandomConvolutionalFeatures(ChipEncoder):
     @property
     def _window(self) -> str:
         return f"{self.kernel_size}x{self.kernel_size}"
+
+    def _pool_chunks(self, pixels: torch.Tensor, weights: torch.Tensor | None, vectors: torch.Tensor,
+                     chips: range, chips_step: int, kernels_step: int,
+                     kernels: range | None = None) -> None:
+        """Convolve `chips` of `pixels` with the kernels `kernels` (all by default) in chunks of
+        `chips_step` chips x `kernels_step` kernels, pooling each chunk into `vectors`."""
+        half = self.features // 2
+        kernels = kernels if kernels is not None else range(half)
+        for start in range(chips.start, chips.stop, chips_step):
+            rows = slice(start, min(start + chips_step, chips.stop))
+            for first in range(kernels.start, kernels.stop, kernels_step):
+                last = min(first + kernels_step, kernels.stop)
+                response = self._convolve(pixels[rows], slice(first, last))  # (b, f, H', W')
+                if weights is None:
+                    mean = response.mean(dim=(2, 3), dtype=torch.float32)
+                    positive = response.relu_().mean(dim=(2, 3), dtype=torch.float32)
+                else:
+                    flat = response.flatten(2).float()  # (b, f, H'*W')
+                    chip_weights = weights[rows, :, None]  # (b, H'*W', 1)
+                    mean = torch.bmm(flat, chip_weights)[..., 0]
+                    positive = torch.bmm(flat.relu_(), chip_weights)[..., 0]
+                vectors[rows, first:last] = positive
+                # relu(-x) = relu(x) - x; clamp the float rounding of a difference of means.
+                vectors[rows, half + first: half + last] = (positive - mean).clamp_min_(0)
+
+    def _pool_on_cpu_workers(self, pixels: torch.Tensor, weights: torch.Tensor | None,
+                             vectors: torch.Tensor) -> None:
+        """The CPU forward: tasks of one chip x a cache-sized block of kernels, run by as many
+        single-threaded workers as the caller's torch intra-op threads.
+
+        Thread rule (measured, BENCHMARKS.md "RCF under background load"): one convolution
+        call on 2 OpenMP threads forks and joins the team for every ~8 MiB chunk, and when
+        other processes hold the cores each join waits for the slowest thread (0.45 chips/s with
+        2 threads against 1.90 with 1 in issue #21). Workers that each run whole chunks on one
+        thread never wait on one another. Each chip is computed by one task sequence on one
+        thread, so its vector does not depend on the batch it came in or on the worker count.
+        """
+        batch, positions = pixels.shape[0], (pixels.shape[2] - self.kernel_size + 1) * (
+            pixels.shape[3] - self.kernel_size + 1)
+        _, kernels_step = self._chunk_sizes(1, positions, pixels.device)
+        half = self.features // 2
+        tasks = [(chip, first) for chip in range(batch) for first in range(0, half, kernels_step)]
+        workers = min(torch.get_num_threads(), len(tasks))
+        inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+
+        def run(task: tuple[int, int]) -> None:
+            chip, first = task
+            with torch.inference_mode(inference), torch.no_grad():
+                self._pool_chunks(pixels, weights, vectors, range(chip, chip + 1), 1, kernels_step,
+                                  range(first, min(first + kernels_step, half)))
+
+        if workers <= 1:
+            with _single_threaded():
+                for task in tasks:
+                    run(task)
+            return
+        for done in _cpu_workers(workers).map(run, tasks):
+            del done
 
     def _convolve(self, pixels: torch.Tensor, kernels: slice) -> torch.Tensor:
         weight, bias = self.weight[kernels], self.bias[kernels]

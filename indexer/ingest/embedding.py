@@ -108,6 +108,9 @@ class Embedder:
     device: torch.device
     transform: VectorTransform | None = None
     """Fitted vector transform (`chipscout.indexer.ingest.transform`) applied to every chip vector; None: plain L2."""
+    known_raw: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Chip id -> raw encoder vector already computed in this run (the transform fit's sample):
+    `embed_for_table` stores it instead of embedding the chip again, then forgets it."""
 
     def __post_init__(self) -> None:
         self.encoder = self.encoder.to(self.device).eval()
@@ -162,8 +165,23 @@ class Embedder:
         """(vectors as `embed` makes them, patch vectors or None, and the raw encoder vectors
         when a fitted transform is in use, else None): what a table row keeps, so `chipscout
         refit` can fit a new transform later without reading the imagery again."""
-        raw, patches = self.embed_with_patches(chips, gsd_m, raw=True)
+        if self.known_raw and not self.keeps_patches:
+            raw = self._raw_reusing_known(chips, gsd_m)
+            patches = None
+        else:
+            raw, patches = self.embed_with_patches(chips, gsd_m, raw=True)
         return self.finish(raw), patches, (raw if self.transform is not None else None)
+
+    def _raw_reusing_known(self, chips: Sequence[Chip], gsd_m: float) -> np.ndarray:
+        """Raw vectors of `chips`, those in `known_raw` taken from there (and then dropped from
+        it), the others embedded."""
+        known = [self.known_raw.get(c.chip_id) for c in chips]
+        missing = [c for c, vector in zip(chips, known) if vector is None]
+        fresh = iter(self.embed_raw(missing, gsd_m) if missing else ())
+        raw = np.stack([vector if vector is not None else next(fresh) for vector in known])
+        for chip in chips:
+            self.known_raw.pop(chip.chip_id, None)
+        return raw.astype(np.float32, copy=False)
 
     def finish(self, raw: np.ndarray) -> np.ndarray:
         """Raw encoder vectors -> stored vectors: the table's transform, or L2 when it has none."""

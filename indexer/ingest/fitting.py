@@ -66,14 +66,16 @@ def fit_encoder(embedder: Embedder, sample: Sequence[Chip], config: IndexConfig,
 
 def fit_transform(embedder: Embedder, requested: str | None, encoder_name: str,
                   draw_sample: Callable[[], Sequence[Chip]],
-                  gsd_of: Callable[[Chip], float]) -> VectorTransform | None:
+                  gsd_of: Callable[[Chip], float],
+                  keep: dict[str, np.ndarray] | None = None) -> VectorTransform | None:
     """The vector transform of a new table, fitted on the raw vectors of a fresh chip sample.
 
     `requested`: a spec (`chipscout.indexer.ingest.transform`), "none" for plain L2, or "default"/None for the
     encoder family's measured default (`transform.fit_requested`: a default whose PCA needs more
     vectors than the sample gives, a small table, falls back to `SMALL_SAMPLE_TRANSFORM`; an
     explicit spec that cannot be fitted is refused). Sample chips whose vector is not finite are
-    left out of the fit.
+    left out of the fit. `keep`: filled with chip id -> raw vector of every finite sample chip,
+    for the main pass to store instead of embedding the chip again (`Embedder.known_raw`).
     """
     explicit = requested not in (None, "default")
     spec = requested if explicit else default_transform_spec(encoder_name)
@@ -85,9 +87,19 @@ def fit_transform(embedder: Embedder, requested: str | None, encoder_name: str,
         if not explicit:
             return None  # every source failed: the main pass reports why, and writes nothing
         raise SourceError("no valid chips to fit the vector transform on")
-    vectors = np.concatenate([embedder.embed_raw(sample[i:i + 64], gsd_of(sample[i]))
-                              for i in range(0, len(sample), 64)])
-    vectors = vectors[np.isfinite(vectors).all(axis=1)]
+    # Batches of one source each, so every chip is embedded with its own source's GSD, as the
+    # main pass embeds it (a kept vector must be the one the main pass would have made).
+    batches: list[list[Chip]] = []
+    for chip in sample:
+        if batches and batches[-1][0].source_id == chip.source_id and len(batches[-1]) < 64:
+            batches[-1].append(chip)
+        else:
+            batches.append([chip])
+    vectors = np.concatenate([embedder.embed_raw(batch, gsd_of(batch[0])) for batch in batches])
+    finite = np.isfinite(vectors).all(axis=1)
+    if keep is not None:
+        keep.update((chip.chip_id, vector) for chip, vector, ok in zip(sample, vectors, finite) if ok)
+    vectors = vectors[finite]
     try:
         return fit_requested(requested, encoder_name, vectors)
     except TransformError as err:

@@ -65,6 +65,10 @@ class IndexJob:
     fit_sample_chips: int = 256
     transform: str | None = "default"
     transform_sample_chips: int = 2048
+    reuse_fit_vectors: bool = True
+    """The local runner stores the raw vectors the transform fit embedded for its sample chips
+    instead of embedding those chips again in the main pass (a small table's sample is the whole
+    table). False embeds them twice, the old path, kept to compare against (tests, bench)."""
     device: str | None = None
     progress: bool = True
     storage_options: dict[str, str] | None = None

@@ -48,9 +48,13 @@ def run_local(sources: Sequence[RasterSource] | Iterable[RasterSource], job: Ind
                 lambda pool: fit_transform(
                     run.embedder, job.transform, job.encoder.name,
                     lambda: sample_chips(pool, chip_reader, job.transform_sample_chips, seed=1),
-                    gsd_lookup(pool, chip_reader)),
+                    gsd_lookup(pool, chip_reader),
+                    keep=run.embedder.known_raw if job.reuse_fit_vectors else None),
                 refused=chip_reader.refused)
-        _LocalLoop(run, chip_reader).index()
+        try:
+            _LocalLoop(run, chip_reader).index()
+        finally:
+            run.embedder.known_raw.clear()
     return summary
 
 

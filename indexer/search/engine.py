@@ -160,13 +160,18 @@ class SearchEngine:
     def refresh(self) -> None:
         self.store.refresh()
 
-    def warm_up(self) -> dict[str, Any]:
+    def warm_up(self, wait: bool = True) -> dict[str, Any]:
         """Keep what queries read in memory (result and filter columns, the vectors within
         `IndexPolicy.warm_cache_bytes`, and from `IndexPolicy.sketch_min_rows` rows a binary
         sketch), for front ends that answer many queries: at a million rows a filtered query
         drops from ~40 ms to 5-10 ms (BENCHMARKS.md (search)), for ~20 s of loading and ~1.9 GiB.
-        Reloaded after the table changes. Returns what was loaded."""
-        return self.searcher.warm_up(METADATA_COLUMNS).describe()
+        Reloaded after the table changes. Returns what was loaded.
+
+        `wait=False` loads in a background thread (now and after each new table version) and
+        returns at once (`{"loading": True}` until loaded); meanwhile queries are answered
+        without the cache, with the same results a cold engine gives."""
+        cache = self.searcher.warm_up(METADATA_COLUMNS, wait=wait)
+        return cache.describe() if cache is not None else {"loading": True}
 
     def get_chip(self, chip_id: str) -> ChipRecord:
         rows = self.store.fetch([validate_chip_id(chip_id)], METADATA_COLUMNS)

@@ -4,22 +4,48 @@ sketch, and `VectorSearcher`, which runs each query as `chipscout.indexer.search
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 from chipscout.indexer.store import unit_rows
+
+
+_THREAD_CONTROLLER: ThreadpoolController | None = None
+_THREAD_CONTROLLER_LOCK = threading.Lock()
+
+
+def one_math_thread():
+    """A context running the calling thread's BLAS and OpenMP (numpy, torch) on one thread.
+
+    Thread rule of the read path: a query's math is small (a product of a few thousand rows, a
+    top-k), so it runs on one thread. With numpy's 2-thread OpenBLAS a ~1,100 x 768 re-rank took
+    32-36 ms on 2 busy cores instead of ~0.5 ms, and a warm 100k query 99 ms instead of 17 ms
+    (issue #21; BENCHMARKS.md "Search"). The sketch scan's own chunk threads do no BLAS.
+    Setting the limit costs ~0.1 ms (the controller lists the libraries once per process).
+    """
+    global _THREAD_CONTROLLER
+    with _THREAD_CONTROLLER_LOCK:
+        if _THREAD_CONTROLLER is None:
+            _THREAD_CONTROLLER = ThreadpoolController()
+    torch = sys.modules.get("torch")  # not imported for it: a one-shot search never loads torch
+    if torch is not None:
+        torch.get_num_threads()  # torch sets a new thread's OpenMP count on first use: not inside the limit
+    return _THREAD_CONTROLLER.limit(limits=1)
 
 
 def _top(scores: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +277,10 @@ class VectorSearcher:
         self._exact: MemoryVectors | None = None
         self._warm_columns: tuple[str, ...] | None = None
         self._warm: WarmCache | None = None
+        self._warm_in_background = False
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="warm-up")
+        self._loading: Future | None = None
+        self._loading_version: int | None = None
 
     def _current(self, version: int | None = None) -> TableState:
         # Each `table.version` is a round trip to LanceDB's event loop (~0.1-2 ms): a query reads
@@ -261,10 +291,15 @@ class VectorSearcher:
                 self._state = TableState(self.store, self.policy)
             return self._state
 
-    def warm_up(self, columns: Sequence[str]) -> WarmCache:
+    def warm_up(self, columns: Sequence[str], wait: bool = True) -> WarmCache | None:
         """Keep `columns` of every row, the filter columns and (when they fit the budget) the
         vectors of the table's current version in memory, reloading after each new version;
-        returns what was loaded. Costs seconds at a million rows, so one-shot commands skip it."""
+        returns what was loaded. Costs seconds at a million rows, so one-shot commands skip it.
+
+        `wait=False`: load in a background thread instead (now and after each new version),
+        returning at once (the cache when it is already loaded, else None); until a version's
+        cache is loaded, queries of that version are answered as without warm-up (the cold
+        path), never held up by the loading. `wait_warm` waits for it."""
         wanted = tuple(dict.fromkeys([*columns, *FilterColumns.COLUMNS]))
         missing = [c for c in wanted if c not in self.store.schema.names]
         if missing:
@@ -272,36 +307,64 @@ class VectorSearcher:
                              f"{self.store.table_name!r} has no such columns")
         with self._lock:
             self._warm_columns = wanted
+            self._warm_in_background = not wait
         cache = self._warm_cache(self.store.version)
-        assert cache is not None
+        assert cache is not None or not wait
         return cache
+
+    def wait_warm(self, timeout_s: float | None = None) -> WarmCache | None:
+        """Wait for a background warm-up (`warm_up(wait=False)`) to finish; the cache, or None when
+        it did not within `timeout_s` (or failed: its error is raised)."""
+        with self._lock:
+            loading = self._loading
+        if loading is not None:
+            loading.result(timeout_s)
+        with self._lock:
+            return self._warm
 
     def _warm_cache(self, version: int) -> WarmCache | None:
         with self._lock:
             if self._warm_columns is None:
                 return None
-            if self._warm is None or self._warm.version != version:
-                self._warm = None  # let the old arrays go before the new ones are read
-                self._filters = self._exact = None
-                started = time.perf_counter()
-                records = self.store.scan_with_row_ids(list(self._warm_columns))
-                filters = FilterColumns(self.store, records)
-                dim = self.store.config.embedding_dim
-                rows = records.num_rows
-                dtype = (np.float32 if rows * dim * 4 <= self.policy.exact_cache_bytes
-                         else np.float16 if rows * dim * 2 <= self.policy.warm_cache_bytes else None)
-                vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
-                if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
-                    raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
-                sketch = None
-                if (vectors is not None and self.policy.sketch_min_rows
-                        and rows >= self.policy.sketch_min_rows):
-                    sketch = BinarySketch(vectors, filters, self.policy.sketch_bits)
-                # One chunk: `take` on a table of many chunks concatenates them first, every call.
-                records = records.drop_columns(["_rowid"]).combine_chunks()
-                self._warm = WarmCache(version, records, filters, vectors,
-                                       time.perf_counter() - started, sketch)
+            if self._warm is not None and self._warm.version == version:
+                return self._warm
+            if self._warm_in_background:
+                if self._loading is None or self._loading_version != version:
+                    self._loading_version = version
+                    self._loading = self._loader.submit(self._load_in_background, version)
+                return None  # the cold path answers until the cache of this version is loaded
+            self._warm = None  # let the old arrays go before the new ones are read
+            self._filters = self._exact = None
+            self._warm = self._load_warm(version)
             return self._warm
+
+    def _load_in_background(self, version: int) -> None:
+        cache = self._load_warm(version)
+        with self._lock:
+            if self._loading_version == version:
+                self._warm = cache
+                self._filters = self._exact = None
+
+    def _load_warm(self, version: int) -> WarmCache:
+        """Read the warm cache of the table (at `version`, its latest when asked)."""
+        started = time.perf_counter()
+        with one_math_thread() if self._warm_in_background else contextlib.nullcontext():
+            records = self.store.scan_with_row_ids(list(self._warm_columns or ()))
+            filters = FilterColumns(self.store, records)
+            dim = self.store.config.embedding_dim
+            rows = records.num_rows
+            dtype = (np.float32 if rows * dim * 4 <= self.policy.exact_cache_bytes
+                     else np.float16 if rows * dim * 2 <= self.policy.warm_cache_bytes else None)
+            vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
+            if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
+                raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
+            sketch = None
+            if (vectors is not None and self.policy.sketch_min_rows
+                    and rows >= self.policy.sketch_min_rows):
+                sketch = BinarySketch(vectors, filters, self.policy.sketch_bits)
+            # One chunk: `take` on a table of many chunks concatenates them first, every call.
+            records = records.drop_columns(["_rowid"]).combine_chunks()
+        return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch)
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
         version = self.store.version if version is None else version
@@ -386,7 +449,8 @@ class VectorSearcher:
         if filters is not None and not filters.selects_rows:
             filters = None
         where = filters.where_clause() if filters is not None else None
-        rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
+        with one_math_thread():
+            rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
         return rows, replace(plan, table_version=version)
 
     def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:

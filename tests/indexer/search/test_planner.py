@@ -374,3 +374,46 @@ def test_huge_k_returns_every_row_in_order(tables, warm):
         distances = [r.distance for r in response.results]
         assert len(response.results) == rows.num_rows and distances == sorted(distances)
         assert len({r.chip.chip_id for r in response.results}) == rows.num_rows
+
+
+class _GatedSearcher(VectorSearcher):
+    """A real searcher whose background warm-up waits for `gate` first, so a test can query
+    while the load is under way."""
+
+    def __init__(self, store, policy, gate):
+        super().__init__(store, policy)
+        self.gate = gate
+
+    def _load_warm(self, version):
+        assert self.gate.wait(60)
+        return super()._load_warm(version)
+
+
+def _answers(engine, centres):
+    out = []
+    for group, name in ((3, None), (40, "a season"), (7, "most of it")):
+        response = engine.similar_to_vector(centres[group], k=10, filters=FILTERS[name][0] if name else None)
+        out.append((response.method, [r.chip.chip_id for r in response.results],
+                    [r.distance for r in response.results]))
+    return out
+
+
+def test_a_background_warm_up_never_holds_queries_and_then_answers_as_a_blocking_one(tables):
+    import threading
+
+    db, centres, vectors, rows = tables
+    gate = threading.Event()
+    engine = SearchEngine(db, "indexed", index_policy=SKETCH_POLICY)
+    engine.searcher = _GatedSearcher(engine.store, SKETCH_POLICY, gate)
+    assert engine.warm_up(wait=False) == {"loading": True}
+    # While it loads, queries take the cold path: the answers of an engine never warmed.
+    cold = _answers(SearchEngine(db, "indexed", index_policy=SKETCH_POLICY), centres)
+    assert _answers(engine, centres) == cold
+    assert engine.searcher._warm is None
+    gate.set()
+    assert engine.searcher.wait_warm(60) is not None
+    warm_engine = SearchEngine(db, "indexed", index_policy=SKETCH_POLICY)
+    warm_engine.warm_up()
+    warm = _answers(warm_engine, centres)
+    assert {method for method, _, _ in warm} == {"sketch"}
+    assert _answers(engine, centres) == warm
