@@ -18,7 +18,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -704,12 +704,10 @@ class ChipStore:
                 "total_bytes": int(stats.get("total_bytes", 0)) if isinstance(stats, dict) else 0}
 
     def create_scalar_index(self, column: str) -> None:
-        try:
-            from lancedb.index import BTree
+        from lancedb.index import BTree
 
-            self._table.create_index(column, config=BTree(), replace=True)
-        except (ValueError, OSError, RuntimeError) as err:
-            raise StoreError(f"cannot index column {column!r} of {self.table_name!r}: {err}") from err
+        self._maintain(lambda: self._table.create_index(column, config=BTree(), replace=True),
+                       f"column {column!r} of {self.table_name!r}", "index")
 
     def create_vector_index(self, spec: Any) -> None:
         """Build (or replace) the vector index of `spec` (`chipscout.indexer.store.indexes.VectorIndexSpec`);
@@ -726,21 +724,27 @@ class ChipStore:
             config = IvfHnswSq(m=spec.m, ef_construction=spec.ef_construction, **common)
         else:
             raise StoreError(f"unknown vector index type {spec.index_type!r}")
-        try:
-            self._table.create_index("vector", config=config, replace=True)
-        except (ValueError, OSError, RuntimeError) as err:
-            raise StoreError(f"cannot build the {spec.index_type} index of {self.table_name!r}: {err}") from err
+        self._maintain(lambda: self._table.create_index("vector", config=config, replace=True),
+                       f"the {spec.index_type} index of {self.table_name!r}", "build")
 
     def optimize(self) -> None:
         """Compact small fragments and fold new rows into the existing indexes (one commit per
         step). Old versions are kept: pruning them is `cleanup`'s job, asked for explicitly."""
         from datetime import timedelta
 
-        try:
-            self._table.optimize(cleanup_older_than=timedelta(days=365 * 1000))
-        except (ValueError, OSError, RuntimeError) as err:
-            raise StoreError(f"cannot optimize {self.table_name!r}: {err}") from err
+        self._maintain(lambda: self._table.optimize(cleanup_older_than=timedelta(days=365 * 1000)),
+                       repr(self.table_name), "optimize")
         self._table.checkout_latest()
+
+    def _maintain(self, step: Callable[[], Any], what: str, verb: str) -> None:
+        """One maintenance commit (compaction, an index), retried when a concurrent commit
+        preempts it (two runs that finish together both compact). Not under the writer lock:
+        Lance commits these beside appends, and an index build may take minutes."""
+        def latest_then_step() -> Any:
+            self._table.checkout_latest()
+            return step()
+
+        _retry_conflicts(latest_then_step, what, verb)
 
     @staticmethod
     def lancedb_version() -> str:
@@ -919,16 +923,17 @@ def _writer_lock(db_uri: str, table_name: str) -> threading.Lock:
         return _WRITER_LOCKS.setdefault((db_uri, table_name), threading.Lock())
 
 
-def _retry_conflicts(write, what: str):
+def _retry_conflicts(write, what: str, verb: str = "write"):
     """`write()`, again after a pause when Lance reports that a concurrent commit preempted it
-    (writers on an object store share no lock); other failures are one `StoreError` line."""
+    (writers on an object store share no lock); other failures are one `StoreError` line,
+    `cannot VERB WHAT: ...`."""
     for attempt in range(_PREEMPTED_ATTEMPTS):
         try:
             return write()
         except (ValueError, OSError, RuntimeError) as err:
             if not ("conflict" in str(err).lower() or "preempted" in str(err).lower()) \
                     or attempt == _PREEMPTED_ATTEMPTS - 1:
-                raise StoreError(f"cannot write {what}: {storage_error_message(err)}") from err
+                raise StoreError(f"cannot {verb} {what}: {storage_error_message(err)}") from err
             time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))  # jitter: writers drift apart
 
 
