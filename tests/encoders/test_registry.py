@@ -12,7 +12,8 @@ import chipscout.encoders
 from chipscout.encoders import base, registry
 from chipscout.encoders.base import ChipEncoder, EncoderError
 
-BUILT_IN = ["band-stats", "clay-tiny", "clay-v1-base", "clay-v1.5-large", "rcf"]
+BUILT_IN = ["aef", "band-stats", "clay-tiny", "clay-v1-base", "clay-v1.5-large", "raster-embedding", "rcf",
+            "tessera"]
 
 
 def test_every_family_is_registered_on_first_import():
@@ -28,7 +29,7 @@ def test_the_public_names_are_one_set_of_objects():
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(EncoderError, match="unknown encoder 'nope'; known: band-stats, clay-tiny"):
+    with pytest.raises(EncoderError, match="unknown encoder 'nope'; known: aef, band-stats, clay-tiny"):
         registry.build_encoder("nope")
     with pytest.raises(EncoderError, match="unknown encoder"):
         registry.encoder_parameters("nope")
