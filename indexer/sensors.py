@@ -241,8 +241,8 @@ PRODUCT_NOTES: dict[str, ProductNote] = {
     "aef": ProductNote("aef", "AlphaEarth Foundations Satellite Embedding (CC-BY 4.0)",
                        "The AlphaEarth Foundations Satellite Embedding dataset is produced by Google and "
                        "Google DeepMind."),
-    "tessera": ProductNote("tessera", "TESSERA embeddings (CC-BY 4.0)",
-                           "Contains TESSERA embeddings by the University of Cambridge (geotessera), CC-BY 4.0."),
+    "tessera": ProductNote("tessera", "TESSERA embeddings (CC-BY)",
+                           "Contains TESSERA embeddings by the University of Cambridge (geotessera), CC-BY."),
     "major-tom": ProductNote("major-tom", "Major TOM embeddings",
                              "Contains Major TOM embeddings (ESA Phi-lab and partners); see the dataset card for "
                              "the licence of the set used."),

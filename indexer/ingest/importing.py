@@ -23,9 +23,9 @@ from chipscout.indexer.errors import IncompatibleTableError, ProductFileError
 from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.ingest.pca_thumbnails import fill_pca_thumbnails
 from chipscout.indexer.sources.files import sanitize_source_id
-from chipscout.indexer.sources.geoparquet import (ChipBatch, ColumnMapping, ProductFile, checked_batch, geometry_crs,
-                                                  open_product, preset, resolve_mapping)
-from chipscout.indexer.store import ChipStore, IndexConfig, Normalization, chip_schema
+from chipscout.indexer.sources.geoparquet import (PRESETS, ChipBatch, ColumnMapping, ProductFile, checked_batch,
+                                                  geometry_crs, open_product, preset, resolve_mapping)
+from chipscout.indexer.store import ChipStore, IndexConfig, Normalization
 
 #: The registered "encoder" of imported tables: nothing to rebuild, the vectors came made.
 IMPORTED = "imported"
@@ -157,7 +157,8 @@ def import_product(uri: str, db_uri: str, table_name: str, *, preset_name: str |
         total += len(batch)
     if dim is None:
         raise ProductFileError(f"{uri}: holds no rows")
-    config = product_config(name, PRESETS_LABEL.get(used, name) if product_name is None else name, dim, mapping, model)
+    label = product_name or (PRESETS[used].label if used in PRESETS else "imported embeddings")
+    config = product_config(name, label, dim, mapping, model)
 
     store = ChipStore(db_uri, table_name, storage_options=dict(storage_options) if storage_options else None)
     if store.exists():
@@ -197,6 +198,3 @@ def import_product(uri: str, db_uri: str, table_name: str, *, preset_name: str |
     summary.table_rows = store.count()
     return summary
 
-
-PRESETS_LABEL = {"major-tom": "Major TOM embeddings", "clay": "Clay embeddings",
-                 "earth-index": "Earth Index embeddings", "custom": "imported embeddings"}

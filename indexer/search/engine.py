@@ -20,7 +20,7 @@ from shapely.geometry import Polygon
 
 from chipscout.indexer.chips import validate_chip_id
 from chipscout.indexer.errors import QueryError
-from chipscout.indexer.geo import BBox, BBoxLike, parse_place  # BBox re-exported: callers import it with the engine
+from chipscout.indexer.geo import BBox, BBoxLike, parse_place  # noqa: F401  (BBox re-exported: callers import it with the engine)
 from chipscout.indexer.sensors import ProductNote, product_note
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
 from chipscout.indexer.search.filters import SearchFilters

@@ -45,17 +45,16 @@ class Preset:
     name: str
     columns: ColumnMapping
     label: str
-    licence: str
+    """The table's encoder label (`chipscout info`, the app)."""
 
 
-#: Known layouts (docs/products.md says where each comes from).
+#: Known layouts (docs/products.md says where each comes from; `sensors.PRODUCT_NOTES` their credits).
 PRESETS: dict[str, Preset] = {
     "major-tom": Preset("major-tom", ColumnMapping("embedding", "geometry", "unique_id", "timestamp"),
-                        "Major TOM embeddings", "see the dataset card of the Major TOM embedding set used"),
-    "clay": Preset("clay", ColumnMapping("embeddings", "geometry", None, "date"),
-                   "Clay embeddings", "see the licence of the Clay embeddings release used"),
+                        "Major TOM embeddings"),
+    "clay": Preset("clay", ColumnMapping("embeddings", "geometry", None, "date"), "Clay embeddings"),
     "earth-index": Preset("earth-index", ColumnMapping("embedding", "geometry", "id", None),
-                          "Earth Index / geo-embeddings survey layout", "as the file's `emb` metadata says"),
+                          "Earth Index embeddings"),
 }
 PRESET_ALIASES = {"survey": "earth-index", "majortom": "major-tom"}
 

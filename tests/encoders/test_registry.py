@@ -29,7 +29,7 @@ def test_the_public_names_are_one_set_of_objects():
 
 
 def test_an_unknown_name_lists_the_known_ones():
-    with pytest.raises(EncoderError, match="unknown encoder .nope.; known: aef, band-stats, clay-tiny"):
+    with pytest.raises(EncoderError, match="unknown encoder 'nope'; known: aef, band-stats, clay-tiny"):
         registry.build_encoder("nope")
     with pytest.raises(EncoderError, match="unknown encoder"):
         registry.encoder_parameters("nope")
