@@ -107,11 +107,16 @@ def wait_for_page(page, timeout_ms: float = 180_000, quiet_ms: float = 3000) -> 
 
 
 def capture(base_url: str, params: dict[str, str], out: Path, full_page: bool = False,
-            width: int = 1500, height: int = 1650) -> None:
+            width: int = 1500, height: int = 1650, clicks: tuple[str, ...] = ()) -> None:
+    """Open the page with `params`, click each of `clicks` (visible label texts, in order, waiting
+    for the page to settle after each) and photograph it."""
     with chromium_page(width, height) as page:
         page.goto(f"{base_url}/?{urlencode(params)}", wait_until="domcontentloaded")
         page.wait_for_selector("[data-testid='stDeckGlJsonChart'] canvas", state="attached", timeout=180_000)
         wait_for_page(page)
+        for label in clicks:
+            page.get_by_text(label, exact=True).first.click()
+            wait_for_page(page)
         if full_page:
             # Streamlit scrolls inside its main block, not the document: grow the window to fit it.
             height = page.evaluate("() => document.querySelector(\"[data-testid='stMain']\").scrollHeight")
@@ -132,12 +137,16 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1650, help="Window height (ignored with --full-page).")
     parser.add_argument("--full-page", action="store_true", help="Photograph the whole page, not the window.")
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--click", action="append", default=[],
+                        help="Click the element with this label text before the photograph (repeatable, in order), "
+                             "e.g. --click 'Show where in each chip it matches (heatmaps)'.")
     options = parser.parse_args()
     params = {"table": options.table, "k": options.k}
     if options.chip:
         params["chip"] = options.chip
     with serve_app(options.db, options.table, log_path=options.log) as base_url:
-        capture(base_url, params, options.out, options.full_page, options.width, options.height)
+        capture(base_url, params, options.out, options.full_page, options.width, options.height,
+                tuple(options.click))
     print(f"wrote {options.out}")
 
 

@@ -17,6 +17,7 @@ from chipscout.indexer.search import (ChangeSearch, ChipRecord, SearchEngine, Wh
 #: Session key of the sidebar toggle.
 TOGGLE = "show_heatmaps"
 CHANGE_K = 6
+PAIR_COLUMNS = 4
 
 
 def sidebar_toggle() -> None:
@@ -97,8 +98,12 @@ def change_panel(db_uri: str, table: str, engine: SearchEngine, query: ChipRecor
         captions = ["**the example**"] + [f"**#{r.rank}** · {r.similarity:.4f} · `{r.pair.after.chip_id}`"
                                           for r in response.results]
         with st.container(key="change-pairs"):
-            for pair, caption in zip(pairs, captions):
-                st.image(pair_png(pngs.get(pair.before.chip_id), pngs.get(pair.after.chip_id)), width=300)
-                st.caption(caption)
+            for start in range(0, len(pairs), PAIR_COLUMNS):
+                for column, pair, caption in zip(st.columns(PAIR_COLUMNS), pairs[start:start + PAIR_COLUMNS],
+                                                 captions[start:start + PAIR_COLUMNS]):
+                    with column:
+                        st.image(pair_png(pngs.get(pair.before.chip_id), pngs.get(pair.after.chip_id)),
+                                 width="stretch")
+                        st.caption(caption)
         if response.results:
             show_map(response.results, response.query.after)

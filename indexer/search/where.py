@@ -108,6 +108,7 @@ class WhereInChip:
     checkpoint: str | None = None
     _embedder: Any = field(default=None, init=False, repr=False)
     _keeps_patches: bool | None = field(default=None, init=False, repr=False)
+    _patch_transform: Any = field(default=None, init=False, repr=False)
 
     # -- the public face ------------------------------------------------------------------------
     def heatmaps(self, chips: Sequence[ChipRecord], query_vector: Sequence[float] | np.ndarray,
@@ -268,9 +269,10 @@ class WhereInChip:
         vectors = vectors.reshape(rows.num_rows, -1)
         grid = np.full((patch_rows.max() + 1, patch_cols.max() + 1, vectors.shape[1]), np.nan, np.float32)
         grid[patch_rows, patch_cols] = vectors
-        transform = stored_transform(self.engine.store)
-        if transform is not None:
-            grid = self._finished(grid, transform.apply)
+        if self._patch_transform is None:  # read once: the table's transform, or False for none
+            self._patch_transform = stored_transform(self.engine.store) or False
+        if self._patch_transform:
+            grid = self._finished(grid, self._patch_transform.apply)
         cell = int(self.engine.config.encoder_config.get("patch_size", 8))
         crs, affine = _footprint_georeference(chip, grid.shape[0], grid.shape[1])
         return CellGrid(grid, crs, affine, cell, "patches")
@@ -311,12 +313,6 @@ def _footprint_georeference(chip: ChipRecord, rows: int, cols: int
     projected grids)."""
     west, south, east, north = chip.footprint.bounds
     return "EPSG:4326", ((east - west) / cols, 0.0, west, 0.0, -(north - south) / rows, north)
-
-
-def search_with_heatmaps(engine: SearchEngine, response: SearchResponse, query_vector: np.ndarray,
-                         use: str = "auto") -> list[Heatmap]:
-    """The heatmaps of a response's results (a convenience for front ends)."""
-    return WhereInChip(engine).heatmaps([r.chip for r in response.results], query_vector, use)
 
 
 # ----------------------------------------------------------------------------- files
