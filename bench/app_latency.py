@@ -170,7 +170,7 @@ def journey(browser, server: Server, table: str, number: int, second_chip: str) 
     run.step("pick by id", by_id)
 
     overview = page.locator("[data-testid='stDeckGlJsonChart']").last
-    overview.scroll_into_view_if_needed()
+    overview.evaluate("element => element.scrollIntoView({block: 'center'})")  # no wait for "stable"
     page.wait_for_timeout(1000)  # deck.gl draws after the page settles; a click before it misses
     before = page.url
     box = overview.bounding_box()
