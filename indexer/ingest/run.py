@@ -148,10 +148,16 @@ class IndexRun:
             if not sample:
                 self._fail_unfittable(pool, refused or {})
             fit_encoder(self.embedder, sample, self.config, self.torch_device)
+            self._say(f"encoder fitted on {len(sample)} chips in {time.perf_counter() - fit_started:.0f} s")
         if self.store.exists():
             check_stored_transform(self.store, self.job.transform)
         else:
+            transform_started = time.perf_counter()
+            self._say(f"fitting the vector transform: reading and embedding up to "
+                      f"{self.job.transform_sample_chips} chips (about as long as indexing them)...")
             fitted = new_transform(pool)
+            self._say(f"vector transform fitted in {time.perf_counter() - transform_started:.0f} s; "
+                      "now reading, embedding and writing every chip")
             if fitted is not None:
                 # Index with the transform exactly as stored, which resumed runs and queries load:
                 # the fitted arrays' memory layout alone changes a matrix product's last bits.
@@ -160,6 +166,11 @@ class IndexRun:
             self.config = with_transform(self.config, fitted)
             self.summary.encoder = transform_label(self.config)
         self.fit_s = time.perf_counter() - fit_started
+
+    def _say(self, line: str) -> None:
+        """A progress line on stderr, so a long phase without a progress bar is never silent."""
+        if self.job.progress:
+            print(line, file=sys.stderr, flush=True)
 
     def _fail_unfittable(self, pool: Sequence[RasterSource], refused: dict[str, str]) -> None:
         """No source of `pool` gave a valid chip: each one's reason becomes a failure, then the
@@ -233,6 +244,8 @@ class IndexRun:
             summary.elapsed_s = time.perf_counter() - self.started
             if self.store.exists():
                 # Compaction, filter and vector indexes once the table is big enough for them to pay.
+                self._say("compacting the table and updating its indexes (seconds; minutes for a "
+                          "first vector index on 100,000s of rows)...")
                 maintain_indexes(self.store)
                 summary.table_rows = self.store.count()
                 summary.table_version = self.store.version

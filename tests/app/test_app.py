@@ -103,6 +103,12 @@ def test_pick_by_clicking_a_footprint_on_the_map(open_app):
     click_map(at, 0, "chips", TWIN)
     assert at.text_input(key="chip_id").value == TWIN and at.query_params["chip"] == TWIN
     assert len(result_ids(at)) == 12
+    # Tooltips: the chip id on its own line of an HTML template (no literal "<br/>" in a row's
+    # text), wrapping inside the map rather than running off its edge.
+    for chart in at.get("deck_gl_json_chart"):
+        tooltip = json.loads(chart.proto.tooltip)
+        assert tooltip["html"] == "{label}<br/>{chip_id}" and tooltip["style"]["overflowWrap"] == "anywhere"
+    assert not [row for row in layer(results_map(at), "results")["data"] if "<" in row["label"]]
     # A click on a result hops to it.
     hop = result_ids(at)[3]
     click_map(at, 0, "results", hop)

@@ -1,0 +1,255 @@
+"""What a user waits for in the app: `chipscout app` on a table (the demo's), driven by a real
+headless Chromium through one fixed journey, several times.
+
+    python bench/app_latency.py --db DB --table demo                 # 5 journeys
+    python bench/app_latency.py --db DB --table demo --journeys 3 --json /tmp/app_latency.json
+
+The journey: load the page, pick the gallery's first chip, pick a chip by typing its id, click the
+middle of the pick-an-example map, toggle a filter (exclude overlapping chips), create a labelling
+session, label 3 look-alikes Yes, start the next round, download the session as GeoParquet. Each
+journey is a fresh browser session on the same server, so journey 1 pays the server's cold start
+(table load, first search) and the others show a warm server.
+
+Per step it prints the wall time from the action to the settled page (no Streamlit status widget,
+no stale element, and no DOM change for 500 ms; the time is that of the last change, so the quiet
+wait is not counted), the server process's CPU seconds over that time (/proc via psutil; the
+server is the `chipscout app` process itself, which execs Streamlit), and the bytes the server
+sent over the websocket (what a rerun re-sends). The first load also counts the HTTP bytes.
+Medians over the journeys; the load average is printed before and after. Writes the database: use
+a copy of the demo's (`cp -r`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+# A settled page: Streamlit idle and the DOM unchanged for QUIET_MS; `window.__lastChange` is the
+# time of the last DOM change or busy sighting (Date.now(), page clock).
+QUIET_MS = 500
+_WATCH = """() => {
+    if (window.__watching) return;
+    window.__watching = true;
+    window.__lastChange = Date.now();
+    new MutationObserver(() => { window.__lastChange = Date.now(); })
+        .observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+_SETTLED = """quietMs => {
+    const busy = document.querySelector("[data-testid='stStatusWidget']")
+        || document.querySelector("[data-stale='true']")
+        || document.querySelector("[data-testid='stSpinner']");
+    if (busy) { window.__lastChange = Date.now(); return false; }
+    return Date.now() - window.__lastChange >= quietMs;
+}"""
+STEPS = ("first load", "pick from gallery", "pick by id", "map click", "filter change",
+         "create session", "label chip 1", "label chip 2", "label chip 3", "next round",
+         "download GeoParquet")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def chipscout_executable() -> str:
+    beside = Path(sys.executable).with_name("chipscout")
+    return str(beside) if beside.exists() else (shutil.which("chipscout") or sys.exit("chipscout not installed"))
+
+
+class Server:
+    """`chipscout app` on a free loopback port; its CPU seconds via psutil."""
+
+    def __init__(self, db: str, table: str, log: Path):
+        self.port = free_port()
+        self.log = open(log, "w")
+        self.process = subprocess.Popen([chipscout_executable(), "app", "--db", db, "--table", table,
+                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chipscout app did not come up; see {log}")
+            time.sleep(0.3)
+        self.ps = psutil.Process(self.process.pid)
+
+    def cpu_s(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+class Journey:
+    def __init__(self, page, server: Server):
+        self.page, self.server = page, server
+        self.ws_bytes = 0
+        self.http_bytes = 0
+        page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
+        page.on("response", self._response)
+        self.rows: list[dict] = []
+
+    def _frame(self, payload) -> None:
+        self.ws_bytes += len(payload)
+
+    def _response(self, response) -> None:
+        try:
+            length = response.headers.get("content-length")
+            self.http_bytes += int(length) if length else len(response.body())
+        except Exception:  # a response without a body (redirect, aborted): nothing to count
+            pass
+
+    def timed(self, name: str, action) -> None:
+        """A step that ends outside the page (a download): wall time on this side's clock."""
+        cpu_before, ws_before, http_before = self.server.cpu_s(), self.ws_bytes, self.http_bytes
+        started = time.perf_counter()
+        action()
+        self.rows.append({"step": name, "wall_s": time.perf_counter() - started,
+                          "server_cpu_s": self.server.cpu_s() - cpu_before,
+                          "ws_bytes": self.ws_bytes - ws_before, "http_bytes": self.http_bytes - http_before})
+
+    def step(self, name: str, action, timeout_ms: float = 180_000) -> None:
+        page = self.page
+        try:
+            page.evaluate(_WATCH)
+            started = page.evaluate("() => Date.now()")
+        except Exception:  # before the first page exists
+            started = None
+        cpu_before, ws_before, http_before, wall_before = (self.server.cpu_s(), self.ws_bytes, self.http_bytes,
+                                                           time.time())
+        action()
+        page.wait_for_selector("h1:has-text('chipscout')", timeout=timeout_ms)
+        page.evaluate(_WATCH)
+        page.wait_for_function(_SETTLED, arg=QUIET_MS, polling=50, timeout=timeout_ms)
+        last_change = page.evaluate("() => window.__lastChange")
+        wall = (last_change - started) / 1000 if started is not None else last_change / 1000 - wall_before
+        self.rows.append({"step": name, "wall_s": wall, "server_cpu_s": self.server.cpu_s() - cpu_before,
+                          "ws_bytes": self.ws_bytes - ws_before, "http_bytes": self.http_bytes - http_before})
+
+
+def journey(browser, server: Server, table: str, number: int, second_chip: str) -> list[dict]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    run = Journey(page, server)
+    sidebar = page.locator("[data-testid='stSidebar']")
+
+    run.step("first load", lambda: page.goto(f"{server.url}/?table={table}", wait_until="domcontentloaded"))
+    run.step("pick from gallery",
+             lambda: page.locator(".st-key-gallery button", has_text="Use ").first.click())
+
+    def by_id():
+        box = sidebar.get_by_label("Chip id", exact=True)
+        box.fill(second_chip)
+        box.press("Enter")
+    run.step("pick by id", by_id)
+
+    overview = page.locator("[data-testid='stDeckGlJsonChart']").last
+    overview.evaluate("element => element.scrollIntoView({block: 'center'})")  # no wait for "stable"
+    page.wait_for_timeout(1000)  # deck.gl draws after the page settles; a click before it misses
+    before = page.url
+    box = overview.bounding_box()
+    run.step("map click", lambda: page.mouse.click(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.45))
+    run.rows[-1]["hit"] = page.url != before  # the chip under the pointer became the example
+    run.step("filter change", lambda: sidebar.get_by_text("Exclude chips overlapping the example").click())
+
+    def create():
+        name = sidebar.get_by_label("Name", exact=True)
+        if not name.is_visible():
+            sidebar.get_by_text("New session").click()
+        name.fill(f"bench {number} {time.time():.0f}")
+        sidebar.get_by_role("button", name="Create session").click()
+    run.step("create session", create)
+    for i in range(3):
+        run.step(f"label chip {i + 1}", lambda i=i: page.locator(".st-key-results-grid").get_by_role(
+            "button", name="Yes", exact=True).nth(i).click())
+    run.step("next round", lambda: page.get_by_role("button", name="Next round ▶").click())
+
+    def download():
+        with page.expect_download(timeout=180_000) as info:
+            page.get_by_role("button", name="GeoParquet").click()
+        info.value.path()
+    run.timed("download GeoParquet", download)
+    context.close()
+    return run.rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True, help="a copy of the demo's database (sessions are written)")
+    parser.add_argument("--table", default="demo")
+    parser.add_argument("--journeys", type=int, default=5)
+    parser.add_argument("--chip", default="S2-L1C-virginia-eastern-shore_r000720_c001280_s80",
+                        help="the chip id typed in the 'pick by id' step")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from playwright.sync_api import sync_playwright
+
+    from chipscout.app.screenshot import CHROMIUM_ARGS, find_chromium
+
+    load_before = os.getloadavg()
+    log = Path(tempfile.mkdtemp(prefix="app-latency-")) / "server.log"
+    server = Server(args.db, args.table, log)
+    journeys: list[list[dict]] = []
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
+            for number in range(args.journeys):
+                journeys.append(journey(browser, server, args.table, number, args.chip))
+                print(f"journey {number + 1}: " + ", ".join(f"{r['step']} {r['wall_s']:.2f} s"
+                                                            for r in journeys[-1]), file=sys.stderr, flush=True)
+            browser.close()
+    finally:
+        server.stop()
+    load_after = os.getloadavg()
+
+    print(f"\n{len(journeys)} journeys on one `chipscout app` server; load average {load_before[0]:.2f} "
+          f"before, {load_after[0]:.2f} after (1 min); {os.cpu_count()} CPUs; medians (journey 1 = cold server)\n")
+    print("| step | wall s p50 | wall s journey 1 | server CPU s p50 | sent KB p50 |")
+    print("|---|---|---|---|---|")
+    table = []
+    for index, name in enumerate(STEPS):
+        rows = [j[index] for j in journeys]
+        sent = [(r["ws_bytes"] + r["http_bytes"]) / 1000 for r in rows]
+        entry = {"step": name, "wall_s_p50": statistics.median(r["wall_s"] for r in rows),
+                 "wall_s_first": rows[0]["wall_s"],
+                 "server_cpu_s_p50": statistics.median(r["server_cpu_s"] for r in rows),
+                 "sent_kb_p50": statistics.median(sent)}
+        table.append(entry)
+        if name == "map click":
+            name += f" ({sum(r.get('hit', False) for r in rows)} of {len(rows)} hit a chip)"
+        print(f"| {name} | {entry['wall_s_p50']:.2f} | {entry['wall_s_first']:.2f} | "
+              f"{entry['server_cpu_s_p50']:.2f} | {entry['sent_kb_p50']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"load_before": load_before, "load_after": load_after,
+                                         "journeys": journeys, "table": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
