@@ -495,10 +495,8 @@ class RandomConvolutionalFeatures(ChipEncoder):
                 self._pool_chunks(pixels, chip_weights, vectors, range(chip, chip + 1), 1, kernels_step,
                                   range(first, min(first + kernels_step, half)))
 
-        # One worker too runs in the pool: the same single-threaded setting for every worker
-        # count. Chips of more than 20,480 values (e.g. 10 x 48 x 48) go through oneDNN, which
-        # follows the worker's setting, so their vectors are the same bit for bit for any count;
-        # torch sends smaller ones through MKL's GEMM, whose thread count is process-wide.
+        # One worker too runs in the pool: the same single-threaded setting (oneDNN follows the
+        # worker thread's OpenMP count) for every worker count, so vectors are the same bit for bit.
         for done in _cpu_workers(max(workers, 1)).map(run, tasks):
             del done
 
@@ -515,6 +513,11 @@ class RandomConvolutionalFeatures(ChipEncoder):
             weight = weight.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=dtype):
                 return F.conv2d(pixels, weight, bias)
+        if torch.backends.mkldnn.is_available():
+            # oneDNN for every chip size: `F.conv2d` takes it only for inputs of more than 20,480
+            # values and sends smaller ones through MKL's GEMM, whose thread count is process-wide
+            # (not the worker's one thread), so a small chip's last bits would depend on it.
+            return torch.mkldnn_convolution(pixels, weight.contiguous(), bias, [0, 0], [1, 1], [1, 1], 1)
         return F.conv2d(pixels, weight, bias)
 
     def _chunk_sizes(self, batch: int, positions: int, device: torch.device) -> tuple[int, int]:
