@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,12 +72,6 @@ def _one_openmp_thread() -> None:
     the thread's own OpenMP setting), leaving every other thread's as it was."""
     torch.get_num_threads()  # torch sets a new thread's OpenMP count lazily: do it first
     threadpool_limits(1, user_api="openmp")
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    with threadpool_limits(1, user_api="openmp"):
-        yield
 
 
 def _cpu_workers(count: int) -> ThreadPoolExecutor:
@@ -428,7 +420,10 @@ class RandomConvolutionalFeatures(ChipEncoder):
                 weights = windows.to(torch.float32) / counts[:, None]
 
             if pixels.device.type == "cpu":
-                self._pool_on_cpu_workers(pixels, weights, vectors)
+                # A chip without nodata is pooled by a plain mean whatever else its batch holds,
+                # so its vector does not depend on its batch mates.
+                partial = None if weights is None else (counts < windows.shape[1]).tolist()
+                self._pool_on_cpu_workers(pixels, weights, vectors, partial)
             else:
                 self._pool_chunks(pixels, weights, vectors, range(batch),
                                   *self._chunk_sizes(batch, out_h * out_w, pixels.device))
@@ -533,7 +528,7 @@ class RandomConvolutionalFeatures(ChipEncoder):
                 vectors[rows, half + first: half + last] = (positive - mean).clamp_min_(0)
 
     def _pool_on_cpu_workers(self, pixels: torch.Tensor, weights: torch.Tensor | None,
-                             vectors: torch.Tensor) -> None:
+                             vectors: torch.Tensor, partial: list[bool] | None = None) -> None:
         """The CPU forward: tasks of one chip x a cache-sized block of kernels, run by as many
         single-threaded workers as the caller's torch intra-op threads.
 
@@ -554,16 +549,14 @@ class RandomConvolutionalFeatures(ChipEncoder):
 
         def run(task: tuple[int, int]) -> None:
             chip, first = task
+            chip_weights = weights if partial is not None and partial[chip] else None
             with torch.inference_mode(inference), torch.no_grad():
-                self._pool_chunks(pixels, weights, vectors, range(chip, chip + 1), 1, kernels_step,
+                self._pool_chunks(pixels, chip_weights, vectors, range(chip, chip + 1), 1, kernels_step,
                                   range(first, min(first + kernels_step, half)))
 
-        if workers <= 1:
-            with _single_threaded():
-                for task in tasks:
-                    run(task)
-            return
-        for done in _cpu_workers(workers).map(run, tasks):
+        # One worker too runs in the pool: the same single-threaded setting (oneDNN follows the
+        # worker thread's OpenMP count) for every worker count, so vectors are the same bit for bit.
+        for done in _cpu_workers(max(workers, 1)).map(run, tasks):
             del done
 
     def _convolve(self, pixels: torch.Tensor, kernels: slice) -> torch.Tensor:
@@ -579,6 +572,11 @@ class RandomConvolutionalFeatures(ChipEncoder):
             weight = weight.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=dtype):
                 return F.conv2d(pixels, weight, bias)
+        if torch.backends.mkldnn.is_available():
+            # oneDNN for every chip size: `F.conv2d` takes it only for inputs of more than 20,480
+            # values and sends smaller ones through MKL's GEMM, whose thread count is process-wide
+            # (not the worker's one thread), so a small chip's last bits would depend on it.
+            return torch.mkldnn_convolution(pixels, weight.contiguous(), bias, [0, 0], [1, 1], [1, 1], 1)
         return F.conv2d(pixels, weight, bias)
 
     def _chunk_sizes(self, batch: int, positions: int, device: torch.device) -> tuple[int, int]:

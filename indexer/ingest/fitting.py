@@ -87,15 +87,16 @@ def fit_transform(embedder: Embedder, requested: str | None, encoder_name: str,
         if not explicit:
             return None  # every source failed: the main pass reports why, and writes nothing
         raise SourceError("no valid chips to fit the vector transform on")
-    # Batches of one source each, so every chip is embedded with its own source's GSD, as the
-    # main pass embeds it (a kept vector must be the one the main pass would have made).
-    batches: list[list[Chip]] = []
+    # Batches of one GSD each, so every chip is embedded with its own source's GSD, as the main
+    # pass embeds it (a kept vector must be the one the main pass would have made).
+    batches: list[tuple[float, list[Chip]]] = []
     for chip in sample:
-        if batches and batches[-1][0].source_id == chip.source_id and len(batches[-1]) < 64:
-            batches[-1].append(chip)
+        gsd_m = gsd_of(chip)
+        if batches and batches[-1][0] == gsd_m and len(batches[-1][1]) < 64:
+            batches[-1][1].append(chip)
         else:
-            batches.append([chip])
-    vectors = np.concatenate([embedder.embed_raw(batch, gsd_of(batch[0])) for batch in batches])
+            batches.append((gsd_m, [chip]))
+    vectors = np.concatenate([embedder.embed_raw(batch, gsd_m) for gsd_m, batch in batches])
     finite = np.isfinite(vectors).all(axis=1)
     if keep is not None:
         keep.update((chip.chip_id, vector) for chip, vector, ok in zip(sample, vectors, finite) if ok)

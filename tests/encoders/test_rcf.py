@@ -414,3 +414,43 @@ def test_band_statistics_known_values_and_nodata():
         build_encoder("band-stats", in_channels=3)(pixels)
     rebuilt = load_encoder("band-stats", encoder.config(), encoder.state_dict())
     assert rebuilt.config() == {"in_channels": 2}
+
+
+# -- the CPU workers (issue #21) ------------------------------------------------------------------
+
+def _one_call(encoder: RandomConvolutionalFeatures, pixels: torch.Tensor) -> torch.Tensor:
+    """The pre-#21 CPU forward: every chunk one convolution call on all torch threads."""
+    vectors = torch.empty((pixels.shape[0], encoder.embedding_dim))
+    positions = (pixels.shape[2] - encoder.kernel_size + 1) * (pixels.shape[3] - encoder.kernel_size + 1)
+    encoder._pool_chunks(pixels, None, vectors, range(pixels.shape[0]),
+                         *encoder._chunk_sizes(pixels.shape[0], positions, pixels.device))
+    return vectors
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "nodata"])
+def test_cpu_workers_give_the_same_vectors_for_any_worker_count_and_batch(masked, monkeypatch):
+    encoder = gaussian(10, features=256).eval()
+    monkeypatch.setattr(RandomConvolutionalFeatures, "cpu_chunk_bytes", 64 * 2**10)  # several blocks per chip
+    pixels = torch.rand((3, 10, 40, 40), generator=torch.Generator().manual_seed(1)) * 0.4
+    mask = None
+    if masked:
+        mask = torch.ones((3, 40, 40), dtype=torch.bool)
+        mask[1, :20] = False
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = encoder(pixels, valid_mask=mask)
+        alone = torch.cat([encoder(pixels[i:i + 1], valid_mask=None if mask is None else mask[i:i + 1])
+                           for i in range(3)])
+        torch.set_num_threads(1)
+        one = encoder(pixels, valid_mask=mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(two, one) and torch.equal(two, alone)
+    assert torch.get_num_threads() == threads  # the workers' one-thread limit stays in the workers
+    if not masked:
+        old = _one_call(encoder, pixels)
+        assert torch.allclose(two, old, rtol=1e-5, atol=1e-6)
+        reference = torch.cat([F.adaptive_avg_pool2d(F.relu(sign * F.conv2d(pixels, encoder.weight, encoder.bias)),
+                                                     1).flatten(1) for sign in (1, -1)], dim=1)
+        assert torch.allclose(two, reference, rtol=1e-4, atol=1e-5)
