@@ -407,7 +407,9 @@ else:
 
     def show_change_map(results: list, after: ChipRecord) -> None:
         pngs = thumbnails(db_uri, table, (after.chip_id, *(r.chip.chip_id for r in results)))
-        show_map(maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails),
+        show_map(lambda: maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails),
+                 ("change", after.chip_id, tuple((r.chip.chip_id, r.similarity) for r in results), basemap_url,
+                  st.session_state.map_thumbnails),
                  f"change-map-{after.chip_id}", (maps.RESULTS_LAYER,),
                  f"Map of the example and {len(results)} places with a like change")
 
@@ -474,7 +476,7 @@ if query is not None:
                              labels=seed.label_map if seed is not None else None),
                          ("results", query.chip_id, tuple((r.chip.chip_id, r.similarity) for r in shown),
                           labels_of(seed, (r.chip.chip_id for r in shown)), basemap_url,
-                          st.session_state.map_thumbnails),
+                          st.session_state.map_thumbnails, bool(st.session_state.get(where_change.TOGGLE))),
                          f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
                          f"Map of the example and {len(shown)} look-alikes")
             with scores_column:
