@@ -290,13 +290,15 @@ def _open_source(source_path: str, config: Any):
             import pystac
 
             from chipscout.indexer.sensors import get_sensor
-            from chipscout.indexer.sources.stac import item_source
+            from chipscout.indexer.sources.stac import HrefPolicy, item_source
 
             try:
                 item = pystac.Item.from_file(source_path)
             except Exception as err:  # any transport or JSON error: say what failed, once
                 raise ChipscoutError(f"{source_path}: not a readable STAC item ({type(err).__name__})") from None
-            source = item_source(item, get_sensor(config.sensor))
+            # The item is fetched anew and may have changed: its asset hrefs pass the same check
+            # as at indexing (the API's own origin, or hosts in $CHIPSCOUT_ALLOW_HOSTS).
+            source = item_source(item, get_sensor(config.sensor), HrefPolicy.build(source_path))
         elif not Path(source_path).exists():
             raise ChipscoutError(f"{source_path}: no such file or folder (moved or deleted?)")
         else:

@@ -96,9 +96,14 @@ def test_an_unreachable_api_gives_per_chip_notes_and_changes_nothing(stac_and_lo
     state = (stac.store.version, stac.store.count())
     chips = sorted(stac.sample(8, seed=1), key=lambda c: (not c.source_path.endswith("/kept"), c.chip_id))
     assert [c.source_path.rsplit("/", 1)[1] for c in chips] == ["kept"] * 4 + ["lost"] * 4
+    query = stac.get_vector(chips[0].chip_id)
+    # The assets sit on another loopback port than the API: read again only when allowed, as at indexing.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("CHIPSCOUT_ALLOW_HOSTS")
+        refused = WhereInChip(stac).heatmaps(chips[:1], query)[0]
+    assert not refused.ok and "internal address" in refused.note and "--allow-host" in refused.note
     lost_api.__exit__(None, None, None)  # the API of one item stops answering
-    where = WhereInChip(stac)
-    maps = where.heatmaps(chips, stac.get_vector(chips[0].chip_id))
+    maps = WhereInChip(stac).heatmaps(chips, query)
     assert [m.ok for m in maps] == [True] * 4 + [False] * 4
     for chip, heatmap in zip(chips[4:], maps[4:]):
         assert heatmap.chip_id == chip.chip_id and "\n" not in heatmap.note
