@@ -11,9 +11,9 @@ from pyproj import Transformer
 import chipscout
 from chipscout.indexer.chips import ChipGrid
 from chipscout.indexer.ingest import index_search, index_sources
-from chipscout.indexer.sources.stac import StacQuery, StacSearch
 from chipscout.indexer.search import SearchEngine, WhereInChip
 from chipscout.indexer.sources.files import local_source
+from chipscout.indexer.sources.stac import StacQuery, StacSearch
 from tests.conftest import TINY_RCF, LoopbackFileServer
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, rustac_executable, write_catalog, write_item_assets
 
@@ -73,6 +73,7 @@ def test_stac_heatmaps_equal_the_local_files_and_sit_on_the_source_grid(stac_and
     # The same chips of the local file, heatmaps against the same query vector.
     local_chips = {(c.row_off, c.col_off): c for c in local.sample(4, seed=0)}
     ours = [stac.get_chip(i) for i in results.chip_ids]
+    assert len({c.source_path for c in ours}) == 2  # results from both items: two sources open at once
     theirs = WhereInChip(local).heatmaps([local_chips[(c.row_off, c.col_off)] for c in ours],
                                          stac.get_vector(query.chip_id), use="pixels")
     grid_to_lonlat = None
