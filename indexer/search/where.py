@@ -212,7 +212,9 @@ class WhereInChip:
                     continue
                 grids.append(self._embed_cells(embedder, chip, pixels, valid, reader.grid))
         finally:
-            for reader in readers.values():
+            # Last opened, first closed: remote readers each enter a GDAL environment (rasterio.Env)
+            # and the outermost one, leaving first, would take the inner ones' with it.
+            for reader in reversed(list(readers.values())):
                 reader.close()
         return grids
 
@@ -288,13 +290,20 @@ def _open_source(source_path: str, config: Any):
             import pystac
 
             from chipscout.indexer.sensors import get_sensor
-            from chipscout.indexer.sources.stac import item_source
+            from chipscout.indexer.sources.stac import (
+                HrefPolicy, is_planetary_computer, item_source, planetary_computer_signer,
+            )
 
             try:
                 item = pystac.Item.from_file(source_path)
             except Exception as err:  # any transport or JSON error: say what failed, once
                 raise ChipscoutError(f"{source_path}: not a readable STAC item ({type(err).__name__})") from None
-            source = item_source(item, get_sensor(config.sensor))
+            signer = planetary_computer_signer() if is_planetary_computer(source_path) else None
+            if signer is not None:  # the item fetched anew has unsigned hrefs: sign as at indexing
+                item = signer(item) or item
+            # The item is fetched anew and may have changed: its asset hrefs pass the same check
+            # as at indexing (the API's own origin, or hosts in $CHIPSCOUT_ALLOW_HOSTS).
+            source = item_source(item, get_sensor(config.sensor), HrefPolicy.build(source_path))
         elif not Path(source_path).exists():
             raise ChipscoutError(f"{source_path}: no such file or folder (moved or deleted?)")
         else:
