@@ -74,8 +74,11 @@ def _from_stac(store, table: str, url: str, collection: Optional[str], sensor: O
     bounds = table_lonlat_bounds(store)
     if bounds is None:
         raise ChipscoutError(f"table {table!r} has no chips to draw")
-    query = StacQuery.build(url, collection, bbox=bounds, datetime=datetime, max_cloud_cover=max_cloud,
-                            max_items=limit)
+    try:
+        query = StacQuery.build(url, collection, bbox=bounds, datetime=datetime, max_cloud_cover=max_cloud,
+                                max_items=limit)
+    except ChipscoutError as err:  # its messages name `index stac`'s --url
+        raise ChipscoutError(str(err).replace("--url", "--stac-url")) from None
     policy = HrefPolicy.build(query.url, allow_href_scheme or (), allow_host or ())
     search = StacSearch(query, sensor=sensor, timeout_s=timeout, href_policy=policy)
     if search.unsigned_warning:

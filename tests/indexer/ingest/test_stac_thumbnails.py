@@ -113,7 +113,7 @@ def test_stac_thumbnails_bad_input_is_one_line(served, tmp_path):
     result = cli("thumbnails", "--stac-url", dead, "--collection", S2, "--timeout", "5", "--db", db, "--table", "aef")
     assert dead in one_line_error(result)
     result = cli("thumbnails", "--stac-url", "ftp://example.org/stac", "--collection", S2, "--db", db, "--table", "aef")
-    assert "ftp://example.org/stac" in one_line_error(result)
+    assert "bad --stac-url 'ftp://example.org/stac'" in one_line_error(result)
     result = cli("thumbnails", "--stac-url", api_url, "--collection", "nope", "--db", db, "--table", "aef")
     assert "'nope'" in one_line_error(result)
     # An item whose red asset fails (HTTP 500): named on one line, exit code 2, nothing drawn.
