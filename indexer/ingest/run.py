@@ -289,10 +289,16 @@ class _NullBar:
 
 def chip_rgb(chips: Sequence[Chip], sources: Sequence[RasterSource], band_names: Sequence[str],
              ) -> Iterator[tuple[Any, Any, tuple[int, int, int] | None]]:
-    """Each chip's pixels, valid mask and where its red, green and blue sit (`fit_stretch`)."""
-    positions = {s.source_id: rgb_positions(chip_bands(s, band_names), s.sensor) for s in sources}
+    """Each chip's pixels, valid mask and where its red, green and blue sit (`fit_stretch`); only
+    the sources a chip came from are asked (the others may not even open)."""
+    by_id = {s.source_id: s for s in sources}
+    positions: dict[str, tuple[int, int, int] | None] = {}
     for chip in chips:
-        yield chip.pixels, chip.valid_mask, positions.get(chip.source_id)
+        if chip.source_id not in positions:
+            source = by_id.get(chip.source_id)
+            positions[chip.source_id] = (rgb_positions(chip_bands(source, band_names), source.sensor)
+                                         if source is not None else None)
+        yield chip.pixels, chip.valid_mask, positions[chip.source_id]
 
 
 def progress_bar(enabled: bool):
