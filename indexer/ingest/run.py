@@ -156,9 +156,12 @@ class IndexRun:
         if self.store.exists():
             check_stored_transform(self.store, self.job.transform)
         else:
-            if self.sensor.rgb:  # the new table's thumbnail stretch, on the encoder's sample
+            if self.sensor.rgb and sample is not None:
+                # The new table's thumbnail stretch, on the encoder's sample. An encoder fitted
+                # already reads none, and its table keeps the fixed stretch for now: an extra
+                # read here would open every source (and its failures) once more.
                 self.config = dataclasses.replace(self.config, thumbnail_stretch=fit_stretch(
-                    chip_rgb(sample if sample is not None else encoder_sample(pool), pool, self.band_names)))
+                    chip_rgb(sample, pool, self.band_names)))
             transform_started = time.perf_counter()
             self._say(f"fitting the vector transform: reading and embedding up to "
                       f"{self.job.transform_sample_chips} chips (about as long as indexing them)...")

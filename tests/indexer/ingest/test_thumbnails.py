@@ -18,7 +18,10 @@ from chipscout.indexer.ingest import run as run_module
 from chipscout.indexer.ingest.thumbnails import fit_stretch, thumbnail_png
 from chipscout.indexer.sources.files import local_source
 from chipscout.indexer.store import ChipStore, IndexConfig
-from tests.conftest import TINY_RCF
+from chipscout.indexer.ingest import EncoderChoice
+
+#: Empirical kernels are fitted on a sample, which the stretch is fitted on too.
+EMPIRICAL = EncoderChoice("rcf", {"kernels": "empirical", "features": 64, "seed": 0})
 
 WHEN = datetime(2024, 6, 15, tzinfo=timezone.utc)
 
@@ -39,7 +42,7 @@ def write_scene(path, small_cog, low_dn: int, high_dn: int):
 
 def index(db, path, source_id):
     source = local_source(path, sensor="sentinel-2-l2a", acquired=WHEN, source_id=source_id)
-    return index_sources([source], db_uri=str(db), table_name="chips", encoder=TINY_RCF,
+    return index_sources([source], db_uri=str(db), table_name="chips", encoder=EMPIRICAL,
                          grid=ChipGrid(64, 64), bands=["blue", "green", "red", "nir"], progress=False)
 
 
