@@ -392,7 +392,9 @@ def index_unit(unit: WorkUnit, job: UnitJob) -> UnitResult:
                 result.chips_skipped_nodata += 1
         elif isinstance(event, BatchEnd):
             embed_started = time.perf_counter()
-            for group_rows, _ in embed_batch_group(embedder, pending, source.sensor, facts, chip_failed):
+            # The stretch as the table records it: every worker and every resumed run draw alike.
+            for group_rows, _ in embed_batch_group(embedder, pending, source.sensor, facts, chip_failed,
+                                                   store.config.thumbnail_stretch):
                 rows.append(group_rows)
             result.embed_s += time.perf_counter() - embed_started
             pending = []

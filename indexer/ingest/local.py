@@ -125,7 +125,7 @@ class _LocalLoop:
         """Embed one batch group (one source) into `pending_rows`; returns the rows added."""
         added = 0
         for rows, patches in embed_batch_group(self.run.embedder, chips, self.run.sensor, self.facts,
-                                               self._chip_failed):
+                                               self._chip_failed, self.run.config.thumbnail_stretch):
             self.pending_rows.append(rows)
             if patches is not None:
                 self.pending_patches.append(patches)

@@ -147,13 +147,7 @@ class ChipReader:
         self.max_cloud_fraction = max_cloud_fraction
 
     def open(self, source: RasterSource) -> tuple[RasterReader, FootprintProjector, RasterSource]:
-        selected = source.select_bands(self.bands)
-        # Thumbnail bands ride along when the index itself does not use them.
-        rgb_extra = [b for b in source.sensor.rgb
-                     if not any(a.band.matches(b) for a in selected.bands)
-                     and any(a.band.matches(b) for a in source.bands)]
-        if rgb_extra:
-            selected = source.select_bands(self.bands + rgb_extra)
+        selected = chip_bands(source, self.bands)
         reader = RasterReader(selected, http_timeout_s=self.http_timeout_s)
         try:
             where = source.location or source.source_id
@@ -333,6 +327,16 @@ def sample_chips(sources: Sequence[RasterSource], chip_reader: ChipReader, count
         take = min(draw.per_source - of_source, count - len(chips))
         chips += read_valid(chip_reader, draw.reader, draw.projector, draw.selected, draw.offsets, take)
     return chips
+
+
+def chip_bands(source: RasterSource, bands: Sequence[str]) -> RasterSource:
+    """`source` with the bands a chip of it holds: `bands`, then the thumbnail bands they lack
+    (which ride along so that every chip gets a picture)."""
+    selected = source.select_bands(list(bands))
+    rgb_extra = [b for b in source.sensor.rgb
+                 if not any(a.band.matches(b) for a in selected.bands)
+                 and any(a.band.matches(b) for a in source.bands)]
+    return source.select_bands(list(bands) + rgb_extra) if rgb_extra else selected
 
 
 def rgb_positions(selected: RasterSource, sensor: Sensor) -> tuple[int, int, int] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,9 +21,11 @@ from chipscout.indexer.sensors import Sensor
 
 
 def chip_rows(chips: Sequence[Chip], vectors: np.ndarray, sensor: Sensor,
-              facts: dict[str, SourceFacts], raw: np.ndarray | None = None) -> pa.Table:
+              facts: dict[str, SourceFacts], raw: np.ndarray | None = None,
+              stretch: dict[str, Any] | None = None) -> pa.Table:
     """Table rows of `chips`; with `raw` (encoder vectors before the table's fitted transform),
-    a `raw_vector` column too (see `chipscout.indexer.ingest.refit`)."""
+    a `raw_vector` column too (see `chipscout.indexer.ingest.refit`). `stretch`: the table's
+    thumbnail stretch (`IndexConfig.thumbnail_stretch`)."""
     footprints = [c.footprint for c in chips]
     bounds = shapely.bounds(np.array(footprints, dtype=object))
     centroids = shapely.centroid(np.array(footprints, dtype=object))
@@ -49,7 +52,7 @@ def chip_rows(chips: Sequence[Chip], vectors: np.ndarray, sensor: Sensor,
         "cloud_fraction": pa.array([c.cloud_fraction for c in chips], pa.float32()),
         "radiometry": [facts[c.source_id].radiometry for c in chips],
         "thumbnail": [thumbnail_png(c.pixels, c.valid_mask, facts[c.source_id].rgb_positions,
-                                    sensor.rgb_max_reflectance) for c in chips],
+                                    sensor.rgb_max_reflectance, stretch=stretch) for c in chips],
         "indexed_at": pa.array([now] * len(chips), type=pa.timestamp("us", tz="UTC")),
     })
     if raw is not None:
@@ -74,7 +77,7 @@ def patch_rows(chips: Sequence[Chip], patches: np.ndarray) -> pa.Table:
 
 def embed_batch_group(embedder: Embedder, chips: Sequence[Chip], sensor: Sensor,
                       facts: dict[str, SourceFacts], chip_failed: Callable[[Chip, str], None],
-                      ) -> list[tuple[pa.Table, pa.Table | None]]:
+                      stretch: dict[str, Any] | None = None) -> list[tuple[pa.Table, pa.Table | None]]:
     """Embed one batch group (chips of one source) into chip rows, and patch rows when the
     encoder keeps patches, without writing anything. Shared by the single-process pipeline and
     the cluster workers (`chipscout.indexer.ingest.cluster`), so both make the same rows.
@@ -107,6 +110,6 @@ def embed_batch_group(embedder: Embedder, chips: Sequence[Chip], sensor: Sensor,
             raw = raw[keep] if raw is not None else None
         if not group:
             continue
-        out.append((chip_rows(group, vectors, sensor, facts, raw),
+        out.append((chip_rows(group, vectors, sensor, facts, raw, stretch),
                     patch_rows(group, patches) if patches is not None else None))
     return out

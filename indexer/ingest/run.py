@@ -8,6 +8,7 @@ epilogue (index maintenance, the summary, the run log result). The runners keep 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import threading
@@ -25,6 +26,8 @@ from chipscout.indexer.ingest.embedding import Embedder, with_transform
 from chipscout.indexer.ingest.fitted_state import encode_state
 from chipscout.indexer.ingest.fitting import check_stored_transform, fit_encoder, resolve_encoder, transform_label
 from chipscout.indexer.ingest.job import IndexJob
+from chipscout.indexer.ingest.reading import chip_bands, rgb_positions
+from chipscout.indexer.ingest.thumbnails import fit_stretch
 from chipscout.indexer.ingest.transform import VectorTransform
 from chipscout.indexer.store.indexes import maintain_indexes
 from chipscout.indexer.sources import RasterSource
@@ -140,6 +143,7 @@ class IndexRun:
         becomes a failure of the run (summary, run log) and the error names them."""
         pool = self._fit_pool()
         fit_started = time.perf_counter()
+        sample: Sequence[Chip] | None = None
         if not self.embedder.encoder.is_fitted:
             if self.job.progress:  # the sample is read before the progress bar starts
                 print(f"fitting the encoder on up to {self.job.fit_sample_chips} chips of "
@@ -152,6 +156,12 @@ class IndexRun:
         if self.store.exists():
             check_stored_transform(self.store, self.job.transform)
         else:
+            if self.sensor.rgb and sample is not None:
+                # The new table's thumbnail stretch, on the encoder's sample. An encoder fitted
+                # already reads none, and its table keeps the fixed stretch for now: an extra
+                # read here would open every source (and its failures) once more.
+                self.config = dataclasses.replace(self.config, thumbnail_stretch=fit_stretch(
+                    chip_rgb(sample, pool, self.band_names)))
             transform_started = time.perf_counter()
             self._say(f"fitting the vector transform: reading and embedding up to "
                       f"{self.job.transform_sample_chips} chips (about as long as indexing them)...")
@@ -278,6 +288,20 @@ class _NullBar:
 
     def close(self) -> None:
         pass
+
+
+def chip_rgb(chips: Sequence[Chip], sources: Sequence[RasterSource], band_names: Sequence[str],
+             ) -> Iterator[tuple[Any, Any, tuple[int, int, int] | None]]:
+    """Each chip's pixels, valid mask and where its red, green and blue sit (`fit_stretch`); only
+    the sources a chip came from are asked (the others may not even open)."""
+    by_id = {s.source_id: s for s in sources}
+    positions: dict[str, tuple[int, int, int] | None] = {}
+    for chip in chips:
+        if chip.source_id not in positions:
+            source = by_id.get(chip.source_id)
+            positions[chip.source_id] = (rgb_positions(chip_bands(source, band_names), source.sensor)
+                                         if source is not None else None)
+        yield chip.pixels, chip.valid_mask, positions[chip.source_id]
 
 
 def progress_bar(enabled: bool):

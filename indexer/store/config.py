@@ -53,6 +53,10 @@ class IndexConfig:
     state_sha256: str = ""
     transform: dict[str, Any] | None = None
     metric: str = "cosine"
+    thumbnail_stretch: dict[str, Any] | None = None
+    """Per-band (R, G, B) low/high reflectance every thumbnail of the table is drawn with
+    (`chipscout.indexer.ingest.thumbnails.fit_stretch`, fitted when the table was created);
+    None (older tables, embedding products): one fixed reflectance stretch."""
     chipscout_version: str = __version__
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
