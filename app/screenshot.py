@@ -40,6 +40,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_serving(base_url: str, process: subprocess.Popen, timeout_s: float,
+                       log_path: Path | str | None = None) -> None:
+    """Return once the Streamlit server of `process` answers its health check at `base_url`;
+    RuntimeError when the process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the app server exited with code {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app server did not answer on {base_url} within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
 @contextlib.contextmanager
 def serve_app(db_uri: str, table: str, port: int | None = None, log_path: Path | None = None,
               timeout_s: float = 90.0, env: dict[str, str] | None = None) -> Iterator[str]:
@@ -50,19 +69,7 @@ def serve_app(db_uri: str, table: str, port: int | None = None, log_path: Path |
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base_url}/_stcore/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None:
-                raise RuntimeError(f"streamlit exited with code {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not answer on {base_url} within {timeout_s:.0f} s")
-            time.sleep(0.5)
+        wait_until_serving(base_url, process, timeout_s, log_path)
         yield base_url
     finally:
         process.terminate()

@@ -26,16 +26,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
+
+from chipscout.app.screenshot import free_port, wait_until_serving
 
 # A settled page: Streamlit idle and the DOM unchanged for QUIET_MS; `window.__lastChange` is the
 # time of the last DOM change or busy sighting (Date.now(), page clock).
@@ -59,12 +59,6 @@ STEPS = ("first load", "pick from gallery", "pick by id", "map click", "filter c
          "download GeoParquet")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def chipscout_executable() -> str:
     beside = Path(sys.executable).with_name("chipscout")
     return str(beside) if beside.exists() else (shutil.which("chipscout") or sys.exit("chipscout not installed"))
@@ -80,17 +74,7 @@ class Server:
                                          "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"chipscout app did not come up; see {log}")
-            time.sleep(0.3)
+        wait_until_serving(self.url, self.process, 180, log)
         self.ps = psutil.Process(self.process.pid)
 
     def cpu_s(self) -> float:

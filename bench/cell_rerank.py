@@ -29,17 +29,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from where_scene import (CHIP_PX, INDEX_BANDS, chip_id, full_chips, paste, read_scene,  # noqa: E402
+from where_scene import (CHIP_PX, INDEX_BANDS, chip_id, full_chips, paste, precision, read_scene,  # noqa: E402
                          write_scene)
 
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
 from chipscout.indexer.search import SearchEngine, WhereInChip  # noqa: E402
 from chipscout.indexer.sources.files import local_source  # noqa: E402
-
-
-def precision(ranked: list[str], truth: set[str], k: int = 10) -> float:
-    return sum(c in truth for c in ranked[:k]) / k
 
 
 def main() -> None:

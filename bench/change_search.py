@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from where_scene import CHIP_PX, INDEX_BANDS, chip_id, full_chips, paste, read_scene, write_scene  # noqa: E402
+from where_scene import (CHIP_PX, INDEX_BANDS, chip_id, full_chips, paste, precision, read_scene,  # noqa: E402
+                         write_scene)
 
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
 from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
@@ -43,10 +44,6 @@ from chipscout.indexer.sources.files import local_source  # noqa: E402
 CHANGES = {"solar": [800, 700, 500, 1000], "cleared": [1000, 1300, 1700, 2200],
            "pond": [500, 400, 200, 100], "roofs": [3000, 3000, 3000, 3200]}
 BEFORE, AFTER = "2024-06-15", "2024-09-20"
-
-
-def precision(ranked: list[str], truth: set[str], k: int) -> float:
-    return sum(c in truth for c in ranked[:k]) / k
 
 
 def main() -> None:

@@ -50,3 +50,8 @@ def paste(data: np.ndarray, row: int, col: int, top: int, left: int, size: int, 
     """A `size` px square of one spectrum at (top, left) inside chip (row, col), in place."""
     y, x = row * CHIP_PX + top, col * CHIP_PX + left
     data[:, y:y + size, x:x + size] = np.asarray(spectrum_dn, dtype=data.dtype)[:, None, None]
+
+
+def precision(ranked: list[str], truth: set[str], k: int = 10) -> float:
+    """Share of the first `k` of `ranked` that are in `truth`."""
+    return sum(c in truth for c in ranked[:k]) / k

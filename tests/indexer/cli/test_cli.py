@@ -222,32 +222,20 @@ def _port_open(port: int) -> bool:
 def test_a_signal_to_chipscout_app_stops_the_server_and_frees_the_port(signal_name, tmp_path):
     import os
     import signal
-    import socket
     import time
-    import urllib.request
 
+    from chipscout.app.screenshot import free_port, wait_until_serving
     from tests.synthetic import clustered_table
 
     clustered_table(str(tmp_path / "db"), "clusters", per_cluster=2)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     # Its own session, so that whatever it leaves behind can be cleaned up below.
     app = subprocess.Popen([sys.executable, "-m", "chipscout.indexer.cli", "app", "--db", tmp_path / "db",
                             "--table", "clusters", "--port", str(port)], start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert app.poll() is None and time.monotonic() < deadline, "the app server did not come up"
-            time.sleep(0.5)
+        wait_until_serving(f"http://127.0.0.1:{port}", app, 120)
         app.send_signal(getattr(signal, signal_name))
         app.wait(timeout=60)
         deadline = time.monotonic() + 30
