@@ -98,8 +98,8 @@ def prefetch(events: Iterator[Any] | Sequence[Iterator[Any]], depth: int) -> Ite
         except BaseException as err:  # handed to the consumer, raised there
             buffer.put(err)
         finally:
-            # Closed here, not by the garbage collector in another thread: its open readers hold
-            # GDAL environments, which are per thread.
+            # Closed here, when the producer ends, not whenever the garbage collector gets to it:
+            # its open readers hold files (and, remote, connections).
             close = getattr(events, "close", None)
             if close is not None:
                 close()

@@ -212,9 +212,7 @@ class WhereInChip:
                     continue
                 grids.append(self._embed_cells(embedder, chip, pixels, valid, reader.grid))
         finally:
-            # Last opened, first closed: remote readers each enter a GDAL environment (rasterio.Env)
-            # and the outermost one, leaving first, would take the inner ones' with it.
-            for reader in reversed(list(readers.values())):
+            for reader in readers.values():
                 reader.close()
         return grids
 

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -187,26 +187,35 @@ class RasterReader:
         self._stack = ExitStack()
         self._datasets: dict[str, rasterio.io.DatasetReader] = {}
         self._views: dict[str, rasterio.io.DatasetReaderBase] = {}
+        hrefs = [a.href for a in source.bands]
+        if source.cloud_mask is not None:
+            hrefs.append(source.cloud_mask.href)
+        self._gdal_options = (remote_gdal_options(http_timeout_s) if any(is_remote(href) for href in hrefs)
+                              else None)
         try:
-            hrefs = [a.href for a in source.bands]
-            if source.cloud_mask is not None:
-                hrefs.append(source.cloud_mask.href)
-            if any(is_remote(href) for href in hrefs):
-                # Entered in the thread that opens (and so reads): GDAL config is per thread there.
-                self._stack.enter_context(rasterio.Env(**remote_gdal_options(http_timeout_s)))
-            for asset in source.bands:
-                self._dataset(asset.href)
-            self.grid = self._finest_grid()
-            self._check_extents()
-            for href in self._datasets:
-                self._views[href] = self._view_on_grid(href)
-            self._mask_view = None
-            if source.cloud_mask is not None:
-                self._dataset(source.cloud_mask.href)
-                self._mask_view = self._view_on_grid(source.cloud_mask.href, Resampling.nearest)
+            with self._gdal_env():
+                self._open_all(source)
         except BaseException:
             self._stack.close()
             raise
+
+    def _gdal_env(self) -> AbstractContextManager:
+        """GDAL's network settings (timeouts, retries) around one opening or read of remote files.
+        `rasterio.Env` is per thread and must be left in the order it was entered, so a reader
+        never holds one between calls: readers are closed in any order, and in other threads."""
+        return rasterio.Env(**self._gdal_options) if self._gdal_options is not None else nullcontext()
+
+    def _open_all(self, source: RasterSource) -> None:
+        for asset in source.bands:
+            self._dataset(asset.href)
+        self.grid = self._finest_grid()
+        self._check_extents()
+        for href in self._datasets:
+            self._views[href] = self._view_on_grid(href)
+        self._mask_view = None
+        if source.cloud_mask is not None:
+            self._dataset(source.cloud_mask.href)
+            self._mask_view = self._view_on_grid(source.cloud_mask.href, Resampling.nearest)
 
     def __enter__(self) -> RasterReader:
         return self
@@ -298,6 +307,10 @@ class RasterReader:
 
     def read_window(self, row_off: int, col_off: int, size_px: int) -> tuple[np.ndarray, np.ndarray]:
         """Reflectance (C, size, size) float32 and a validity mask (size, size) bool."""
+        with self._gdal_env():
+            return self._read_window(row_off, col_off, size_px)
+
+    def _read_window(self, row_off: int, col_off: int, size_px: int) -> tuple[np.ndarray, np.ndarray]:
         window = Window(col_off, row_off, size_px, size_px)
         band_count = len(self.source.bands)
         pixels = np.empty((band_count, size_px, size_px), dtype=np.float32)
@@ -343,6 +356,11 @@ class RasterReader:
     def read_cloud_fraction(self, row_off: int, col_off: int, size_px: int,
                             valid: np.ndarray) -> float | None:
         """Share of valid pixels flagged cloudy by the source's mask band, or None without one."""
+        with self._gdal_env():
+            return self._read_cloud_fraction(row_off, col_off, size_px, valid)
+
+    def _read_cloud_fraction(self, row_off: int, col_off: int, size_px: int,
+                             valid: np.ndarray) -> float | None:
         mask = self.source.cloud_mask
         if mask is None or self._mask_view is None:
             return None
