@@ -73,6 +73,18 @@ class MemoryVectors:
         self.version = store.version
         self.row_ids, self.vectors = store.all_vectors(dtype=dtype, unit=True)
 
+    @classmethod
+    def from_arrays(cls, version: int, row_ids: np.ndarray, vectors: np.ndarray) -> MemoryVectors:
+        """Unit `vectors` (float32 or float16) of `row_ids` (ascending) already read."""
+        held = cls.__new__(cls)
+        held.version, held.row_ids, held.vectors = version, row_ids, vectors
+        return held
+
+    @property
+    def tier(self) -> str:
+        """How the vectors are held: float32, float16, int8 or disk (`plan_warm`)."""
+        return str(self.vectors.dtype)
+
     @property
     def nbytes(self) -> int:
         return self.vectors.nbytes + self.row_ids.nbytes
@@ -105,6 +117,97 @@ class MemoryVectors:
         return _top(self.scores(query, positions), self.row_ids[positions], k)
 
 
+def _disk_top(store, query: np.ndarray, row_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k of `row_ids` nearest the unit `query` by their float32 vectors read from the table
+    (LanceDB take by row id)."""
+    vectors = unit_rows(store.vectors_by_row_id(row_ids))
+    return _top(vectors @ query, row_ids, k)
+
+
+class Int8Vectors(MemoryVectors):
+    """The vectors as int8 with one scale per dimension (symmetric: x ~ scale * code, |code| <=
+    127), a quarter of float32: they rank candidates, and the final top k is scored in float32
+    from disk, over only the rows the quantisation error could still move into it.
+
+    The scale of a dimension is max |x| over a sample of the unit vectors / 127 (not a
+    percentile: clipping would void the error bound below); rows beyond the sample's range clip,
+    and `error` records the largest |x - scale * code| seen per dimension over the whole table,
+    so |approximate score - exact score| <= sum |q_d| error_d for every row. The rows whose
+    approximate score lies within twice that of the k-th best hold the exact top k; they are
+    re-scored from disk (at most `RERANK_MAX`, the best by int8 score, when the bound is loose)."""
+
+    RERANK_MAX = 1024
+
+    def __init__(self, store, row_ids: np.ndarray, codes: np.ndarray, scales: np.ndarray, error: np.ndarray):
+        self.store, self.version = store, store.version
+        self.row_ids, self.vectors = row_ids, codes
+        self.scales = scales.astype(np.float32)
+        self.error = error.astype(np.float32)
+        self.last_reranked = 0
+        """Rows the last `top` re-scored from disk (benchmarks read it)."""
+
+    @property
+    def tier(self) -> str:
+        return "int8"
+
+    @property
+    def nbytes(self) -> int:
+        return self.vectors.nbytes + self.row_ids.nbytes + self.scales.nbytes + self.error.nbytes
+
+    def scores(self, query: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """Approximate cosine similarities (sum_d code_d * scale_d * q_d), 65,536 rows at a time."""
+        scaled = (query * self.scales).astype(np.float32)
+        count = len(self.row_ids) if positions is None else len(positions)
+        out = np.empty(count, dtype=np.float32)
+        for start in range(0, count, 65_536):
+            at = slice(start, start + 65_536) if positions is None else positions[start:start + 65_536]
+            out[start:start + 65_536] = self.vectors[at].astype(np.float32) @ scaled
+        return out
+
+    def bound(self, query: np.ndarray) -> float:
+        """The most an approximate score of unit `query` can be off."""
+        return float(np.abs(query) @ self.error)
+
+    def top(self, query: np.ndarray, k: int, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        query = _unit_query(query)
+        if positions is None:
+            positions = np.arange(len(self.row_ids))
+        approx = self.scores(query, positions)
+        if len(positions) > k:
+            kth = float(np.partition(approx, len(approx) - k)[len(approx) - k])
+            near = np.flatnonzero(approx >= kth - 2 * self.bound(query))
+            if len(near) > self.RERANK_MAX:
+                near = near[np.argpartition(-approx[near], self.RERANK_MAX - 1)[:self.RERANK_MAX]]
+            positions = positions[near]
+        self.last_reranked = len(positions)
+        return _disk_top(self.store, query, self.row_ids[positions], k)
+
+
+class DiskVectors(MemoryVectors):
+    """No vectors in memory: the rows a query asks about are read from the table by row id and
+    scored in float32 (the tier below int8; the sketch narrows a query to ~1000 candidates)."""
+
+    def __init__(self, store, row_ids: np.ndarray):
+        self.store, self.version, self.row_ids = store, store.version, row_ids
+        self.vectors = np.zeros((0, store.config.embedding_dim), dtype=np.float32)
+
+    @property
+    def tier(self) -> str:
+        return "disk"
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_ids.nbytes
+
+    def scores(self, query: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        row_ids = self.row_ids if positions is None else self.row_ids[positions]
+        return unit_rows(self.store.vectors_by_row_id(row_ids)) @ query
+
+    def top(self, query: np.ndarray, k: int, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        row_ids = self.row_ids if positions is None else self.row_ids[positions]
+        return _disk_top(self.store, _unit_query(query), row_ids, k)
+
+
 class BinarySketch:
     """256 bits per row of a warm table version, ordered by acquisition date, to pick candidates
     fast; `MemoryVectors` then re-ranks them exactly.
@@ -124,14 +227,49 @@ class BinarySketch:
     THREAD_MIN_ROWS = 100_000  # below this, one thread: the pool costs more than it saves
 
     def __init__(self, vectors: MemoryVectors, filters: FilterColumns, bits: int = 256, seed: int = 0):
+        """The sketch of vectors held in memory (float32 or float16)."""
         started = time.perf_counter()
-        rows, dim = vectors.vectors.shape
-        self.bits = bits
+        rows = len(vectors.row_ids)
         rng = np.random.default_rng(seed)
-        sample = vectors.vectors[np.sort(rng.choice(rows, min(rows, self.SAMPLE_ROWS), replace=False))]
-        sample = sample.astype(np.float32)
+        sample = vectors.vectors[self.sample_positions(rows, rng)].astype(np.float32)
+        self._fit(sample, filters, bits, rng)
+        for start in range(0, rows, 65_536):
+            positions = self.order[start:start + 65_536]
+            self._put(np.arange(start, start + len(positions)), vectors.vectors[positions])
+        self.build_s = time.perf_counter() - started
+
+    @classmethod
+    def sample_positions(cls, rows: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions (row-id order) of the rows the projection is fitted on, ascending."""
+        return np.sort(rng.choice(rows, min(rows, cls.SAMPLE_ROWS), replace=False))
+
+    @classmethod
+    def streamed(cls, sample: np.ndarray, filters: FilterColumns, bits: int = 256,
+                 rng: np.random.Generator | None = None) -> BinarySketch:
+        """An empty sketch fitted on `sample` (unit float32 rows); `add` fills it batch by batch,
+        so the table's vectors never need to be in memory all at once. With the rng that drew
+        the sample, and the same sample, it equals the sketch of the vectors in memory."""
+        sketch = cls.__new__(cls)
+        sketch._started = time.perf_counter()
+        sketch._fit(sample.astype(np.float32), filters, bits, rng or np.random.default_rng(0))
+        sketch._rank = np.empty(len(sketch.order), dtype=np.int64)
+        sketch._rank[sketch.order] = np.arange(len(sketch.order))
+        return sketch
+
+    def add(self, positions: np.ndarray, block: np.ndarray) -> None:
+        """Codes of unit vectors `block` of the rows at `positions` (row-id order)."""
+        self._put(self._rank[positions], block)
+
+    def finish(self) -> BinarySketch:
+        del self._rank
+        self.build_s = time.perf_counter() - self._started
+        return self
+
+    def _fit(self, sample: np.ndarray, filters: FilterColumns, bits: int, rng: np.random.Generator) -> None:
+        dim = sample.shape[1]
+        self.bits = bits
         self.mean = sample.mean(axis=0)
-        sample -= self.mean
+        sample = sample - self.mean
         _, basis = np.linalg.eigh(sample.T @ sample)
         kept = min(dim, bits)
         principal = basis[:, ::-1][:, :kept]  # the `kept` directions of largest variance
@@ -142,19 +280,20 @@ class BinarySketch:
         self.projection = np.ascontiguousarray(principal @ mixing, dtype=np.float32)
         self.order = np.argsort(filters.acquired_us, kind="stable")
         self.filters = filters.reordered(self.order)
-        codes = np.empty((rows, bits // 8), dtype=np.uint8)
-        import torch
-
-        projection, mean = torch.from_numpy(self.projection), torch.from_numpy(self.mean)
-        for start in range(0, rows, 65_536):
-            positions = self.order[start:start + 65_536]
-            block = torch.from_numpy(vectors.vectors[positions]).float() - mean
-            codes[start:start + len(positions)] = np.packbits((block @ projection).numpy() > 0, axis=1)
-        words = codes.view(np.uint64)
-        self.words = [np.ascontiguousarray(words[:, w]) for w in range(words.shape[1])]
+        # One array per 64-bit word, written in place: no second full-size copy of the codes.
+        self.words = [np.empty(len(self.order), dtype=np.uint64) for _ in range(bits // 64)]
         self._threads = max(1, min(4, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self._threads)
-        self.build_s = time.perf_counter() - started
+
+    def _put(self, slots: np.ndarray, block: np.ndarray) -> None:
+        """Codes of unit vectors `block` into the sketch's (date-ordered) `slots`."""
+        import torch  # the warm path's only heavy import; float16 blocks convert fastest in torch
+
+        projected = (torch.from_numpy(np.ascontiguousarray(block)).float() - torch.from_numpy(self.mean)) \
+            @ torch.from_numpy(self.projection)
+        words = np.packbits(projected.numpy() > 0, axis=1).view(np.uint64)
+        for w, column in enumerate(self.words):
+            column[slots] = words[:, w]
 
     @property
     def nbytes(self) -> int:
@@ -221,6 +360,139 @@ class BinarySketch:
         return self.order[np.concatenate(picked)], matches, False
 
 
+#: Bytes a row of `FilterColumns` takes: row id, date, four bounds, cloud, nodata (8 each) and
+#: the source's dictionary code (4).
+FILTER_BYTES_PER_ROW = 68
+#: Bytes per row of each way of holding the vectors, per dimension and fixed (the row id).
+VECTOR_TIERS = (("float32", 4, 8), ("float16", 2, 8), ("int8", 1, 8))
+
+
+@dataclass(frozen=True)
+class WarmPlan:
+    """What a warmed searcher holds of a table under its memory budget, and why (`plan_warm`)."""
+
+    rows: int
+    dim: int
+    budget_bytes: int
+    tier: str
+    """float32, float16, int8 (re-ranking; the final top k from disk), disk (the sketch only; its
+    candidates re-ranked from disk) or none (no sketch: LanceDB's index re-ranks from disk)."""
+    sketch: bool
+    records: bool
+    """Whether the result columns are held (else each query reads its k rows from the table)."""
+    bytes: dict[str, int]
+    reason: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def describe(self) -> dict[str, Any]:
+        return {"tier": self.tier, "sketch": self.sketch, "records": self.records,
+                "budget_bytes": self.budget_bytes, "bytes": self.total_bytes, "parts": dict(self.bytes),
+                "why": self.reason}
+
+
+def sketch_bytes_per_row(bits: int) -> int:
+    """The sketch's bits, its date order (8) and its date-ordered copy of the filter columns."""
+    return bits // 8 + 8 + FILTER_BYTES_PER_ROW
+
+
+def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> WarmPlan:
+    """The best warm path within `policy.warm_cache_bytes`: the filter columns always (the cold
+    path holds them too); from `sketch_min_rows` rows the sketch; the vectors at the first tier
+    of float32 (also within `exact_cache_bytes`), float16, int8 that fits with them, else only
+    the sketch (candidates re-ranked from disk); then the result columns (`records_bytes`) when
+    they fit what is left. Sizes are the arrays' own (docs/sizing.md)."""
+    budget = policy.warm_cache_bytes
+    parts = {"filters": rows * FILTER_BYTES_PER_ROW}
+    wants_sketch = bool(policy.sketch_min_rows) and rows >= policy.sketch_min_rows
+    sketch = rows * sketch_bytes_per_row(policy.sketch_bits) + dim * policy.sketch_bits * 4 if wants_sketch else 0
+    left = budget - parts["filters"]
+    tier, reason = "none", ""
+    for name, per_dim, fixed in VECTOR_TIERS:
+        vectors = rows * (dim * per_dim + fixed) + (8 * dim if name == "int8" else 0)
+        if name == "float32" and rows * dim * 4 > policy.exact_cache_bytes:
+            continue
+        if vectors + sketch <= left:
+            tier = name
+            parts["vectors"] = vectors
+            break
+    if tier == "none" and wants_sketch and sketch + rows * 8 <= left:
+        tier, parts["vectors"] = "disk", rows * 8
+    if tier == "none":
+        reason = ("the filter columns alone exceed the budget" if left < 0 else
+                  "no vector tier fits the budget: LanceDB's index re-ranks from disk")
+        wants_sketch = False
+    elif tier == "disk":
+        reason = "even int8 vectors exceed the budget: the sketch's candidates are re-ranked from disk"
+    else:
+        reason = f"{tier} vectors are the most precise that fit the budget"
+        if tier == "float16" and rows * dim * 4 > policy.exact_cache_bytes:
+            reason = f"float32 vectors exceed exact_cache_bytes ({policy.exact_cache_bytes} B); float16 fit the budget"
+    if wants_sketch:
+        parts["sketch"] = sketch
+    left -= sum(v for k, v in parts.items() if k != "filters")
+    records = records_bytes <= left
+    if records:
+        parts["records"] = records_bytes
+    else:
+        reason += "; result columns read from disk per query (they do not fit what is left)"
+    return WarmPlan(rows, dim, budget, tier, wants_sketch, records, parts, reason)
+
+
+def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: IndexPolicy,
+                    seed: int = 0) -> tuple[MemoryVectors | None, BinarySketch | None]:
+    """The vectors at `plan.tier` and the sketch, in one pass over the table's batches: never
+    more than one batch of float32 beyond what is kept. The sketch's projection and the int8
+    scales are fitted on a sample read by row offsets first."""
+    if plan.tier == "none":
+        return None, None
+    rows, dim = len(filters), store.config.embedding_dim
+    rng = np.random.default_rng(seed)
+    sample = None
+    if plan.sketch or plan.tier == "int8":
+        sample = unit_rows(store.vectors_at_offsets(BinarySketch.sample_positions(rows, rng)))
+    sketch = BinarySketch.streamed(sample, filters, policy.sketch_bits, rng) if plan.sketch else None
+    held = scales = error = None
+    if plan.tier in ("float32", "float16"):
+        held = np.empty((rows, dim), dtype=plan.tier)
+    elif plan.tier == "int8":
+        held = np.empty((rows, dim), dtype=np.int8)
+        scales = np.maximum(np.abs(sample).max(axis=0), 1e-12) / 127
+        error = np.zeros(dim, dtype=np.float32)
+    seen = 0
+    for row_ids, block in store.vector_batches(32_768):
+        unit_rows(block)
+        positions = np.searchsorted(filters.row_ids, row_ids)
+        if (positions >= rows).any() or not np.array_equal(filters.row_ids[np.minimum(positions, rows - 1)], row_ids):
+            raise StoreError(f"table {store.table_name!r} changed while it was read; try again")
+        seen += len(row_ids)
+        if sketch is not None:
+            sketch.add(positions, block)
+        if plan.tier == "float32":
+            held[positions] = block
+        elif plan.tier == "float16":
+            import torch  # converts to float16 with the CPU's vector instructions
+
+            held[positions] = torch.from_numpy(block).half().numpy()
+        elif plan.tier == "int8":
+            codes = np.clip(np.rint(block / scales), -127, 127)
+            np.maximum(error, np.abs(block - codes * scales).max(axis=0, initial=0), out=error)
+            held[positions] = codes
+    if seen != rows:
+        raise StoreError(f"table {store.table_name!r} changed while it was read; try again")
+    if sketch is not None:
+        sketch.finish()
+    if plan.tier == "disk":
+        vectors: MemoryVectors = DiskVectors(store, filters.row_ids)
+    elif plan.tier == "int8":
+        vectors = Int8Vectors(store, filters.row_ids, held, scales, error)
+    else:
+        vectors = MemoryVectors.from_arrays(store.version, filters.row_ids, held)
+    return vectors, sketch
+
+
 @dataclass
 class WarmCache:
     """What a warmed searcher keeps of one table version (`VectorSearcher.warm_up`)."""
@@ -230,10 +502,12 @@ class WarmCache:
     """The warmed columns of every row, in row-id order (results are taken from here)."""
     filters: FilterColumns
     vectors: MemoryVectors | None
-    """None when the vectors exceed `IndexPolicy.warm_cache_bytes`."""
+    """At the tier of `plan` (float32, float16, int8, disk); None at tier none."""
     load_s: float
     sketch: BinarySketch | None = None
-    """Kept from `IndexPolicy.sketch_min_rows` rows on, when the vectors are in memory."""
+    """Kept from `IndexPolicy.sketch_min_rows` rows on, when it fits the budget."""
+    plan: WarmPlan | None = None
+    """What the budget allowed, and why."""
 
     @property
     def nbytes(self) -> int:
@@ -243,9 +517,11 @@ class WarmCache:
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "rows": self.records.num_rows, "load_s": round(self.load_s, 2),
                 "bytes": self.nbytes,
-                "vectors": None if self.vectors is None else str(self.vectors.vectors.dtype),
+                "vectors": None if self.vectors is None else self.vectors.tier,
+                "records": self.records.num_columns > 0,
                 "sketch": None if self.sketch is None else {"bits": self.sketch.bits,
-                                                            "build_s": round(self.sketch.build_s, 2)}}
+                                                            "build_s": round(self.sketch.build_s, 2)},
+                **({"plan": self.plan.describe()} if self.plan is not None else {})}
 
 
 class VectorSearcher:
@@ -345,26 +621,32 @@ class VectorSearcher:
                 self._warm = cache
                 self._filters = self._exact = None
 
+    def warm_plan(self, columns: Sequence[str] | None = None) -> WarmPlan:
+        """What `warm_up` would hold of the table now under the budget, without loading it: the
+        result columns' size is estimated from up to 1,000 rows read by offset."""
+        rows, dim = self.store.count(), self.store.config.embedding_dim
+        wanted = [c for c in (columns if columns is not None else self._warm_columns or ())
+                  if c not in FilterColumns.COLUMNS]
+        records_bytes = 0
+        if rows and wanted:
+            offsets = np.linspace(0, rows - 1, min(rows, 1000)).astype(np.int64)
+            sample = self.store.take_offsets(offsets, wanted)
+            records_bytes = int(sample.nbytes / max(1, sample.num_rows) * rows)
+        return plan_warm(rows, dim, records_bytes, self.policy)
+
     def _load_warm(self, version: int) -> WarmCache:
-        """Read the warm cache of the table (at `version`, its latest when asked)."""
+        """Read the warm cache of the table (at `version`, its latest when asked), within the
+        memory budget (`warm_plan`): the vectors are streamed batch by batch into the tier kept."""
         started = time.perf_counter()
         with one_math_thread() if self._warm_in_background else contextlib.nullcontext():
-            records = self.store.scan_with_row_ids(list(self._warm_columns or ()))
+            plan = self.warm_plan()
+            columns = list(self._warm_columns or ()) if plan.records else list(FilterColumns.COLUMNS)
+            records = self.store.scan_with_row_ids(columns)
             filters = FilterColumns(self.store, records)
-            dim = self.store.config.embedding_dim
-            rows = records.num_rows
-            dtype = (np.float32 if rows * dim * 4 <= self.policy.exact_cache_bytes
-                     else np.float16 if rows * dim * 2 <= self.policy.warm_cache_bytes else None)
-            vectors = MemoryVectors(self.store, dtype) if dtype is not None else None
-            if vectors is not None and not np.array_equal(vectors.row_ids, filters.row_ids):
-                raise StoreError(f"table {self.store.table_name!r} changed while it was read; try again")
-            sketch = None
-            if (vectors is not None and self.policy.sketch_min_rows
-                    and rows >= self.policy.sketch_min_rows):
-                sketch = BinarySketch(vectors, filters, self.policy.sketch_bits)
             # One chunk: `take` on a table of many chunks concatenates them first, every call.
-            records = records.drop_columns(["_rowid"]).combine_chunks()
-        return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch)
+            records = records.drop_columns(["_rowid"]).combine_chunks() if plan.records else records.select([])
+            vectors, sketch = _stream_vectors(self.store, filters, plan, self.policy)
+        return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan)
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
         version = self.store.version if version is None else version
@@ -459,7 +741,7 @@ class VectorSearcher:
         with self._lock:
             warm = self._warm
         if (plan.positions is None or warm is None or warm.version != plan.table_version
-                or warm.vectors is None):
+                or warm.vectors is None or warm.vectors.tier not in ("float32", "float16")):
             return None  # not a warm query, or the cache has moved on to a newer version
         return warm.vectors.vectors[plan.positions[np.asarray(rows, dtype=np.int64)]].astype(np.float32)
 

@@ -573,6 +573,20 @@ class ChipStore:
             row_ids, vectors = row_ids[order], vectors[order]
         return row_ids, vectors
 
+    def vector_batches(self, batch_rows: int = 32_768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(`_rowid`s, (n, D) float32 vectors) of every row, batch by batch, in scan order: the
+        warm path streams them into what it keeps instead of reading the whole matrix."""
+        reader = (self._table.search().select(["vector"]).with_row_id(True).limit(None)
+                  .to_batches(batch_size=batch_rows))
+        for batch in reader:
+            yield batch.column("_rowid").to_numpy(), self._vectors_of(pa.Table.from_batches([batch]))
+
+    def vectors_at_offsets(self, offsets: Sequence[int]) -> np.ndarray:
+        """(n, D) float32 vectors of the rows at scan `offsets` (a sample, without reading the rest)."""
+        if len(offsets) == 0:
+            return np.zeros((0, self.config.embedding_dim), np.float32)
+        return self._vectors_of(self.take_offsets([int(o) for o in offsets], ["vector"]))
+
     def vectors_by_row_id(self, row_ids: np.ndarray) -> np.ndarray:
         """(n, D) float32 vectors of `row_ids`, in that order."""
         if len(row_ids) == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -69,10 +70,13 @@ class IndexPolicy:
     1M rows), as long as that is at most this many; beyond, exact search (up to
     `scan_max_rows` rows) or LanceDB's prefiltered ANN search."""
     warm_cache_bytes: int = 2 << 30
-    """A warmed searcher (`VectorSearcher.warm_up`: the app, long-running services) keeps every
-    vector in memory for re-ranking and for exact search over filtered rows: float32 when they
-    fit `exact_cache_bytes`, else float16 when they fit this budget (a million 768-d vectors:
-    1.4 GiB). Beyond it, LanceDB re-ranks from disk (~20 ms more a query at a million rows)."""
+    """The memory budget of a warmed searcher (`VectorSearcher.warm_up`: the app, long-running
+    services; `--memory`): everything it holds, filter columns, sketch, vectors and result
+    columns together. Within it the vectors are kept for re-ranking and exact search over
+    filtered rows at the best tier that fits: float32 (also within `exact_cache_bytes`), float16,
+    int8 with per-dimension scales, or only the sketch, its candidates re-ranked from disk
+    (`chipscout.indexer.search.warm.plan_warm`; docs/sizing.md). A million 768-d rows as float16
+    with their result columns: 1.9 GiB."""
     warm_exact_max_matches: int = 20_000
     """`exact_max_matches` for a warmed searcher holding the vectors: exact search over this many
     in-memory rows costs about what an over-fetching ANN query does (BENCHMARKS.md (search))."""
@@ -102,6 +106,37 @@ class IndexPolicy:
 
 
 DEFAULT_POLICY = IndexPolicy()
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+               "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_memory(value: Any) -> int:
+    """Bytes of a memory budget: a whole number of bytes, or a number with a unit (`500MB`,
+    `2GiB`, `1.5G`; KB/MB/GB are powers of 1000, KiB/MiB/GiB and K/M/G powers of 1024)."""
+    if isinstance(value, bool):
+        raise StoreError(f"memory budget {value!r} is not a size; give bytes or e.g. 500MB, 2GiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", str(value))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise StoreError(f"memory budget {value!r} is not a size; give bytes or e.g. 500MB, 2GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise StoreError(f"memory budget {value!r} must be more than 0 bytes")
+    return size
+
+
+def with_memory(policy: IndexPolicy, memory: Any) -> IndexPolicy:
+    """`policy` under a memory budget (`parse_memory`; None: the policy as it is): the warm
+    path holds at most that much, and the cold path's float32 cache of a small table too."""
+    if memory is None:
+        return policy
+    budget = parse_memory(memory)
+    return replace(policy, warm_cache_bytes=budget, exact_cache_bytes=min(policy.exact_cache_bytes, budget))
 
 
 # ----------------------------------------------------------------------------- parameters
