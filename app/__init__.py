@@ -7,7 +7,7 @@ APP_SCRIPT = Path(__file__).resolve().with_name("main.py")
 
 
 def streamlit_command(db_uri: str, table: str, port: int, address: str = "127.0.0.1",
-                      *extra: str) -> list[str]:
+                      *extra: str, memory: str | None = None) -> list[str]:
     """The one command line that serves the app (`chipscout app`, `app/screenshot.py`, the browser
     tests and bench/app_latency.py all run this), so they all serve the same page."""
     return [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT),
@@ -15,4 +15,4 @@ def streamlit_command(db_uri: str, table: str, port: int, address: str = "127.0.
             "--browser.gatherUsageStats", "false",
             # A local tool: no "Deploy" button (the toolbar keeps only what the page sets).
             "--client.toolbarMode", "minimal",
-            *extra, "--", "--db", db_uri, "--table", table]
+            *extra, "--", "--db", db_uri, "--table", table, *(("--memory", memory) if memory else ())]

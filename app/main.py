@@ -44,6 +44,7 @@ def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--db", default=None)
     parser.add_argument("--table", default="chips")
+    parser.add_argument("--memory", default=None)  # the warm path's budget (`chipscout app --memory`)
     known, _ = parser.parse_known_args(sys.argv[1:])
     known.db = known.db or default_db_uri()
     return known
@@ -52,7 +53,7 @@ def _arguments() -> argparse.Namespace:
 # ----------------------------------------------------------------------------- cached search API calls
 @st.cache_resource(show_spinner="Loading the chip table into memory...")
 def search_engine(db_uri: str, table: str) -> SearchEngine:
-    engine = SearchEngine(db_uri, table)
+    engine = SearchEngine(db_uri, table, memory=_arguments().memory)
     engine.warm_up()  # an app answers many queries: keep what they read in memory
     return engine
 

@@ -23,7 +23,7 @@ from chipscout.indexer.cli.thumbnails import thumbnails_command
 from chipscout.indexer.cli.where import (CellOpt, HeatmapSourceOpt, PoolOpt, RankByCellOpt, WhereFormatOpt, WhereOpt,
                                          search_where_command, wanted)
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
-                                           JsonOption, KernelSizeOpt, KernelsOpt, PoolingOpt, SeedOpt,
+                                           JsonOption, KernelSizeOpt, MemoryOption, KernelsOpt, PoolingOpt, SeedOpt,
                                            StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
                                            report_summary, split, storage_options)
 from chipscout.indexer.errors import ChipscoutError
@@ -67,6 +67,7 @@ def search(
     table: TableOption = None,
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Find the chips most similar to CHIP_ID (or to the chip at --at LON,LAT; with --where: and where inside each one)."""
     from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
@@ -75,7 +76,7 @@ def search(
         raise ChipscoutError("give the example as a CHIP_ID or as --at LON,LAT, one of the two")
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
     spread = Spread(spread_km, per_cell) if spread_km else None
-    engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option))
+    engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option), memory=memory)
     if at is not None:
         chip_id = engine.chip_at(at).chip_id
     if wanted(where, rank_by_cell, cell):
@@ -105,6 +106,7 @@ def info(
     runs: Annotated[bool, typer.Option("--runs", help="List every run recorded for the table: indexing, restores, cleanups.")] = False,
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Describe a table: rows, encoder, bands, normalisation, versions, indexes, recent runs."""
     from dataclasses import asdict
@@ -122,6 +124,10 @@ def info(
         else:
             typer.echo(f"{uri}: {', '.join(names) if names else 'no tables'}")
         return
+    from chipscout.indexer.store.indexes import parse_memory
+
+    if memory is not None:
+        parse_memory(memory)  # a bad size fails before the table is opened
     store = ChipStore(uri, table, options)
     if runs:
         _show_runs(store, as_json)
@@ -132,7 +138,7 @@ def info(
     from chipscout.indexer.store.runlog import list_runs
     from chipscout.indexer.store.indexes import index_status
 
-    from chipscout.indexer.search import default_expansion
+    from chipscout.indexer.search import SearchEngine, default_expansion
 
     config = store.config
     recent = list_runs(store)
@@ -142,6 +148,7 @@ def info(
         "config": asdict(config), "default_expand": expand, "indexes": store.index_description(),
         "index": index_status(store),
         "runs_recorded": len(recent), "recent_runs": [r.to_dict() for r in recent[:3]],
+        "warm": SearchEngine(uri, table, storage_options=options, memory=memory).warm_plan(),
     }
     if as_json:
         print_json(payload)
@@ -164,12 +171,20 @@ def info(
     typer.echo(f"  written   by chipscout {config.chipscout_version}, created {config.created_at}")
     for line in _index_lines(payload["index"]):
         typer.echo(line)
+    warm = payload["warm"]
+    typer.echo(f"  warm      under {_size(warm['budget_bytes'])}: vectors {warm['tier']}, "
+               f"sketch {'yes' if warm['sketch'] else 'no'}, result columns {'held' if warm['records'] else 'from disk'}; "
+               f"{_size(warm['bytes'])} ({', '.join(f'{k} {_size(v)}' for k, v in warm['parts'].items())}); {warm['why']}")
     if recent:
         from chipscout.indexer.store.runlog import describe
 
         typer.echo(f"  runs      {len(recent)} recorded, latest first (all: --runs; versions: --versions)")
         for run in recent[:3]:
             typer.echo(f"    {describe(run)}")
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _index_lines(status: dict[str, Any]) -> list[str]:
@@ -422,7 +437,7 @@ def evaluate(
 
 # ----------------------------------------------------------------------------- app / demo
 def launch_app(db_uri: str, table: str, port: int, address: str,
-               storage_options: dict[str, str] | None = None) -> None:
+               storage_options: dict[str, str] | None = None, memory: str | None = None) -> None:
     import os
 
     from chipscout.indexer.store import STORAGE_OPTIONS_ENV
@@ -432,7 +447,7 @@ def launch_app(db_uri: str, table: str, port: int, address: str,
         env = {**os.environ, STORAGE_OPTIONS_ENV: json.dumps(storage_options)}
     from chipscout.app import streamlit_command
 
-    command = streamlit_command(db_uri, table, port, address)
+    command = streamlit_command(db_uri, table, port, address, memory=memory)
     typer.echo(f"chipscout app on http://{address}:{port}  (Ctrl+C to stop)")
     if os.name == "posix":
         # Become the server: a supervisor's SIGTERM (`docker stop`) or Ctrl+C then reaches Streamlit
@@ -454,9 +469,14 @@ def run_app(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
     address: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = "127.0.0.1",
     storage_option: StorageOption = None,
+    memory: MemoryOption = None,
 ) -> None:
     """Serve the Streamlit app over a chip table."""
-    launch_app(db_uri(db), table, port, address, storage_options(storage_option))
+    if memory is not None:
+        from chipscout.indexer.store.indexes import parse_memory
+
+        parse_memory(memory)  # one red line here, not a traceback in the browser
+    launch_app(db_uri(db), table, port, address, storage_options(storage_option), memory=memory)
 
 
 @app.command()

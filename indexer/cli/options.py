@@ -23,6 +23,7 @@ DbOption = Annotated[Optional[str], typer.Option("--db", help="LanceDB database 
 TableOption = Annotated[Optional[str], typer.Option("--table", help="Chip table name (default: the database's only chip table).")]
 #: The table an index run writes (created when missing).
 IndexTableOption = Annotated[str, typer.Option("--table", help="Chip table name (created when missing).")]
+MemoryOption = Annotated[Optional[str], typer.Option("--memory", help="Memory budget of the warm path (bytes, or e.g. 500MB, 2GiB; default 2GiB): vectors are held as float32, float16, int8 or only as a sketch to fit it (docs/sizing.md).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 StorageOption = Annotated[Optional[list[str]], typer.Option("--storage-option", help="Object-store option KEY=VALUE for --db s3://... (repeatable), e.g. aws_endpoint=http://127.0.0.1:9000, allow_http=true; credentials also come from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION.")]
 

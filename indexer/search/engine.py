@@ -28,7 +28,7 @@ from chipscout.indexer.search.planner import SearchPlan
 from chipscout.indexer.search.spread import Spread
 from chipscout.indexer.search.warm import VectorSearcher
 from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, unit_rows
-from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
+from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy, with_memory
 
 MAX_K = 10_000
 #: Overlap below this share of the query's area is rounding at shared edges, not overlap.
@@ -145,10 +145,14 @@ class SearchEngine:
     """Nearest-neighbour search over one chip table."""
 
     def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
-                 storage_options: dict[str, str] | None = None, index_policy: IndexPolicy | None = None):
+                 storage_options: dict[str, str] | None = None, index_policy: IndexPolicy | None = None,
+                 memory: int | str | None = None):
+        """`memory`: the warm path's budget in bytes, or a size such as `500MB`, `2GiB`
+        (`IndexPolicy.warm_cache_bytes`, 2 GiB by default; docs/sizing.md)."""
+        policy = with_memory(index_policy or DEFAULT_POLICY, memory)  # a bad size fails before opening
         self.store = ChipStore(db_uri, table_name, storage_options)
         self.store.ensure_exists()  # fail early, with the list of tables, when it is missing
-        self.searcher = VectorSearcher(self.store, index_policy or DEFAULT_POLICY)
+        self.searcher = VectorSearcher(self.store, policy)
 
     @property
     def config(self) -> IndexConfig:
@@ -160,10 +164,17 @@ class SearchEngine:
     def refresh(self) -> None:
         self.store.refresh()
 
+    def warm_plan(self) -> dict[str, Any]:
+        """What `warm_up` would hold under the memory budget, without loading anything: the
+        vector tier (float32, float16, int8, disk, none), whether the sketch and the result
+        columns are kept, the bytes of each part and why (`chipscout info`)."""
+        return self.searcher.warm_plan(METADATA_COLUMNS).describe()
+
     def warm_up(self, wait: bool = True) -> dict[str, Any]:
-        """Keep what queries read in memory (result and filter columns, the vectors within
-        `IndexPolicy.warm_cache_bytes`, and from `IndexPolicy.sketch_min_rows` rows a binary
-        sketch), for front ends that answer many queries: at a million rows a filtered query
+        """Keep what queries read in memory within the memory budget (`memory`,
+        `IndexPolicy.warm_cache_bytes`): filter columns, from `IndexPolicy.sketch_min_rows` rows a
+        binary sketch, the vectors at the best tier that fits and the result columns when they
+        fit (`plan` in the answer says what and why), for front ends that answer many queries: at a million rows a filtered query
         drops from ~40 ms to 5-10 ms (BENCHMARKS.md (search)), for ~20 s of loading and ~1.9 GiB.
         Reloaded after the table changes. Returns what was loaded.
 

@@ -441,6 +441,19 @@ def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> W
     return WarmPlan(rows, dim, budget, tier, wants_sketch, records, parts, reason)
 
 
+def int8_scales(sample: np.ndarray) -> np.ndarray:
+    """Per-dimension scales of `Int8Vectors`: max |x| of the sample's unit vectors / 127."""
+    return (np.maximum(np.abs(sample).max(axis=0), 1e-12) / 127).astype(np.float32)
+
+
+def quantize_int8(block: np.ndarray, scales: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """int8 codes of unit vectors `block`; `error` (per dimension) is raised in place to the
+    largest |x - scale * code| of the block (clipped rows included)."""
+    codes = np.clip(np.rint(block / scales), -127, 127)
+    np.maximum(error, np.abs(block - codes * scales).max(axis=0, initial=0), out=error)
+    return codes.astype(np.int8)
+
+
 def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: IndexPolicy,
                     seed: int = 0) -> tuple[MemoryVectors | None, BinarySketch | None]:
     """The vectors at `plan.tier` and the sketch, in one pass over the table's batches: never
@@ -459,7 +472,7 @@ def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: Index
         held = np.empty((rows, dim), dtype=plan.tier)
     elif plan.tier == "int8":
         held = np.empty((rows, dim), dtype=np.int8)
-        scales = np.maximum(np.abs(sample).max(axis=0), 1e-12) / 127
+        scales = int8_scales(sample)
         error = np.zeros(dim, dtype=np.float32)
     seen = 0
     for row_ids, block in store.vector_batches(32_768):
@@ -477,9 +490,7 @@ def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: Index
 
             held[positions] = torch.from_numpy(block).half().numpy()
         elif plan.tier == "int8":
-            codes = np.clip(np.rint(block / scales), -127, 127)
-            np.maximum(error, np.abs(block - codes * scales).max(axis=0, initial=0), out=error)
-            held[positions] = codes
+            held[positions] = quantize_int8(block, scales, error)
     if seen != rows:
         raise StoreError(f"table {store.table_name!r} changed while it was read; try again")
     if sketch is not None:
