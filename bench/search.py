@@ -11,6 +11,8 @@ its own (the parent holds the vectors for numpy and FAISS).
     python bench/search.py --rows 100000                         # one size, everything
     python bench/search.py --rows 100000 --rows 1000000 --json /tmp/bench/search.json
     python bench/search.py --rows 1000000 --reuse --skip faiss   # table already ingested
+    python bench/search.py --rows 10000000 --dim 64 --skip cold --memory 4GiB --memory 2GiB \
+        --faiss-index ivf                                        # warm under budgets (issue #22)
 
 Wall times on a shared machine swing with other jobs; process CPU time per query is steadier.
 """
@@ -107,12 +109,13 @@ def child(spec_path: str) -> None:
     spec = pickle.loads(Path(spec_path).read_bytes())
     queries, cases = spec["queries"], spec["cases"]
     rss_start = rss_bytes()
-    engine = SearchEngine(spec["db"], TABLE)
+    engine = SearchEngine(spec["db"], TABLE, memory=spec.get("memory"))
     out: dict = {"chipscout": {}, "lancedb_flat": {}}
     if spec["mode"] == "warm":
         with Clock() as warm:
             loaded = engine.warm_up()
-        out["warm_up"] = {"wall_s": warm.wall, "cpu_s": warm.cpu, **loaded, "rss_bytes": rss_bytes()}
+        out["warm_up"] = {"wall_s": warm.wall, "cpu_s": warm.cpu, **loaded, "rss_bytes": rss_bytes(),
+                          "peak_rss_bytes": peak_rss_bytes(), "rss_start_bytes": rss_start}
     for name, boxes in cases.items():
         filters = [SearchFilters.build(b["date_from"], b["date_to"], b["bbox"]) if b else None for b in boxes]
         first = Clock()
@@ -241,13 +244,28 @@ def run_size(args, rows: int) -> dict:
     print(f"[{rows}] numpy: { {n: round(s['p50_ms'], 1) for n, s in numpy_stats.items()} }", flush=True)
 
     # chipscout (default policy), cold with LanceDB flat, then warm; each in a fresh process.
-    for mode in ("cold", "warm"):
+    # With --memory: warm once per budget instead (figures under result["budgets"]).
+    modes = [("cold", None)] if "cold" not in args.skip else []
+    modes += [("warm", memory) for memory in args.memory] if args.memory else [("warm", None)]
+    for mode, memory in modes:
         with tempfile.TemporaryDirectory() as scratch:
             spec_path, out_path = Path(scratch) / "spec.pkl", Path(scratch) / "out.json"
             spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases, "mode": mode,
-                                                "flat_queries": args.flat_queries, "out": str(out_path)}))
+                                                "flat_queries": args.flat_queries, "out": str(out_path),
+                                                "memory": memory}))
             subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
             measured = json.loads(out_path.read_text())
+        if memory is not None:
+            for name, stats in measured["chipscout"].items():
+                found = stats.pop("ids")
+                stats["recall"] = recall(found, truth[name][:len(found)])
+            result.setdefault("budgets", {})[memory] = {"cases": measured["chipscout"],
+                                                        "warm_up": measured["warm_up"],
+                                                        "peak_rss_bytes": measured["chipscout_peak_rss_bytes"]}
+            summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in measured["chipscout"].items()}
+            print(f"[{rows}] warm under {memory} (p50 ms, recall): {summary}; warm-up {measured['warm_up']}",
+                  flush=True)
+            continue
         systems = {"chipscout": "chipscout", "lancedb_flat": "lancedb_flat"} if mode == "cold" else {
             "chipscout": "chipscout_warm"}
         for system, key in systems.items():
@@ -264,8 +282,91 @@ def run_size(args, rows: int) -> dict:
         print(f"[{rows}] {key} (p50 ms, recall): {summary}; warm-up {measured.get('warm_up')}", flush=True)
 
     if "faiss" not in args.skip:
-        result["faiss"] = run_faiss(args, vectors, queries, cases, footprints, order, truth)
+        run = run_faiss_ivf if args.faiss_index == "ivf" else run_faiss
+        result["faiss"] = run(args, vectors, queries, cases, footprints, order, truth)
     return result
+
+
+def run_faiss_ivf(args, vectors, queries, cases, footprints, order, truth) -> dict:
+    """FAISS IVF-Flat (inner product on the unit vectors), for sizes where HNSW's build is too
+    slow on 2 cores: k-means on a sample, every vector in its list; filters as an
+    IDSelectorBitmap inside the probed lists."""
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    rows, dim = vectors.shape
+    nlist = args.faiss_nlist
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = vectors[np.random.default_rng(0).choice(rows, min(rows, 64 * nlist), replace=False)]
+    with Clock() as build:
+        index.train(sample)
+        index.add(vectors)
+    out = {"index": f"IVF{nlist},Flat", "build_wall_s": build.wall, "build_cpu_s": build.cpu,
+           "memory_bytes": rows * (dim * 4 + 8) + nlist * dim * 4, "cases": {}}
+    print(f"[faiss] IVF{nlist} built in {build.wall:.1f} s", flush=True)
+    for name, boxes in cases.items():
+        sweep = []
+        bitmaps = [None if not box else np.packbits(
+            footprints.matches(box["date_from"], box["date_to"], box["bbox"]), bitorder="little")
+            for box in boxes]
+        for nprobe in args.faiss_nprobe:
+            walls, cpus, found = [], [], []
+            for q, bitmap in zip(queries, bitmaps):
+                params = faiss.SearchParametersIVF(nprobe=nprobe)
+                if bitmap is not None:
+                    params.sel = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
+                with Clock() as c:
+                    _, ids = index.search(q[None, :], K, params=params)
+                walls.append(c.wall), cpus.append(c.cpu)
+                found.append(order[ids[0][ids[0] >= 0]].tolist())
+            sweep.append({"nprobe": nprobe, "recall": recall(found, truth[name]), **latency_summary(walls, cpus)})
+        out["cases"][name] = sweep
+        print(f"[faiss] {name}: {[(s['nprobe'], round(s['recall'], 3), round(s['p50_ms'], 2)) for s in sweep]}",
+              flush=True)
+    del index
+    return out
+
+
+def budget_markdown(result: dict) -> str:
+    """The warm runs under each --memory budget, with numpy and FAISS beside them."""
+    lines = [f"### {result['rows']:,} rows x {result['dim']}-d, {result['queries']} queries, k = {K}, "
+             f"warm under a memory budget", ""]
+    if result.get("ingest"):
+        ingest = result["ingest"]
+        lines.append(f"- ingest (ChipStore.upsert, {ingest['commits']} commits): {ingest['rows_per_s']:,.0f} rows/s")
+    lines.append(f"- on disk: {result['disk_bytes'] / 2**30:.2f} GiB; numpy vectors "
+                 f"{result['numpy']['memory_bytes'] / 2**30:.2f} GiB")
+    for memory, run in result["budgets"].items():
+        warm = run["warm_up"]
+        plan = warm.get("plan", {})
+        lines.append(f"- `--memory {memory}`: tier {warm['vectors']}, sketch {'yes' if warm['sketch'] else 'no'}, "
+                     f"result columns {'held' if warm.get('records') else 'from disk'}; holds "
+                     f"{warm['bytes'] / 2**30:.2f} GiB of {plan.get('budget_bytes', 0) / 2**30:.2f} GiB; warm-up "
+                     f"{warm['wall_s']:.0f} s wall ({warm['cpu_s']:.0f} s CPU); process VmHWM after warm-up "
+                     f"{warm['peak_rss_bytes'] / 2**30:.2f} GiB ({warm['rss_start_bytes'] / 2**30:.2f} GiB before "
+                     f"it), after all queries {run['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if "faiss" in result:
+        lines.append(f"- FAISS {result['faiss']['index']}: built in {result['faiss']['build_wall_s']:.0f} s wall, "
+                     f"{result['faiss']['memory_bytes'] / 2**30:.2f} GiB")
+    lines += ["", "| filter (rows kept) | system | recall@10 | p50 ms | p95 ms | CPU p50 ms | how |",
+              "|---|---|---|---|---|---|---|"]
+    for name, share in result["selectivity"].items():
+        label = "none" if name == "none" else f"{name} ({share:.1%})"
+        for memory, run in result["budgets"].items():
+            c = run["cases"][name]
+            how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
+            lines.append(f"| {label} | chipscout warm, --memory {memory} ({run['warm_up']['vectors']}) | "
+                         f"{c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {how} |")
+            label = ""
+        n = result["numpy"]["cases"][name]
+        lines.append(f"| | numpy brute force | 1.000 | {n['p50_ms']:.1f} | {n['p95_ms']:.1f} | {n['cpu_p50_ms']:.1f} | |")
+        if "faiss" in result:
+            for s in result["faiss"]["cases"][name]:
+                key = "nprobe" if "nprobe" in s else "efSearch"
+                lines.append(f"| | FAISS {result['faiss'].get('index', 'HNSW')} {key}={s[key]} | {s['recall']:.3f} | "
+                             f"{s['p50_ms']:.2f} | {s['p95_ms']:.2f} | {s['cpu_p50_ms']:.2f} | |")
+    return "\n".join(lines)
 
 
 def run_faiss(args, vectors, queries, cases, footprints, order, truth) -> dict:
@@ -397,7 +498,12 @@ def main() -> None:
     parser.add_argument("--faiss-m", type=int, default=16)
     parser.add_argument("--faiss-ef-construction", type=int, default=40)
     parser.add_argument("--faiss-ef", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["faiss", "cold"])
+    parser.add_argument("--memory", action="append",
+                        help="warm under this budget (repeatable, e.g. 4GiB); replaces the default warm run")
+    parser.add_argument("--faiss-index", choices=["hnsw", "ivf"], default="hnsw")
+    parser.add_argument("--faiss-nlist", type=int, default=4096)
+    parser.add_argument("--faiss-nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load", choices=["idle", "background"], default="idle",
                         help="background: the whole run with one busy-loop process per core beside it")
@@ -413,7 +519,7 @@ def main() -> None:
     for rows in args.rows or [100_000]:
         with (background_load() if args.load == "background" else contextlib.nullcontext()):
             results.append(run_size(args, rows))
-        print(markdown(results[-1]), flush=True)
+        print(budget_markdown(results[-1]) if "budgets" in results[-1] else markdown(results[-1]), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"started": started, "args": vars(args), "results": results},
