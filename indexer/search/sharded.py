@@ -76,6 +76,10 @@ class Shard:
     def nbytes(self) -> int:
         return self.vectors.nbytes + self.records.nbytes + self.filters.nbytes
 
+    def __sizeof__(self) -> int:
+        # What Dask weighs a shard by (`dask.sizeof`): moving one to another worker is not free.
+        return self.nbytes
+
     def nearest(self, vector: np.ndarray, k: int, row_filter: SearchFilters | None) -> ShardAnswer:
         """The k rows of this shard nearest `vector` that `row_filter` allows, by exact search
         (the same float32 product and tie rule as a single process's `MemoryVectors`)."""
