@@ -9,6 +9,7 @@ query gets the same answer or a one-line error, never a silently short list.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class ShardAnswer:
     distances: np.ndarray
     records: pa.Table
     """The shard's warm columns of `row_ids`, in that order."""
+    search_ms: float = 0.0
+    """The shard's own time on the query (a query's wall time less the slowest shard's is the
+    cost of scattering and gathering)."""
 
 
 class Shard:
@@ -83,6 +87,7 @@ class Shard:
     def nearest(self, vector: np.ndarray, k: int, row_filter: SearchFilters | None) -> ShardAnswer:
         """The k rows of this shard nearest `vector` that `row_filter` allows, by exact search
         (the same float32 product and tie rule as a single process's `MemoryVectors`)."""
+        started = time.perf_counter()
         with one_math_thread():
             positions = None if row_filter is None else np.flatnonzero(self.filters.mask(row_filter))
             matches = len(self.row_ids) if positions is None else len(positions)
@@ -92,7 +97,8 @@ class Shard:
             row_ids, distances = _top(self.vectors[positions] @ query, self.row_ids[positions], k)
         at, _ = self.filters.positions(row_ids)
         return ShardAnswer(self.version, self.fragments, matches, row_ids, distances,
-                           self.records.take(pa.array(at, pa.int64())))
+                           self.records.take(pa.array(at, pa.int64())),
+                           (time.perf_counter() - started) * 1000)
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,8 @@ class ShardedSearcher:
         self.client = client
         self.columns = tuple(c for c in columns if c != "_distance")
         self._shards: ShardSet | None = None
+        self.last_shard_ms: list[float] = []
+        """Each shard's own time on the last query (`bench/sharded.py` reads it)."""
 
     def _shard_set(self, version: int) -> ShardSet:
         if self._shards is not None and self._shards.version == version:
@@ -234,6 +242,7 @@ class ShardedSearcher:
             self._raise(err)
         row_ids, distances, records, matches = merge_answers(
             answers, k, version, shard_set.fragments, self.store.table_name)
+        self.last_shard_ms = [a.search_ms for a in answers]
         wanted = [c for c in columns if c != "_distance"]
         if any(c not in records.column_names for c in wanted):
             rows = self.store.take_rows(row_ids, distances, columns)
