@@ -89,12 +89,14 @@ class Shard:
         (the same float32 product and tie rule as a single process's `MemoryVectors`)."""
         started = time.perf_counter()
         with one_math_thread():
-            positions = None if row_filter is None else np.flatnonzero(self.filters.mask(row_filter))
-            matches = len(self.row_ids) if positions is None else len(positions)
-            if positions is None:
-                positions = np.arange(len(self.row_ids))
             query = _unit_query(vector)
-            row_ids, distances = _top(self.vectors[positions] @ query, self.row_ids[positions], k)
+            if row_filter is None:  # every row: no copy of the shard's vectors
+                matches = len(self.row_ids)
+                row_ids, distances = _top(self.vectors @ query, self.row_ids, k)
+            else:
+                positions = np.flatnonzero(self.filters.mask(row_filter))
+                matches = len(positions)
+                row_ids, distances = _top(self.vectors[positions] @ query, self.row_ids[positions], k)
         at, _ = self.filters.positions(row_ids)
         return ShardAnswer(self.version, self.fragments, matches, row_ids, distances,
                            self.records.take(pa.array(at, pa.int64())),
