@@ -3,8 +3,8 @@ the workers, each worker holds its shard warm, and a query scatters to every sha
 the exact top k; query expansion and spreading then run on the merged list, in the engine.
 
 A shard is a Dask future pinned to a worker (`workers=[...]`, other workers allowed): when its
-worker dies, the scheduler loads it again on another one and reruns the query's task, so a
-query gets the same answer or a one-line error, never a silently short list.
+worker dies, the scheduler loads it again on another one, and the query sends that shard's task
+there, so a query gets the same answer or a one-line error, never a silently short list.
 """
 
 from __future__ import annotations
@@ -156,11 +156,13 @@ class ShardSet:
     version: int
     fragments: tuple[int, ...]
     shards: tuple[Any, ...]
-    workers: tuple[str, ...]
+    holders: list[str]
+    """The worker each shard lives on (updated when Dask has loaded one again elsewhere)."""
 
     def describe(self, client) -> dict[str, Any]:
-        sizes = client.gather([client.submit(_shard_size, s, pure=False) for s in self.shards])
-        return {"version": self.version, "shards": len(self.shards), "workers": len(set(self.workers)),
+        sizes = client.gather([client.submit(_shard_size, s, workers=[h], allow_other_workers=True, pure=False)
+                               for s, h in zip(self.shards, self.holders)])
+        return {"version": self.version, "shards": len(self.shards), "workers": len(set(self.holders)),
                 "fragments": len(self.fragments), "rows": sum(s["rows"] for s in sizes),
                 "bytes": sum(s["bytes"] for s in sizes), "vectors": "float32"}
 
@@ -170,6 +172,13 @@ class ShardedSearcher:
     query to every shard (one small task each, run where the shard lives) and merges their exact
     top k. Shards are loaded on the first query or `warm_up`, and again after the store's
     version changes (`SearchEngine.refresh`)."""
+
+    CHECK_S = 1.0
+    """How long a query waits before it checks that its shards still live where it sent its tasks."""
+    MAX_MOVES = 3
+    """Rounds of lost shards one query survives."""
+    RELOAD_S = 600.0
+    """How long a query waits for Dask to load a lost shard again."""
 
     def __init__(self, store: ChipStore, client, columns: Sequence[str]):
         self.store = store
@@ -200,8 +209,9 @@ class ShardedSearcher:
         for shard in shards:
             if shard.status == "error":
                 self._raise(shard.exception())
-        self._shards = ShardSet(version, tuple(f for f, _ in fragments), shards,
-                                tuple(workers[:len(shards)]))
+        where = self.client.who_has(list(shards))
+        holders = [(where.get(shard.key) or [worker])[0] for shard, worker in zip(shards, workers)]
+        self._shards = ShardSet(version, tuple(f for f, _ in fragments), shards, holders)
         return self._shards
 
     def _raise(self, err: BaseException) -> None:
@@ -231,10 +241,8 @@ class ShardedSearcher:
         if not shard_set.shards:  # a table without rows
             return (self.store.take_rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns),
                     SearchPlan(SHARDED_METHOD, None if filters is None else 0, table_version=version))
-        tasks = [self.client.submit(_shard_nearest, shard, vector, k, filters, pure=False)
-                 for shard in shard_set.shards]
         try:
-            answers = self.client.gather(tasks)
+            answers = self._answers(shard_set, vector, k, filters)
         except KilledWorker as err:
             raise ClusterError(f"Dask workers kept dying while answering a query of table "
                                f"{self.store.table_name!r} ({err}); the query was not answered") from None
@@ -253,6 +261,61 @@ class ShardedSearcher:
             rows = rows.select(columns) if "_distance" in columns else rows
         plan = SearchPlan(SHARDED_METHOD, None if filters is None else matches, table_version=version)
         return rows, plan
+
+    def _answers(self, shard_set: ShardSet, vector: np.ndarray, k: int,
+                 row_filter: SearchFilters | None) -> list[ShardAnswer]:
+        """Every shard's answer: one task per shard, pinned to the worker holding it. Pinned
+        strictly: Dask's work stealing moves a loosely pinned task to an idle worker, which then
+        copies the whole shard (measured: concurrent queries left every shard on two workers).
+        So the query itself watches for lost shards: every `CHECK_S` while it waits, it asks where
+        its shards are; a shard gone from its worker (the worker died) is loaded again by Dask on
+        another one, and its task is sent there."""
+        from distributed import TimeoutError as DaskTimeout
+        from distributed import wait
+
+        client = self.client
+
+        def ask(i: int):
+            return client.submit(_shard_nearest, shard_set.shards[i], vector, k, row_filter,
+                                 workers=[shard_set.holders[i]], allow_other_workers=False, pure=False)
+
+        tasks = [ask(i) for i in range(len(shard_set.shards))]
+        moves = 0
+        while True:
+            try:
+                wait(tasks, timeout=self.CHECK_S)
+                return client.gather(tasks)
+            except DaskTimeout:
+                pass
+            where = client.who_has(list(shard_set.shards))
+            lost = [i for i, task in enumerate(tasks) if not task.done()
+                    and shard_set.holders[i] not in (where.get(shard_set.shards[i].key) or ())]
+            if not lost:
+                continue
+            moves += 1
+            if moves > self.MAX_MOVES:
+                raise ClusterError(f"the shards of table {self.store.table_name!r} kept being lost with their "
+                                   f"workers ({moves - 1} times during one query); the query was not answered")
+            for i in lost:
+                tasks[i].cancel()
+                shard_set.holders[i] = self._new_holder(shard_set.shards[i])
+                tasks[i] = ask(i)
+
+    def _new_holder(self, shard) -> str:
+        """The worker a lost shard lives on once Dask has loaded it again."""
+        from distributed import wait
+
+        deadline = time.monotonic() + self.RELOAD_S
+        while time.monotonic() < deadline:
+            wait(shard)
+            if shard.status == "error":
+                self._raise(shard.exception())
+            holders = self.client.who_has([shard]).get(shard.key)
+            if holders:
+                return holders[0]
+            time.sleep(0.05)
+        raise ClusterError(f"a lost shard of table {self.store.table_name!r} was not loaded again within "
+                           f"{self.RELOAD_S:.0f} s; the query was not answered")
 
     def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
         """None: query expansion reads the few vectors it folds in from the table."""

@@ -169,17 +169,17 @@ def test_a_table_in_the_bucket_is_searched_on_a_cluster(s3):
     from tests.synthetic import SyntheticChips, bench_config
 
     db = f"s3://{BUCKET}/sharded"
-    generator = SyntheticChips(600, 8, seed=1)
+    generator = SyntheticChips(400, 8, seed=1)
     store = ChipStore(db, "chips", s3.options())
     store.create(bench_config(8), encode_state({}), keep_state=False)
     for batch, _ in generator.batches(200):
         store.upsert(batch)
-    assert len(store.fragment_rows()) == 3
+    assert len(store.fragment_rows()) == 2
     alone = SearchEngine(db, "chips", storage_options=s3.options())
     since = SearchFilters.build("2023-06-01", None, None, None, None, False)
     with SearchEngine(db, "chips", storage_options=s3.options(), cluster="local:2") as sharded:
         assert sharded.warm_up()["shards"] == 2
-        for vector in generator.queries(2):
+        for vector in generator.queries(1):
             for filters in (None, since):
                 got, expected = (e.similar_to_vector(vector, 5, filters) for e in (sharded, alone))
                 assert got.method == "exact-sharded"
