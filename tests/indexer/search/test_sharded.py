@@ -175,6 +175,6 @@ def test_a_worker_killed_while_a_query_waits_on_it_gives_the_same_answer(cluster
         got = answer(sharded.similar_to_vector(vector, 10))
         killer.join()
         del blocker
-        assert killed, "the query's task never waited on the victim"
+        assert killed, f"the query's task never waited on the victim {victim}: {client.processing()}"
         assert got == expected  # the lost shard was loaded again elsewhere and asked again
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
