@@ -23,8 +23,9 @@ from chipscout.indexer.cli.thumbnails import thumbnails_command
 from chipscout.indexer.cli.where import (CellOpt, HeatmapSourceOpt, PoolOpt, RankByCellOpt, WhereFormatOpt, WhereOpt,
                                          search_where_command, wanted)
 from chipscout.indexer.cli.options import (BandStatsOpt, BiasOpt, CheckpointOpt, DbOption, EncoderOpt, FeaturesOpt,
-                                           JsonOption, KernelSizeOpt, MemoryOption, KernelsOpt, PoolingOpt, SeedOpt,
-                                           StorageOption, TableOption, IndexTableOption, db_uri, default_table, encoder_choice, print_json,
+                                           JsonOption, KernelSizeOpt, KernelsOpt, MemoryOption, PoolingOpt, SeedOpt,
+                                           SearchClusterOption, SearchSchedulerOption, StorageOption, TableOption,
+                                           IndexTableOption, db_uri, default_table, encoder_choice, print_json,
                                            report_summary, split, storage_options)
 from chipscout.indexer.errors import ChipscoutError
 
@@ -68,6 +69,8 @@ def search(
     as_json: JsonOption = False,
     storage_option: StorageOption = None,
     memory: MemoryOption = None,
+    cluster: SearchClusterOption = None,
+    scheduler: SearchSchedulerOption = None,
 ) -> None:
     """Find the chips most similar to CHIP_ID (or to the chip at --at LON,LAT; with --where: and where inside each one)."""
     from chipscout.indexer.search import SearchEngine, SearchFilters, Spread
@@ -76,15 +79,16 @@ def search(
         raise ChipscoutError("give the example as a CHIP_ID or as --at LON,LAT, one of the two")
     filters = SearchFilters.build(date_from, date_to, bbox, max_cloud, max_nodata, exclude_overlapping)
     spread = Spread(spread_km, per_cell) if spread_km else None
-    engine = SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option), memory=memory)
-    if at is not None:
-        chip_id = engine.chip_at(at).chip_id
-    if wanted(where, rank_by_cell, cell):
-        search_where_command(engine, chip_id, k, filters, expand, spread, where=where, where_format=where_format,
-                             heatmap_source=heatmap_source, rank_by_cell=rank_by_cell, pool=pool, cell=cell,
-                             as_json=as_json)
-        return
-    response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
+    with SearchEngine(db_uri(db), table, storage_options=storage_options(storage_option),
+                      cluster=cluster, scheduler=scheduler, memory=memory) as engine:
+        if at is not None:
+            chip_id = engine.chip_at(at).chip_id
+        if wanted(where, rank_by_cell, cell):
+            search_where_command(engine, chip_id, k, filters, expand, spread, where=where, where_format=where_format,
+                                 heatmap_source=heatmap_source, rank_by_cell=rank_by_cell, pool=pool, cell=cell,
+                                 as_json=as_json)
+            return
+        response = engine.similar_to_chip(chip_id, k, filters, expand=expand, spread=spread)
     if as_json:
         print_json(response.to_dict())
         return

@@ -92,6 +92,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (d
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
 ClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Index on a Dask cluster of worker processes on this machine: local (one per core) or local:N.")]
 SchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Index on a running Dask cluster: its scheduler, tcp://HOST:PORT.")]
+SearchClusterOption = Annotated[Optional[str], typer.Option("--cluster", help="Search on a Dask cluster of worker processes on this machine (local or local:N), the table's fragments split among them.")]
+SearchSchedulerOption = Annotated[Optional[str], typer.Option("--scheduler", help="Search on a running Dask cluster (its scheduler, tcp://HOST:PORT), the table's fragments split among its workers.")]
 
 
 def db_uri(db: str | None) -> str:

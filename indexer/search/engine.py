@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from chipscout.indexer.sensors import ProductNote, product_note
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
 from chipscout.indexer.search.filters import SearchFilters
 from chipscout.indexer.search.planner import SearchPlan
+from chipscout.indexer.search.sharded import ShardedSearcher
 from chipscout.indexer.search.spread import Spread
 from chipscout.indexer.search.warm import VectorSearcher
 from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, unit_rows
@@ -102,7 +104,8 @@ class SearchResponse:
     filters: SearchFilters = field(default_factory=SearchFilters)
     method: str = "exact"
     """How the results were found (`chipscout.indexer.search.planner.SearchPlan.method`): `exact`,
-    `exact-scan`, `ann`, `ann-postfilter` or `ann-prefilter`; `+expanded:m` after query expansion."""
+    `exact-scan`, `ann`, `ann-postfilter`, `ann-prefilter`, `sketch` or `exact-sharded` (on a Dask
+    cluster); `+expanded:m` after query expansion."""
     expansion: int = 0
     """Results folded into the query by query expansion (0: none)."""
 
@@ -146,13 +149,34 @@ class SearchEngine:
 
     def __init__(self, db_uri: str, table_name: str = DEFAULT_TABLE,
                  storage_options: dict[str, str] | None = None, index_policy: IndexPolicy | None = None,
-                 memory: int | str | None = None):
-        """`memory`: the warm path's budget in bytes, or a size such as `500MB`, `2GiB`
+                 memory: int | str | None = None, cluster: str | None = None, scheduler: str | None = None):
+        """`cluster` (`local` or `local:N` worker processes on this machine) or `scheduler`
+        (`tcp://HOST:PORT` of a running Dask cluster): search on a cluster, the table's fragments
+        split among its workers (`chipscout.indexer.search.sharded`); `close()` lets it go.
+        `memory`: the warm path's budget in bytes, or a size such as `500MB`, `2GiB`
         (`IndexPolicy.warm_cache_bytes`, 2 GiB by default; docs/sizing.md)."""
         policy = with_memory(index_policy or DEFAULT_POLICY, memory)  # a bad size fails before opening
         self.store = ChipStore(db_uri, table_name, storage_options)
         self.store.ensure_exists()  # fail early, with the list of tables, when it is missing
-        self.searcher = VectorSearcher(self.store, policy)
+        self._cluster = ExitStack()
+        self.searcher: VectorSearcher | ShardedSearcher
+        if cluster or scheduler:
+            from chipscout.indexer.ingest.cluster import dask_client  # here: Dask and torch only for a cluster
+
+            client = self._cluster.enter_context(dask_client(cluster, scheduler))
+            self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS)
+        else:
+            self.searcher = VectorSearcher(self.store, policy)
+
+    def close(self) -> None:
+        """Let go of the Dask cluster of a sharded engine (a `local` one is shut down)."""
+        self._cluster.close()
+
+    def __enter__(self) -> SearchEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def config(self) -> IndexConfig:
@@ -167,7 +191,10 @@ class SearchEngine:
     def warm_plan(self) -> dict[str, Any]:
         """What `warm_up` would hold under the memory budget, without loading anything: the
         vector tier (float32, float16, int8, disk, none), whether the sketch and the result
-        columns are kept, the bytes of each part and why (`chipscout info`)."""
+        columns are kept, the bytes of each part and why (`chipscout info`). A sharded engine:
+        what its shards hold."""
+        if isinstance(self.searcher, ShardedSearcher):
+            return self.searcher.describe()
         return self.searcher.warm_plan(METADATA_COLUMNS).describe()
 
     def warm_up(self, wait: bool = True) -> dict[str, Any]:

@@ -415,6 +415,39 @@ class ChipStore:
         self._table.checkout_latest()
         return int(dataset.version)
 
+    # Sharded reads (chipscout.indexer.search.sharded): each Dask worker holds some fragments of one version.
+    def _dataset_at(self, version: int):
+        import lance
+
+        try:
+            return lance.dataset(self.lance_uri, version=version, storage_options=self.storage_options)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise StoreError(f"cannot open version {version} of table {self.table_name!r} in {self.db_uri}: "
+                             f"{storage_error_message(err)}") from err
+
+    def fragment_rows(self) -> list[tuple[int, int]]:
+        """(fragment id, live rows) of every data fragment of this store's version."""
+        return [(fragment.fragment_id, fragment.count_rows())
+                for fragment in self._dataset_at(self.version).get_fragments()]
+
+    def read_fragments(self, fragment_ids: Sequence[int], columns: Sequence[str], version: int) -> pa.Table:
+        """`columns` and `_rowid` of the live rows of fragments `fragment_ids` of table version
+        `version`, in row-id order (a row id is its fragment id << 32 | offset, as in every read)."""
+        dataset = self._dataset_at(version)
+        try:
+            fragments = [dataset.get_fragment(int(f)) for f in fragment_ids]
+            if any(f is None for f in fragments):
+                raise StoreError(f"table {self.table_name!r} has no fragment among {list(fragment_ids)} "
+                                 f"at version {version}")
+            rows = dataset.scanner(columns=list(columns), fragments=fragments, with_row_id=True).to_table()
+        except (OSError, ValueError, RuntimeError) as err:
+            raise StoreError(f"cannot read fragments {list(fragment_ids)} of {self.table_name!r} in "
+                             f"{self.db_uri}: {storage_error_message(err)}") from err
+        import pyarrow.compute as pc
+
+        order = pc.sort_indices(rows["_rowid"])
+        return rows if _is_identity(order) else rows.take(order)
+
     def upsert_patches(self, rows: pa.Table) -> None:
         """Per-patch vectors (chip_id, patch_row, patch_col, vector) in `<table>__patches`."""
         if rows.num_rows == 0:

@@ -162,6 +162,31 @@ def test_cli_indexes_on_a_cluster_straight_into_the_bucket(s3, single_table, sma
     assert rows["footprint"].to_pylist() == expected["footprint"].to_pylist()
 
 
+def test_a_table_in_the_bucket_is_searched_on_a_cluster(s3):
+    """Sharded search (issue 22): the workers read their fragments from the bucket themselves."""
+    from chipscout.indexer.ingest.fitted_state import encode_state
+    from chipscout.indexer.search import SearchFilters
+    from tests.synthetic import SyntheticChips, bench_config
+
+    db = f"s3://{BUCKET}/sharded"
+    generator = SyntheticChips(400, 8, seed=1)
+    store = ChipStore(db, "chips", s3.options())
+    store.create(bench_config(8), encode_state({}), keep_state=False)
+    for batch, _ in generator.batches(200):
+        store.upsert(batch)
+    assert len(store.fragment_rows()) == 2
+    alone = SearchEngine(db, "chips", storage_options=s3.options())
+    since = SearchFilters.build("2023-06-01", None, None, None, None, False)
+    with SearchEngine(db, "chips", storage_options=s3.options(), cluster="local:2") as sharded:
+        assert sharded.warm_up()["shards"] == 2
+        for vector in generator.queries(1):
+            for filters in (None, since):
+                got, expected = (e.similar_to_vector(vector, 5, filters) for e in (sharded, alone))
+                assert got.method == "exact-sharded"
+                assert ([(r.chip.chip_id, r.distance) for r in got.results]
+                        == [(r.chip.chip_id, r.distance) for r in expected.results])
+
+
 def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table, small_cog, chipscout,
                                                                monkeypatch):
     db = single_table[0]
