@@ -240,11 +240,12 @@ class FilterColumns:
         """Which rows of positions start..stop `filters` allows, every test run over contiguous
         slices of the columns (no gathering); `dates=False` skips the date test (the window is
         already a date range of date-ordered columns)."""
-        keep = np.ones(stop - start, dtype=bool)
+        keep = None  # the first test's own array, then and-ed in place: no pass to fill ones
         with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
             for test in self._tests(filters, dates):
-                keep &= test(slice(start, stop))
-        return keep
+                kept = test(slice(start, stop))
+                keep = kept if keep is None else np.logical_and(keep, kept, out=keep)
+        return np.ones(stop - start, dtype=bool) if keep is None else keep
 
     def date_window(self, filters: SearchFilters) -> tuple[int, int]:
         """(start, stop) of the rows within `filters`' date range; valid on date-ordered columns only."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from lancedb.table import LanceTable
 
-from chipscout.indexer.search import SearchEngine
-from tests.indexer.grouped_tables import GROUPS, POLICY, _grouped_vectors, _rows, _truth, _write
+from chipscout.indexer.search import SearchEngine, SearchFilters
+from tests.indexer.grouped_tables import DIM, GROUPS, POLICY, _grouped_vectors, _keep, _rows, _truth, _write
 
 SKETCH_POLICY = replace(POLICY, sketch_min_rows=1000, sketch_candidates=40)
 
@@ -40,3 +40,50 @@ def test_a_warm_query_reads_the_table_version_once_and_never_a_stale_one_after_r
     response = engine.similar_to_vector(centres[late_group], k=10)
     assert response.table_version == store.version
     assert [r.chip.chip_id for r in response.results] == _truth(vectors, rows, centres[late_group], 10)
+
+
+def _reference_candidates(sketch, query: np.ndarray, keep: np.ndarray, count: int) -> np.ndarray:
+    """The single-stage scan the two-stage one replaced: all bits of every allowed row, then at
+    least `count` nearest by Hamming distance (ties included); positions in row order."""
+    code = sketch._code(query / np.linalg.norm(query))
+    distances = sum(np.bitwise_count(np.bitwise_xor(column, word)).astype(np.int64)
+                    for word, column in zip(code, sketch.words))
+    allowed = keep[sketch.order]  # sketch order is date order
+    cutoff = np.sort(distances[allowed])[min(count, allowed.sum()) - 1]
+    return np.sort(sketch.order[allowed & (distances <= cutoff)])
+
+
+@pytest.mark.parametrize("filters", [None, SearchFilters.build(date_from="2023-03-01", date_to="2024-09-30"),
+                                     SearchFilters.build(max_cloud_fraction=0.7, bbox=(0, 40, 15, 50))],
+                         ids=["none", "dates", "cloud and area"])
+def test_the_two_stage_sketch_scan_answers_as_the_single_stage_scan(tmp_path, filters):
+    """On overlapping clusters (no easy groups), the two-stage scan (128 bits for every allowed
+    row, then all 256 for the nearest ~32 x count) keeps only allowed rows and returns the same
+    top 10 as re-ranking the single-stage scan's candidates."""
+    rng = np.random.default_rng(3)
+    latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
+    vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
+    rows = _rows(vectors.astype(np.float32), seed=3)
+    _write(str(tmp_path / "db"), "blurred", rows)
+    engine = SearchEngine(str(tmp_path / "db"), "blurred", index_policy=SKETCH_POLICY)
+    engine.warm_up()
+    warm = engine.searcher._warm
+    keep = np.ones(rows.num_rows, dtype=bool) if filters is None else _keep(rows, filters)
+    assert keep.sum() > 1280  # more allowed rows than the first stage keeps for count 40
+    same = 0
+    for i in rng.choice(4000, 20, replace=False):
+        query = vectors[i] + 0.3 * rng.standard_normal(DIM)
+        positions, matches, exact = warm.sketch.search(query, filters, 40, 80)
+        assert not exact and matches == (None if filters is None else keep.sum())
+        assert len(positions) >= 40 and keep[positions].all() and len(set(positions)) == len(positions)
+        reference = _reference_candidates(warm.sketch, query, keep, 40)
+        new_ids, _ = warm.vectors.top(query, 10, np.sort(positions))
+        old_ids, _ = warm.vectors.top(query, 10, reference)
+        same += list(new_ids) == list(old_ids)
+        # The engine asks the sketch for max(sketch_candidates, 20 k) = 200 and re-ranks them.
+        response = engine.similar_to_vector(query, k=10, filters=filters)
+        engine_ids, _ = warm.vectors.top(query, 10, warm.sketch.search(query, filters, 200, 400)[0])
+        found, _ = warm.filters.positions(engine_ids)  # row ids -> rows, written in this order
+        assert response.method == "sketch"
+        assert [r.chip.chip_id for r in response.results] == [rows["chip_id"][int(p)].as_py() for p in found]
+    assert same >= 19
