@@ -114,8 +114,9 @@ class BinarySketch:
     distance between two rows then tracks the angle between them (SimHash on a PCA basis; RaBitQ
     and the 1-bit codes of Earth Index and TerraBit are the same idea). A query scores every
     allowed row: the rows of its date range are contiguous here, so the area, cloud and source
-    tests and the distances run over plain array slices (numpy, split across threads), and the
-    ~1000 nearest by Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
+    tests and the distances run over plain array slices (numpy, split across threads). The
+    first 128 bits rank them all, the ~32 x 1000 nearest by those are scored on all 256, and
+    the ~1000 nearest by that Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
     walk, no allowed row is skipped because of where it sits, so filters cost no recall; at a
     million 768-d rows the true top 10 is among those candidates 99 % of the time or more
     (BENCHMARKS.md (search))."""
