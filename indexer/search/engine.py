@@ -158,7 +158,10 @@ class SearchEngine:
         return self.store.count()
 
     def refresh(self) -> None:
+        """See commits made by other writers since this engine was opened (the next query reads
+        the new version)."""
         self.store.refresh()
+        self.searcher.forget_version()
 
     def warm_up(self, wait: bool = True) -> dict[str, Any]:
         """Keep what queries read in memory (result and filter columns, the vectors within

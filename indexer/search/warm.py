@@ -323,6 +323,8 @@ class VectorSearcher:
     Caches are per table version (`refresh` a store to see new commits). Thread-safe.
     Measured choices and their numbers: BENCHMARKS.md (search)."""
 
+    VERSION_CHECK_S = 0.5
+
     def __init__(self, store, policy: IndexPolicy = DEFAULT_POLICY):
         self.store = store
         self.policy = policy
@@ -336,13 +338,38 @@ class VectorSearcher:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="warm-up")
         self._loading: Future | None = None
         self._loading_version: int | None = None
+        self._version_seen: tuple[int, float] | None = None  # (version, when read)
+        self._version_generation = 0
+
+    def current_version(self) -> int:
+        """The store's table version, read from LanceDB at most every `VERSION_CHECK_S` (and
+        at once after `forget_version`, which `SearchEngine.refresh` calls).
+
+        Each read is a round trip to LanceDB's event loop: ~0.2 ms quiet, 1-8 ms on two busy
+        cores, where it was the largest single cost of a warm query. LanceDB's table handle
+        only moves to a new version when told to (`refresh`) or when it writes itself, so the
+        interval bounds only how long a write through this very store goes unseen."""
+        now = time.monotonic()
+        with self._lock:
+            seen, generation = self._version_seen, self._version_generation
+        if seen is not None and now - seen[1] < self.VERSION_CHECK_S:
+            return seen[0]
+        version = self.store.version
+        with self._lock:
+            if generation == self._version_generation:  # no refresh meanwhile
+                self._version_seen = (version, now)
+        return version
+
+    def forget_version(self) -> None:
+        """Read the version again at the next query (after `store.refresh`)."""
+        with self._lock:
+            self._version_seen = None
+            self._version_generation += 1
 
     def state(self, version: int | None = None) -> TableState:
-        """What the planner knows of the table at `version` (None: the store's current version,
-        read from LanceDB), with its config; built once per version."""
-        # Each `table.version` is a round trip to LanceDB's event loop (~0.2 ms quiet, ~6 ms on
-        # busy cores): a query reads it once (`SearchEngine` through here) and hands it on.
-        version = self.store.version if version is None else version
+        """What the planner knows of the table at `version` (None: `current_version`), with its
+        config; built once per version. A query reads the version once and hands it on."""
+        version = self.current_version() if version is None else version
         with self._lock:
             if self._state is None or self._state.version != version:
                 self._state = TableState(self.store, self.policy)
@@ -503,7 +530,7 @@ class VectorSearcher:
         re-ranks that query's candidates instead of scanning the sketch again, when they are
         enough for k. `version`: the table version the caller read for this query (`state`);
         None: read it here."""
-        version = self.store.version if version is None else version
+        version = self.current_version() if version is None else version
         if filters is not None and not filters.selects_rows:
             filters = None
         where = filters.where_clause() if filters is not None else None

@@ -22,7 +22,8 @@ def version_reads(monkeypatch):
     return reads
 
 
-def test_a_warm_query_reads_the_table_version_once_and_never_a_stale_one_after_refresh(tmp_path, version_reads):
+def test_a_warm_query_reads_the_table_version_once_and_never_a_stale_one_after_refresh(
+        tmp_path, version_reads, monkeypatch):
     db = str(tmp_path / "db")
     centres, vectors = _grouped_vectors(seed=5)
     rows = _rows(vectors, seed=5)
@@ -30,10 +31,17 @@ def test_a_warm_query_reads_the_table_version_once_and_never_a_stale_one_after_r
     engine = SearchEngine(db, "growing", index_policy=SKETCH_POLICY)
     engine.warm_up()
     engine.similar_to_vector(centres[0], k=10)  # the table state of this version, built once
+    monkeypatch.setattr(engine.searcher, "VERSION_CHECK_S", 0.0)  # read at every query
     for expand in (0, 3):  # query expansion searches twice, on the version read once
         version_reads.clear()
         response = engine.similar_to_vector(centres[1], k=10, expand=expand)
         assert response.method.startswith("sketch") and len(version_reads) == 1
+    monkeypatch.setattr(engine.searcher, "VERSION_CHECK_S", 60.0)  # queries within it read none
+    engine.similar_to_vector(centres[1], k=10)
+    version_reads.clear()
+    for query in centres[2:7]:
+        engine.similar_to_vector(query, k=10)
+    assert version_reads == []
     late_group = GROUPS - 1  # its rows arrive in the second write
     store.upsert(rows.slice(2000))
     engine.refresh()
