@@ -122,7 +122,9 @@ class BinarySketch:
     (BENCHMARKS.md (search))."""
 
     SAMPLE_ROWS = 50_000
-    THREAD_MIN_ROWS = 100_000  # below this, one thread: the pool costs more than it saves
+    # Below this many rows in the date window, one thread: the first stage costs ~0.3 ms per
+    # 100,000 rows on one core, and on two busy cores a hand-off to the pool cost 1-3 ms (issue 21).
+    THREAD_MIN_ROWS = 500_000
     # The two-stage scan's knobs, measured at 1M x 768-d (BENCHMARKS.md, issue 21): 64 first
     # bits lost recall (0.954 unfiltered, keeping 32 x; 0.976 keeping 96 x); 128 bits keeping
     # 32 x count give the single-stage scan's recall (0.989-0.999 at every filter) for ~40 %
@@ -262,9 +264,8 @@ class BinarySketch:
             rows = np.flatnonzero(near <= cut)
             return a + rows, self._distances(code, a + rows, near[rows])
 
-        while True:
-            kept = self._map(lambda i, cut: second(chunks[i][0], scored[i][1], cut),
-                             [(i, first_cut) for i in range(len(chunks))])
+        while True:  # on the calling thread: a few tens of thousands of rows, not worth a hand-off
+            kept = [second(a, near, first_cut) for (a, _), (_, near, _) in zip(chunks, scored)]
             distances = np.concatenate([d for _, d in kept])
             # Too few near rows by the first bits (a sample's error): widen the cut.
             if len(distances) >= count or first_cut >= self.FIRST_BITS:
