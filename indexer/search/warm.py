@@ -177,10 +177,14 @@ class BinarySketch:
     def _code(self, query: np.ndarray) -> np.ndarray:
         return np.packbits(((query - self.mean) @ self.projection) > 0).view(np.uint64)
 
+    @property
+    def _first_bits(self) -> int:
+        return min(self.FIRST_BITS, self.bits)  # a 64-bit sketch has one stage's worth
+
     def _first_distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
         """Hamming distances (uint8) of rows start..stop to `code` on the first `FIRST_BITS`,
         in blocks that keep the scratch in the core's cache: one pass over those columns."""
-        words = self.FIRST_BITS // 64
+        words = self._first_bits // 64
         near = np.empty(stop - start, dtype=np.uint8)
         scratch = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint64)
         counts = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint8)
@@ -200,7 +204,7 @@ class BinarySketch:
         """Hamming distances (uint16) over every bit of the rows at `rows` (sketch positions),
         whose first word's distances are `near`."""
         distances = near.astype(np.uint16)
-        first = self.FIRST_BITS // 64
+        first = self._first_bits // 64
         for word, column in zip(code[first:], self.words[first:]):
             distances += np.bitwise_count(np.bitwise_xor(column[rows], word))
         return distances
@@ -222,11 +226,11 @@ class BinarySketch:
         all come back; more are narrowed down to at least `count` nearest `query` by Hamming
         distance (ties included).
 
-        Two stages, so that the pass over every allowed row reads 8 of the 32 bytes a row has:
-        the first 64 bits rank every allowed row (its date window cut into one chunk per
-        thread, each tested and scored in one task), the ~`FIRST_STAGE` x `count` nearest by
-        them are scored on all bits, and the `count` nearest of those are returned. The bits
-        are mixed by a random rotation, so the first 64 are a fair sample of all of them."""
+        Two stages, so that the pass over every allowed row reads 16 of the 32 bytes a row has:
+        the first `FIRST_BITS` rank every allowed row (its date window cut into one chunk per
+        thread when long, each tested and scored in one task), the ~`FIRST_STAGE` x `count`
+        nearest by them are scored on all bits, and the `count` nearest of those are returned.
+        The bits are mixed by a random rotation, so the first ones are a fair sample of all."""
         if row_filter is None:
             start, stop = 0, len(self.order)
         else:
@@ -254,9 +258,10 @@ class BinarySketch:
             return self.order[np.concatenate(picked)], matches, True
         # The first stage keeps the rows within the distance that ~FIRST_STAGE x count sampled
         # rows reach (all allowed rows when they are few).
-        sampled = np.cumsum(np.sum([h for _, _, h in scored], axis=0)[:self.FIRST_BITS + 1])
+        first_bits = self._first_bits
+        sampled = np.cumsum(np.sum([h for _, _, h in scored], axis=0)[:first_bits + 1])
         keep = max(self.FIRST_STAGE * count, 1) / self.SAMPLE_STRIDE
-        first_cut = min(int(np.searchsorted(sampled, keep)), self.FIRST_BITS)
+        first_cut = min(int(np.searchsorted(sampled, keep)), first_bits)
 
         def second(a: int, near: np.ndarray | None, cut: int) -> tuple[np.ndarray, np.ndarray]:
             if near is None:
@@ -268,9 +273,9 @@ class BinarySketch:
             kept = [second(a, near, first_cut) for (a, _), (_, near, _) in zip(chunks, scored)]
             distances = np.concatenate([d for _, d in kept])
             # Too few near rows by the first bits (a sample's error): widen the cut.
-            if len(distances) >= count or first_cut >= self.FIRST_BITS:
+            if len(distances) >= count or first_cut >= first_bits:
                 break
-            first_cut = min(self.FIRST_BITS, first_cut + 4)
+            first_cut = min(first_bits, first_cut + 4)
         rows = np.concatenate([r for r, _ in kept])
         histogram = np.bincount(distances, minlength=self.bits + 1)
         cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all kept

@@ -95,3 +95,17 @@ def test_the_two_stage_sketch_scan_answers_as_the_single_stage_scan(tmp_path, fi
         assert response.method == "sketch"
         assert [r.chip.chip_id for r in response.results] == [rows["chip_id"][int(p)].as_py() for p in found]
     assert same >= 19
+
+
+def test_a_64_bit_sketch_scans_in_one_stage(tmp_path):
+    """A sketch narrower than the first stage's 128 bits still answers (its one word is both)."""
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((3000, DIM)).astype(np.float32)
+    rows = _rows(vectors, seed=4)
+    _write(str(tmp_path / "db"), "narrow", rows)
+    engine = SearchEngine(str(tmp_path / "db"), "narrow", index_policy=replace(SKETCH_POLICY, sketch_bits=64))
+    assert engine.warm_up()["sketch"]["bits"] == 64
+    positions, matches, exact = engine.searcher._warm.sketch.search(vectors[0], None, 40, 0)
+    assert not exact and matches is None and len(positions) >= 40
+    response = engine.similar_to_vector(vectors[0], k=5)
+    assert response.method == "sketch" and response.results[0].chip.chip_id == rows["chip_id"][0].as_py()
