@@ -25,7 +25,7 @@ from chipscout.indexer.geo import BBox, BBoxLike, parse_place  # noqa: F401  (BB
 from chipscout.indexer.sensors import ProductNote, product_note
 from chipscout.indexer.search.expansion import default_expansion, expand_query, validate_expand, whole_number
 from chipscout.indexer.search.filters import SearchFilters
-from chipscout.indexer.search.planner import SearchPlan
+from chipscout.indexer.search.planner import SearchPlan, TableState
 from chipscout.indexer.search.sharded import ShardedSearcher
 from chipscout.indexer.search.spread import Spread
 from chipscout.indexer.search.warm import VectorSearcher
@@ -186,7 +186,10 @@ class SearchEngine:
         return self.store.count()
 
     def refresh(self) -> None:
+        """See commits made by other writers since this engine was opened (the next query reads
+        the new version)."""
         self.store.refresh()
+        self.searcher.forget_version()
 
     def warm_plan(self) -> dict[str, Any]:
         """What `warm_up` would hold under the memory budget, without loading anything: the
@@ -319,8 +322,7 @@ class SearchEngine:
         """The query expansion a search gets when it passes `expand=None`: the table's encoder
         family's measured default (`DEFAULT_EXPANSION`; 5 for RCF tables with a vector transform,
         else 0)."""
-        config = self.config
-        return default_expansion(config.encoder, bool(config.transform))
+        return _default_expand(self.config)
 
     def similar_to_chip(self, chip_id: str, k: int = 10, filters: SearchFilters | None = None,
                         expand: int | None = None, spread: Spread | None = None) -> SearchResponse:
@@ -331,10 +333,11 @@ class SearchEngine:
         None: `default_expand`; 0: the plain nearest neighbours of the chip. `spread`: at most
         `spread.per_cell` results per grid cell of `spread.cell_km` (`chipscout.indexer.search.spread`)."""
         filters = _checked_filters(filters)
-        expand = self._resolved_expand(expand)
+        state = self.searcher.state()  # the one read of the table version this query makes
+        expand = self._resolved_expand(expand, state)
         query = self.get_chip(chip_id)
         vector = self.get_vector(chip_id)
-        return self._spread_search(vector, k, filters, query, (), expand, spread)
+        return self._spread_search(vector, k, filters, query, (), expand, spread, state.version)
 
     def similar_to_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10,
                           filters: SearchFilters | None = None, exclude_ids: Sequence[str] = (),
@@ -342,32 +345,36 @@ class SearchEngine:
         """The k chips nearest `vector` (any length; its direction counts) that `filters` allow,
         leaving out `exclude_ids`; `expand` and `spread` as in `similar_to_chip`, so a stored
         chip's vector finds what its id finds."""
-        unit = _unit_query_vector(vector, self.config.embedding_dim)
+        # The table version is read once per query (a round trip to LanceDB's event loop, ~0.2 ms
+        # quiet and several ms on a busy machine) and handed down; the config comes with it.
+        state = self.searcher.state()
+        unit = _unit_query_vector(vector, state.config.embedding_dim)
         filters = _checked_filters(filters)
         if filters.exclude_overlapping:
             raise QueryError("exclude_overlapping needs a query chip; search by chip id instead")
         if isinstance(exclude_ids, (str, bytes)) or not isinstance(exclude_ids, (Sequence, set, frozenset)):
             raise QueryError(f"ids to exclude must be a list of chip ids, got {exclude_ids!r}")
-        expand = self._resolved_expand(expand)
+        expand = self._resolved_expand(expand, state)
         return self._spread_search(unit, k, filters, None, [validate_chip_id(c) for c in exclude_ids],
-                                   expand, spread)
+                                   expand, spread, state.version)
 
-    def _resolved_expand(self, expand: Any) -> int:
-        return self.default_expand if expand is None else validate_expand(expand)
+    def _resolved_expand(self, expand: Any, state: TableState) -> int:
+        return _default_expand(state.config) if expand is None else validate_expand(expand)
 
     def _spread_search(self, vector: np.ndarray, k: int, filters: SearchFilters, query: ChipRecord | None,
-                       exclude_ids: Sequence[str], expand: int, spread: Spread | None) -> SearchResponse:
+                       exclude_ids: Sequence[str], expand: int, spread: Spread | None,
+                       version: int) -> SearchResponse:
         """`_expanded_search`, spread when asked: more neighbours than k are searched for (growing
         fourfold) until k survive the spreading or the table runs out; elapsed_ms sums every round."""
         if spread is None:
-            return self._expanded_search(vector, k, filters, query, exclude_ids, expand)
+            return self._expanded_search(vector, k, filters, query, exclude_ids, expand, version)
         if not isinstance(spread, Spread):
             raise QueryError(f"spread must be a Spread(cell_km, per_cell), got {type(spread).__name__}")
         k = validate_k(k)
         fetch = min(max(4 * k, k + 16), MAX_K)
         elapsed_ms = 0.0
         while True:
-            response = self._expanded_search(vector, fetch, filters, query, exclude_ids, expand)
+            response = self._expanded_search(vector, fetch, filters, query, exclude_ids, expand, version)
             elapsed_ms += response.elapsed_ms
             kept = spread.apply(response.results)
             if len(kept) >= k or len(response.results) < fetch or fetch >= MAX_K:
@@ -377,12 +384,12 @@ class SearchEngine:
 
     def _expanded_search(self, vector: np.ndarray, k: int, filters: SearchFilters,
                          query: ChipRecord | None, exclude_ids: Sequence[str],
-                         expand: int) -> SearchResponse:
+                         expand: int, version: int) -> SearchResponse:
         if expand == 0:
-            return self._search(vector, k, filters, query, exclude_ids)[0]
+            return self._search(vector, k, filters, query, version, exclude_ids)[0]
         k = validate_k(k)
         started = time.perf_counter()
-        first, plan, kept_rows = self._search(vector, expand, filters, query, exclude_ids)
+        first, plan, kept_rows = self._search(vector, expand, filters, query, version, exclude_ids)
         ids = [r.chip.chip_id for r in first.results]
         similarity = np.array([r.similarity for r in first.results])
         # A warm searcher has the vectors in memory; else read them (those the table compares).
@@ -396,13 +403,13 @@ class SearchEngine:
         # The expanded query lies among the first one's neighbours: a warm sketch re-ranks the
         # first search's candidates rather than scanning again (BENCHMARKS.md (search)): at 1M
         # rows unfiltered ~2 ms instead of ~8, recall 0.977 against exact expansion (0.990).
-        second = self._search(vector, k, filters, query, exclude_ids, near=plan)[0]
+        second = self._search(vector, k, filters, query, version, exclude_ids, near=plan)[0]
         return replace(second, elapsed_ms=(time.perf_counter() - started) * 1000,
                        used_index=first.used_index or second.used_index,
                        method=f"{second.method}+expanded:{len(ids)}", expansion=len(ids))
 
     def _search(self, vector: np.ndarray, k: int, filters: SearchFilters, query: ChipRecord | None,
-                exclude_ids: Sequence[str] = (), near: SearchPlan | None = None
+                version: int, exclude_ids: Sequence[str] = (), near: SearchPlan | None = None
                 ) -> tuple[SearchResponse, SearchPlan, list[int]]:
         """The response, the plan of its last `nearest` call, and which rows of that call's
         table the results are (in order)."""
@@ -413,10 +420,10 @@ class SearchEngine:
         excluded = set(exclude_ids) | ({query.chip_id} if query else set())
         overlap_with = query.footprint if (query and filters.exclude_overlapping) else None
         fetch = (k if overlap_with is None else k * 2 + 16) + len(excluded)
-        used_index, methods, version = False, [], None
+        used_index, methods = False, []
         while True:
-            rows, plan = self.searcher.nearest(vector, fetch, filters, METADATA_COLUMNS + ["_distance"], near)
-            version = plan.table_version
+            rows, plan = self.searcher.nearest(vector, fetch, filters, METADATA_COLUMNS + ["_distance"], near,
+                                               version=version)
             used_index = used_index or plan.used_index
             methods.append(plan.method)
             records = _records(rows)
@@ -449,6 +456,10 @@ class SearchEngine:
     def version(self) -> int:
         """The version of the table this engine searches (a cache key: it changes with every commit)."""
         return self.store.version
+
+
+def _default_expand(config: IndexConfig) -> int:
+    return default_expansion(config.encoder, bool(config.transform))
 
 
 def _unit_query_vector(vector: Sequence[float] | np.ndarray, dim: int) -> np.ndarray:

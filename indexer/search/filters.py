@@ -8,6 +8,7 @@ User text never becomes query syntax: values reach SQL only through `sql_literal
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from chipscout.indexer.chips import is_chip_id
-from chipscout.indexer.errors import QueryError
+from chipscout.indexer.errors import QueryError, StoreError
 from chipscout.indexer.geo import BBox, BBoxLike, as_utc, finite_number, parse_bbox
 from chipscout.indexer.store import sql_literal
 
@@ -163,21 +164,56 @@ class FilterColumns:
     SAMPLE_STRIDE = 16
 
     def __init__(self, store, table: pa.Table | None = None):
-        """From `table` (these columns and `_rowid`, in row-id order) when given, else scanned."""
+        """From `table` (these columns and `_rowid`, in row-id order) when given, else read from
+        `store` (at this version) column by column as filters first need them: a cold searcher's
+        one-shot date+area query reads 5 numeric columns, not the source ids' strings too."""
         self.version = store.version
-        if table is None:
-            table = store.scan_with_row_ids(list(self.COLUMNS))
-        self.row_ids = table["_rowid"].to_numpy()
-        self.acquired_us = table["acquired"].cast(pa.int64()).fill_null(_NO_TIME).to_numpy()
-        self.bounds = {c: table[c].cast(pa.float64()).fill_null(np.nan).to_numpy()
-                       for c in ("min_lon", "min_lat", "max_lon", "max_lat")}
-        self.cloud = table["cloud_fraction"].cast(pa.float64()).fill_null(np.nan).to_numpy()
-        self.nodata = table["nodata_fraction"].cast(pa.float64()).fill_null(np.nan).to_numpy()
-        sources = table["source_id"].combine_chunks().dictionary_encode()
-        self.source_names = sources.dictionary.to_pylist()
-        self.source_codes = sources.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+        self._store = store if table is None else None
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()
+        self.row_ids: np.ndarray = np.zeros(0, np.uint64)
+        self.acquired_us = self.cloud = self.nodata = self.source_codes = np.zeros(0)
+        self.bounds: dict[str, np.ndarray] = {}
+        self.source_names: list[str] = []
+        if table is not None:
+            self._take(table, self.COLUMNS)
+
+    def _take(self, table: pa.Table, names: Sequence[str]) -> None:
+        """Keep columns `names` of `table` (with `_rowid`, in row-id order)."""
+        row_ids = table["_rowid"].to_numpy()
+        if self._loaded and not np.array_equal(row_ids, self.row_ids):
+            raise StoreError("the table changed while its filter columns were read; try again")
+        self.row_ids = row_ids
+        for name in names:
+            if name == "acquired":
+                self.acquired_us = table[name].cast(pa.int64()).fill_null(_NO_TIME).to_numpy()
+            elif name == "source_id":
+                sources = table[name].combine_chunks().dictionary_encode()
+                self.source_names = sources.dictionary.to_pylist()
+                self.source_codes = sources.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+            else:
+                values = table[name].cast(pa.float64()).fill_null(np.nan).to_numpy()
+                if name == "cloud_fraction":
+                    self.cloud = values
+                elif name == "nodata_fraction":
+                    self.nodata = values
+                else:
+                    self.bounds[name] = values
+        self._loaded.update(names)
+
+    def _need(self, names: Sequence[str]) -> None:
+        """Read columns `names` (at least one column, for the row ids) unless already here."""
+        if self._store is None or (self._loaded and self._loaded.issuperset(names)):
+            return
+        with self._lock:
+            missing = [n for n in dict.fromkeys(names or ["acquired"]) if n not in self._loaded]
+            if missing:
+                if self._store.version != self.version:
+                    raise StoreError("the table changed while its filter columns were read; try again")
+                self._take(self._store.scan_with_row_ids(missing), missing)
 
     def __len__(self) -> int:
+        self._need(())
         return len(self.row_ids)
 
     @property
@@ -204,6 +240,7 @@ class FilterColumns:
 
     def _tests(self, filters: SearchFilters, dates: bool = True) -> list[RowTest]:
         """One test per group of terms (its columns gathered once), the most selective first."""
+        self._need([term.column for _, terms in filters.terms() for term in terms])
         tests = []
         for name, terms in filters.terms():
             if name == "date":
@@ -220,9 +257,9 @@ class FilterColumns:
         """Which rows `filters` allows: every row, or the rows at `positions` (in that order).
         The date test runs first and the others only on the rows it kept: a filter's later
         tests cost what its date window leaves, not a million comparisons each."""
+        tests = self._tests(filters)  # first: reads the columns it needs (and the row ids with them)
         at = np.arange(*positions.indices(len(self))) if isinstance(positions, slice) else positions
         count = len(self) if at is None else len(at)
-        tests = self._tests(filters)
         if not tests:
             return np.ones(count, dtype=bool)
         survivors = at  # positions still in (None: all rows)
@@ -240,15 +277,17 @@ class FilterColumns:
         """Which rows of positions start..stop `filters` allows, every test run over contiguous
         slices of the columns (no gathering); `dates=False` skips the date test (the window is
         already a date range of date-ordered columns)."""
-        keep = np.ones(stop - start, dtype=bool)
+        keep = None  # the first test's own array, then and-ed in place: no pass to fill ones
         with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
             for test in self._tests(filters, dates):
-                keep &= test(slice(start, stop))
-        return keep
+                kept = test(slice(start, stop))
+                keep = kept if keep is None else np.logical_and(keep, kept, out=keep)
+        return np.ones(stop - start, dtype=bool) if keep is None else keep
 
     def date_window(self, filters: SearchFilters) -> tuple[int, int]:
         """(start, stop) of the rows within `filters`' date range; valid on date-ordered columns only."""
         dates = _date_range_us(filters)
+        self._need(["acquired"])
         if dates is None:
             return 0, len(self)
         start = int(np.searchsorted(self.acquired_us, dates[0], "left"))
@@ -257,7 +296,9 @@ class FilterColumns:
 
     def reordered(self, order: np.ndarray) -> FilterColumns:
         """The same columns with rows in `order` (positions of these)."""
+        self._need(self.COLUMNS)
         copy = object.__new__(FilterColumns)
+        copy._store, copy._lock, copy._loaded = None, threading.Lock(), set(self._loaded)
         copy.version, copy.source_names = self.version, self.source_names
         copy.row_ids, copy.acquired_us = self.row_ids[order], self.acquired_us[order]
         copy.bounds = {c: a[order] for c, a in self.bounds.items()}
@@ -273,6 +314,7 @@ class FilterColumns:
     def positions(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in these columns, found) of `row_ids`; a position is meaningless where
         not found (a row id of another version)."""
+        self._need(())
         positions = np.searchsorted(self.row_ids, row_ids)
         found = positions < len(self.row_ids)
         found[found] = self.row_ids[positions[found]] == row_ids[found]

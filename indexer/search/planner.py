@@ -67,7 +67,8 @@ class TableState:
                 self.tuning = default_tuning(self.spec)
             if policy.tuning is not None:
                 self.tuning = policy.tuning
-        self.dim = store.config.embedding_dim
+        self.config = store.config
+        self.dim = self.config.embedding_dim
         self.fits_in_memory = self.rows * (self.dim * 4 + 8) <= policy.exact_cache_bytes
 
 

@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from chipscout.indexer.errors import ClusterError, StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
-from chipscout.indexer.search.planner import SearchPlan
+from chipscout.indexer.search.planner import SearchPlan, TableState
 from chipscout.indexer.search.warm import _top, _unit_query, one_math_thread
 from chipscout.indexer.store import ChipStore, unit_rows
+from chipscout.indexer.store.indexes import DEFAULT_POLICY
 
 #: The method a sharded query reports (`SearchResponse.method`): exact search on every shard.
 SHARDED_METHOD = "exact-sharded"
@@ -185,6 +186,7 @@ class ShardedSearcher:
         self.client = client
         self.columns = tuple(c for c in columns if c != "_distance")
         self._shards: ShardSet | None = None
+        self._state: TableState | None = None
         self.last_shard_ms: list[float] = []
         """Each shard's own time on the last query (`bench/sharded.py` reads it)."""
 
@@ -228,13 +230,25 @@ class ShardedSearcher:
             raise StoreError(f"the shards of table {self.store.table_name!r} hold no columns {missing}")
         return _Described(self._shard_set(self.store.version), self.client)
 
+    def state(self, version: int | None = None) -> TableState:
+        """What a query needs to know of the table at `version` (None: its current one), with
+        its config (`VectorSearcher.state`)."""
+        version = self.store.version if version is None else version
+        if self._state is None or self._state.version != version:
+            self._state = TableState(self.store, DEFAULT_POLICY)
+        return self._state
+
+    def forget_version(self) -> None:
+        """Nothing to forget: every query reads the table version (`VectorSearcher.forget_version`)."""
+
     def nearest(self, vector: np.ndarray, k: int, filters: SearchFilters | None, columns: list[str],
-                near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+                near: SearchPlan | None = None, version: int | None = None) -> tuple[pa.Table, SearchPlan]:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `filters` allows,
-        over every shard; `near` is not used (every shard searches exactly)."""
+        over every shard; `near` is not used (every shard searches exactly). `version`: the table
+        version the caller read for this query (None: read it here)."""
         from distributed import KilledWorker
 
-        version = self.store.version
+        version = self.store.version if version is None else version
         if filters is not None and not filters.selects_rows:
             filters = None
         shard_set = self._shard_set(version)

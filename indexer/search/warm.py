@@ -217,14 +217,27 @@ class BinarySketch:
     distance between two rows then tracks the angle between them (SimHash on a PCA basis; RaBitQ
     and the 1-bit codes of Earth Index and TerraBit are the same idea). A query scores every
     allowed row: the rows of its date range are contiguous here, so the area, cloud and source
-    tests and the distances run over plain array slices (numpy, split across threads), and the
-    ~1000 nearest by Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
+    tests and the distances run over plain array slices (numpy, split across threads). The
+    first 128 bits rank them all, the ~32 x 1000 nearest by those are scored on all 256, and
+    the ~1000 nearest by that Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
     walk, no allowed row is skipped because of where it sits, so filters cost no recall; at a
     million 768-d rows the true top 10 is among those candidates 99 % of the time or more
     (BENCHMARKS.md (search))."""
 
     SAMPLE_ROWS = 50_000
-    THREAD_MIN_ROWS = 100_000  # below this, one thread: the pool costs more than it saves
+    # Below this many rows in the date window, one thread: the first stage costs ~0.3 ms per
+    # 100,000 rows on one core, and on two busy cores a hand-off to the pool cost 1-3 ms (issue 21).
+    THREAD_MIN_ROWS = 500_000
+    # The two-stage scan's knobs, measured at 1M x 768-d (BENCHMARKS.md, issue 21): 64 first
+    # bits lost recall (0.954 unfiltered, keeping 32 x; 0.976 keeping 96 x); 128 bits keeping
+    # 32 x count give the single-stage scan's recall (0.989-0.999 at every filter) for ~40 %
+    # of its CPU (~3.7 ms against ~8.5 ms on one core for an unfiltered million rows).
+    FIRST_BITS = 128
+    """Bits of the first stage's pass over every allowed row (the first words of the code)."""
+    FIRST_STAGE = 32
+    """The first stage hands about this many times the asked-for count to the second."""
+    SAMPLE_STRIDE = 16
+    BLOCK_ROWS = 65_536  # 512 KiB of XOR scratch: stays in a core's L2
 
     def __init__(self, vectors: MemoryVectors, filters: FilterColumns, bits: int = 256, seed: int = 0):
         """The sketch of vectors held in memory (float32 or float16)."""
@@ -303,14 +316,36 @@ class BinarySketch:
     def _code(self, query: np.ndarray) -> np.ndarray:
         return np.packbits(((query - self.mean) @ self.projection) > 0).view(np.uint64)
 
-    def _distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
-        distances = np.zeros(stop - start, dtype=np.uint16)
-        scratch = np.empty(stop - start, dtype=np.uint64)
-        counts = np.empty(stop - start, dtype=np.uint8)
-        for word, column in zip(code, self.words):
-            np.bitwise_xor(column[start:stop], word, out=scratch)
-            np.bitwise_count(scratch, out=counts)
-            distances += counts
+    @property
+    def _first_bits(self) -> int:
+        return min(self.FIRST_BITS, self.bits)  # a 64-bit sketch has one stage's worth
+
+    def _first_distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Hamming distances (uint8) of rows start..stop to `code` on the first `FIRST_BITS`,
+        in blocks that keep the scratch in the core's cache: one pass over those columns."""
+        words = self._first_bits // 64
+        near = np.empty(stop - start, dtype=np.uint8)
+        scratch = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint64)
+        counts = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint8)
+        for at in range(start, stop, self.BLOCK_ROWS):
+            end = min(at + self.BLOCK_ROWS, stop)
+            out = near[at - start:end - start]
+            for w in range(words):
+                np.bitwise_xor(self.words[w][at:end], code[w], out=scratch[:end - at])
+                if w == 0:
+                    np.bitwise_count(scratch[:end - at], out=out)
+                else:
+                    np.bitwise_count(scratch[:end - at], out=counts[:end - at])
+                    out += counts[:end - at]
+        return near
+
+    def _distances(self, code: np.ndarray, rows: np.ndarray, near: np.ndarray) -> np.ndarray:
+        """Hamming distances (uint16) over every bit of the rows at `rows` (sketch positions),
+        whose first word's distances are `near`."""
+        distances = near.astype(np.uint16)
+        first = self._first_bits // 64
+        for word, column in zip(code[first:], self.words[first:]):
+            distances += np.bitwise_count(np.bitwise_xor(column[rows], word))
         return distances
 
     def _chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
@@ -328,8 +363,13 @@ class BinarySketch:
         """(positions in row-id order as in `MemoryVectors`, rows `row_filter` allows (None: no
         filter), whether those positions are every allowed row). Up to `exact_max` allowed rows
         all come back; more are narrowed down to at least `count` nearest `query` by Hamming
-        distance (ties included). The date window is cut into one chunk per thread, each tested,
-        scored and counted in one task."""
+        distance (ties included).
+
+        Two stages, so that the pass over every allowed row reads 16 of the 32 bytes a row has:
+        the first `FIRST_BITS` rank every allowed row (its date window cut into one chunk per
+        thread when long, each tested and scored in one task), the ~`FIRST_STAGE` x `count`
+        nearest by them are scored on all bits, and the `count` nearest of those are returned.
+        The bits are mixed by a random rotation, so the first ones are a fair sample of all."""
         if row_filter is None:
             start, stop = 0, len(self.order)
         else:
@@ -339,25 +379,46 @@ class BinarySketch:
         chunks = self._chunks(start, stop)
         code = self._code(_unit_query(query))
 
-        def score(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        def first(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
             allowed = None if row_filter is None else self.filters.window_mask(row_filter, a, b, dates=False)
             if allowed is not None and not allowed.any():
-                return allowed, None, np.zeros(self.bits + 1, dtype=np.int64)
-            distances = self._distances(code, a, b)
-            if allowed is not None:
-                np.copyto(distances, self.bits + 1, where=~allowed)
-            return allowed, distances, np.bincount(distances, minlength=self.bits + 2)[:self.bits + 1]
+                return allowed, None, np.zeros(256, dtype=np.int64)
+            near = self._first_distances(code, a, b)
+            if allowed is not None:  # refused rows get 255, beyond every distance (<= 128)
+                np.bitwise_or(near, np.negative(np.logical_not(allowed).view(np.uint8)), out=near)
+            # Every SAMPLE_STRIDE-th row's distance: the first stage's cut is read off it.
+            return allowed, near, np.bincount(near[::self.SAMPLE_STRIDE], minlength=256)
 
-        scored = self._map(score, chunks)
-        histogram = np.sum([h for _, _, h in scored], axis=0)
-        matches = None if row_filter is None else int(histogram.sum())
+        scored = self._map(first, chunks)
+        matches = (None if row_filter is None
+                   else sum(int(np.count_nonzero(allowed)) for allowed, _, _ in scored))
         if matches is not None and matches <= exact_max:
             picked = [a + np.flatnonzero(allowed) for (a, _), (allowed, _, _) in zip(chunks, scored)]
             return self.order[np.concatenate(picked)], matches, True
-        cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all allowed
-        picked = [a + np.flatnonzero(distances <= cutoff)
-                  for (a, _), (_, distances, _) in zip(chunks, scored) if distances is not None]
-        return self.order[np.concatenate(picked)], matches, False
+        # The first stage keeps the rows within the distance that ~FIRST_STAGE x count sampled
+        # rows reach (all allowed rows when they are few).
+        first_bits = self._first_bits
+        sampled = np.cumsum(np.sum([h for _, _, h in scored], axis=0)[:first_bits + 1])
+        keep = max(self.FIRST_STAGE * count, 1) / self.SAMPLE_STRIDE
+        first_cut = min(int(np.searchsorted(sampled, keep)), first_bits)
+
+        def second(a: int, near: np.ndarray | None, cut: int) -> tuple[np.ndarray, np.ndarray]:
+            if near is None:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16)
+            rows = np.flatnonzero(near <= cut)
+            return a + rows, self._distances(code, a + rows, near[rows])
+
+        while True:  # on the calling thread: a few tens of thousands of rows, not worth a hand-off
+            kept = [second(a, near, first_cut) for (a, _), (_, near, _) in zip(chunks, scored)]
+            distances = np.concatenate([d for _, d in kept])
+            # Too few near rows by the first bits (a sample's error): widen the cut.
+            if len(distances) >= count or first_cut >= first_bits:
+                break
+            first_cut = min(first_bits, first_cut + 4)
+        rows = np.concatenate([r for r, _ in kept])
+        histogram = np.bincount(distances, minlength=self.bits + 1)
+        cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all kept
+        return self.order[rows[distances <= cutoff]], matches, False
 
 
 #: Bytes a row of `FilterColumns` takes: row id, date, four bounds, cloud, nodata (8 each) and
@@ -555,6 +616,8 @@ class VectorSearcher:
     Caches are per table version (`refresh` a store to see new commits). Thread-safe.
     Measured choices and their numbers: BENCHMARKS.md (search)."""
 
+    VERSION_CHECK_S = 0.5
+
     def __init__(self, store, policy: IndexPolicy = DEFAULT_POLICY):
         self.store = store
         self.policy = policy
@@ -568,11 +631,40 @@ class VectorSearcher:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="warm-up")
         self._loading: Future | None = None
         self._loading_version: int | None = None
+        self._version_seen: tuple[int, float, int | None] | None = None  # (version, when read, store changes)
+        self._version_generation = 0
 
-    def _current(self, version: int | None = None) -> TableState:
-        # Each `table.version` is a round trip to LanceDB's event loop (~0.1-2 ms): a query reads
-        # it once and hands it on.
-        version = self.store.version if version is None else version
+    def current_version(self) -> int:
+        """The store's table version, read from LanceDB at most every `VERSION_CHECK_S`, at once
+        after `forget_version` (which `SearchEngine.refresh` calls) and after the store's own
+        writes (`ChipStore.changes`).
+
+        Each read is a round trip to LanceDB's event loop: ~0.2 ms quiet, 1-8 ms on two busy
+        cores, where it was the largest single cost of a warm query. LanceDB's table handle
+        only moves to a new version when told to (`refresh`) or when it writes itself, and
+        both count in `ChipStore.changes`; the interval is a second guard."""
+        now = time.monotonic()
+        changes = getattr(self.store, "changes", None)
+        with self._lock:
+            seen, generation = self._version_seen, self._version_generation
+        if seen is not None and now - seen[1] < self.VERSION_CHECK_S and seen[2] == changes:
+            return seen[0]
+        version = self.store.version
+        with self._lock:
+            if generation == self._version_generation:  # no refresh meanwhile
+                self._version_seen = (version, now, changes)
+        return version
+
+    def forget_version(self) -> None:
+        """Read the version again at the next query (after `store.refresh`)."""
+        with self._lock:
+            self._version_seen = None
+            self._version_generation += 1
+
+    def state(self, version: int | None = None) -> TableState:
+        """What the planner knows of the table at `version` (None: `current_version`), with its
+        config; built once per version. A query reads the version once and hands it on."""
+        version = self.current_version() if version is None else version
         with self._lock:
             if self._state is None or self._state.version != version:
                 self._state = TableState(self.store, self.policy)
@@ -690,7 +782,7 @@ class VectorSearcher:
     def plan(self, k: int, matches: int | None, in_memory: bool = False) -> SearchPlan:
         """The method for a query of `k` results whose filter allows `matches` rows (None: no
         filter), before any retry; `in_memory`: the searcher holds the vectors (`warm_up`)."""
-        return plan_query(self.policy, self._current(), k, matches, in_memory)
+        return plan_query(self.policy, self.state(), k, matches, in_memory)
 
     def _rows(self, row_ids: np.ndarray, distances: np.ndarray, columns: list[str],
               warm: WarmCache | None) -> pa.Table:
@@ -731,14 +823,15 @@ class VectorSearcher:
         return int(mask.sum()), mask
 
     def nearest(self, vector: np.ndarray, k: int, filters: SearchFilters | None, columns: list[str],
-                near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+                near: SearchPlan | None = None, version: int | None = None) -> tuple[pa.Table, SearchPlan]:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `filters` allows
         (its overlap rule aside), and how they were found: from its in-memory masks, or its SQL
         on LanceDB's own paths. `near`: the plan of an earlier query with the same filter whose
         neighbourhood holds this one's (query expansion's second search); a warm sketch then
         re-ranks that query's candidates instead of scanning the sketch again, when they are
-        enough for k."""
-        version = self.store.version
+        enough for k. `version`: the table version the caller read for this query (`state`);
+        None: read it here."""
+        version = self.current_version() if version is None else version
         if filters is not None and not filters.selects_rows:
             filters = None
         where = filters.where_clause() if filters is not None else None
@@ -780,7 +873,7 @@ class VectorSearcher:
     def _nearest(self, version: int, vector: np.ndarray, k: int, row_filter: SearchFilters | None,
                  where: str | None, columns: list[str],
                  near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
-        state = self._current(version)
+        state = self.state(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
         if warm is not None and warm.sketch is not None and memory is not None:

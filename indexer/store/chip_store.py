@@ -101,6 +101,9 @@ class ChipStore:
         self._async_table = None  # the same table for queries, see `_query_table`
         self._async_version: int | None = None
         self._config: tuple[tuple[int, int], IndexConfig] | None = None
+        self.changes = 0
+        """Counts the moves of this store's table handle to a newer version (its own writes and
+        `refresh`): a reader that caches `version` compares it instead of asking LanceDB."""
 
     # ------------------------------------------------------------------ discovery
     def _all_table_names(self) -> list[str]:
@@ -168,6 +171,7 @@ class ChipStore:
         """See commits made by other writers since this store was opened."""
         if self._opened is not None:
             self._opened.checkout_latest()
+        self.changes += 1
 
     @property
     def config(self) -> IndexConfig:
@@ -306,6 +310,7 @@ class ChipStore:
             # No lock across hosts: two merges of one new chip id are two appends. The later
             # committer sees both rows and removes its own copy.
             self.remove_duplicates(rows["chip_id"].to_pylist())
+        self.changes += 1
         return int(getattr(result, "num_inserted_rows", rows.num_rows))
 
     def _merge_chips(self, rows: pa.Table):
@@ -372,6 +377,7 @@ class ChipStore:
                 # Another writer removing the same copies at once conflicts; the retry deletes none twice.
                 _retry_conflicts(lambda: table.delete(f"_rowid IN ({', '.join(map(str, extra))})"),
                                  f"the duplicate chips of {self.table_name!r} in {self.db_uri}")
+                self.changes += 1
             return len(extra)
 
     # Distributed writes (chipscout.indexer.ingest.cluster): workers write fragments, one client commits them.
@@ -413,6 +419,7 @@ class ChipStore:
             raise StoreError(f"cannot commit to {self.table_name!r} in {self.db_uri}: "
                              f"{storage_error_message(err)}") from err
         self._table.checkout_latest()
+        self.changes += 1
         return int(dataset.version)
 
     # Sharded reads (chipscout.indexer.search.sharded): each Dask worker holds some fragments of one version.
@@ -661,6 +668,7 @@ class ChipStore:
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"cannot restore version {version} of {self.table_name!r}: {err}") from err
         self._table.checkout_latest()
+        self.changes += 1
         return self._table.version
 
     def cleanup(self, older_than_s: float, delete_unverified: bool = False) -> dict[str, int]:
@@ -696,6 +704,7 @@ class ChipStore:
             report["bytes_after"] += _folder_bytes(folder) if folder else 0
         if self._opened is not None:
             self._opened.checkout_latest()
+        self.changes += 1
         return report
 
     def index_description(self) -> list[dict[str, Any]]:
@@ -792,6 +801,7 @@ class ChipStore:
             return step()
 
         _retry_conflicts(latest_then_step, what, verb)
+        self.changes += 1
 
     @staticmethod
     def lancedb_version() -> str:

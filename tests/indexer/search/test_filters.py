@@ -65,3 +65,21 @@ def test_overlap_and_excluded_ids_are_not_row_filters():
     assert SearchFilters().where_clause(exclude_ids=["a'b"]) == "chip_id NOT IN ('a''b')"
     with pytest.raises(QueryError, match="bad source id"):
         SearchFilters.build(source_ids=["x' OR 1=1"])
+
+
+def test_a_cold_searchers_filter_columns_read_only_what_filters_need_and_mask_alike(tmp_path):
+    """Read from the store, filter columns arrive column by column as filters first need them
+    (a date+area filter reads no source ids), with the same masks as columns read all at once."""
+    rows = _rows(_grouped_vectors(seed=2)[1], seed=2)
+    store = _write(str(tmp_path / "db"), "lazy", rows)
+    lazy = FilterColumns(store)
+    eager = FilterColumns(store, store.scan_with_row_ids(list(FilterColumns.COLUMNS)))
+    date_and_area = SearchFilters.build(date_from="2023-05-01", date_to="2024-02-01", bbox=(2, 41, 12, 47))
+    assert (lazy.mask(date_and_area) == _keep(rows, date_and_area)).all()
+    assert lazy._loaded == {"acquired", "min_lon", "min_lat", "max_lon", "max_lat"}
+    for filters in (SearchFilters.build(source_ids=["src-3", "src-5"], max_cloud_fraction=0.4),
+                    SearchFilters.build(max_nodata_fraction=0.1), date_and_area):
+        assert (lazy.mask(filters) == eager.mask(filters)).all()
+        assert (lazy.mask(filters, slice(None, None, 7)) == eager.mask(filters, slice(None, None, 7))).all()
+    assert lazy._loaded == set(FilterColumns.COLUMNS)
+    assert (lazy.row_ids == eager.row_ids).all() and lazy.nbytes == eager.nbytes
