@@ -10,6 +10,7 @@ example from.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -25,7 +26,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from chipscout.app import labelling, maps, state, where_change
+from chipscout.app import images, labelling, maps, state, where_change
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.paths import default_db_uri
 from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse, Spread
@@ -35,7 +36,7 @@ GALLERY_SIZE = 12
 GRID_COLUMNS = 6
 #: Footprints drawn on the pick-an-example map (a sample when the table is larger).
 OVERVIEW_MAX_CHIPS = 2000
-#: Chips whose small thumbnails form the maps' mosaic (about 1 KB each in every map update).
+#: Chips whose small thumbnails form the maps' mosaic (one picture, fetched once by URL).
 MOSAIC_MAX_CHIPS = 1000
 DATE_LIMITS = state.DATE_LIMITS
 #: The page's fragments (`st.fragment` keys): a widget in one reruns only it, unless it changes the example.
@@ -83,9 +84,10 @@ def overview_chips(db_uri: str, table: str, row_count: int) -> list[ChipRecord]:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def mosaic_pngs(db_uri: str, table: str, row_count: int) -> dict[str, bytes]:
-    chip_ids = tuple(c.chip_id for c in overview_chips(db_uri, table, row_count)[:MOSAIC_MAX_CHIPS])
-    return {chip_id: maps.small_png(png) for chip_id, png in thumbnails(db_uri, table, chip_ids).items() if png}
+def overview_mosaic(db_uri: str, table: str, row_count: int) -> maps.Mosaic | None:
+    """One picture of the overview's small thumbnails, drawn under both maps (the same URL)."""
+    chips = overview_chips(db_uri, table, row_count)[:MOSAIC_MAX_CHIPS]
+    return maps.mosaic(chips, thumbnails(db_uri, table, tuple(c.chip_id for c in chips)))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -232,7 +234,7 @@ def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[Ch
                    "(negative). Click one to search from it.")
         # `basemap_url`: the page's, checked above before the labelling panel draws this.
         show_map(lambda: maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
-                                             st.session_state.map_thumbnails),
+                                             st.session_state.map_thumbnails, image_src=images.src),
                  ("proposals", tuple(c.chip_id for c in chips), tuple(captions),
                   labels_of(seed, (c.chip_id for c in chips)), basemap_url, st.session_state.map_thumbnails),
                  f"{key}-map", (maps.PROPOSALS_LAYER,), f"Map of {len(chips)} proposals of this round")
@@ -252,7 +254,8 @@ def serialized_deck(inputs: str, _build: Callable[[], Any]) -> Any:
     JSON encoding again, which were most of a rerun's server time (BENCHMARKS.md, app latency).
     `inputs`: everything the deck depends on, the table version included."""
     deck = _build()
-    spec = deck.to_json()
+    # pydeck indents its JSON (2 spaces a level): compact, a deck is about half the bytes to send.
+    spec = json.dumps(json.loads(deck.to_json()), separators=(",", ":"))
     deck.to_json = lambda: spec  # what st.pydeck_chart calls
     return deck
 
@@ -419,7 +422,8 @@ def results_panel() -> None:
 
         def show_change_map(results: list, after: ChipRecord) -> None:
             pngs = thumbnails(db_uri, table, (after.chip_id, *(r.chip.chip_id for r in results)))
-            show_map(lambda: maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails),
+            show_map(lambda: maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails,
+                                           image_src=images.src),
                      ("change", after.chip_id, tuple((r.chip.chip_id, r.similarity) for r in results), basemap_url,
                       st.session_state.map_thumbnails),
                      f"change-map-{after.chip_id}", (maps.RESULTS_LAYER,),
@@ -483,9 +487,8 @@ def results_panel() -> None:
                 with map_column:
                     show_map(lambda: maps.results_deck(
                                  query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
-                                 context=overview_chips(db_uri, table, row_count),
-                                 context_pngs=mosaic_pngs(db_uri, table, row_count),
-                                 labels=seed.label_map if seed is not None else None),
+                                 context_mosaic=overview_mosaic(db_uri, table, row_count),
+                                 labels=seed.label_map if seed is not None else None, image_src=images.src),
                              ("results", query.chip_id, tuple((r.chip.chip_id, r.similarity) for r in shown),
                               labels_of(seed, (r.chip.chip_id for r in shown)), basemap_url,
                               st.session_state.map_thumbnails, bool(st.session_state.get(where_change.TOGGLE))),
@@ -525,8 +528,8 @@ def gallery_panel() -> None:
     sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"
     st.caption(f"Map of {sampled}, the gallery's chips outlined in orange; click a footprint to use it as the example.")
     show_map(lambda: maps.overview_deck(
-                 overview, mosaic_pngs(db_uri, table, row_count) if st.session_state.map_thumbnails else {},
-                 [c.chip_id for c in gallery], basemap_url),
+                 overview, overview_mosaic(db_uri, table, row_count) if st.session_state.map_thumbnails else None,
+                 [c.chip_id for c in gallery], basemap_url, image_src=images.src),
              ("overview", tuple(c.chip_id for c in gallery), basemap_url, st.session_state.map_thumbnails),
              f"overview-map-{settings.chip_id}", (maps.CHIPS_LAYER,), f"Map of {sampled} to pick an example from")
 
