@@ -206,14 +206,16 @@ def journey(browser, server: Server, table: str, number: int, second_chip: str, 
     page.mouse.move(*point)
     page.wait_for_timeout(2000)  # deck.gl draws after the page settles; a click before it misses
 
+    example = page.locator("strong code", has_text=target.chip_id)  # the Example section's id line
+
     def click_map():
         page.mouse.click(*point)
-        try:
-            page.wait_for_function(f"() => location.search.includes('chip={target.chip_id}')", timeout=60_000)
+        try:  # the link changes first; wait for the page's Example section to show the chip
+            example.wait_for(state="visible", timeout=60_000)
         except Exception:  # recorded as a miss below
             pass
     run.step("map click", click_map)
-    run.rows[-1]["hit"] = f"chip={target.chip_id}" in page.url  # the chip under the pointer became the example
+    run.rows[-1]["hit"] = example.count() > 0  # the chip under the pointer became the example
     run.step("filter change", lambda: sidebar.get_by_text("Exclude chips overlapping the example").click())
 
     def create():
