@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import date
 from functools import partial
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import altair as alt
 import pandas as pd
@@ -205,7 +205,7 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                 with column:
                     png = pngs.get(chip.chip_id)
                     if png:
-                        st.image(png, width="stretch", output_format="PNG")
+                        show_picture(png)
                     else:
                         st.caption("(no thumbnail)")
                     st.caption(caption)
@@ -215,6 +215,18 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                     st.button(f"Use {short_chip_name(chip.chip_id)}", key=f"{button_prefix}-{chip.chip_id}",
                               help=f"Use {chip.chip_id} as the example",
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def show_picture(png: bytes) -> None:
+    """A thumbnail in the page. Where the server serves the maps' pictures, by that same URL: the
+    browser fetches each picture once for the grid and the map and keeps it (`immutable`), and no
+    per-session media file is made each rerun. Else (AppTest) as PNG bytes, which Streamlit then
+    does not re-encode."""
+    page = urlsplit(st.context.url or "")
+    if images.served() and page.scheme in ("http", "https"):
+        st.image(f"{page.scheme}://{page.netloc}{images.src(png)}", width="stretch")
+    else:
+        st.image(png, width="stretch", output_format="PNG")
 
 
 def short_chip_name(chip_id: str) -> str:
@@ -403,7 +415,7 @@ def results_panel() -> None:
         with picture, st.container(key="example"):
             png = thumbnails(db_uri, table, (query.chip_id,)).get(query.chip_id)
             if png:
-                st.image(png, width="stretch", output_format="PNG")
+                show_picture(png)
             else:
                 st.caption("(no thumbnail stored for this chip)")
             if seed is not None:
