@@ -181,6 +181,7 @@ def screen_point(lon: float, lat: float, view, box: dict) -> tuple[float, float]
 def journey(browser, server: Server, table: str, number: int, second_chip: str, map_target) -> list[dict]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page = context.new_page()
+    page.set_default_timeout(120_000)  # a loaded machine can take longer than Playwright's 30 s to draw a button
     run = Journey(page, server)
     sidebar = page.locator("[data-testid='stSidebar']")
 
