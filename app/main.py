@@ -4,7 +4,9 @@ Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAM
 over `chipscout.indexer.search` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
 page reads top to bottom: settings from the link, the sidebar controls, the open labelling session's
 panel, the example, its look-alikes (histogram, grid, map), then the gallery and map to pick another
-example from.
+example from. The labelling panel with the example and its look-alikes, and the gallery with its map,
+are fragments (`st.fragment`), so a label click or a page turn reruns and re-sends only its part;
+map pictures and thumbnails come by URL when `app/server.py` serves the page (`images.py`).
 """
 
 from __future__ import annotations
