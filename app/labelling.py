@@ -6,6 +6,12 @@ never kept in `st.session_state`, so a label given in another browser tab shows 
 A label button acts on the label the page showed: if the store holds another one by the time of the
 click (another tab or a script labelled that chip meanwhile), the click changes nothing and says so,
 so no tab overwrites a label it has not seen.
+
+The page draws in fragments (`st.fragment`): the session picker in the sidebar (`sidebar`), the
+panel with the example and its look-alikes, and the gallery. A label click reruns only the
+fragments that show that chip or the session's counts (`label_buttons`, `start_fragment`), so the rest of
+the page is neither rebuilt nor re-sent; each fragment reads the open session's labels itself
+(`open_seed`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,13 @@ FROM_LINK = "label_session_from_link"
 """The session id the page's link named on its first run, until the picker has checked it."""
 LINK_PARAM = "session"
 """The URL parameter of the open session."""
+SIDEBAR_FRAGMENT = "seed-sidebar"
+"""The key of the sidebar's session fragment (picker and counts), rerun with every label click."""
+PANEL_FRAGMENT = "panel"
+"""The key of the page's fragment that holds `panel` (the session's figures), rerun with every label click."""
+SHOWN_IN = "label_shown_in"
+"""{fragment key: ids of the chips it drew label buttons for in its last run}: the other parts of the
+page a label click must redraw."""
 
 STRATEGIES = {
     "auto": "auto: the strongest the labels allow",
@@ -125,8 +138,10 @@ def open_from_link(session_id: str | None) -> None:
         st.session_state[SESSION] = st.session_state[FROM_LINK] = session_id.strip()
 
 
-def sidebar(engine: SearchEngine) -> Seed | None:
-    """The session picker, new/rename/delete; returns the open session, or None when labelling is off."""
+@st.fragment(key=SIDEBAR_FRAGMENT)
+def sidebar(engine: SearchEngine) -> None:
+    """The session picker with each session's counts, new/rename/delete. A fragment: a label click
+    reruns it for the new counts; what changes the open session reruns the whole page."""
     st.header("Seed set")
     try:
         store = LabelStore.for_engine(engine)
@@ -134,7 +149,7 @@ def sidebar(engine: SearchEngine) -> Seed | None:
         counts = store.counts_by_session()
     except ChipscoutError as err:
         st.caption(f"Labelling is unavailable: {err}")
-        return None
+        return
     by_id = {s.session_id: s for s in sessions}
     from_link = st.session_state.pop(FROM_LINK, None)
     if st.session_state.get(SESSION) and st.session_state[SESSION] not in by_id:
@@ -169,32 +184,41 @@ def sidebar(engine: SearchEngine) -> Seed | None:
     chosen = st.session_state.get(SESSION)
     if not chosen:
         st.caption("Open or create a session to label chips: Yes / No buttons (positive / negative) then appear under every thumbnail.")
-        return None
+        return
     session = by_id[chosen]
     tally = counts.get(chosen, {})
     st.caption(f"**{session.name}**: {tally.get(POSITIVE, 0)} positive, {tally.get(NEGATIVE, 0)} negative, "
                f"round {session.current_round}")
-    try:
-        seed = Seed(store, session, {label.chip_id: label for label in store.labels(session)})
-    except ChipscoutError as err:  # deleted between the two reads
-        st.warning(str(err))
-        return None
     with st.expander("Rename or delete"):
         st.text_input("New name", key="label_rename_to", placeholder=session.name, max_chars=100)
         st.button("Rename", on_click=_rename_session, args=(store, session))
         st.button("Delete session…", on_click=_ask_delete, args=(session.session_id,))
     if st.session_state.get(CONFIRM_DELETE) == session.session_id:
-        st.warning(f"Delete session “{markdown_text(session.name)}” and its {len(seed.labels)} labels? This cannot be undone.")
+        st.warning(f"Delete session “{markdown_text(session.name)}” and its {sum(tally.values())} labels? This cannot be undone.")
         yes, no = st.columns(2)
         yes.button("Yes, delete", type="primary", on_click=_delete_session, args=(store, session))
         no.button("Cancel", on_click=_cancel_delete)
     st.session_state.setdefault(LABELLED_BY, default_user())
     st.text_input("Labelled by", key=LABELLED_BY, max_chars=100, help="Stored with every label you give.")
-    return seed
+
+
+def open_seed(engine: SearchEngine) -> Seed | None:
+    """The session open in this tab with its labels as the store has them now; None when labelling
+    is off or the session is gone (the sidebar says why)."""
+    chosen = st.session_state.get(SESSION)
+    if not chosen:
+        return None
+    try:
+        store = LabelStore.for_engine(engine)
+        session = store.session(chosen)
+        return Seed(store, session, {label.chip_id: label for label in store.labels(session)})
+    except ChipscoutError:
+        return None
 
 
 def _session_changed() -> None:
     st.session_state.pop(CONFIRM_DELETE, None)
+    st.rerun()  # the picker is in a fragment; another session changes the whole page
 
 
 def _create_session(store: LabelStore) -> None:
@@ -208,6 +232,7 @@ def _create_session(store: LabelStore) -> None:
     st.session_state.label_new_name = ""
     notice("success", f"Created session “{markdown_text(session.name)}”. Label chips with the Yes / No "
                       "buttons under any thumbnail, then click Next round.")
+    st.rerun()
 
 
 def _rename_session(store: LabelStore, session: Session) -> None:
@@ -218,6 +243,7 @@ def _rename_session(store: LabelStore, session: Session) -> None:
         return
     st.session_state.label_rename_to = ""
     notice("success", f"Renamed session “{markdown_text(session.name)}” to “{markdown_text(renamed.name)}”.")
+    st.rerun()
 
 
 def _ask_delete(session_id: str) -> None:
@@ -237,14 +263,23 @@ def _delete_session(store: LabelStore, session: Session) -> None:
         return
     st.session_state[SESSION] = ""
     notice("success", f"Deleted session “{markdown_text(session.name)}” and its {count} labels.")
+    st.rerun()
 
 
 # ----------------------------------------------------------------------------- label buttons
+def start_fragment(fragment: str) -> None:
+    """Call first in a page fragment that draws label buttons: forgets the chips its last run showed."""
+    st.session_state.setdefault(SHOWN_IN, {})[fragment] = set()
+
+
 def label_buttons(seed: Seed, chip_id: str, key: str, *, score: float | None = None,
-                  strategy: str | None = None) -> None:
+                  strategy: str | None = None, fragment: str | None = None) -> None:
     """The chip's label, and thumbs-up / thumbs-down buttons: the one matching the label is highlighted,
     and clicking it again clears the label. `score` and `strategy`: the ranking the chip was shown in,
-    stored with the label."""
+    stored with the label. `fragment`: the page fragment drawing the buttons (see `start_fragment`);
+    a click then reruns only the fragments showing this chip or the session's counts, else the page."""
+    if fragment:
+        st.session_state.setdefault(SHOWN_IN, {}).setdefault(fragment, set()).add(chip_id)
     shown = seed.label_of(chip_id)
     st.markdown(BADGES[shown])
     for column, label in zip(st.columns(2, gap="small"), (POSITIVE, NEGATIVE)):
@@ -253,11 +288,12 @@ def label_buttons(seed: Seed, chip_id: str, key: str, *, score: float | None = N
                       type="primary" if active else "secondary",
                       help=f"Clear the {label} label of {chip_id}" if active else f"Label {chip_id} {label}",
                       on_click=_label_clicked, width="stretch",
-                      args=(seed.store, seed.session, chip_id, shown, None if active else label, score, strategy))
+                      args=(seed.store, seed.session, chip_id, shown, None if active else label, score, strategy,
+                            fragment))
 
 
 def _label_clicked(store: LabelStore, session: Session, chip_id: str, shown: str | None, wanted: str | None,
-                   score: float | None, strategy: str | None) -> None:
+                   score: float | None, strategy: str | None, fragment: str | None = None) -> None:
     try:
         now = store.label_map(session).get(chip_id)
         if now != shown:
@@ -271,21 +307,25 @@ def _label_clicked(store: LabelStore, session: Session, chip_id: str, shown: str
                             by=_labelled_by())
     except ChipscoutError as err:
         notice("error", f"Cannot label `{chip_id}`: {err}", toast=True)
+    if fragment:  # only the parts of the page this label shows in (BENCHMARKS.md, app latency)
+        showing = [key for key, chip_ids in st.session_state.get(SHOWN_IN, {}).items() if chip_id in chip_ids]
+        st.rerun(list(dict.fromkeys((SIDEBAR_FRAGMENT, PANEL_FRAGMENT, fragment, *showing))))
 
 
 # ----------------------------------------------------------------------------- the seed-set panel
 def panel(seed: Seed, engine: SearchEngine, example_id: str | None,
           grid: Callable[[Sequence[ChipRecord], list[str], str, dict[str, float], str], None],
-          filters: SearchFilters | None = None) -> None:
+          filters: SearchFilters | None = None, fragment: str | None = None) -> None:
     """The open session's figures, the round controls, the proposals (drawn by `grid(chips, captions,
     key, scores, strategy)`) and the downloads. Rounds propose only chips `filters` (the sidebar's
-    dates, area and quality limits) allow."""
+    dates, area and quality limits) allow. `fragment`: the page fragment the panel is drawn in,
+    rerun with the sidebar's when a round starts."""
     st.html(BUTTON_STYLE)
     st.subheader(f"Seed set · {markdown_text(seed.session.name)}")
     _metrics(seed, engine)
     # Proposals come from several seeds, not one example chip: there is no footprint to avoid.
     filters = replace(filters, exclude_overlapping=False) if filters is not None else None
-    _round_controls(seed, engine, example_id, filters)
+    _round_controls(seed, engine, example_id, filters, fragment)
     _proposals(seed, grid)
     _downloads(seed, engine)
 
@@ -351,7 +391,7 @@ def _round_options(session_id: str) -> dict[str, Any]:
 
 
 def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None,
-                    filters: SearchFilters | None) -> None:
+                    filters: SearchFilters | None, fragment: str | None) -> None:
     sid = seed.session.session_id
     positives, negatives = seed.counts
     strategy_column, count_column, next_column, preview_column = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
@@ -376,10 +416,10 @@ def _round_controls(seed: Seed, engine: SearchEngine, example_id: str | None,
         spread_column.number_input("Spread cell (km)", min_value=0.0, max_value=1000.0, value=0.0, step=1.0,
                                    key=f"label_spread_km-{sid}", help="At most N proposals per cell; 0 = off.")
         per_cell_column.number_input("Per cell (N)", min_value=1, max_value=100, value=1, key=f"label_per_cell-{sid}")
-    next_column.button("Next round ▶", type="primary", on_click=_run_round, args=(seed, engine, example_id, True, filters),
+    next_column.button("Next round ▶", type="primary", on_click=_run_round, args=(seed, engine, example_id, True, filters, fragment),
                        width="stretch", help="Rank the unlabelled chips, propose the best, and record the round "
                                              "with its figures. Labels given afterwards carry its number.")
-    preview_column.button("Preview", on_click=_run_round, args=(seed, engine, example_id, False, filters), width="stretch",
+    preview_column.button("Preview", on_click=_run_round, args=(seed, engine, example_id, False, filters, fragment), width="stretch",
                           help="Show the proposals without recording a round.")
 
 
@@ -392,7 +432,7 @@ def _ranking_options(seed: Seed, example_id: str | None) -> dict[str, Any]:
 
 
 def _run_round(seed: Seed, engine: SearchEngine, example_id: str | None, record: bool,
-               filters: SearchFilters | None = None) -> None:
+               filters: SearchFilters | None = None, fragment: str | None = None) -> None:
     options = _round_options(seed.session.session_id)
     spread_km = options["spread_km"] or None
     try:
@@ -404,6 +444,8 @@ def _run_round(seed: Seed, engine: SearchEngine, example_id: str | None, record:
         notice("error", f"Cannot rank: {err}")
         return
     st.session_state[SHOWN_ROUND] = (seed.session.session_id, proposals, record)
+    if record and fragment:  # the sidebar's picker shows the round number
+        st.rerun([SIDEBAR_FRAGMENT, fragment])
 
 
 def _measure(seed: Seed, engine: SearchEngine) -> None:

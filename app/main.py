@@ -4,12 +4,15 @@ Run with `chipscout app` (or `streamlit run app/main.py -- --db PATH --table NAM
 over `chipscout.indexer.search` (and, for labelling, `app/labelling.py`): no LanceDB, SQL or torch here. The
 page reads top to bottom: settings from the link, the sidebar controls, the open labelling session's
 panel, the example, its look-alikes (histogram, grid, map), then the gallery and map to pick another
-example from.
+example from. The labelling panel with the example and its look-alikes, and the gallery with its map,
+are fragments (`st.fragment`), so a label click or a page turn reruns and re-sends only its part;
+map pictures and thumbnails come by URL when `app/server.py` serves the page (`images.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -19,13 +22,13 @@ from collections.abc import Callable, Iterable
 from datetime import date
 from functools import partial
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from chipscout.app import labelling, maps, state, where_change
+from chipscout.app import images, labelling, maps, state, where_change
 from chipscout.indexer.errors import ChipscoutError
 from chipscout.indexer.paths import default_db_uri
 from chipscout.indexer.search import ChipRecord, SearchEngine, SearchFilters, SearchResponse, Spread
@@ -35,9 +38,11 @@ GALLERY_SIZE = 12
 GRID_COLUMNS = 6
 #: Footprints drawn on the pick-an-example map (a sample when the table is larger).
 OVERVIEW_MAX_CHIPS = 2000
-#: Chips whose small thumbnails form the maps' mosaic (about 1 KB each in every map update).
+#: Chips whose small thumbnails form the maps' mosaic (one picture, fetched once by URL).
 MOSAIC_MAX_CHIPS = 1000
 DATE_LIMITS = state.DATE_LIMITS
+#: The page's fragments (`st.fragment` keys): a widget in one reruns only it, unless it changes the example.
+PANEL, GALLERY = labelling.PANEL_FRAGMENT, "gallery"
 
 
 def _arguments() -> argparse.Namespace:
@@ -82,9 +87,10 @@ def overview_chips(db_uri: str, table: str, row_count: int) -> list[ChipRecord]:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def mosaic_pngs(db_uri: str, table: str, row_count: int) -> dict[str, bytes]:
-    chip_ids = tuple(c.chip_id for c in overview_chips(db_uri, table, row_count)[:MOSAIC_MAX_CHIPS])
-    return {chip_id: maps.small_png(png) for chip_id, png in thumbnails(db_uri, table, chip_ids).items() if png}
+def overview_mosaic(db_uri: str, table: str, row_count: int) -> maps.Mosaic | None:
+    """One picture of the overview's small thumbnails, drawn under both maps (the same URL)."""
+    chips = overview_chips(db_uri, table, row_count)[:MOSAIC_MAX_CHIPS]
+    return maps.mosaic(chips, thumbnails(db_uri, table, tuple(c.chip_id for c in chips)))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -106,6 +112,7 @@ def table_default_expand(db_uri: str, table: str) -> int:
 def use_as_example(chip_id: str) -> None:
     st.session_state.chip_id = chip_id
     st.session_state.min_similarity = None
+    st.rerun()  # the buttons and maps are in fragments; a new example changes the whole page
 
 
 def example_from_map(map_key: str, layer_ids: tuple[str, ...]) -> None:
@@ -120,15 +127,18 @@ def clear_threshold() -> None:
 
 def set_area(bbox_text: str) -> None:
     st.session_state.bbox = bbox_text
+    st.rerun()  # the sidebar's area filter changes every search
 
 
 def turn_gallery(pages: int, step: int) -> None:
     st.session_state.gallery_page = (st.session_state.gallery_page + step) % pages
+    st.rerun(GALLERY)  # what a click in the gallery does anyway, said so that AppTest does it too
 
 
 def shuffle_gallery() -> None:
     st.session_state.gallery_seed += 1
     st.session_state.gallery_page = 0
+    st.rerun(GALLERY)
 
 
 # ----------------------------------------------------------------------------- page helpers
@@ -186,10 +196,11 @@ def similarity_threshold(similarities: list[float]) -> float | None:
 
 def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[str], button_prefix: str,
                    pngs: dict[str, bytes | None], seed: labelling.Seed | None = None,
-                   scores: dict[str, float] | None = None, strategy: str | None = None) -> None:
+                   scores: dict[str, float] | None = None, strategy: str | None = None,
+                   fragment: str | None = None) -> None:
     """Thumbnails with captions and a "Use <chip>" button (it makes the chip the example); with a labelling session open, also
     each chip's label and thumbs-up / thumbs-down buttons (`scores`, `strategy`: the ranking the chips
-    are shown from, stored with their labels)."""
+    are shown from, stored with their labels; `fragment`: the page fragment drawing the grid)."""
     with st.container(key=container_key):
         for start in range(0, len(chips), GRID_COLUMNS):
             for column, chip, caption in zip(st.columns(GRID_COLUMNS), chips[start:start + GRID_COLUMNS],
@@ -197,16 +208,28 @@ def thumbnail_grid(container_key: str, chips: list[ChipRecord], captions: list[s
                 with column:
                     png = pngs.get(chip.chip_id)
                     if png:
-                        st.image(png, width="stretch", output_format="PNG")
+                        show_picture(png)
                     else:
                         st.caption("(no thumbnail)")
                     st.caption(caption)
                     if seed is not None:
                         labelling.label_buttons(seed, chip.chip_id, button_prefix, strategy=strategy,
-                                                score=(scores or {}).get(chip.chip_id))
+                                                score=(scores or {}).get(chip.chip_id), fragment=fragment)
                     st.button(f"Use {short_chip_name(chip.chip_id)}", key=f"{button_prefix}-{chip.chip_id}",
                               help=f"Use {chip.chip_id} as the example",
                               on_click=use_as_example, args=(chip.chip_id,), width="stretch")
+
+
+def show_picture(png: bytes) -> None:
+    """A thumbnail in the page. Where the server serves the maps' pictures, by that same URL: the
+    browser fetches each picture once for the grid and the map and keeps it (`immutable`), and no
+    per-session media file is made each rerun. Else (AppTest) as PNG bytes, which Streamlit then
+    does not re-encode."""
+    page = urlsplit(st.context.url or "")
+    if images.served() and page.scheme in ("http", "https"):
+        st.image(f"{page.scheme}://{page.netloc}{images.src(png)}", width="stretch")
+    else:
+        st.image(png, width="stretch", output_format="PNG")
 
 
 def short_chip_name(chip_id: str) -> str:
@@ -226,11 +249,11 @@ def proposals_grid(db_uri: str, table: str, seed: labelling.Seed, chips: list[Ch
                    "(negative). Click one to search from it.")
         # `basemap_url`: the page's, checked above before the labelling panel draws this.
         show_map(lambda: maps.proposals_deck(chips, captions, pngs, seed.label_map, basemap_url,
-                                             st.session_state.map_thumbnails),
+                                             st.session_state.map_thumbnails, image_src=images.src),
                  ("proposals", tuple(c.chip_id for c in chips), tuple(captions),
                   labels_of(seed, (c.chip_id for c in chips)), basemap_url, st.session_state.map_thumbnails),
                  f"{key}-map", (maps.PROPOSALS_LAYER,), f"Map of {len(chips)} proposals of this round")
-    thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy)
+    thumbnail_grid(f"{key}-grid", chips, captions, key, pngs, seed, scores, strategy, PANEL)
 
 
 def extent_text(chips: list[ChipRecord]) -> str:
@@ -246,7 +269,8 @@ def serialized_deck(inputs: str, _build: Callable[[], Any]) -> Any:
     JSON encoding again, which were most of a rerun's server time (BENCHMARKS.md, app latency).
     `inputs`: everything the deck depends on, the table version included."""
     deck = _build()
-    spec = deck.to_json()
+    # pydeck indents its JSON (2 spaces a level): compact, a deck is about half the bytes to send.
+    spec = json.dumps(json.loads(deck.to_json()), separators=(",", ":"))
     deck.to_json = lambda: spec  # what st.pydeck_chart calls
     return deck
 
@@ -362,153 +386,171 @@ if settings.chip_id:
     except ChipscoutError as err:
         query_error = err
 
-# ----------------------------------------------------------------------------- the labelling session
-with seed_box:
-    seed = labelling.sidebar(engine)
-labelling.show_notices()
-if seed is not None:
-    try:
-        round_filters = state.search_filters(settings)
-    except ChipscoutError as err:  # a bad bbox or date range, also reported under Look-alikes
-        st.warning(f"Rounds ignore the sidebar filters until they are fixed: {state.markdown_text(err)}")
-        round_filters = None
-    labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed),
-                    round_filters)
-    st.divider()
+# ----------------------------------------------------------------------------- the labelling session, the example, its look-alikes
+@st.fragment(key=PANEL)
+def results_panel() -> None:
+    """The open session's panel, the example and its look-alikes: a fragment, so a label click, the
+    threshold slider or a round reruns and re-sends only this part (and the sidebar's counts)."""
+    settings = state.from_session(st.session_state, table)
+    labelling.start_fragment(PANEL)
+    seed = labelling.open_seed(engine)
+    labelling.show_notices()
+    if seed is not None:
+        try:
+            round_filters = state.search_filters(settings)
+        except ChipscoutError as err:  # a bad bbox or date range, also reported under Look-alikes
+            st.warning(f"Rounds ignore the sidebar filters until they are fixed: {state.markdown_text(err)}")
+            round_filters = None
+        labelling.panel(seed, engine, query.chip_id if query else None, partial(proposals_grid, db_uri, table, seed),
+                        round_filters, fragment=PANEL)
+        st.divider()
 
-# ----------------------------------------------------------------------------- the example
-if query_error is not None:
-    st.error(f"{query_error}. Pick an example from the gallery below, or check the chip id.")
+    # -------------------------------------------------------------------------- the example
+    if query_error is not None:
+        st.error(f"{query_error}. Pick an example from the gallery below, or check the chip id.")
 
-if query is None:
-    st.info("Pick an example chip from the gallery or the map below, or paste its id in the sidebar, "
-            "to see the places that look like it.")
-else:
-    st.subheader("Example")
-    picture, facts = st.columns([1, 2])
-    with picture, st.container(key="example"):
-        png = thumbnails(db_uri, table, (query.chip_id,)).get(query.chip_id)
-        if png:
-            st.image(png, width="stretch", output_format="PNG")
-        else:
-            st.caption("(no thumbnail stored for this chip)")
-        if seed is not None:
-            labelling.label_buttons(seed, query.chip_id, "example")
-    with facts:
-        st.markdown(
-            f"**`{query.chip_id}`**\n\n"
-            f"| | |\n|---|---|\n"  # a Markdown table needs a header row; it stays blank
-            f"| date | {chip_date(query)} |\n"
-            f"| place (lat, lon) | {query.center_lat:.5f}, {query.center_lon:.5f} |\n"
-            f"| sensor | {query.sensor} |\n"
-            f"| cloud | {fraction_text(query.cloud_fraction)} |\n"
-            f"| nodata | {fraction_text(query.nodata_fraction)} |\n"
-            f"| size | {query.size_px} px at {query.gsd_m:g} m ({query.size_px * query.gsd_m / 1000:g} km) |\n"
-            f"| source | `{query.source_id}` ({query.crs}, row {query.row_off}, col {query.col_off}) |")
-
-    def show_change_map(results: list, after: ChipRecord) -> None:
-        pngs = thumbnails(db_uri, table, (after.chip_id, *(r.chip.chip_id for r in results)))
-        show_map(lambda: maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails),
-                 ("change", after.chip_id, tuple((r.chip.chip_id, r.similarity) for r in results), basemap_url,
-                  st.session_state.map_thumbnails),
-                 f"change-map-{after.chip_id}", (maps.RESULTS_LAYER,),
-                 f"Map of the example and {len(results)} places with a like change")
-
-    where_change.change_panel(db_uri, table, engine, query, partial(thumbnails, db_uri, table), show_change_map)
-
-# ----------------------------------------------------------------------------- its look-alikes
-if query is not None:
-    response = None
-    try:
-        filters = state.search_filters(settings)
-        started = time.perf_counter()
-        response = look_alikes(db_uri, table, row_count, query.chip_id, settings.k, repr(filters),
-                               settings.spread_km, settings.per_cell, settings.expand, filters)
-        page_ms = (time.perf_counter() - started) * 1000
-    except ChipscoutError as err:
-        st.error(f"Cannot search: {err}")
-
-    if response is not None:
-        st.subheader("Look-alikes")
-        # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter, sketch (warm, large tables).
-        method = getattr(response, "method", "ann" if response.used_index else "exact")
-        method = method.removesuffix("+expanded:0")  # nothing was found to fold in: a plain search
-        cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
-        st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
-                   f"table version {response.table_version}")
-        if response.expansion:
-            st.caption(f"The example's {response.expansion} nearest results were folded into the query "
-                       "(query expansion), so similarities are to that expanded query; set Query "
-                       "expansion to 0 in the sidebar for the plain nearest neighbours.")
-        if not response.results:
-            active = state.describe_filters(settings)
-            if active:
-                st.warning(f"No chips match this search ({'; '.join(active)}). Loosen a filter in the sidebar.")
+    if query is None:
+        st.info("Pick an example chip from the gallery or the map below, or paste its id in the sidebar, "
+                "to see the places that look like it.")
+    else:
+        st.subheader("Example")
+        picture, facts = st.columns([1, 2])
+        with picture, st.container(key="example"):
+            png = thumbnails(db_uri, table, (query.chip_id,)).get(query.chip_id)
+            if png:
+                show_picture(png)
             else:
-                st.warning("No other chips in this table to compare with.")
-    if response is not None and response.results:
-        map_column, scores_column = st.columns([3, 2])
-        with scores_column:
-            threshold = similarity_threshold([r.similarity for r in response.results])
-        shown = [r for r in response.results if threshold is None or r.similarity >= threshold]
-        pngs = thumbnails(db_uri, table, (query.chip_id, *(r.chip.chip_id for r in shown)))
-        pngs = where_change.with_heatmaps(db_uri, table, engine, query, [r.chip for r in shown], pngs)
-        digits = score_digits([r.similarity for r in response.results])
-        with scores_column:
-            if len(shown) < len(response.results):
-                st.caption(f"{len(response.results) - len(shown)} results below similarity "
-                           f"{threshold:.{digits}f} hidden.")
-            if shown and not any(pngs.values()):
-                st.info("This table stores no thumbnails (its bands lack red, green or blue), "
-                        "so results show as footprints only.")
-            st.caption("Map: the example in magenta; look-alikes outlined from purple (least similar shown) "
-                       "to yellow (most similar). Click a footprint to search from it.")
+                st.caption("(no thumbnail stored for this chip)")
             if seed is not None:
-                st.caption(seed.map_legend([r.chip.chip_id for r in shown]))
-        if not shown:
-            st.warning(f"The similarity threshold hides all {len(response.results)} results; "
-                       "lower it to see them.")
-        else:
-            with map_column:
-                show_map(lambda: maps.results_deck(
-                             query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
-                             context=overview_chips(db_uri, table, row_count),
-                             context_pngs=mosaic_pngs(db_uri, table, row_count),
-                             labels=seed.label_map if seed is not None else None),
-                         ("results", query.chip_id, tuple((r.chip.chip_id, r.similarity) for r in shown),
-                          labels_of(seed, (r.chip.chip_id for r in shown)), basemap_url,
-                          st.session_state.map_thumbnails, bool(st.session_state.get(where_change.TOGGLE))),
-                         f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
-                         f"Map of the example and {len(shown)} look-alikes")
+                labelling.label_buttons(seed, query.chip_id, "example", fragment=PANEL)
+        with facts:
+            st.markdown(
+                f"**`{query.chip_id}`**\n\n"
+                f"| | |\n|---|---|\n"  # a Markdown table needs a header row; it stays blank
+                f"| date | {chip_date(query)} |\n"
+                f"| place (lat, lon) | {query.center_lat:.5f}, {query.center_lon:.5f} |\n"
+                f"| sensor | {query.sensor} |\n"
+                f"| cloud | {fraction_text(query.cloud_fraction)} |\n"
+                f"| nodata | {fraction_text(query.nodata_fraction)} |\n"
+                f"| size | {query.size_px} px at {query.gsd_m:g} m ({query.size_px * query.gsd_m / 1000:g} km) |\n"
+                f"| source | `{query.source_id}` ({query.crs}, row {query.row_off}, col {query.col_off}) |")
+
+        def show_change_map(results: list, after: ChipRecord) -> None:
+            pngs = thumbnails(db_uri, table, (after.chip_id, *(r.chip.chip_id for r in results)))
+            show_map(lambda: maps.results_deck(after, results, pngs, basemap_url, st.session_state.map_thumbnails,
+                                           image_src=images.src),
+                     ("change", after.chip_id, tuple((r.chip.chip_id, r.similarity) for r in results), basemap_url,
+                      st.session_state.map_thumbnails),
+                     f"change-map-{after.chip_id}", (maps.RESULTS_LAYER,),
+                     f"Map of the example and {len(results)} places with a like change")
+
+        where_change.change_panel(db_uri, table, engine, query, partial(thumbnails, db_uri, table), show_change_map)
+
+    # -------------------------------------------------------------------------- its look-alikes
+    if query is not None:
+        response = None
+        try:
+            filters = state.search_filters(settings)
+            started = time.perf_counter()
+            response = look_alikes(db_uri, table, row_count, query.chip_id, settings.k, repr(filters),
+                                   settings.spread_km, settings.per_cell, settings.expand, filters)
+            page_ms = (time.perf_counter() - started) * 1000
+        except ChipscoutError as err:
+            st.error(f"Cannot search: {err}")
+
+        if response is not None:
+            st.subheader("Look-alikes")
+            # `method` says how the engine answered: exact, exact-scan, ann, ann-postfilter, ann-prefilter, sketch (warm, large tables).
+            method = getattr(response, "method", "ann" if response.used_index else "exact")
+            method = method.removesuffix("+expanded:0")  # nothing was found to fold in: a plain search
+            cached = " (cached)" if page_ms < response.elapsed_ms / 2 else ""
+            st.caption(f"{len(response.results)} found · search {response.elapsed_ms:.0f} ms{cached}, {method} · "
+                       f"table version {response.table_version}")
+            if response.expansion:
+                st.caption(f"The example's {response.expansion} nearest results were folded into the query "
+                           "(query expansion), so similarities are to that expanded query; set Query "
+                           "expansion to 0 in the sidebar for the plain nearest neighbours.")
+            if not response.results:
+                active = state.describe_filters(settings)
+                if active:
+                    st.warning(f"No chips match this search ({'; '.join(active)}). Loosen a filter in the sidebar.")
+                else:
+                    st.warning("No other chips in this table to compare with.")
+        if response is not None and response.results:
+            map_column, scores_column = st.columns([3, 2])
             with scores_column:
-                st.button("Search only within this map's extent", on_click=set_area,
-                          args=(extent_text([query, *(r.chip for r in shown)]),),
-                          help="Sets the area filter to the box around the example and the results shown. "
-                               "(Streamlit cannot read back the map's current view.)")
-            thumbnail_grid("results-grid", [r.chip for r in shown],
-                           [f"**#{r.rank}** · {r.similarity:.{digits}f} · {chip_date(r.chip)}" for r in shown],
-                           "hop", pngs, seed, {r.chip.chip_id: r.similarity for r in shown}, "single")
+                threshold = similarity_threshold([r.similarity for r in response.results])
+            shown = [r for r in response.results if threshold is None or r.similarity >= threshold]
+            pngs = thumbnails(db_uri, table, (query.chip_id, *(r.chip.chip_id for r in shown)))
+            pngs = where_change.with_heatmaps(db_uri, table, engine, query, [r.chip for r in shown], pngs)
+            digits = score_digits([r.similarity for r in response.results])
+            with scores_column:
+                if len(shown) < len(response.results):
+                    st.caption(f"{len(response.results) - len(shown)} results below similarity "
+                               f"{threshold:.{digits}f} hidden.")
+                if shown and not any(pngs.values()):
+                    st.info("This table stores no thumbnails (its bands lack red, green or blue), "
+                            "so results show as footprints only.")
+                st.caption("Map: the example in magenta; look-alikes outlined from purple (least similar shown) "
+                           "to yellow (most similar). Click a footprint to search from it.")
+                if seed is not None:
+                    st.caption(seed.map_legend([r.chip.chip_id for r in shown]))
+            if not shown:
+                st.warning(f"The similarity threshold hides all {len(response.results)} results; "
+                           "lower it to see them.")
+            else:
+                with map_column:
+                    show_map(lambda: maps.results_deck(
+                                 query, shown, pngs, basemap_url, st.session_state.map_thumbnails,
+                                 context_mosaic=overview_mosaic(db_uri, table, row_count),
+                                 labels=seed.label_map if seed is not None else None, image_src=images.src),
+                             ("results", query.chip_id, tuple((r.chip.chip_id, r.similarity) for r in shown),
+                              labels_of(seed, (r.chip.chip_id for r in shown)), basemap_url,
+                              st.session_state.map_thumbnails, bool(st.session_state.get(where_change.TOGGLE))),
+                             f"results-map-{query.chip_id}", (maps.RESULTS_LAYER,),
+                             f"Map of the example and {len(shown)} look-alikes")
+                with scores_column:
+                    st.button("Search only within this map's extent", on_click=set_area,
+                              args=(extent_text([query, *(r.chip for r in shown)]),),
+                              help="Sets the area filter to the box around the example and the results shown. "
+                                   "(Streamlit cannot read back the map's current view.)")
+                thumbnail_grid("results-grid", [r.chip for r in shown],
+                               [f"**#{r.rank}** · {r.similarity:.{digits}f} · {chip_date(r.chip)}" for r in shown],
+                               "hop", pngs, seed, {r.chip.chip_id: r.similarity for r in shown}, "single", PANEL)
+
 
 # ----------------------------------------------------------------------------- pick an(other) example
-st.divider()
-st.subheader("Pick another example" if query is not None else "Pick an example")
-pages = max(1, -(-row_count // GALLERY_SIZE))
-page = st.session_state.gallery_page % pages
-previous_column, next_column, shuffle_column, page_column = st.columns([1, 1, 1, 3])
-previous_column.button("◀ Previous", on_click=turn_gallery, args=(pages, -1), width="stretch")
-next_column.button("Next ▶", on_click=turn_gallery, args=(pages, 1), width="stretch")
-shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
-page_column.caption(f"One chip of each kind (clusters of the vectors), page 1 of {pages}" if page == 0
-                    else f"Random sample, page {page + 1} of {pages}")
-gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
-gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
-thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs, seed)
+@st.fragment(key=GALLERY)
+def gallery_panel() -> None:
+    """The gallery and the map to pick an example from: a fragment, so paging reruns only this part;
+    picking a chip reruns the page (`use_as_example`)."""
+    labelling.start_fragment(GALLERY)
+    seed = labelling.open_seed(engine)
+    st.subheader("Pick another example" if query is not None else "Pick an example")
+    pages = max(1, -(-row_count // GALLERY_SIZE))
+    page = st.session_state.gallery_page % pages
+    previous_column, next_column, shuffle_column, page_column = st.columns([1, 1, 1, 3])
+    previous_column.button("◀ Previous", on_click=turn_gallery, args=(pages, -1), width="stretch")
+    next_column.button("Next ▶", on_click=turn_gallery, args=(pages, 1), width="stretch")
+    shuffle_column.button("Shuffle", on_click=shuffle_gallery, width="stretch")
+    page_column.caption(f"One chip of each kind (clusters of the vectors), page 1 of {pages}" if page == 0
+                        else f"Random sample, page {page + 1} of {pages}")
+    gallery = gallery_page(db_uri, table, row_count, st.session_state.gallery_seed, page)
+    gallery_pngs = thumbnails(db_uri, table, tuple(c.chip_id for c in gallery))
+    thumbnail_grid("gallery", gallery, [chip_date(c) for c in gallery], "pick", gallery_pngs, seed, fragment=GALLERY)
 
-overview = overview_chips(db_uri, table, row_count)
-sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"
-st.caption(f"Map of {sampled}, the gallery's chips outlined in orange; click a footprint to use it as the example.")
-show_map(lambda: maps.overview_deck(
-             overview, mosaic_pngs(db_uri, table, row_count) if st.session_state.map_thumbnails else {},
-             [c.chip_id for c in gallery], basemap_url),
-         ("overview", tuple(c.chip_id for c in gallery), basemap_url, st.session_state.map_thumbnails),
-         f"overview-map-{settings.chip_id}", (maps.CHIPS_LAYER,), f"Map of {sampled} to pick an example from")
+    overview = overview_chips(db_uri, table, row_count)
+    sampled = f"a sample of {len(overview)} of {row_count} chips" if len(overview) < row_count else "every chip"
+    st.caption(f"Map of {sampled}, the gallery's chips outlined in orange; click a footprint to use it as the example.")
+    show_map(lambda: maps.overview_deck(
+                 overview, overview_mosaic(db_uri, table, row_count) if st.session_state.map_thumbnails else None,
+                 [c.chip_id for c in gallery], basemap_url, image_src=images.src),
+             ("overview", tuple(c.chip_id for c in gallery), basemap_url, st.session_state.map_thumbnails),
+             f"overview-map-{settings.chip_id}", (maps.CHIPS_LAYER,), f"Map of {sampled} to pick an example from")
+
+
+with seed_box:
+    labelling.sidebar(engine)
+results_panel()
+st.divider()
+gallery_panel()

@@ -1,7 +1,9 @@
 """pydeck maps for the app: chip footprints coloured by similarity, with the chips' own thumbnails
 drawn at their footprints, so the map shows imagery even with no basemap (and works offline).
 
-Pure functions from search-API records to `pydeck.Deck` objects; no Streamlit here.
+Pure functions from search-API records to `pydeck.Deck` objects; no Streamlit here. Pictures go
+into a deck through `image_src` (bytes -> what the browser loads): data URIs by default, short URLs
+when the page serves them (`app/images.py`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import base64
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pydeck as pdk
@@ -33,7 +35,7 @@ GALLERY_COLOUR = (255, 140, 0)
 LABEL_COLOURS = {POSITIVE: (46, 125, 50), NEGATIVE: (198, 40, 40)}
 #: Labelled footprints are filled more than the others, so the label shows over the thumbnail.
 LABEL_FILL_ALPHA = 110
-#: Side of the small thumbnails drawn as a mosaic under the maps (about 1 KB each as PNG).
+#: Side in pixels of a typical chip in the mosaic picture drawn under the maps.
 MOSAIC_SIZE_PX = 24
 MAP_HEIGHT_PX = 520
 # The template is HTML and each {field} is put in as text: the chip id gets its own line, and a long
@@ -69,13 +71,54 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def small_png(png: bytes, size_px: int = MOSAIC_SIZE_PX) -> bytes:
-    """A thumbnail shrunk for the map mosaic, so hundreds of chips fit in one page update."""
+def _small(png: bytes, size_px: int) -> Image.Image:
     with Image.open(io.BytesIO(png)) as image:
-        small = image.convert("RGB").resize((size_px, size_px), Image.Resampling.BOX)
+        return image.convert("RGB").resize((size_px, size_px), Image.Resampling.BOX)
+
+
+@dataclass(frozen=True)
+class Mosaic:
+    """Many chips' small thumbnails painted into one picture (`png`) that spans `bounds` (min lon,
+    min lat, max lon, max lat): one BitmapLayer under both maps, one picture for the browser to fetch
+    and keep, and no per-chip rows in a deck."""
+
+    png: bytes
+    bounds: tuple[float, float, float, float]
+
+
+def _mercator_y(lat: float) -> float:
+    lat = max(min(lat, 85.0), -85.0)
+    return math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+
+def mosaic(chips: Sequence[ChipRecord], thumbnails: Mapping[str, bytes | None], size_px: int = MOSAIC_SIZE_PX,
+           max_side_px: int = 4096) -> Mosaic | None:
+    """The chips' thumbnails on one transparent picture in web-mercator (what deck.gl stretches a
+    BitmapLayer in), a typical chip `size_px` across; the picture's longer side at most `max_side_px`
+    (chips far apart then get fewer pixels). None when no chip has a thumbnail.
+
+    Each thumbnail fills its footprint's box; the slight rotation of a UTM chip in lon/lat does not
+    show at the zoom where a whole scene fits."""
+    drawn = [c for c in chips if thumbnails.get(c.chip_id)]
+    if not drawn:
+        return None
+    min_lon, min_lat, max_lon, max_lat = _bounds(drawn)
+    left, top = math.radians(min_lon), _mercator_y(max_lat)
+    widths = sorted(math.radians(c.footprint.bounds[2] - c.footprint.bounds[0]) for c in drawn)
+    scale = size_px / max(widths[len(widths) // 2], 1e-12)  # pixels per mercator unit
+    spans = (math.radians(max_lon - min_lon), top - _mercator_y(min_lat))  # mercator units
+    scale *= min(1.0, max_side_px / max(spans[0] * scale, spans[1] * scale, 1.0))
+    sheet = Image.new("RGBA", (max(1, round(spans[0] * scale)), max(1, round(spans[1] * scale))), (0, 0, 0, 0))
+    for chip in drawn:
+        lon0, lat0, lon1, lat1 = chip.footprint.bounds
+        x0, x1 = round((math.radians(lon0) - left) * scale), round((math.radians(lon1) - left) * scale)
+        y0, y1 = round((top - _mercator_y(lat1)) * scale), round((top - _mercator_y(lat0)) * scale)
+        box = (max(1, x1 - x0), max(1, y1 - y0))
+        with Image.open(io.BytesIO(thumbnails[chip.chip_id])) as image:
+            sheet.paste(image.convert("RGBA").resize(box, Image.Resampling.BOX), (x0, y0))
     out = io.BytesIO()
-    small.save(out, format="PNG", optimize=True)
-    return out.getvalue()
+    sheet.save(out, format="PNG", optimize=True)
+    return Mosaic(out.getvalue(), (min_lon, min_lat, max_lon, max_lat))
 
 
 def footprint_corners(footprint: Polygon) -> list[list[float]]:
@@ -112,8 +155,16 @@ def _date(chip: ChipRecord) -> str:
     return chip.acquired.date().isoformat() if chip.acquired else "date unknown"
 
 
+#: Decimals of the lon/lat sent to the browser: 1e-6 degrees is about 0.1 m, far below a pixel.
+COORD_DECIMALS = 6
+
+
+def _lonlat(point: Sequence[float]) -> list[float]:
+    return [round(point[0], COORD_DECIMALS), round(point[1], COORD_DECIMALS)]
+
+
 def _row(chip: ChipRecord, colour: Sequence[int], label: str, fill_alpha: int, line_alpha: int = 255) -> dict:
-    return {"chip_id": chip.chip_id, "polygon": [list(p) for p in chip.footprint.exterior.coords],
+    return {"chip_id": chip.chip_id, "polygon": [_lonlat(p) for p in chip.footprint.exterior.coords],
             "label": label, "line": [*colour[:3], line_alpha], "fill": [*colour[:3], fill_alpha]}
 
 
@@ -160,35 +211,27 @@ def _bounds(chips: Sequence[ChipRecord]) -> tuple[float, float, float, float]:
     return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
-def thumbnail_layers(chips: Sequence[ChipRecord], thumbnails: Mapping[str, bytes | None]) -> list[pdk.Layer]:
+ImageSource = Callable[[bytes], str]
+
+
+def thumbnail_layers(chips: Sequence[ChipRecord], thumbnails: Mapping[str, bytes | None],
+                     image_src: ImageSource = png_data_uri) -> list[pdk.Layer]:
     """One BitmapLayer per chip with a stored thumbnail, on the chip's footprint corners."""
     layers = []
     for chip in chips:
         png = thumbnails.get(chip.chip_id)
         if png:
-            # Quoted so pydeck passes the data URI through instead of reading it as an accessor.
-            layers.append(pdk.Layer("BitmapLayer", id=f"thumb-{chip.chip_id}", image=f"'{png_data_uri(png)}'",
+            # Quoted so pydeck passes the URL through instead of reading it as an accessor.
+            layers.append(pdk.Layer("BitmapLayer", id=f"thumb-{chip.chip_id}", image=f"'{image_src(png)}'",
                                     bounds=footprint_corners(chip.footprint)))
     return layers
 
 
-def mosaic_layer(chips: Sequence[ChipRecord], small_pngs: Mapping[str, bytes], opacity: float = 1.0) -> pdk.Layer:
-    """Many chips' small thumbnails as one IconLayer (one draw call instead of one layer per chip).
-
-    Icons are axis-aligned squares of the chip's side in metres at its centre; the slight rotation of a
-    UTM chip in lon/lat does not show at the zoom where a whole scene fits.
-    """
-    rows = []
-    for chip in chips:
-        png = small_pngs.get(chip.chip_id)
-        if png:
-            # 2% larger than the chip so neighbouring icons overlap instead of leaving hairline gaps.
-            rows.append({"position": [chip.center_lon, chip.center_lat], "size_m": 1.02 * chip.size_px * chip.gsd_m,
-                         "icon": {"url": png_data_uri(png), "id": chip.chip_id, "width": MOSAIC_SIZE_PX,
-                                  "height": MOSAIC_SIZE_PX}})
-    return pdk.Layer("IconLayer", id="mosaic", data=rows, get_icon="icon", get_position="position",
-                     get_size="size_m", size_units="'meters'", billboard=False, opacity=opacity,
-                     pickable=False)
+def mosaic_layer(picture: Mosaic, opacity: float = 1.0, image_src: ImageSource = png_data_uri) -> pdk.Layer:
+    """The mosaic picture on its bounds (one layer, one picture, whatever the number of chips)."""
+    min_lon, min_lat, max_lon, max_lat = picture.bounds
+    return pdk.Layer("BitmapLayer", id="mosaic", image=f"'{image_src(picture.png)}'",
+                     bounds=[min_lon, min_lat, max_lon, max_lat], opacity=opacity, pickable=False)
 
 
 def _deck(layers: list[pdk.Layer], chips: Sequence[ChipRecord], basemap_url: str | None,
@@ -209,28 +252,29 @@ def _polygon_layer(layer_id: str, rows: list[dict], line_width_px: float) -> pdk
 
 def results_deck(query: ChipRecord, results: Sequence[SearchResult], thumbnails: Mapping[str, bytes | None],
                  basemap_url: str | None = None, show_thumbnails: bool = True, width_px: int = 650,
-                 context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None,
-                 labels: Mapping[str, str] | None = None) -> pdk.Deck:
+                 context_mosaic: Mosaic | None = None,
+                 labels: Mapping[str, str] | None = None, image_src: ImageSource = png_data_uri) -> pdk.Deck:
     """The example (magenta) and its look-alikes (viridis by similarity; green / red when `labels`
     marks them positive / negative) over their own thumbnails, on a faded mosaic of other chips
-    (`context`) for orientation."""
+    (`context_mosaic`) for orientation."""
     chips = [query, *(r.chip for r in results)]
     layers = []
-    if show_thumbnails and context and context_pngs:
-        layers.append(mosaic_layer(context, context_pngs, opacity=0.45))
+    if show_thumbnails and context_mosaic is not None:
+        layers.append(mosaic_layer(context_mosaic, opacity=0.45, image_src=image_src))
     if show_thumbnails:
-        layers += thumbnail_layers(chips, thumbnails)
+        layers += thumbnail_layers(chips, thumbnails, image_src)
     layers.append(_polygon_layer(RESULTS_LAYER, result_rows(results, labels), 2))
     layers.append(_polygon_layer(QUERY_LAYER, [
         _row(query, QUERY_COLOUR, f"example · {_date(query)}", 30)], 3))
     return _deck(layers, chips, basemap_url, width_px)
 
 
-def overview_deck(chips: Sequence[ChipRecord], small_pngs: Mapping[str, bytes] | None = None,
-                  highlighted: Sequence[str] = (), basemap_url: str | None = None, width_px: int = 1000) -> pdk.Deck:
+def overview_deck(chips: Sequence[ChipRecord], picture: Mosaic | None = None,
+                  highlighted: Sequence[str] = (), basemap_url: str | None = None, width_px: int = 1000,
+                  image_src: ImageSource = png_data_uri) -> pdk.Deck:
     """Footprints of (a sample of) the table to click on, over a mosaic of their small thumbnails;
     `highlighted` chips (the gallery page) are outlined in orange."""
-    layers = [mosaic_layer(chips, small_pngs)] if small_pngs else []
+    layers = [mosaic_layer(picture, image_src=image_src)] if picture is not None else []
     marked = set(highlighted)
     rows = [_row(chip, GALLERY_COLOUR, f"{_date(chip)} · in the gallery", 10)
             if chip.chip_id in marked else
@@ -244,16 +288,16 @@ def overview_deck(chips: Sequence[ChipRecord], small_pngs: Mapping[str, bytes] |
 
 def proposals_deck(chips: Sequence[ChipRecord], captions: Sequence[str], thumbnails: Mapping[str, bytes | None],
                    labels: Mapping[str, str], basemap_url: str | None = None, show_thumbnails: bool = True,
-                   context: Sequence[ChipRecord] = (), context_pngs: Mapping[str, bytes] | None = None,
-                   width_px: int = 900) -> pdk.Deck:
+                   context_mosaic: Mosaic | None = None,
+                   width_px: int = 900, image_src: ImageSource = png_data_uri) -> pdk.Deck:
     """A round's proposals where they lie: over their thumbnails, outlined orange until labelled,
-    then green / red (`labels`), on a faded mosaic of other chips (`context`); `captions` (rank,
+    then green / red (`labels`), on a faded mosaic of other chips (`context_mosaic`); `captions` (rank,
     score) are their tooltips."""
     layers = []
-    if show_thumbnails and context and context_pngs:
-        layers.append(mosaic_layer(context, context_pngs, opacity=0.45))
+    if show_thumbnails and context_mosaic is not None:
+        layers.append(mosaic_layer(context_mosaic, opacity=0.45, image_src=image_src))
     if show_thumbnails:
-        layers += thumbnail_layers(chips, thumbnails)
+        layers += thumbnail_layers(chips, thumbnails, image_src)
     rows = []
     for chip, caption in zip(chips, captions):
         label = labels.get(chip.chip_id)

@@ -4,10 +4,13 @@ example, the filters, spreading, the threshold, the shareable link, and the empt
 The database comes from $CHIPSCOUT_DB (the page's default for --db) and the table from the URL.
 """
 
+import base64
+import io
 import json
 from datetime import date
 
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from chipscout.indexer.search import SearchFilters
@@ -42,6 +45,20 @@ def texts(elements) -> str:
     return " | ".join(str(e.value) for e in elements)
 
 
+def mosaic_picture(deck: dict) -> tuple[Image.Image, list[float]]:
+    """The mosaic layer's picture (a data URI under AppTest) and its lon/lat bounds."""
+    mosaic = layer(deck, "mosaic")
+    assert mosaic["@@type"] == "BitmapLayer"
+    data = mosaic["image"].strip("'").removeprefix("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(data))), mosaic["bounds"]
+
+
+def covered_share(picture: Image.Image) -> float:
+    """The share of the picture's pixels a thumbnail was drawn on (the rest is transparent)."""
+    alpha = picture.getchannel("A")
+    return sum(alpha.histogram()[1:]) / (picture.width * picture.height)
+
+
 def click_map(at: AppTest, chart_index: int, layer_id: str, chip_id: str) -> AppTest:
     """What a click on a footprint sends: the chart's selection state. AppTest has no pydeck widget,
     so the state is added to the other widgets' states by hand (uses AppTest internals)."""
@@ -63,7 +80,13 @@ def test_start_page_offers_a_gallery_and_a_clickable_map(open_app):
     assert len([b for b in at.button if b.key and b.key.startswith("pick-")]) == 12
     (overview,) = decks(at)
     assert len(layer(overview, "chips")["data"]) == 98 and layer(overview, "chips")["pickable"]
-    assert len(layer(overview, "mosaic")["data"]) == 98
+    # The chips' thumbnails as one picture over their extent (one image, fetched once by URL when served).
+    picture, bounds = mosaic_picture(overview)
+    footprints = [row["polygon"] for row in layer(overview, "chips")["data"]]
+    assert bounds == pytest.approx([min(p[0] for f in footprints for p in f), min(p[1] for f in footprints for p in f),
+                                    max(p[0] for f in footprints for p in f), max(p[1] for f in footprints for p in f)],
+                                   abs=1e-6)
+    assert covered_share(picture) > 0.9 and 48 <= picture.width <= 1000  # about 24 px a chip
     assert overview["mapStyle"] == "__MAP_STYLE__"  # no basemap by default: nothing fetched from the net
     assert "Contains modified Copernicus Sentinel data." in texts(at.caption)
     assert dict(at.query_params) == {"table": "chips"}
@@ -82,8 +105,9 @@ def test_pick_from_the_gallery_shows_the_example_and_its_look_alikes(open_app):
     deck = results_map(at)
     assert len(layer(deck, "results")["data"]) == 12
     assert [row["chip_id"] for row in layer(deck, "query")["data"]] == [chip_id]
-    bitmaps = [lay for lay in deck["layers"] if lay["@@type"] == "BitmapLayer"]
+    bitmaps = [lay for lay in deck["layers"] if lay["@@type"] == "BitmapLayer" and lay["id"] != "mosaic"]
     assert len(bitmaps) == 13 and all(lay["image"].startswith("data:image/png;base64,") for lay in bitmaps)
+    assert mosaic_picture(deck)[1] == mosaic_picture(decks(at)[1])[1]  # one mosaic, under both maps
     assert all(len(lay["bounds"]) == 4 for lay in bitmaps)
     assert len(decks(at)) == 2  # the pick-another map stays below
 

@@ -95,6 +95,13 @@ def chip_in_url(page) -> str | None:
 
 def test_pick_search_and_click_the_map_in_chromium(app_db, browser_page, tmp_path):
     page = browser_page
+    # The maps' pictures come by URL from the app server's route, never inlined in what a rerun sends.
+    pictures: list[tuple[int, str]] = []
+    inlined: list[int] = []
+    page.on("response", lambda r: pictures.append((r.status, r.headers.get("cache-control", "")))
+            if "/api/chipscout/images/" in r.url else None)
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: inlined.append(len(frame))
+            if b"data:image/png;base64" in (frame if isinstance(frame, bytes) else frame.encode()) else None))
     with TileServer() as tiles, serve_app(app_db, "chips", log_path=tmp_path / "streamlit.log",
                                           env={"CHIPSCOUT_BASEMAP_URL": tiles.url}) as base_url:
         page.goto(f"{base_url}/?table=chips", wait_until="domcontentloaded")
@@ -121,6 +128,8 @@ def test_pick_search_and_click_the_map_in_chromium(app_db, browser_page, tmp_pat
         assert "Contains modified Copernicus Sentinel data." in page.inner_text("body")
         assert_no_error_shown(page)
         page.screenshot(path=str(tmp_path / "2-results.png"))
+        assert pictures and all(status == 200 and "immutable" in cache for status, cache in pictures)
+        assert not inlined
 
         # Click the middle of the pick-another map: the chip under the pointer becomes the example.
         overview = page.locator("[data-testid='stDeckGlJsonChart']").last
