@@ -214,11 +214,11 @@ def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table,
     assert err.strip().splitlines() == [
         "error: cannot open database s3://no-such-bucket/db: the bucket does not exist "
         "(bucket 'no-such-bucket')"]
-    # Nothing was written anywhere: the bucket holds the two tables of the other tests only.
+    # Nothing was written anywhere: the bucket holds the tables of the other tests only.
     listing = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
                            aws_access_key_id=s3.key_id, aws_secret_access_key=s3.secret)
     prefixes = {o["Key"].split("/")[0] for o in listing.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
-    assert prefixes <= {"single", "cluster"}
+    assert prefixes <= {"single", "cluster", "sharded"}
 
 
 def test_label_commands_and_export_reach_a_table_on_s3(s3, single_table, chipscout, tmp_path):
