@@ -175,7 +175,7 @@ class Int8Vectors(MemoryVectors):
         approx = self.scores(query, positions)
         if len(positions) > k:
             kth = float(np.partition(approx, len(approx) - k)[len(approx) - k])
-            near = np.flatnonzero(approx >= kth - 2 * self.bound(query))
+            near = np.flatnonzero(approx >= kth - 2 * self.bound(query) - 1e-6)  # 1e-6: float32 sums
             if len(near) > self.RERANK_MAX:
                 near = near[np.argpartition(-approx[near], self.RERANK_MAX - 1)[:self.RERANK_MAX]]
             positions = positions[near]
