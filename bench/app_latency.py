@@ -99,6 +99,7 @@ class Journey:
     def __init__(self, page, server: Server):
         self.page, self.server = page, server
         self.ws_bytes = 0
+        self.ws_frames = 0
         self.http_bytes = 0
         self.static_bytes = 0  # Streamlit's own JS and CSS: fetched once per browser, then cached
         page.on("websocket", lambda ws: ws.on("framereceived", self._frame))
@@ -107,11 +108,26 @@ class Journey:
 
     def _frame(self, payload) -> None:
         self.ws_bytes += len(payload)
+        self.ws_frames += 1
+
+    def _answered(self, frames_before: int, timeout_ms: float) -> bool:
+        """Wait until the server has sent a websocket frame since `frames_before` (its answer to
+        the action's rerun has begun); False after `timeout_ms`. Without it a step could end on a
+        page that was still quiet because the rerun had not started yet (negative or near-zero
+        walls under load, the work then counted in the next step)."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self.ws_frames == frames_before:
+            if time.monotonic() > deadline:
+                return False
+            self.page.wait_for_timeout(20)  # lets Playwright deliver the frame events
+        return True
 
     def _response(self, response) -> None:
         try:
-            length = response.headers.get("content-length")
-            size = int(length) if length else len(response.body())
+            # Bytes that crossed the wire: a response the browser served from its own cache (the
+            # pictures are `immutable`) reports no body size here, though its headers still carry
+            # a content-length; counting that would charge a cached picture again on every draw.
+            size = max(0, response.request.sizes()["responseBodySize"])
             if "/static/" in response.url:
                 self.static_bytes += size
             else:
@@ -139,7 +155,9 @@ class Journey:
             started = None
         cpu_before, ws_before, http_before, static_before, wall_before = (
             self.server.cpu_s(), self.ws_bytes, self.http_bytes, self.static_bytes, time.time())
+        frames_before = self.ws_frames
         action()
+        answered = self._answered(frames_before, min(timeout_ms, 60_000))
         page.wait_for_selector("h1:has-text('chipscout')", timeout=timeout_ms)
         page.evaluate(_WATCH)
         page.wait_for_function(_SETTLED, arg=QUIET_MS, polling=50, timeout=timeout_ms)
@@ -147,7 +165,7 @@ class Journey:
         wall = (last_change - started) / 1000 if started is not None else last_change / 1000 - wall_before
         self.rows.append({"step": name, "wall_s": wall, "server_cpu_s": self.server.cpu_s() - cpu_before,
                           "ws_bytes": self.ws_bytes - ws_before, "http_bytes": self.http_bytes - http_before,
-                          "static_bytes": self.static_bytes - static_before})
+                          "static_bytes": self.static_bytes - static_before, "answered": answered})
 
 
 def overview_target(db: str, table: str, exclude: set[str]):
@@ -287,6 +305,9 @@ def main() -> None:
         table.append(entry)
         if name == "map click":
             name += f" ({sum(r.get('hit', False) for r in rows)} of {len(rows)} hit a chip)"
+        unanswered = sum(not r.get("answered", True) for r in rows)
+        if unanswered:  # the server sent nothing within 60 s of the action
+            name += f" ({unanswered} of {len(rows)} got no answer)"
         print(f"| {name} | {entry['wall_s_p50']:.2f} | {entry['wall_s_first']:.2f} | "
               f"{entry['server_cpu_s_p50']:.2f} | {entry['sent_kb_p50']:.0f} | {entry['static_kb_p50']:.0f} |")
     if args.json:
