@@ -11,11 +11,12 @@ session, label 3 look-alikes Yes, start the next round, download the session as 
 journey is a fresh browser session on the same server, so journey 1 pays the server's cold start
 (table load, first search) and the others show a warm server.
 
-Per step it prints the wall time from the action to the settled page (no Streamlit status widget,
-no stale element, and no DOM change for 500 ms; the time is that of the last change, so the quiet
-wait is not counted), the server process's CPU seconds over that time (/proc via psutil; the
+Per step it prints the wall time from the action to the settled page (the server's first
+websocket frame after the action, then no Streamlit status widget, no stale element, and no DOM
+change for 500 ms; the time is that of the last change, so the quiet wait is not counted), the server process's CPU seconds over that time (/proc via psutil; the
 server is the `chipscout app` process itself, which execs Streamlit), and the bytes the server
-sent: websocket frames plus HTTP bodies (Streamlit fetches elements over 10 KB by hash over HTTP,
+sent: websocket frames plus the HTTP bodies that crossed the wire (not responses the browser
+served from its cache; Streamlit fetches elements over 10 KB by hash over HTTP,
 and the maps' pictures come by URL), with Streamlit's own JS and CSS (`/static/`, fetched once per
 browser and then cached) in a column of their own; each journey is a fresh browser context, so
 it fetches them again.
