@@ -7,12 +7,8 @@ clear line each, before anything is written.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +23,7 @@ from chipscout.indexer.sources.files import local_source  # noqa: E402
 from chipscout.indexer.ingest import EncoderChoice, index_sources  # noqa: E402
 from chipscout.indexer.search import SearchEngine  # noqa: E402
 from chipscout.indexer.store import ChipStore  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import moto_server  # noqa: E402
 
 BUCKET = "chipscout-test"
 TINY = EncoderChoice("rcf", {"kernels": "gaussian", "features": 32, "seed": 0})
@@ -55,21 +51,7 @@ class S3:
 def s3():
     """moto's S3 on a loopback port. Its first three requests (creating a user, its policy and its
     key) go unsigned; every later request must carry that user's valid signature."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"})
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as endpoint:
         anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1",
                      "aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
         iam = boto3.client("iam", **anonymous)
@@ -81,9 +63,6 @@ def s3():
         boto3.client("s3", **{**anonymous, "aws_access_key_id": server.key_id,
                               "aws_secret_access_key": server.secret}).create_bucket(Bucket=BUCKET)
         yield server
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -5,10 +5,6 @@ another product, and bad files (one line naming the file, no table left behind).
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,7 +19,7 @@ from chipscout.indexer.errors import IncompatibleTableError, ProductFileError
 from chipscout.indexer.ingest.importing import import_product
 from chipscout.indexer.search import SearchEngine
 from chipscout.indexer.store import ChipStore
-from tests.conftest import LoopbackFileServer, free_port
+from tests.conftest import LoopbackFileServer, moto_server
 
 
 def _geo_metadata(crs=None) -> bytes:
@@ -149,19 +145,7 @@ def test_import_over_http_range_requests(tmp_path):
 def test_import_from_s3(tmp_path):
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "moto did not start"
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
         client.create_bucket(Bucket="products")
@@ -171,9 +155,6 @@ def test_import_from_s3(tmp_path):
         summary = import_product("s3://products/major-tom/tom.parquet", str(tmp_path / "db"), "s3tom",
                                  storage_options={"aws_endpoint": endpoint, **keys})
         assert summary.rows_new == 50 and summary.product == "major-tom"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("case, expected", [
