@@ -805,8 +805,7 @@ class VectorSearcher:
             positions, found = warm.filters.positions(row_ids)
             positions = positions[found]
             return warm.vectors.top(vector, k, positions)
-        vectors = unit_rows(self.store.vectors_by_row_id(row_ids))
-        return _top(vectors @ _unit_query(vector), row_ids, k)
+        return _disk_top(self.store, _unit_query(vector), row_ids, k)
 
     def _count(self, state: TableState, filters: FilterColumns, row_filter: SearchFilters,
                k: int, in_memory: bool) -> tuple[int, np.ndarray | None]:
@@ -892,9 +891,7 @@ class VectorSearcher:
             return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact":
             assert filters is not None and mask is not None
-            allowed_ids = filters.row_ids[mask]
-            vectors = unit_rows(self.store.vectors_by_row_id(allowed_ids))
-            row_ids, distances = _top(vectors @ _unit_query(vector), allowed_ids, k)
+            row_ids, distances = _disk_top(self.store, _unit_query(vector), filters.row_ids[mask], k)
             return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact-scan":
             return self.store.nearest(vector, k, where, columns, use_index=False), plan
