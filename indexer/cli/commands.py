@@ -508,9 +508,10 @@ app.add_typer(label_app, name="label")
 app.command("export")(export_command)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run `chipscout` with `argv` (default: the process's arguments); exits like the command."""
     try:
-        app()
+        app(args=argv, prog_name="chipscout")
     except Exception as err:
         if not _is_user_error(err):
             raise

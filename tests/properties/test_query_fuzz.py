@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
-import sys
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
@@ -20,6 +18,7 @@ from hypothesis import strategies as st
 from chipscout.indexer.errors import QueryError
 from chipscout.indexer.search import BBox, SearchEngine, SearchFilters, SearchResponse
 from chipscout.indexer.store import ChipStore
+from tests.cli_runner import run_chipscout
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -231,10 +230,8 @@ def test_malicious_filter_values_return_nothing_unexpected_and_damage_nothing(en
 
 def test_malicious_chip_id_on_the_command_line(indexed_db):
     before = table_state(indexed_db)
-    result = subprocess.run(
-        [sys.executable, "-m", "chipscout.indexer.cli", "search", "x' OR 1=1 --", "--db", indexed_db,
-         "--table", "chips", "--from", "2024-01-01' OR 1=1 --", "--json"],
-        capture_output=True, text=True, timeout=300)
+    result = run_chipscout("search", "x' OR 1=1 --", "--db", indexed_db, "--table", "chips",
+                           "--from", "2024-01-01' OR 1=1 --", "--json")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "bad" in result.stderr and result.stdout == ""
     assert table_state(indexed_db) == before

@@ -1,4 +1,6 @@
-"""`chipscout` end to end, as a user runs it: real processes, real files, real tables."""
+"""`chipscout` end to end, as a user runs it: real files, real tables, the command's code from
+`main` on (in this process, `tests/cli_runner.py`; the table fixture, the app and the start-up
+probe run as real processes)."""
 
 import json
 import subprocess
@@ -9,13 +11,18 @@ import pytest
 import rasterio
 
 from chipscout.indexer.store import ChipStore
+from tests.cli_runner import run_chipscout
 
 TINY = ["--encoder", "rcf", "--kernels", "gaussian", "--features", "64", "--seed", "0"]
 
 
-def chipscout(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
+def chipscout(*args, check=True, process=False):
+    """`chipscout ARGS`: in this process, or with `process=True` as a new Python process."""
+    if process:
+        result = subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *map(str, args)],
+                                capture_output=True, text=True, timeout=300)
+    else:
+        result = run_chipscout(*args)
     if check and result.returncode != 0:
         raise AssertionError(f"chipscout {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
@@ -25,7 +32,7 @@ def chipscout(*args, check=True):
 def cli_db(small_scene_dir, tmp_path_factory):
     db = tmp_path_factory.mktemp("cli") / "db"
     result = chipscout("index", "files", small_scene_dir, "--sensor", "sentinel-2-l1c", "--size", "64",
-                       *TINY, "--db", db, "--table", "scene", "--json")
+                       *TINY, "--db", db, "--table", "scene", "--json", process=True)
     summary = json.loads(result.stdout)
     assert summary["chips_new"] == 16 and summary["table_rows"] == 16 and summary["failures"] == []
     return db

@@ -3,8 +3,6 @@ failing, nonsense grid options and a --db that is a file. Each is refused with o
 and a good source beside it is still indexed."""
 
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,6 +14,7 @@ from chipscout.indexer.ingest import index_sources
 from chipscout.indexer.ingest.job import EncoderChoice
 from chipscout.indexer.sources import local_source
 from chipscout.indexer.store import ChipStore
+from tests.cli_runner import run_chipscout
 
 TINY = EncoderChoice("rcf", {"kernels": "gaussian", "features": 16, "seed": 0})
 BANDS = ["blue", "green", "red", "nir"]
@@ -81,8 +80,7 @@ def test_the_chip_bound_is_an_option(small_cog, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return run_chipscout(*args)
 
 
 def test_when_every_source_fails_each_reason_is_reported(tmp_path):

@@ -3,14 +3,13 @@ refused, each as a failure naming the item, and chipscout sends no request to th
 
 import json
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from chipscout.indexer.sources import HrefPolicy
 from chipscout.indexer.sources.stac import HrefRefused
 from chipscout.indexer.store import ChipStore
+from tests.cli_runner import run_chipscout
 from tests.conftest import LoopbackFileServer
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, rustac_executable, write_catalog, write_item_assets
 
@@ -45,10 +44,8 @@ def test_hrefs_to_local_files_and_internal_hosts_are_refused(small_scene_dir, tm
                  write_item_assets(cut, ItemSpec("inside", S2, "2021-07-03T10:00:00Z", properties=WHEN),
                                    root / "files", internal)]
         with RustacServer(write_catalog(root / "catalog", items)) as api:
-            result = subprocess.run(
-                [sys.executable, "-m", "chipscout.indexer.cli", "index", "stac", "--url", api.url,
-                 "--collection", S2, "--allow-host", files.url.split("//", 1)[1], *TINY,
-                 "--db", tmp_path / "db"], capture_output=True, text=True, timeout=300)
+            result = run_chipscout("index", "stac", "--url", api.url, "--collection", S2,
+                                   "--allow-host", files.url.split("//", 1)[1], *TINY, "--db", tmp_path / "db")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     summary = json.loads(result.stdout)
     reasons = {f["source"].rsplit("/", 1)[-1]: f["reason"] for f in summary["failures"]}

@@ -7,7 +7,6 @@ without a NIR asset, and a Landsat C2 L2 item with QA_PIXEL cloud bits.
 """
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ from chipscout.indexer.sources.stac import (
     parse_bbox, parse_datetime_interval,
 )
 from chipscout.indexer.store import ChipStore
+from tests.cli_runner import run_chipscout
 from tests.conftest import LoopbackFileServer, free_port
 from tests.stac_fixtures import ItemSpec, RustacServer, SceneCut, rustac_executable, write_catalog, write_item_assets
 
@@ -82,8 +82,7 @@ def catalog(small_scene_dir, tmp_path_factory):
 
 
 def _chipscout(*args):
-    return subprocess.run([sys.executable, "-m", "chipscout.indexer.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return run_chipscout(*args)
 
 
 @pytest.fixture(scope="module")
