@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 
 from chipscout.indexer import __version__
 from chipscout.indexer.chips import Chip, ChipGrid
+from chipscout.indexer.dask_client import dask_client, wants_cuda
 from chipscout.indexer.errors import ChipscoutError, ClusterError, StoreError
 from chipscout.indexer.ingest.embedding import Embedder
 from chipscout.indexer.ingest.fitting import fit_transform
@@ -39,77 +39,6 @@ from chipscout.indexer.ingest.transform import VectorTransform
 from chipscout.indexer.sources import RasterSource, is_remote
 from chipscout.indexer.ingest.fitted_state import bytes_to_tensors, state_digest, tensors_to_bytes
 from chipscout.indexer.store import ChipStore
-
-#: Seconds to wait for a scheduler, and for the first worker of a remote cluster.
-CONNECT_TIMEOUT_S = 20
-
-
-# ----------------------------------------------------------------------------- the cluster
-def parse_local_cluster(spec: str) -> int | None:
-    """`local` (None: one worker per core, or per GPU) or `local:N` (N worker processes)."""
-    text = spec.strip().lower()
-    if text == "local":
-        return None
-    head, _, count = text.partition(":")
-    if head == "local" and count.isdigit() and int(count) >= 1:
-        return int(count)
-    raise ClusterError(f"bad --cluster {spec!r}: use local or local:N (N worker processes), or "
-                       "--scheduler tcp://HOST:PORT for a running cluster")
-
-
-def _wants_cuda(device: str | None) -> bool:
-    return bool(device) and str(device).startswith("cuda")
-
-
-def _import_distributed():
-    try:
-        import distributed
-    except ImportError:
-        raise ClusterError("indexing on a cluster needs Dask: pip install 'chipscout[cluster]' "
-                           "(dask[distributed]) here and on every worker") from None
-    return distributed
-
-
-@contextmanager
-def dask_client(cluster: str | None = None, scheduler: str | None = None, *,
-                device: str | None = None) -> Iterator[Any]:
-    """A `distributed.Client` for `--cluster local[:N]` (a cluster of worker processes on this
-    machine, bound to 127.0.0.1, closed on exit) or `--scheduler tcp://HOST:PORT` (a running one)."""
-    if bool(cluster) == bool(scheduler):
-        raise ClusterError("give one of --cluster local[:N] and --scheduler tcp://HOST:PORT")
-    distributed = _import_distributed()
-    if cluster:
-        workers = parse_local_cluster(cluster)
-        gpus = torch.cuda.device_count() if _wants_cuda(device) else 0
-        if _wants_cuda(device):
-            if gpus == 0:
-                raise ClusterError(f"--device {device} asked for, but this machine has no CUDA GPU")
-            if workers is not None and workers > gpus:
-                raise ClusterError(f"--cluster {cluster} with --device {device}: this machine has "
-                                   f"{gpus} GPU(s), and each GPU is used by one worker process")
-        count = workers or gpus or os.cpu_count() or 1
-        import logging
-
-        with distributed.LocalCluster(n_workers=count, processes=True, threads_per_worker=1,
-                                      host="127.0.0.1", dashboard_address=None,
-                                      silence_logs=logging.ERROR) as local, \
-                distributed.Client(local) as client:
-            yield client
-        return
-    try:
-        client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError, ValueError) as err:
-        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from None
-    try:
-        try:
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
-        except (TimeoutError, OSError):
-            raise ClusterError(f"the Dask scheduler at {scheduler} has no workers "
-                               f"(none joined within {CONNECT_TIMEOUT_S} s)") from None
-        yield client
-    finally:
-        client.close()
-
 
 @dataclass(frozen=True)
 class WorkerFacts:
@@ -162,7 +91,7 @@ def check_workers(client: Any, device: str | None = None) -> list[WorkerFacts]:
                  if getattr(fact, name) != value]
         if other:
             problems.append(f"{address} runs {', '.join(other)}")
-        if _wants_cuda(device) and fact.gpus == 0:
+        if wants_cuda(device) and fact.gpus == 0:
             problems.append(f"{address} has no CUDA GPU, and --device {device} was asked for")
     if problems:
         raise ClusterError("worker(s) not fit for this job: " + "; ".join(problems))

@@ -161,7 +161,7 @@ class SearchEngine:
         self._cluster = ExitStack()
         self.searcher: VectorSearcher | ShardedSearcher
         if cluster or scheduler:
-            from chipscout.indexer.ingest.cluster import dask_client  # here: Dask and torch only for a cluster
+            from chipscout.indexer.dask_client import dask_client  # here: Dask only for a cluster
 
             client = self._cluster.enter_context(dask_client(cluster, scheduler))
             self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS)

@@ -19,16 +19,15 @@ import pytest
 distributed = pytest.importorskip("distributed")
 lance = pytest.importorskip("lance")
 
-from chipscout.indexer.ingest import cluster as cluster_module  # noqa: E402
+from chipscout.indexer import dask_client as client_module  # noqa: E402
 from chipscout.indexer.chips import ChipGrid  # noqa: E402
+from chipscout.indexer.dask_client import dask_client, parse_local_cluster  # noqa: E402
 from chipscout.indexer.ingest.cluster import (  # noqa: E402
     ClusterError,
     WorkUnit,
     check_workers,
-    dask_client,
     device_slots,
     index_on_cluster,
-    parse_local_cluster,
     plan_sample,
     plan_units,
     read_sample,
@@ -255,7 +254,7 @@ def test_bad_cluster_options_fail_fast(monkeypatch):
     with pytest.raises(ClusterError, match="one of --cluster"):
         with dask_client():
             pass
-    monkeypatch.setattr(cluster_module, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(client_module, "CONNECT_TIMEOUT_S", 1)
     from tests.conftest import free_port
 
     started = time.monotonic()

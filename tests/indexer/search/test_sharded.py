@@ -179,3 +179,15 @@ def test_a_worker_killed_while_a_query_waits_on_it_gives_the_same_answer(cluster
         assert killed, f"the query's task never waited on the victim {victim}: {client.processing()}"
         assert got == expected  # the lost shard was loaded again elsewhere and asked again
     client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+
+
+def test_the_cluster_client_and_sharded_search_import_without_torch():
+    """`SearchEngine(cluster=...)` needs Dask, not torch (which costs seconds to import)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, chipscout.indexer.dask_client, chipscout.indexer.search.sharded, "
+             "chipscout.indexer.search.engine; print(sorted(m for m in ('torch', 'distributed') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
