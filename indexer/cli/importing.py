@@ -20,7 +20,7 @@ def import_command(
     datetime_column: Annotated[Optional[str], typer.Option("--datetime-column", help="Column of the acquisition dates.")] = None,
     product: Annotated[Optional[str], typer.Option("--product", help="Name the table records for the product (default: the preset).")] = None,
     batch_rows: Annotated[Optional[int], typer.Option("--batch-rows", help="Rows read and written at a time.")] = None,
-    memory_mb: Annotated[Optional[float], typer.Option("--memory-mb", help="Size batches to stay within about this much memory.")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="Size batches to stay within about this much memory (bytes, or e.g. 512MiB, 2GiB: the syntax of search's --memory).")] = None,
     db: DbOption = None,
     table: TableOption = "chips",
     as_json: JsonOption = False,
@@ -29,6 +29,9 @@ def import_command(
 ) -> None:
     """Import published chip embeddings (Major TOM, Clay, Earth Index, ...) into a table; rerun to resume."""
     from chipscout.indexer.ingest.importing import import_product
+    from chipscout.indexer.store.indexes import parse_memory
+
+    memory_mb = None if memory is None else parse_memory(memory) / 2**20
 
     bar = None
     if progress and not as_json:

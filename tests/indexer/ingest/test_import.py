@@ -75,8 +75,10 @@ def test_survey_layout_is_found_by_its_emb_key_and_imported(tmp_path):
     path = tmp_path / "21MNT_embeddings.parquet"
     vectors = write_survey(path)
     db = str(tmp_path / "db")
-    result = CliRunner().invoke(app, ["import", str(path), "--db", db, "--table", "ei", "--json"])
+    result = CliRunner().invoke(app, ["import", str(path), "--db", db, "--table", "ei", "--json", "--memory", "1MiB"])
     assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(app, ["import", str(path), "--db", db, "--table", "ei", "--memory", "lots"])
+    assert refused.exit_code != 0 and "memory budget 'lots' is not a size" in str(refused.exception)
     report = json.loads(result.stdout)
     assert report["rows_new"] == 40 and report["product"] == "earth-index" and report["table_rows"] == 40
     store = ChipStore(db, "ei")
