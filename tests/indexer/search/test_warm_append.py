@@ -110,6 +110,18 @@ def test_an_update_or_a_delete_reloads_the_cache_whole(tmp_path, data, change):
     assert (gone <= near_60) == (change == "update")
 
 
+def test_a_version_that_adds_no_rows_keeps_the_cache(tmp_path, data):
+    centres, _, _ = data
+    db, store = _table(tmp_path, data)
+    engine = SearchEngine(db, "growing", index_policy=POLICY)
+    engine.warm_up()
+    before = _answers(engine, centres)
+    store.create_scalar_index("acquired")  # a new version, the same fragments
+    engine.refresh()
+    assert _answers(engine, centres) == before
+    assert engine.searcher._warm.absorbed_rows == 0 and engine.searcher._warm.version == store.version
+
+
 def test_a_plan_that_no_longer_fits_reloads_with_a_new_plan(tmp_path, data):
     centres, vectors, rows = data
     db, store = _table(tmp_path, data)
