@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.synthetic import SyntheticChips, bench_config  # noqa: E402
@@ -75,8 +73,9 @@ def run_size(args, rows: int) -> dict:
     engine = SearchEngine(db, TABLE, memory=args.memory)
     with Clock() as warm:
         described = engine.warm_up()
-    result["warm_up"] = {"wall_s": warm.wall, "cpu_s": warm.cpu, "sketch_build_s": (described["sketch"] or {}).get("build_s", 0.0),
-                         "tier": described["vectors"], "bytes": described["bytes"]}
+    result["warm_up"] = {"wall_s": warm.wall, "cpu_s": warm.cpu, "tier": described["vectors"],
+                         "sketch_build_s": (described["sketch"] or {}).get("build_s", 0.0),
+                         "bytes": described["bytes"]}
     print(f"[{rows}] warm-up (fits and stores the projection): {warm.wall:.1f} s wall, {warm.cpu:.1f} s CPU, "
           f"{described['vectors']}, sketch {result['warm_up']['sketch_build_s']} s", flush=True)
 
@@ -94,7 +93,8 @@ def run_size(args, rows: int) -> dict:
     with Clock() as reload:
         reloaded = fresh.warm_up()
     assert "absorbed_rows" not in reloaded
-    result["reload"] = {"wall_s": reload.wall, "cpu_s": reload.cpu, "sketch_build_s": (reloaded["sketch"] or {}).get("build_s", 0.0)}
+    result["reload"] = {"wall_s": reload.wall, "cpu_s": reload.cpu,
+                        "sketch_build_s": (reloaded["sketch"] or {}).get("build_s", 0.0)}
     print(f"[{rows}] full reload (stored projection): {reload.wall:.1f} s wall, {reload.cpu:.1f} s CPU", flush=True)
 
     same = 0
