@@ -900,11 +900,12 @@ class VectorSearcher:
         """The warm cache of `version` made from `held` (of an older version) and the rows
         appended since, read alone, when rows were only added (`ChipStore.appended_fragments`)
         and the plan of a full warm-up at `version` is the one held; else None (a full reload).
-        Equals a full warm-up's cache: the filter columns and records of the new rows follow
-        the held ones (row-id order), their vectors join at the held tier (int8 with the held
-        scales, its error bound raised for rows beyond them) and their codes join the sketch
-        with its projection, merged into its date order. `held` is left as it is: queries may
-        still be reading it."""
+        It answers as a full warm-up's cache does, and holds the same arrays but for int8 codes
+        (made with the held scales): the filter columns and records of the new rows follow the
+        held ones (row-id order), their vectors join at the held tier (int8: the error bound is
+        raised for rows beyond the held scales) and their codes join the sketch with its
+        projection, merged into its date order. Costs a copy of what is held (queries may still
+        be reading `held`, which is left as it is) and a read of the new rows alone."""
         started = time.perf_counter()
         if held.plan is None or held.version > version:
             return None
