@@ -59,7 +59,8 @@ def _arguments() -> argparse.Namespace:
 @st.cache_resource(show_spinner="Loading the chip table into memory...")
 def search_engine(db_uri: str, table: str) -> SearchEngine:
     engine = SearchEngine(db_uri, table, memory=_arguments().memory)
-    engine.warm_up()  # an app answers many queries: keep what they read in memory
+    engine.warm_up()  # an app answers many queries: keep what they read in memory (the first page waits)
+    engine.warm_up(wait=False)  # later versions are absorbed or loaded in the background; queries go cold meanwhile
     return engine
 
 

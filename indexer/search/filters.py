@@ -306,6 +306,31 @@ class FilterColumns:
         copy.source_codes = self.source_codes[order]
         return copy
 
+    def appended(self, store, table: pa.Table) -> FilterColumns:
+        """These columns followed by the rows of `table` (these columns and `_rowid`, in row-id
+        order, after these rows) appended to the table since (`ChipStore.appended_fragments`),
+        as of `store`'s version; the source names new in `table` get the next dictionary codes,
+        as a full read gives them."""
+        self._need(self.COLUMNS)
+        added = FilterColumns(store, table)
+        names = list(self.source_names)
+        code = {name: i for i, name in enumerate(names)}
+        for name in added.source_names:
+            if name not in code:
+                code[name] = len(names)
+                names.append(name)
+        remap = np.array([code[name] for name in added.source_names] + [-1], dtype=np.int32)  # -1: NULL
+        joined = object.__new__(FilterColumns)
+        joined._store, joined._lock, joined._loaded = None, threading.Lock(), set(self._loaded)
+        joined.version, joined.source_names = added.version, names
+        joined.row_ids = np.concatenate([self.row_ids, added.row_ids])
+        joined.acquired_us = np.concatenate([self.acquired_us, added.acquired_us])
+        joined.bounds = {c: np.concatenate([a, added.bounds[c]]) for c, a in self.bounds.items()}
+        joined.cloud = np.concatenate([self.cloud, added.cloud])
+        joined.nodata = np.concatenate([self.nodata, added.nodata])
+        joined.source_codes = np.concatenate([self.source_codes, remap[added.source_codes]])
+        return joined
+
     def estimate(self, filters: SearchFilters) -> int:
         """Rows `filters` allows, estimated from every `SAMPLE_STRIDE`-th row."""
         sampled = self.mask(filters, slice(None, None, self.SAMPLE_STRIDE))

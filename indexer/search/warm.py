@@ -5,6 +5,9 @@ sketch, and `VectorSearcher`, which runs each query as `chipscout.indexer.search
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import logging
 import os
 import sys
 import threading
@@ -22,7 +25,9 @@ from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
-from chipscout.indexer.store import unit_rows
+from chipscout.indexer.store import FittedState, unit_rows
+
+_log = logging.getLogger(__name__)
 
 
 _THREAD_CONTROLLER: ThreadpoolController | None = None
@@ -208,6 +213,71 @@ class DiskVectors(MemoryVectors):
         return _disk_top(self.store, _unit_query(query), row_ids, k)
 
 
+@dataclass(frozen=True)
+class SketchFit:
+    """The sketch's projection of one table: its sample mean and (dim, bits) projection. Fitted
+    once and stored with the table (`store_sketch_fit`), so that absorbing an append and a
+    later process's warm-up code rows with the same bits."""
+
+    bits: int
+    mean: np.ndarray
+    projection: np.ndarray
+
+
+#: Where the table's `SketchFit` is kept among its fitted states (`ChipStore.put_fitted_state`).
+SKETCH_FIT_KEY = "sketch-projection"
+
+
+def _table_identity(store) -> str:
+    """A digest of the table's recorded configuration: a fit kept for another table of the same
+    name (dropped and created again) is not reused."""
+    return hashlib.sha256(store.config.to_json().encode()).hexdigest()
+
+
+def load_sketch_fit(store, bits: int) -> SketchFit | None:
+    """The table's stored sketch projection of `bits` bits; None when there is none. A stored
+    one that is corrupt or of another table or size is logged and ignored (a refit replaces
+    it): a query never fails for it."""
+    try:
+        stored = store.fitted_state(SKETCH_FIT_KEY)
+    except (StoreError, OSError, ValueError, RuntimeError) as err:
+        _log.warning("cannot read the sketch projection of table %r (%s): fitting it again", store.table_name, err)
+        return None
+    if stored is None:
+        return None
+    try:
+        if hashlib.sha256(stored.blob).hexdigest() != stored.sha256:
+            raise ValueError("its digest does not match its bytes")
+        with np.load(io.BytesIO(stored.blob), allow_pickle=False) as arrays:
+            fit = SketchFit(int(arrays["bits"]), arrays["mean"].astype(np.float32),
+                            np.ascontiguousarray(arrays["projection"], dtype=np.float32))
+            table = str(arrays["table"])
+        dim = store.config.embedding_dim
+        if table != _table_identity(store):
+            raise ValueError("it was fitted for another table of that name")
+        if fit.bits != bits or fit.mean.shape != (dim,) or fit.projection.shape != (dim, bits):
+            raise ValueError(f"it is {fit.bits} bits of {fit.mean.shape} vectors, not {bits} of ({dim},)")
+    except (ValueError, KeyError, OSError, EOFError) as err:
+        _log.warning("the stored sketch projection of table %r is unusable (%s): fitting it again",
+                     store.table_name, err)
+        return None
+    return fit
+
+
+def store_sketch_fit(store, fit: SketchFit) -> None:
+    """Keep `fit` with the table (its `__state` companion, local or on an object store). A table
+    that cannot be written (read-only) is logged: the next warm-up fits it again."""
+    buffer = io.BytesIO()
+    np.savez(buffer, bits=np.int64(fit.bits), mean=fit.mean, projection=fit.projection,
+             table=np.str_(_table_identity(store)))
+    blob = buffer.getvalue()
+    try:
+        store.put_fitted_state(SKETCH_FIT_KEY, FittedState(blob, hashlib.sha256(blob).hexdigest()))
+    except (StoreError, OSError, ValueError, RuntimeError) as err:
+        _log.warning("cannot store the sketch projection of table %r (%s): the next warm-up fits it again",
+                     store.table_name, err)
+
+
 class BinarySketch:
     """256 bits per row of a warm table version, ordered by acquisition date, to pick candidates
     fast; `MemoryVectors` then re-ranks them exactly.
@@ -245,7 +315,8 @@ class BinarySketch:
         rows = len(vectors.row_ids)
         rng = np.random.default_rng(seed)
         sample = vectors.vectors[self.sample_positions(rows, rng)].astype(np.float32)
-        self._fit(sample, filters, bits, rng)
+        self._fit(sample, bits, rng)
+        self._lay_out(filters)
         for start in range(0, rows, 65_536):
             positions = self.order[start:start + 65_536]
             self._put(np.arange(start, start + len(positions)), vectors.vectors[positions])
@@ -257,14 +328,19 @@ class BinarySketch:
         return np.sort(rng.choice(rows, min(rows, cls.SAMPLE_ROWS), replace=False))
 
     @classmethod
-    def streamed(cls, sample: np.ndarray, filters: FilterColumns, bits: int = 256,
-                 rng: np.random.Generator | None = None) -> BinarySketch:
-        """An empty sketch fitted on `sample` (unit float32 rows); `add` fills it batch by batch,
-        so the table's vectors never need to be in memory all at once. With the rng that drew
-        the sample, and the same sample, it equals the sketch of the vectors in memory."""
+    def streamed(cls, sample: np.ndarray | None, filters: FilterColumns, bits: int = 256,
+                 rng: np.random.Generator | None = None, fit: SketchFit | None = None) -> BinarySketch:
+        """An empty sketch fitted on `sample` (unit float32 rows), or with the projection of a
+        stored `fit` (the table's, `load_sketch_fit`); `add` fills it batch by batch, so the
+        table's vectors never need to be in memory all at once. With the rng that drew the
+        sample, and the same sample, it equals the sketch of the vectors in memory."""
         sketch = cls.__new__(cls)
         sketch._started = time.perf_counter()
-        sketch._fit(sample.astype(np.float32), filters, bits, rng or np.random.default_rng(0))
+        if fit is not None:
+            sketch.bits, sketch.mean, sketch.projection = fit.bits, fit.mean, fit.projection
+        else:
+            sketch._fit(sample.astype(np.float32), bits, rng or np.random.default_rng(0))
+        sketch._lay_out(filters)
         sketch._rank = np.empty(len(sketch.order), dtype=np.int64)
         sketch._rank[sketch.order] = np.arange(len(sketch.order))
         return sketch
@@ -278,7 +354,34 @@ class BinarySketch:
         self.build_s = time.perf_counter() - self._started
         return self
 
-    def _fit(self, sample: np.ndarray, filters: FilterColumns, bits: int, rng: np.random.Generator) -> None:
+    @property
+    def fit(self) -> SketchFit:
+        """The projection, to store with the table (`store_sketch_fit`)."""
+        return SketchFit(self.bits, self.mean, self.projection)
+
+    def extended(self, filters: FilterColumns, block: np.ndarray) -> BinarySketch:
+        """A new sketch of these rows and of rows appended after them in row-id order, with
+        the same projection: `filters` of all rows (these first), `block` the unit vectors of
+        the appended rows. The appended rows are merged into the date order, after the rows
+        of the same date already here, so it equals the sketch a full warm-up with this
+        projection builds (a stable sort by date). This sketch is left as it is (queries may
+        be reading it)."""
+        started = time.perf_counter()
+        held = len(self.order)
+        added_dates = filters.acquired_us[held:]
+        by_date = np.argsort(added_dates, kind="stable")
+        at = np.searchsorted(self.filters.acquired_us, added_dates[by_date], side="right")
+        sketch = object.__new__(BinarySketch)
+        sketch.bits, sketch.mean, sketch.projection = self.bits, self.mean, self.projection
+        sketch._threads, sketch._pool = self._threads, self._pool
+        sketch.order = np.insert(self.order, at, held + by_date)
+        sketch.filters = filters.reordered(sketch.order)
+        codes = self._codes(block[by_date])
+        sketch.words = [np.insert(column, at, codes[:, w]) for w, column in enumerate(self.words)]
+        sketch.build_s = time.perf_counter() - started
+        return sketch
+
+    def _fit(self, sample: np.ndarray, bits: int, rng: np.random.Generator) -> None:
         dim = sample.shape[1]
         self.bits = bits
         self.mean = sample.mean(axis=0)
@@ -291,20 +394,27 @@ class BinarySketch:
         mixing = (np.linalg.qr(rng.standard_normal((bits, bits)))[0] if kept == bits
                   else rng.standard_normal((kept, bits)))
         self.projection = np.ascontiguousarray(principal @ mixing, dtype=np.float32)
+
+    def _lay_out(self, filters: FilterColumns) -> None:
+        """Empty codes of the rows of `filters`, in date order."""
         self.order = np.argsort(filters.acquired_us, kind="stable")
         self.filters = filters.reordered(self.order)
         # One array per 64-bit word, written in place: no second full-size copy of the codes.
-        self.words = [np.empty(len(self.order), dtype=np.uint64) for _ in range(bits // 64)]
+        self.words = [np.empty(len(self.order), dtype=np.uint64) for _ in range(self.bits // 64)]
         self._threads = max(1, min(4, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self._threads)
 
-    def _put(self, slots: np.ndarray, block: np.ndarray) -> None:
-        """Codes of unit vectors `block` into the sketch's (date-ordered) `slots`."""
+    def _codes(self, block: np.ndarray) -> np.ndarray:
+        """(n, bits / 64) codes of unit vectors `block`."""
         import torch  # the warm path's only heavy import; float16 blocks convert fastest in torch
 
         projected = (torch.from_numpy(np.ascontiguousarray(block)).float() - torch.from_numpy(self.mean)) \
             @ torch.from_numpy(self.projection)
-        words = np.packbits(projected.numpy() > 0, axis=1).view(np.uint64)
+        return np.packbits(projected.numpy() > 0, axis=1).view(np.uint64)
+
+    def _put(self, slots: np.ndarray, block: np.ndarray) -> None:
+        """Codes of unit vectors `block` into the sketch's (date-ordered) `slots`."""
+        words = self._codes(block)
         for w, column in enumerate(self.words):
             column[slots] = words[:, w]
 
@@ -518,16 +628,20 @@ def quantize_int8(block: np.ndarray, scales: np.ndarray, error: np.ndarray) -> n
 def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: IndexPolicy,
                     seed: int = 0) -> tuple[MemoryVectors | None, BinarySketch | None]:
     """The vectors at `plan.tier` and the sketch, in one pass over the table's batches: never
-    more than one batch of float32 beyond what is kept. The sketch's projection and the int8
-    scales are fitted on a sample read by row offsets first."""
+    more than one batch of float32 beyond what is kept. The int8 scales are fitted on a sample
+    read by row offsets first, and so is the sketch's projection unless the table keeps one
+    (`load_sketch_fit`; a new fit is stored with the table)."""
     if plan.tier == "none":
         return None, None
     rows, dim = len(filters), store.config.embedding_dim
     rng = np.random.default_rng(seed)
+    fit = load_sketch_fit(store, policy.sketch_bits) if plan.sketch else None
     sample = None
-    if plan.sketch or plan.tier == "int8":
+    if (plan.sketch and fit is None) or plan.tier == "int8":
         sample = unit_rows(store.vectors_at_offsets(BinarySketch.sample_positions(rows, rng)))
-    sketch = BinarySketch.streamed(sample, filters, policy.sketch_bits, rng) if plan.sketch else None
+    sketch = BinarySketch.streamed(sample, filters, policy.sketch_bits, rng, fit) if plan.sketch else None
+    if sketch is not None and fit is None:
+        store_sketch_fit(store, sketch.fit)
     held = scales = error = None
     if plan.tier in ("float32", "float16"):
         held = np.empty((rows, dim), dtype=plan.tier)
@@ -565,6 +679,26 @@ def _stream_vectors(store, filters: FilterColumns, plan: WarmPlan, policy: Index
     return vectors, sketch
 
 
+def _extended_vectors(held: MemoryVectors, version: int, row_ids: np.ndarray, block: np.ndarray) -> MemoryVectors:
+    """`held` followed by the unit vectors `block` of rows appended since, at `held`'s tier, as
+    of table version `version` (`row_ids`: of every row). int8 codes use the held scales; the
+    error bound is raised for the new rows (in a copy: queries may be reading `held`)."""
+    if isinstance(held, Int8Vectors):
+        error = held.error.copy()
+        codes = np.concatenate([held.vectors, quantize_int8(block, held.scales, error)])
+        vectors: MemoryVectors = Int8Vectors(held.store, row_ids, codes, held.scales, error)
+    elif isinstance(held, DiskVectors):
+        vectors = DiskVectors(held.store, row_ids)
+    else:
+        if held.vectors.dtype == np.float16:
+            import torch  # converts to float16 with the CPU's vector instructions, as the full read does
+
+            block = torch.from_numpy(block).half().numpy()
+        vectors = MemoryVectors.from_arrays(version, row_ids, np.concatenate([held.vectors, block]))
+    vectors.version = version
+    return vectors
+
+
 @dataclass
 class WarmCache:
     """What a warmed searcher keeps of one table version (`VectorSearcher.warm_up`)."""
@@ -580,6 +714,8 @@ class WarmCache:
     """Kept from `IndexPolicy.sketch_min_rows` rows on, when it fits the budget."""
     plan: WarmPlan | None = None
     """What the budget allowed, and why."""
+    absorbed_rows: int | None = None
+    """Rows appended since the cache it was made from (`VectorSearcher._absorb`); None: read whole."""
 
     @property
     def nbytes(self) -> int:
@@ -593,7 +729,8 @@ class WarmCache:
                 "records": self.records.num_columns > 0,
                 "sketch": None if self.sketch is None else {"bits": self.sketch.bits,
                                                             "build_s": round(self.sketch.build_s, 2)},
-                **({"plan": self.plan.describe()} if self.plan is not None else {})}
+                **({"plan": self.plan.describe()} if self.plan is not None else {}),
+                **({"absorbed_rows": self.absorbed_rows} if self.absorbed_rows is not None else {})}
 
 
 class VectorSearcher:
@@ -712,13 +849,21 @@ class VectorSearcher:
                     self._loading_version = version
                     self._loading = self._loader.submit(self._load_in_background, version)
                 return None  # the cold path answers until the cache of this version is loaded
-            self._warm = None  # let the old arrays go before the new ones are read
+            held, self._warm = self._warm, None
             self._filters = self._exact = None
-            self._warm = self._load_warm(version)
+            self._warm = self._absorb(held, version) if held is not None else None
+            del held  # a full reload: let the old arrays go before the new ones are read
+            if self._warm is None:
+                self._warm = self._load_warm(version)
             return self._warm
 
     def _load_in_background(self, version: int) -> None:
-        cache = self._load_warm(version)
+        with self._lock:
+            held = self._warm
+        cache = self._absorb(held, version) if held is not None else None
+        del held
+        if cache is None:
+            cache = self._load_warm(version)
         with self._lock:
             if self._loading_version == version:
                 self._warm = cache
@@ -750,6 +895,53 @@ class VectorSearcher:
             records = records.drop_columns(["_rowid"]).combine_chunks() if plan.records else records.select([])
             vectors, sketch = _stream_vectors(self.store, filters, plan, self.policy)
         return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan)
+
+    def _absorb(self, held: WarmCache, version: int) -> WarmCache | None:
+        """The warm cache of `version` made from `held` (of an older version) and the rows
+        appended since, read alone, when rows were only added (`ChipStore.appended_fragments`)
+        and the plan of a full warm-up at `version` is the one held; else None (a full reload).
+        It answers as a full warm-up's cache does, and holds the same arrays but for int8 codes
+        (made with the held scales): the filter columns and records of the new rows follow the
+        held ones (row-id order), their vectors join at the held tier (int8: the error bound is
+        raised for rows beyond the held scales) and their codes join the sketch with its
+        projection, merged into its date order. Costs a copy of what is held (queries may still
+        be reading `held`, which is left as it is) and a read of the new rows alone."""
+        started = time.perf_counter()
+        if held.plan is None or held.version > version:
+            return None
+        added = self.store.appended_fragments(held.version, version)
+        if added is None:
+            return None
+        with one_math_thread() if self._warm_in_background else contextlib.nullcontext():
+            plan = self.warm_plan()
+            if (plan.tier, plan.sketch, plan.records) != (held.plan.tier, held.plan.sketch, held.plan.records):
+                _log.info("table %r grew to %d rows: a new warm plan (%s), reloading", self.store.table_name,
+                          plan.rows, plan.tier)
+                return None
+            if not added:  # a version that added no rows (an index built, say): the same rows
+                return replace(held, version=version, load_s=time.perf_counter() - started, absorbed_rows=0)
+            columns = list(dict.fromkeys([*held.records.column_names, *FilterColumns.COLUMNS]))
+            wants_vectors = plan.tier != "none"
+            new_rows = self.store.read_fragments(added, [*columns, *(["vector"] if wants_vectors else [])], version)
+            if plan.rows != len(held.filters) + new_rows.num_rows:
+                return None  # the table moved on meanwhile: read it as it is now
+            if new_rows.num_rows and len(held.filters) and new_rows["_rowid"][0].as_py() <= held.filters.row_ids[-1]:
+                return None
+            filters = held.filters.appended(self.store, new_rows.select([*FilterColumns.COLUMNS, "_rowid"]))
+            filters.version = version
+            records = held.records
+            if plan.records:
+                records = pa.concat_tables([records, new_rows.select(records.column_names)]).combine_chunks()
+            else:
+                records = pa.table({"rows": pa.nulls(len(filters))}).select([])
+            vectors, sketch = held.vectors, held.sketch
+            if wants_vectors:
+                block = unit_rows(self.store.vectors_of_rows(new_rows))
+                vectors = _extended_vectors(held.vectors, version, filters.row_ids, block)
+                if sketch is not None:
+                    sketch = sketch.extended(filters, block)
+        return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan,
+                         absorbed_rows=new_rows.num_rows)
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
         version = self.store.version if version is None else version

@@ -455,6 +455,33 @@ class ChipStore:
         order = pc.sort_indices(rows["_rowid"])
         return rows if _is_identity(order) else rows.take(order)
 
+    def appended_fragments(self, since_version: int, version: int) -> list[int] | None:
+        """Ids of the fragments that table version `version` adds to `since_version`, when the
+        change between them only added rows: every fragment of `since_version` is still there
+        unchanged (no row deleted or updated, no compaction), the schema and its metadata are
+        the same, and the new fragments' row ids come after the old ones' (fragment id << 32 |
+        offset). None for any other change, or when `since_version` can no longer be read (its
+        files cleaned up). Readers that hold a version absorb such an append instead of reading
+        the table again (`read_fragments` reads just the new rows)."""
+        if version == since_version:
+            return []
+        try:
+            before, after = self._dataset_at(since_version), self._dataset_at(version)
+        except StoreError:
+            return None
+        if not before.schema.equals(after.schema, check_metadata=True):
+            return None
+        held = {fragment.fragment_id: fragment.metadata for fragment in before.get_fragments()}
+        now = {fragment.fragment_id: fragment.metadata for fragment in after.get_fragments()}
+        if any(now.get(fragment_id) != metadata for fragment_id, metadata in held.items()):
+            return None
+        added = sorted(set(now) - set(held))
+        if any(now[f].row_id_meta is not None for f in added):  # stable row ids: not by fragment
+            return None
+        if held and added and min(added) <= max(held):
+            return None
+        return added
+
     def upsert_patches(self, rows: pa.Table) -> None:
         """Per-patch vectors (chip_id, patch_row, patch_col, vector) in `<table>__patches`."""
         if rows.num_rows == 0:
@@ -586,6 +613,11 @@ class ChipStore:
             vectors[at: at + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
             at += len(chunk)
         return vectors
+
+    def vectors_of_rows(self, rows: pa.Table) -> np.ndarray:
+        """(n, D) float32 vectors of the `vector` column of `rows` read from this table
+        (`read_fragments`...)."""
+        return self._vectors_of(rows)
 
     def all_vectors(self, dtype: Any = np.float32, unit: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(`_rowid`s, (n, D) vectors as `dtype`, scaled to unit length if `unit`) of every row,

@@ -166,6 +166,36 @@ def test_a_table_in_the_bucket_is_searched_on_a_cluster(s3):
                         == [(r.chip.chip_id, r.distance) for r in expected.results])
 
 
+def test_a_warm_engine_absorbs_an_append_to_a_table_in_the_bucket(s3):
+    """Issue 21: the sketch's projection is stored with a table on S3 and an append is absorbed."""
+    from chipscout.indexer.ingest.fitted_state import encode_state
+    from chipscout.indexer.search.warm import load_sketch_fit
+    from chipscout.indexer.store.indexes import IndexPolicy
+    from tests.synthetic import SyntheticChips, bench_config
+
+    db = f"s3://{BUCKET}/warm"
+    policy = IndexPolicy(min_rows=10**9, scalar_min_rows=10**9, sketch_min_rows=100, sketch_candidates=20)
+    generator = SyntheticChips(600, 8, seed=2)
+    batches = [batch for batch, _ in generator.batches(400)]
+    store = ChipStore(db, "chips", s3.options())
+    store.create(bench_config(8), encode_state({}), keep_state=False)
+    store.upsert(batches[0])
+    engine = SearchEngine(db, "chips", storage_options=s3.options(), index_policy=policy)
+    assert engine.warm_up()["sketch"] is not None
+    store.upsert(batches[1])
+    engine.refresh()
+    queries = generator.queries(3)
+    answers = [[(r.chip.chip_id, r.distance) for r in engine.similar_to_vector(q, 5).results] for q in queries]
+    assert engine.searcher._warm.absorbed_rows == 200
+    fresh = SearchEngine(db, "chips", storage_options=s3.options(), index_policy=policy)
+    fresh.warm_up()
+    stored = load_sketch_fit(ChipStore(db, "chips", s3.options()), policy.sketch_bits)
+    np.testing.assert_array_equal(fresh.searcher._warm.sketch.projection, stored.projection)
+    np.testing.assert_array_equal(engine.searcher._warm.sketch.projection, stored.projection)
+    assert answers == [[(r.chip.chip_id, r.distance) for r in fresh.similar_to_vector(q, 5).results]
+                       for q in queries]
+
+
 def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table, small_cog, chipscout,
                                                                monkeypatch):
     db = single_table[0]
@@ -197,7 +227,7 @@ def test_wrong_credentials_and_missing_bucket_are_clear_errors(s3, single_table,
     listing = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
                            aws_access_key_id=s3.key_id, aws_secret_access_key=s3.secret)
     prefixes = {o["Key"].split("/")[0] for o in listing.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
-    assert prefixes <= {"single", "cluster", "sharded"}
+    assert prefixes <= {"single", "cluster", "sharded", "warm"}
 
 
 def test_label_commands_and_export_reach_a_table_on_s3(s3, single_table, chipscout, tmp_path):
