@@ -201,6 +201,27 @@ class FilterColumns:
                     self.bounds[name] = values
         self._loaded.update(names)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every column as a numpy array (all read first), by name: what `from_arrays` takes back."""
+        self._need(self.COLUMNS)
+        return {"_rowid": self.row_ids, "acquired": self.acquired_us, "cloud_fraction": self.cloud,
+                "nodata_fraction": self.nodata, "source_id": self.source_codes, **self.bounds}
+
+    @classmethod
+    def from_arrays(cls, version: int, arrays: dict[str, np.ndarray], source_names: Sequence[str]) -> FilterColumns:
+        """The columns of table version `version` from `arrays` (`arrays()`) and the source ids'
+        dictionary `source_names` (a local copy of a warm searcher's, `warm_files`)."""
+        columns = object.__new__(cls)
+        columns._store, columns._lock, columns._loaded = None, threading.Lock(), set(cls.COLUMNS)
+        columns.version, columns.source_names = version, list(source_names)
+        columns.row_ids, columns.acquired_us = arrays["_rowid"], arrays["acquired"]
+        columns.cloud, columns.nodata = arrays["cloud_fraction"], arrays["nodata_fraction"]
+        columns.source_codes = arrays["source_id"]
+        columns.bounds = {name: arrays[name] for name in ("min_lon", "min_lat", "max_lon", "max_lat")}
+        if any(len(a) != len(columns.row_ids) for a in columns.arrays().values()):
+            raise StoreError("filter columns of unequal lengths")
+        return columns
+
     def _need(self, names: Sequence[str]) -> None:
         """Read columns `names` (at least one column, for the row ids) unless already here."""
         if self._store is None or (self._loaded and self._loaded.issuperset(names)):

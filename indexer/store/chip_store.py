@@ -651,6 +651,14 @@ class ChipStore:
         """Committed versions, oldest first: `version`, `timestamp` and `metadata` (`total_rows`...)."""
         return self._table.list_versions()
 
+    def version_stamp(self, version: int | None = None) -> dict[str, Any]:
+        """What names table version `version` (None: this store's) across processes and
+        re-creations of the table: the Lance dataset's URI, the version and its commit time
+        (read from the manifests, no rows). A local copy of what a warm searcher holds is keyed by it."""
+        version = self.version if version is None else version
+        committed = next((v["timestamp"] for v in self.versions() if v["version"] == version), None)
+        return {"uri": self.lance_uri, "version": int(version), "committed": str(committed)}
+
     def restore(self, version: int) -> int:
         """Make `version` the table's content again, as a new version (later ones are kept).
 
