@@ -47,11 +47,13 @@ def build(args) -> tuple[np.ndarray, list[str], FootprintIndex, SyntheticChips]:
     from chipscout.indexer.store import ChipStore
 
     generator = SyntheticChips(args.rows, args.dim, seed=args.seed)
-    store = ChipStore(args.db, TABLE)
+    store = ChipStore(args.db, args.table)
     reuse = args.reuse and store.exists() and store.count() == args.rows
+    if args.reuse and not reuse:  # never rewrite a table asked to be reused
+        raise SystemExit(f"--reuse: no table {args.table!r} of {args.rows} rows in {args.db}")
     if not reuse:
         shutil.rmtree(args.db, ignore_errors=True)
-        store = ChipStore(args.db, TABLE)
+        store = ChipStore(args.db, args.table)
         store.create(bench_config(args.dim), encode_state({}))
     vectors = np.empty((args.rows, args.dim), dtype=np.float32)
     chip_ids: list[str] = []
@@ -63,6 +65,9 @@ def build(args) -> tuple[np.ndarray, list[str], FootprintIndex, SyntheticChips]:
         footprints.add(batch)
         if not reuse:
             store.upsert(batch)  # one fragment per batch
+    if reuse:  # the table must hold the rows generated here (same seed and batch size)
+        check = np.linspace(0, args.rows - 1, 50).astype(np.int64)
+        np.testing.assert_allclose(store.vectors_at_offsets(check), vectors[check], rtol=1e-6, atol=1e-6)
     print(f"table: {args.rows} x {args.dim}-d, {len(store.fragment_rows())} fragments "
           f"({'reused' if reuse else f'written in {time.perf_counter() - started:.0f} s'})", flush=True)
     return vectors, chip_ids, footprints, generator
@@ -127,6 +132,14 @@ def rss_gib(pid: int | None = None) -> float:
     return psutil.Process(pid or os.getpid()).memory_info().rss / 2**30
 
 
+def hwm_gib() -> float:
+    """This process's peak resident memory (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -139,6 +152,9 @@ def main() -> None:
     parser.add_argument("--db", default="/tmp/bench-sharded/db")
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--table", default=TABLE)
+    parser.add_argument("--memory", default=None,
+                        help="the one process's warm budget and each worker's (SearchEngine memory=)")
     args = parser.parse_args()
 
     import distributed
@@ -152,13 +168,16 @@ def main() -> None:
     del vectors
     result: dict = {"rows": args.rows, "dim": args.dim, "queries": args.queries, "share": shares, "runs": {}}
 
-    engine = SearchEngine(args.db, TABLE)
+    engine = SearchEngine(args.db, args.table, memory=args.memory)
     started = time.perf_counter()
-    engine.warm_up()
+    held = engine.warm_up()
     load_s = time.perf_counter() - started
-    run = {"load_s": load_s, **{name: measure(engine, q, exact[name], False) for name, q in by_case.items()}}
+    run = {"load_s": load_s, "held": {k: held[k] for k in ("vectors", "records", "bytes")},
+           "rss_gib": rss_gib(), "vmhwm_gib": hwm_gib(),
+           **{name: measure(engine, q, exact[name], False) for name, q in by_case.items()}}
     result["runs"]["one process"] = run
-    print(f"one process: warm-up {load_s:.1f} s; {json.dumps({n: run[n] for n in by_case}, default=str)}; "
+    print(f"one process: warm-up {load_s:.1f} s, holds {run['held']}, RSS {run['rss_gib']:.2f} GiB, "
+          f"VmHWM {run['vmhwm_gib']:.2f} GiB; {json.dumps({n: run[n] for n in by_case}, default=str)}; "
           f"{uptime()}", flush=True)
     del engine
 
@@ -167,26 +186,32 @@ def main() -> None:
                                       host="127.0.0.1", dashboard_address=None,
                                       silence_logs=logging.ERROR) as cluster, \
                 distributed.Client(cluster) as client, \
-                SearchEngine(args.db, TABLE, scheduler=cluster.scheduler_address) as engine:
+                SearchEngine(args.db, args.table, scheduler=cluster.scheduler_address,
+                             memory=args.memory) as engine:
             started = time.perf_counter()
             held = engine.warm_up()
             load_s = time.perf_counter() - started
             run = {"load_s": load_s, "held": held,
                    **{name: measure(engine, q, exact[name], True) for name, q in by_case.items()}}
             run["worker_rss_gib"] = sorted(client.run(rss_gib).values())
+            run["worker_vmhwm_gib"] = sorted(client.run(hwm_gib).values())
             result["runs"][f"{workers} workers"] = run
             print(f"{workers} workers: shards loaded in {load_s:.1f} s ({held['shards']} shards, "
                   f"{held['bytes'] / 2**30:.2f} GiB); {json.dumps({n: run[n] for n in by_case})}; "
-                  f"worker RSS {run['worker_rss_gib']}; {uptime()}", flush=True)
+                  f"worker RSS {run['worker_rss_gib']}, VmHWM {run['worker_vmhwm_gib']}; {uptime()}", flush=True)
 
     print(f"\n{args.rows:,} rows x {args.dim}-d, {args.queries} queries, k = {K}; end: {uptime()}")
-    print("| setup | load (s) | filter | p50 ms | p95 ms | q/s (1 client) | q/s (4 threads) | recall@10 "
-          "| slowest shard p50 ms | scatter/gather p50 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| setup | held (per worker) | load (s) | filter | p50 ms | p95 ms | q/s (1 client) | q/s (4 threads) "
+          "| recall@10 | slowest shard p50 ms | scatter/gather p50 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, run in result["runs"].items():
+        held = run["held"]
+        what = (f"{held['vectors']}{' + result columns' if held['records'] else ''}, "
+                f"{held.get('max_shard_bytes', held['bytes']) / 2**30:.2f} GiB; VmHWM "
+                f"{max(run.get('worker_vmhwm_gib', [run.get('vmhwm_gib', float('nan'))])):.2f} GiB")
         for case in by_case:
             m = run[case]
-            print(f"| {name} | {run['load_s']:.1f} | {case} ({shares[case]:.1%}) | {m['p50_ms']:.1f} | "
+            print(f"| {name} | {what} | {run['load_s']:.1f} | {case} ({shares[case]:.1%}) | {m['p50_ms']:.1f} | "
                   f"{m['p95_ms']:.1f} | {m['qps']:.0f} | {m['qps_4_threads']:.0f} | {m['recall_at_10']:.3f} | "
                   f"{m.get('slowest_shard_p50_ms', float('nan')):.1f} | {m.get('overhead_p50_ms', float('nan')):.1f} |")
     if args.json:

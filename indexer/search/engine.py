@@ -165,7 +165,8 @@ class SearchEngine:
             from chipscout.indexer.ingest.cluster import dask_client  # here: Dask and torch only for a cluster
 
             client = self._cluster.enter_context(dask_client(cluster, scheduler))
-            self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS)
+            self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS,  # `memory`: per worker
+                                            policy.warm_cache_bytes if memory is not None else None)
         else:
             self.searcher = searcher_for(self.store, policy)  # s3://: a local copy of the warm cache
 
