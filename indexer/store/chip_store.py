@@ -512,6 +512,12 @@ class ChipStore:
         return (self._table.search().select(list(columns)).limit(None)
                 .to_batches(batch_size=batch_rows))
 
+    def scan_batches_with_row_ids(self, columns: Sequence[str], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """`columns` and `_rowid` of every row, in batches of at most `batch_rows`, in scan order
+        (a reader that keeps numpy arrays of them never holds the whole table as Arrow)."""
+        return (self._table.search().select(list(columns)).with_row_id(True).limit(None)
+                .to_batches(batch_size=batch_rows))
+
     def take_offsets(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         return self._table.take_offsets(list(offsets)).select(list(columns)).to_arrow()
 
