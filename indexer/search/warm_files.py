@@ -61,13 +61,6 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def _want(store, version: int, columns: Sequence[str] | None, policy: IndexPolicy) -> dict[str, Any]:
-    """What a copy must have been made of and under to stand in for a warm-up now."""
-    return {"format": FORMAT, "table": store.version_stamp(version), "columns": list(columns or ()),
-            "policy": {name: getattr(policy, name) for name in
-                       ("warm_cache_bytes", "exact_cache_bytes", "sketch_min_rows", "sketch_bits")}}
-
-
 class WarmFiles:
     """The local copies under `root`, one folder per table (its latest warmed version)."""
 
@@ -79,10 +72,9 @@ class WarmFiles:
         return self.root / key
 
     # ------------------------------------------------------------------ writing
-    def save(self, store, cache: WarmCache, columns: Sequence[str] | None, policy: IndexPolicy) -> Path | None:
-        """Write `cache` (of `store`'s table) as the table's copy; its folder, or None when it
-        could not be written (a log line; the warm cache in memory is unaffected)."""
-        want = _want(store, cache.version, columns, policy)
+    def save(self, store, cache: WarmCache, want: dict[str, Any]) -> Path | None:
+        """Write `cache` (of `store`'s table; made as `want` says, `wanted`) as the table's copy;
+        its folder, or None when it could not be written (a log line; the cache is unaffected)."""
         folder = self.table_folder(store)
         staging = folder / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -99,7 +91,8 @@ class WarmFiles:
                 shutil.rmtree(target)
             os.rename(staging, target)
             for other in folder.iterdir():  # keep only this table's latest copy
-                if other != target:
+                writing = other.name.startswith(".tmp-") and time.time() - other.stat().st_mtime < 3600
+                if other != target and not writing:  # (another process's copy being written: left)
                     shutil.rmtree(other, ignore_errors=True)
             return target
         except (OSError, TypeError, ValueError) as err:
@@ -151,9 +144,17 @@ class WarmFiles:
                 "plan": asdict(cache.plan) if cache.plan is not None else None}
 
     # ------------------------------------------------------------------ reading
-    def load(self, store, version: int, columns: Sequence[str] | None, policy: IndexPolicy) -> WarmCache | None:
-        """The warm cache of `store`'s table at `version` from its copy when one matches `columns`
-        and `policy`, else None (a corrupt or partial copy: a log line, and it is removed)."""
+    @staticmethod
+    def wanted(store, version: int, columns: Sequence[str] | None, policy: IndexPolicy) -> dict[str, Any]:
+        """What a copy must have been made of and under to stand in for a warm-up of `store`'s
+        table at `version` keeping `columns` under `policy` (reads the table's version list)."""
+        return {"format": FORMAT, "table": store.version_stamp(version), "columns": list(columns or ()),
+                "policy": {name: getattr(policy, name) for name in
+                           ("warm_cache_bytes", "exact_cache_bytes", "sketch_min_rows", "sketch_bits")}}
+
+    def load(self, store, version: int, want: dict[str, Any]) -> WarmCache | None:
+        """The warm cache of `store`'s table at `version` from its copy when it was made as
+        `want` says (`wanted`), else None (a corrupt or partial copy: a log line; removed)."""
         folder = self.table_folder(store) / f"v{version}"
         meta_path = folder / "meta.json"
         if not meta_path.exists():
@@ -161,7 +162,7 @@ class WarmFiles:
         started = time.perf_counter()
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("want") != _want(store, version, columns, policy):
+            if meta.get("want") != want:
                 return None  # made of another table, version or budget: a warm-up replaces it
             return self._read(store, folder, meta, started)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
@@ -239,12 +240,13 @@ class LocalCopySearcher(VectorSearcher):
         """How the last warm-up went: `loaded` from the copy, or `saved` one (its folder or None)."""
 
     def _load_warm(self, version: int) -> WarmCache:
-        cache = self.files.load(self.store, version, self._warm_columns, self.policy)
+        want = self.files.wanted(self.store, version, self._warm_columns, self.policy)
+        cache = self.files.load(self.store, version, want)
         if cache is not None:
             self.last_copy = {"loaded": True, "folder": str(self.files.table_folder(self.store))}
             return cache
         cache = super()._load_warm(version)
-        saved = self.files.save(self.store, cache, self._warm_columns, self.policy)
+        saved = self.files.save(self.store, cache, want)
         self.last_copy = {"loaded": False, "saved": str(saved) if saved else None}
         return cache
 
