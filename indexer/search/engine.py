@@ -29,6 +29,7 @@ from chipscout.indexer.search.planner import SearchPlan, TableState
 from chipscout.indexer.search.sharded import ShardedSearcher
 from chipscout.indexer.search.spread import Spread
 from chipscout.indexer.search.warm import VectorSearcher
+from chipscout.indexer.search.warm_files import searcher_for
 from chipscout.indexer.store import DEFAULT_TABLE, ChipStore, IndexConfig, unit_rows
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy, with_memory
 
@@ -164,9 +165,10 @@ class SearchEngine:
             from chipscout.indexer.dask_client import dask_client  # here: Dask only for a cluster
 
             client = self._cluster.enter_context(dask_client(cluster, scheduler))
-            self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS)
+            self.searcher = ShardedSearcher(self.store, client, METADATA_COLUMNS,  # `memory`: per worker
+                                            policy.warm_cache_bytes if memory is not None else None)
         else:
-            self.searcher = VectorSearcher(self.store, policy)
+            self.searcher = searcher_for(self.store, policy)  # s3://: a local copy of the warm cache
 
     def close(self) -> None:
         """Let go of the Dask cluster of a sharded engine (a `local` one is shut down)."""

@@ -9,7 +9,7 @@ User text never becomes query syntax: values reach SQL only through `sql_literal
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -163,10 +163,11 @@ class FilterColumns:
                "nodata_fraction", "source_id")
     SAMPLE_STRIDE = 16
 
-    def __init__(self, store, table: pa.Table | None = None):
+    def __init__(self, store, table: pa.Table | None = None, eager: bool = False):
         """From `table` (these columns and `_rowid`, in row-id order) when given, else read from
         `store` (at this version) column by column as filters first need them: a cold searcher's
-        one-shot date+area query reads 5 numeric columns, not the source ids' strings too."""
+        one-shot date+area query reads 5 numeric columns, not the source ids' strings too.
+        `eager`: read every column now (a warm-up)."""
         self.version = store.version
         self._store = store if table is None else None
         self._lock = threading.Lock()
@@ -176,30 +177,80 @@ class FilterColumns:
         self.bounds: dict[str, np.ndarray] = {}
         self.source_names: list[str] = []
         if table is not None:
-            self._take(table, self.COLUMNS)
+            self._take(table.to_batches(), self.COLUMNS, table.num_rows)
+        elif eager:
+            self._need(self.COLUMNS)
 
-    def _take(self, table: pa.Table, names: Sequence[str]) -> None:
-        """Keep columns `names` of `table` (with `_rowid`, in row-id order)."""
-        row_ids = table["_rowid"].to_numpy()
+    def _take(self, batches: Iterable[pa.RecordBatch], names: Sequence[str], rows: int) -> None:
+        """Keep columns `names` of `rows` rows arriving in `batches` (with `_rowid`), converted
+        batch by batch into preallocated arrays: a warm-up at 10M rows never holds them all as
+        Arrow too (~0.9 GiB). Sorted into row-id order when the batches were not."""
+        row_ids = np.empty(rows, dtype=np.uint64)
+        columns = {name: np.empty(rows, dtype=np.int64 if name in ("acquired",) else
+                                  np.int32 if name == "source_id" else np.float64) for name in names}
+        sources: dict[str, int] = {}  # source id -> its code, in order of first appearance
+        at = 0
+        for batch in batches:
+            count = batch.num_rows
+            if at + count > rows:
+                raise StoreError("the table changed while its filter columns were read; try again")
+            row_ids[at:at + count] = batch.column("_rowid").to_numpy()
+            for name in names:
+                values = batch.column(name)
+                if name == "acquired":
+                    columns[name][at:at + count] = values.cast(pa.int64()).fill_null(_NO_TIME).to_numpy()
+                elif name == "source_id":
+                    encoded = values.dictionary_encode()
+                    codes = np.array([sources.setdefault(v, len(sources)) for v in encoded.dictionary.to_pylist()],
+                                     dtype=np.int32)
+                    local = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+                    columns[name][at:at + count] = np.append(codes, -1)[local]  # NULL (-1) -> the appended -1
+                else:
+                    columns[name][at:at + count] = values.cast(pa.float64()).fill_null(np.nan).to_numpy(
+                        zero_copy_only=False)
+            at += count
+        if at != rows:
+            raise StoreError("the table changed while its filter columns were read; try again")
+        if rows > 1 and not (row_ids[1:] > row_ids[:-1]).all():
+            order = np.argsort(row_ids, kind="stable")
+            row_ids = row_ids[order]
+            columns = {name: values[order] for name, values in columns.items()}
         if self._loaded and not np.array_equal(row_ids, self.row_ids):
             raise StoreError("the table changed while its filter columns were read; try again")
         self.row_ids = row_ids
-        for name in names:
+        for name, values in columns.items():
             if name == "acquired":
-                self.acquired_us = table[name].cast(pa.int64()).fill_null(_NO_TIME).to_numpy()
+                self.acquired_us = values
             elif name == "source_id":
-                sources = table[name].combine_chunks().dictionary_encode()
-                self.source_names = sources.dictionary.to_pylist()
-                self.source_codes = sources.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+                self.source_names, self.source_codes = list(sources), values
+            elif name == "cloud_fraction":
+                self.cloud = values
+            elif name == "nodata_fraction":
+                self.nodata = values
             else:
-                values = table[name].cast(pa.float64()).fill_null(np.nan).to_numpy()
-                if name == "cloud_fraction":
-                    self.cloud = values
-                elif name == "nodata_fraction":
-                    self.nodata = values
-                else:
-                    self.bounds[name] = values
+                self.bounds[name] = values
         self._loaded.update(names)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every column as a numpy array (all read first), by name: what `from_arrays` takes back."""
+        self._need(self.COLUMNS)
+        return {"_rowid": self.row_ids, "acquired": self.acquired_us, "cloud_fraction": self.cloud,
+                "nodata_fraction": self.nodata, "source_id": self.source_codes, **self.bounds}
+
+    @classmethod
+    def from_arrays(cls, version: int, arrays: dict[str, np.ndarray], source_names: Sequence[str]) -> FilterColumns:
+        """The columns of table version `version` from `arrays` (`arrays()`) and the source ids'
+        dictionary `source_names` (a local copy of a warm searcher's, `warm_files`)."""
+        columns = object.__new__(cls)
+        columns._store, columns._lock, columns._loaded = None, threading.Lock(), set(cls.COLUMNS)
+        columns.version, columns.source_names = version, list(source_names)
+        columns.row_ids, columns.acquired_us = arrays["_rowid"], arrays["acquired"]
+        columns.cloud, columns.nodata = arrays["cloud_fraction"], arrays["nodata_fraction"]
+        columns.source_codes = arrays["source_id"]
+        columns.bounds = {name: arrays[name] for name in ("min_lon", "min_lat", "max_lon", "max_lat")}
+        if any(len(a) != len(columns.row_ids) for a in columns.arrays().values()):
+            raise StoreError("filter columns of unequal lengths")
+        return columns
 
     def _need(self, names: Sequence[str]) -> None:
         """Read columns `names` (at least one column, for the row ids) unless already here."""
@@ -210,7 +261,7 @@ class FilterColumns:
             if missing:
                 if self._store.version != self.version:
                     raise StoreError("the table changed while its filter columns were read; try again")
-                self._take(self._store.scan_with_row_ids(missing), missing)
+                self._take(self._store.scan_batches_with_row_ids(missing), missing, self._store.count())
 
     def __len__(self) -> int:
         self._need(())

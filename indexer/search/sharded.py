@@ -21,7 +21,7 @@ import pyarrow as pa
 from chipscout.indexer.errors import ClusterError, StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
 from chipscout.indexer.search.planner import SearchPlan, TableState
-from chipscout.indexer.search.warm import _top, _unit_query, one_math_thread
+from chipscout.indexer.search.warm import FILTER_BYTES_PER_ROW, _top, _unit_query, one_math_thread
 from chipscout.indexer.store import ChipStore, unit_rows
 from chipscout.indexer.store.indexes import DEFAULT_POLICY
 
@@ -60,22 +60,63 @@ class ShardAnswer:
 
 class Shard:
     """One worker's part of a table version: the rows of some of its fragments, warm (the
-    result columns, the filter columns and unit float32 vectors, in row-id order)."""
+    filter columns, unit vectors and, when they fit, the result columns, in row-id order).
+
+    Within `memory_bytes` (None: no limit) the vectors are float32, else float16 (scored in
+    float32 arithmetic, as a single process's float16 tier); the result columns are kept when
+    they fit what is left, else the client reads its k rows from the table per query. Read one
+    fragment at a time: beyond what is kept, a load holds one fragment's rows."""
 
     def __init__(self, db_uri: str, table_name: str, storage_options: dict[str, str] | None,
-                 version: int, fragment_ids: Sequence[int], columns: Sequence[str]):
+                 version: int, fragment_ids: Sequence[int], columns: Sequence[str],
+                 memory_bytes: int | None = None):
         store = ChipStore(db_uri, table_name, storage_options)
         self.columns = tuple(dict.fromkeys(c for c in columns if c != "_distance"))
-        read = list(dict.fromkeys([*self.columns, *FilterColumns.COLUMNS, "vector"]))
-        rows = store.read_fragments(fragment_ids, read, version)
         self.version = version
         self.fragments = tuple(fragment_ids)
-        self.filters = FilterColumns(_AtVersion(version), rows)
+        filter_rows = pa.concat_tables([store.read_fragments([f], list(FilterColumns.COLUMNS), version)
+                                        for f in self.fragments])
+        self.filters = FilterColumns(_AtVersion(version), filter_rows)
+        del filter_rows
         self.row_ids = self.filters.row_ids
-        dim = store.config.embedding_dim
-        vectors = rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        self.vectors = unit_rows(np.array(vectors, dtype=np.float32).reshape(rows.num_rows, dim))
-        self.records = rows.select(list(self.columns)).combine_chunks()
+        rows, dim = len(self.row_ids), store.config.embedding_dim
+        budget = float("inf") if memory_bytes is None else memory_bytes
+        left = budget - rows * FILTER_BYTES_PER_ROW - rows * 8
+        if rows * dim * 4 <= left:
+            dtype = np.float32
+        elif rows * dim * 2 <= left:
+            dtype = np.float16
+        else:
+            raise ClusterError(f"a shard of table {table_name!r} ({rows} rows of {dim}-d vectors) does not fit "
+                               f"{memory_bytes} bytes per worker even as float16: give the workers more "
+                               "memory (--memory) or the cluster more workers")
+        left -= rows * dim * np.dtype(dtype).itemsize
+        self.vectors = np.empty((rows, dim), dtype=dtype)
+        keep_records, records, at = True, [], 0
+        for fragment in self.fragments:
+            read = ["vector", *self.columns] if keep_records else ["vector"]
+            part = store.read_fragments([fragment], read, version)
+            if not np.array_equal(part["_rowid"].to_numpy(), self.row_ids[at:at + part.num_rows]):
+                raise StoreError(f"table {table_name!r} changed while a shard was read; search again")
+            block = part["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            self.vectors[at:at + part.num_rows] = unit_rows(
+                np.array(block, dtype=np.float32).reshape(part.num_rows, dim))
+            if keep_records:
+                records.append(part.select(list(self.columns)))
+                # Estimated from the rows read so far: stop keeping them once they cannot fit.
+                keep_records = sum(r.nbytes for r in records) / (at + part.num_rows) * rows <= left
+            at += part.num_rows
+        if at != rows:
+            raise StoreError(f"table {table_name!r} changed while a shard was read; search again")
+        if keep_records and records:
+            self.records = pa.concat_tables(records).combine_chunks()
+        else:  # no result columns: the client reads its k rows from the table
+            self.records = pa.table({"row": pa.nulls(rows)}).select([])
+        del records
+
+    @property
+    def tier(self) -> str:
+        return str(self.vectors.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +126,23 @@ class Shard:
         # What Dask weighs a shard by (`dask.sizeof`): moving one to another worker is not free.
         return self.nbytes
 
+    def _scores(self, query: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+        """float32 cosine similarities of the rows at `positions` (all: None), block by block:
+        float16 rows are converted by torch (numpy's astype is ~5x slower), a block at a time."""
+        if self.vectors.dtype == np.float32:
+            return self.vectors @ query if positions is None else self.vectors[positions] @ query
+        count = len(self.row_ids) if positions is None else len(positions)
+        if count <= 2048:  # torch's import and thread pool cost more than they save on a few rows
+            block = self.vectors if positions is None else self.vectors[positions]
+            return block.astype(np.float32) @ query
+        import torch  # here: only a large float16 shard needs it
+
+        out = np.empty(count, dtype=np.float32)
+        for start in range(0, count, 262_144):
+            at = slice(start, start + 262_144) if positions is None else positions[start:start + 262_144]
+            out[start:start + 262_144] = (torch.from_numpy(self.vectors[at]).float() @ torch.from_numpy(query)).numpy()
+        return out
+
     def nearest(self, vector: np.ndarray, k: int, row_filter: SearchFilters | None) -> ShardAnswer:
         """The k rows of this shard nearest `vector` that `row_filter` allows, by exact search
         (the same float32 product and tie rule as a single process's `MemoryVectors`)."""
@@ -93,11 +151,11 @@ class Shard:
             query = _unit_query(vector)
             if row_filter is None:  # every row: no copy of the shard's vectors
                 matches = len(self.row_ids)
-                row_ids, distances = _top(self.vectors @ query, self.row_ids, k)
+                row_ids, distances = _top(self._scores(query, None), self.row_ids, k)
             else:
                 positions = np.flatnonzero(self.filters.mask(row_filter))
                 matches = len(positions)
-                row_ids, distances = _top(self.vectors[positions] @ query, self.row_ids[positions], k)
+                row_ids, distances = _top(self._scores(query, positions), self.row_ids[positions], k)
         at, _ = self.filters.positions(row_ids)
         return ShardAnswer(self.version, self.fragments, matches, row_ids, distances,
                            self.records.take(pa.array(at, pa.int64())),
@@ -112,8 +170,8 @@ class _AtVersion:
 
 
 def _load_shard(db_uri: str, table_name: str, storage_options: dict[str, str] | None, version: int,
-                fragment_ids: Sequence[int], columns: Sequence[str]) -> Shard:
-    return Shard(db_uri, table_name, storage_options, version, fragment_ids, columns)
+                fragment_ids: Sequence[int], columns: Sequence[str], memory_bytes: int | None = None) -> Shard:
+    return Shard(db_uri, table_name, storage_options, version, fragment_ids, columns, memory_bytes)
 
 
 def _shard_nearest(shard: Shard, vector: np.ndarray, k: int, row_filter: SearchFilters | None) -> ShardAnswer:
@@ -121,7 +179,8 @@ def _shard_nearest(shard: Shard, vector: np.ndarray, k: int, row_filter: SearchF
 
 
 def _shard_size(shard: Shard) -> dict[str, int]:
-    return {"rows": len(shard.row_ids), "bytes": shard.nbytes}
+    return {"rows": len(shard.row_ids), "bytes": shard.nbytes, "vectors": shard.tier,
+            "records": shard.records.num_columns > 0}
 
 
 def merge_answers(answers: Sequence[ShardAnswer], k: int, version: int, fragments: Sequence[int],
@@ -146,7 +205,10 @@ def merge_answers(answers: Sequence[ShardAnswer], k: int, version: int, fragment
     row_ids = np.concatenate([a.row_ids for a in answers]).astype(np.uint64)
     distances = np.concatenate([a.distances for a in answers]).astype(np.float32)
     best = np.lexsort((row_ids, distances))[:min(k, matches)]
-    records = pa.concat_tables([a.records for a in answers]).take(pa.array(best, pa.int64()))
+    if len({tuple(a.records.column_names) for a in answers}) == 1:
+        records = pa.concat_tables([a.records for a in answers]).take(pa.array(best, pa.int64()))
+    else:  # some shards keep no result columns (memory): the caller reads the rows from the table
+        records = pa.table({"row": pa.nulls(len(best))}).select([])
     return row_ids[best], distances[best], records, matches
 
 
@@ -165,7 +227,10 @@ class ShardSet:
                                for s, h in zip(self.shards, self.holders)])
         return {"version": self.version, "shards": len(self.shards), "workers": len(set(self.holders)),
                 "fragments": len(self.fragments), "rows": sum(s["rows"] for s in sizes),
-                "bytes": sum(s["bytes"] for s in sizes), "vectors": "float32"}
+                "bytes": sum(s["bytes"] for s in sizes),
+                "vectors": "/".join(sorted({s["vectors"] for s in sizes})) or None,
+                "records": all(s["records"] for s in sizes),
+                "max_shard_bytes": max((s["bytes"] for s in sizes), default=0)}
 
 
 class ShardedSearcher:
@@ -181,9 +246,12 @@ class ShardedSearcher:
     RELOAD_S = 600.0
     """How long a query waits for Dask to load a lost shard again."""
 
-    def __init__(self, store: ChipStore, client, columns: Sequence[str]):
+    def __init__(self, store: ChipStore, client, columns: Sequence[str], memory_bytes: int | None = None):
+        """`memory_bytes`: what each shard may hold (`Shard`; None: no limit, float32 vectors
+        and the result columns)."""
         self.store = store
         self.client = client
+        self.memory_bytes = memory_bytes
         self.columns = tuple(c for c in columns if c != "_distance")
         self._shards: ShardSet | None = None
         self._state: TableState | None = None
@@ -204,7 +272,8 @@ class ShardedSearcher:
         token = uuid.uuid4().hex[:8]
         shards = tuple(
             self.client.submit(_load_shard, self.store.db_uri, self.store.table_name, self.store.storage_options,
-                               version, group, self.columns, workers=[worker], allow_other_workers=True,
+                               version, group, self.columns, self.memory_bytes, workers=[worker],
+                               allow_other_workers=True,
                                pure=False, key=f"chipscout-shard-{token}-{version}-{i}")
             for i, (worker, group) in enumerate(zip(workers, groups)))
         wait(shards)

@@ -888,11 +888,14 @@ class VectorSearcher:
         started = time.perf_counter()
         with one_math_thread() if self._warm_in_background else contextlib.nullcontext():
             plan = self.warm_plan()
-            columns = list(self._warm_columns or ()) if plan.records else list(FilterColumns.COLUMNS)
-            records = self.store.scan_with_row_ids(columns)
-            filters = FilterColumns(self.store, records)
-            # One chunk: `take` on a table of many chunks concatenates them first, every call.
-            records = records.drop_columns(["_rowid"]).combine_chunks() if plan.records else records.select([])
+            if plan.records:
+                records = self.store.scan_with_row_ids(list(self._warm_columns or ()))
+                filters = FilterColumns(self.store, records)
+                # One chunk: `take` on a table of many chunks concatenates them first, every call.
+                records = records.drop_columns(["_rowid"]).combine_chunks()
+            else:  # the filter columns alone, batch by batch: never all of them as Arrow too
+                filters = FilterColumns(self.store, eager=True)
+                records = pa.table({"row": pa.nulls(len(filters))}).select([])
             vectors, sketch = _stream_vectors(self.store, filters, plan, self.policy)
         return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan)
 

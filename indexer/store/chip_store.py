@@ -539,6 +539,12 @@ class ChipStore:
         return (self._table.search().select(list(columns)).limit(None)
                 .to_batches(batch_size=batch_rows))
 
+    def scan_batches_with_row_ids(self, columns: Sequence[str], batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """`columns` and `_rowid` of every row, in batches of at most `batch_rows`, in scan order
+        (a reader that keeps numpy arrays of them never holds the whole table as Arrow)."""
+        return (self._table.search().select(list(columns)).with_row_id(True).limit(None)
+                .to_batches(batch_size=batch_rows))
+
     def take_offsets(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         return self._table.take_offsets(list(offsets)).select(list(columns)).to_arrow()
 
@@ -682,6 +688,14 @@ class ChipStore:
     def versions(self) -> list[dict[str, Any]]:
         """Committed versions, oldest first: `version`, `timestamp` and `metadata` (`total_rows`...)."""
         return self._table.list_versions()
+
+    def version_stamp(self, version: int | None = None) -> dict[str, Any]:
+        """What names table version `version` (None: this store's) across processes and
+        re-creations of the table: the Lance dataset's URI, the version and its commit time
+        (read from the manifests, no rows). A local copy of what a warm searcher holds is keyed by it."""
+        version = self.version if version is None else version
+        committed = next((v["timestamp"] for v in self.versions() if v["version"] == version), None)
+        return {"uri": self.lance_uri, "version": int(version), "committed": str(committed)}
 
     def restore(self, version: int) -> int:
         """Make `version` the table's content again, as a new version (later ones are kept).

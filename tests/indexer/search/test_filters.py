@@ -83,3 +83,36 @@ def test_a_cold_searchers_filter_columns_read_only_what_filters_need_and_mask_al
         assert (lazy.mask(filters, slice(None, None, 7)) == eager.mask(filters, slice(None, None, 7))).all()
     assert lazy._loaded == set(FilterColumns.COLUMNS)
     assert (lazy.row_ids == eager.row_ids).all() and lazy.nbytes == eager.nbytes
+
+
+def test_filter_columns_read_batch_by_batch_are_the_tables_columns_in_row_id_order():
+    """Batches out of row-id order, NULL sources, dates and clouds, a source in several batches:
+    each column comes out as the table's, in row-id order, NULLs as NaN / no time / no source."""
+    import pyarrow as pa
+
+    class Version:
+        version = 1
+
+    rng = np.random.default_rng(0)
+    count = 300
+    row_ids = rng.permutation(count).astype(np.uint64)
+    days = [None if i % 17 == 0 else datetime(2024, 1 + i % 12, 1, tzinfo=timezone.utc) for i in range(count)]
+    clouds = [None if i % 5 == 0 else (i % 7) / 7 for i in range(count)]
+    sources = [None if i % 11 == 0 else f"s{i % 4}" for i in range(count)]
+    lon = rng.uniform(0, 10, count)
+    table = pa.table({"_rowid": row_ids, "acquired": pa.array(days, pa.timestamp("us", tz="UTC")),
+                      "min_lon": lon, "min_lat": lon, "max_lon": lon + 1, "max_lat": lon + 1,
+                      "cloud_fraction": pa.array(clouds, pa.float32()),
+                      "nodata_fraction": pa.array(np.zeros(count, np.float32)), "source_id": sources})
+    columns = FilterColumns(Version(), pa.Table.from_batches(table.to_batches(max_chunksize=64)))
+    order = np.argsort(row_ids)
+    assert columns.row_ids.tolist() == list(range(count))
+    np.testing.assert_array_equal(columns.bounds["max_lon"], lon[order] + 1)
+    np.testing.assert_array_equal(columns.cloud, np.array([np.nan if clouds[i] is None else np.float32(clouds[i])
+                                                           for i in order]))
+    no_time = np.iinfo(np.int64).min
+    assert columns.acquired_us.tolist() == [no_time if days[i] is None else int(days[i].timestamp() * 1e6)
+                                            for i in order]
+    assert [None if c < 0 else columns.source_names[c] for c in columns.source_codes] == [sources[i] for i in order]
+    only = SearchFilters.build(None, None, None, None, None, False, source_ids=["s1", "s3"])
+    assert columns.mask(only).tolist() == [sources[i] in ("s1", "s3") for i in order]

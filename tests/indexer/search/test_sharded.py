@@ -97,6 +97,27 @@ def test_a_new_table_version_is_loaded_into_new_shards(cluster, table, tmp_path)
         assert sharded.warm_up()["rows"] == 2 * BATCH
 
 
+def test_shards_hold_what_fits_their_memory_per_worker(cluster, table):
+    """Under `memory` per worker a shard keeps float16 vectors and no result columns (read from
+    the table per query): the same rows as one process, distances within float16's error; a
+    budget that not even float16 fits is one clear error."""
+    _, client = cluster
+    db, generator = table
+    one = SearchEngine(db, "chips")
+    with SearchEngine(db, "chips", scheduler=client.scheduler.address, memory=110_000) as sharded:
+        held = sharded.warm_up()
+        assert held["vectors"] == "float16" and held["records"] is False and held["max_shard_bytes"] <= 110_000
+        for vector in generator.queries(2, seed=6):
+            got, expected = sharded.similar_to_vector(vector, 10), one.similar_to_vector(vector, 10)
+            assert [r.chip.chip_id for r in got.results] == [r.chip.chip_id for r in expected.results]
+            np.testing.assert_allclose([r.distance for r in got.results],
+                                       [r.distance for r in expected.results], atol=2e-3)
+            assert got.results[0].chip.footprint == expected.results[0].chip.footprint
+    with SearchEngine(db, "chips", scheduler=client.scheduler.address, memory=20_000) as sharded, \
+            pytest.raises(ClusterError, match="does not fit 20000 bytes per worker even as float16"):
+        sharded.warm_up()
+
+
 def shard_answer(version: int, fragments: tuple[int, ...], matches: int, ids: list[int],
                  distances: list[float]) -> ShardAnswer:
     return ShardAnswer(version, fragments, matches, np.array(ids, np.uint64), np.array(distances, np.float32),
