@@ -20,6 +20,7 @@ from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
+from chipscout.indexer.search.partitions import PartitionedVectors, partitioned
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 from chipscout.indexer.store import unit_rows
@@ -443,13 +444,15 @@ class WarmPlan:
     """Whether the result columns are held (else each query reads its k rows from the table)."""
     bytes: dict[str, int]
     reason: str
+    partitions: bool = False
+    """Whether the vectors are held in k-means lists instead of the sketch (`partitions`)."""
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
     def describe(self) -> dict[str, Any]:
-        return {"tier": self.tier, "sketch": self.sketch, "records": self.records,
+        return {"tier": self.tier, "sketch": self.sketch, "partitions": self.partitions, "records": self.records,
                 "budget_bytes": self.budget_bytes, "bytes": self.total_bytes, "parts": dict(self.bytes),
                 "why": self.reason}
 
@@ -466,6 +469,10 @@ def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> W
     the sketch (candidates re-ranked from disk); then the result columns (`records_bytes`) when
     they fit what is left. Sizes are the arrays' own (docs/sizing.md)."""
     budget = policy.warm_cache_bytes
+    if policy.partition_min_rows and rows >= policy.partition_min_rows:
+        partitioned = _plan_partitions(rows, dim, records_bytes, policy)
+        if partitioned is not None:
+            return partitioned
     parts = {"filters": rows * FILTER_BYTES_PER_ROW}
     wants_sketch = bool(policy.sketch_min_rows) and rows >= policy.sketch_min_rows
     sketch = rows * sketch_bytes_per_row(policy.sketch_bits) + dim * policy.sketch_bits * 4 if wants_sketch else 0
@@ -500,6 +507,32 @@ def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> W
     else:
         reason += "; result columns read from disk per query (they do not fit what is left)"
     return WarmPlan(rows, dim, budget, tier, wants_sketch, records, parts, reason)
+
+
+def _plan_partitions(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> WarmPlan | None:
+    """The partitioned tier's plan (`plan_warm` from `partition_min_rows` rows): the filter
+    columns, the vectors at the most precise tier (float16 or int8; float32 within
+    `exact_cache_bytes`) that fits with the lists, then the result columns; None when none fits
+    (the sketch's tiers are tried instead)."""
+    from chipscout.indexer.search.partitions import partition_bytes
+
+    budget = policy.warm_cache_bytes
+    parts = {"filters": rows * FILTER_BYTES_PER_ROW, "partitions": partition_bytes(rows, dim, policy)}
+    for name, per_dim, fixed in VECTOR_TIERS:
+        vectors = rows * (dim * per_dim + fixed) + (8 * dim if name == "int8" else 0)
+        if name == "float32" and rows * dim * 4 > policy.exact_cache_bytes:
+            continue
+        if sum(parts.values()) + vectors <= budget:
+            parts["vectors"] = vectors
+            reason = (f"{rows} rows (partition_min_rows {policy.partition_min_rows}): {name} vectors in "
+                      "k-means lists, the most precise that fit the budget with them")
+            records = sum(parts.values()) + records_bytes <= budget
+            if records:
+                parts["records"] = records_bytes
+            else:
+                reason += "; result columns read from disk per query (they do not fit what is left)"
+            return WarmPlan(rows, dim, budget, name, False, records, parts, reason, partitions=True)
+    return None
 
 
 def int8_scales(sample: np.ndarray) -> np.ndarray:
@@ -749,6 +782,7 @@ class VectorSearcher:
             # One chunk: `take` on a table of many chunks concatenates them first, every call.
             records = records.drop_columns(["_rowid"]).combine_chunks() if plan.records else records.select([])
             vectors, sketch = _stream_vectors(self.store, filters, plan, self.policy)
+            vectors = partitioned(vectors, filters, plan, self.policy)  # k-means lists when plan.partitions
         return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan)
 
     def _filter_columns(self, version: int | None = None) -> FilterColumns:
@@ -875,6 +909,9 @@ class VectorSearcher:
         state = self.state(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
+        if warm is not None and isinstance(memory, PartitionedVectors):
+            row_ids, distances, positions, matches, method = memory.search(vector, k, row_filter)
+            return self._rows(row_ids, distances, columns, warm), SearchPlan(method, matches, positions=positions)
         if warm is not None and warm.sketch is not None and memory is not None:
             return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
         in_memory = memory is not None

@@ -92,6 +92,19 @@ class IndexPolicy:
     """Bits per row of the sketch (32 bytes at 256)."""
     sketch_candidates: int = 1000
     """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k."""
+    partition_min_rows: int = 2_000_000
+    """From this many rows a warmed searcher holding the vectors (float32, float16 or int8)
+    partitions them into k-means lists (`chipscout.indexer.search.partitions`) instead of keeping
+    the sketch: a query scores the rows of its nearest lists, not every allowed row. 0: never."""
+    partition_list_rows: int = 2_500
+    """Rows per list of the partitioned tier (N / this many lists)."""
+    partition_probe_rows: int = 150_000
+    """The partitioned tier probes lists, nearest first, until this many allowed rows are scored."""
+    partition_min_probes: int = 32
+    """Lists a partitioned query probes at least (its first step)."""
+    partition_exact_rows: int = 200_000
+    """A filter whose date range holds at most about this many rows (of a partitioned table) is
+    answered exactly: every row in its dates tested, the allowed ones scored."""
     tuning: QueryTuning | None = None
     """Search knobs to use instead of those recorded with the index (benchmarks, tests)."""
 
@@ -103,6 +116,9 @@ class IndexPolicy:
             raise StoreError(f"sketch_bits must be a positive multiple of 64, got {self.sketch_bits}")
         if self.sketch_candidates < 1:
             raise StoreError(f"sketch_candidates must be at least 1, got {self.sketch_candidates}")
+        for name in ("partition_list_rows", "partition_probe_rows", "partition_min_probes"):
+            if getattr(self, name) < 1:
+                raise StoreError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 DEFAULT_POLICY = IndexPolicy()
