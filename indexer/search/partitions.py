@@ -166,20 +166,57 @@ class PartitionedVectors:
         return int(inside) * len(self.row_ids) // max(1, len(self.date_sample))
 
     def _allowed(self, row_filter: SearchFilters, positions: np.ndarray) -> np.ndarray:
-        """The `positions` (ascending runs here) `row_filter` allows; each test gathers its
+        """Which of `positions` (ascending runs here) `row_filter` allows; each test gathers its
         columns over the rows the previous ones kept."""
+        kept = np.arange(len(positions))
         with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
             for test in self.filters._tests(row_filter):
-                positions = positions[test(positions)]
-                if not len(positions):
+                kept = kept[test(positions[kept])]
+                if not len(kept):
                     break
-        return positions
+        mask = np.zeros(len(positions), dtype=bool)
+        mask[kept] = True
+        return mask
+
+    def _window_scores(self, query: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """Scores (float32) of the rows of every window start..stop, one after another: each
+        window a contiguous slice, so no rows are gathered (a gather cost more than the product)."""
+        sizes = stops - starts
+        vectors = self.vectors
+        if vectors.dtype == np.float16:
+            import torch  # float16 products with float32 sums, in the CPU's vector instructions
+
+            half, out = torch.from_numpy(query).half(), torch.empty(int(sizes.sum()), dtype=torch.float16)
+            at = 0
+            for start, size in zip(starts.tolist(), sizes.tolist()):
+                torch.mv(torch.from_numpy(vectors[start:start + size]), half, out=out[at:at + size])
+                at += size
+            return out.float().numpy()
+        out = np.empty(int(sizes.sum()), dtype=np.float32)
+        scaled = query if vectors.dtype == np.float32 else (query * self.held.scales).astype(np.float32)
+        at = 0
+        for start, size in zip(starts.tolist(), sizes.tolist()):
+            block = vectors[start:start + size]
+            np.dot(block if block.dtype == np.float32 else block.astype(np.float32), scaled, out=out[at:at + size])
+            at += size
+        return out
+
+    def _gathered_scores(self, query: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Scores (float32) of the rows at `positions` (a few allowed rows of many)."""
+        if self.vectors.dtype == np.float16:
+            import torch
+
+            return (torch.from_numpy(self.vectors[positions]) @ torch.from_numpy(query).half()).float().numpy()
+        return self.held.scores(query, positions)
 
     def search(self, query: np.ndarray, k: int, row_filter: SearchFilters | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str]:
         """(row ids, distances, their positions here, rows allowed (None: no filter; estimated
-        from the probed lists unless every list was tested), method: `exact` (every row in the
-        filter's dates tested, the allowed ones scored) or `partitions`)."""
+        from the probed lists unless every list was tested), method: `exact` (every list's rows
+        in the filter's dates tested, the allowed ones scored) or `partitions`).
+
+        Lists are probed in rounds; each round keeps its best rows by the held tier's scores,
+        and the tier's own `top` finishes them (float32 re-scoring; int8 from disk)."""
         from chipscout.indexer.search.warm import _unit_query
 
         query = _unit_query(query)
@@ -189,22 +226,36 @@ class PartitionedVectors:
         # Exact: every list, in list order (ascending runs); else the nearest lists first.
         order = np.arange(self.lists) if exact else np.argsort(-(self.centroids @ query))
         step = self.lists if exact else min(self.lists, policy.partition_min_probes)
+        pool = max(8 * k + 64, 1024 if self.tier == "int8" else 0)  # rows each round hands to `top`
         picked, taken, tested, scored = [], 0, 0, 0
         while taken < self.lists:
-            batch = order[taken:taken + step]
+            batch = np.sort(order[taken:taken + step])  # ascending: the date windows' search runs forward
             taken += len(batch)
             starts, stops = self.windows(row_filter, batch)
-            positions = _ranges(starts, stops)
-            tested += len(positions)
-            if row_filter is not None:
-                positions = self._allowed(row_filter, positions)
-            picked.append(positions)
-            scored += len(positions)
+            in_batch = int((stops - starts).sum())
+            tested += in_batch
+            if row_filter is None:
+                positions, scores = _ranges(starts, stops), self._window_scores(query, starts, stops)
+            else:
+                positions = _ranges(starts, stops)
+                allowed = self._allowed(row_filter, positions)
+                if 4 * np.count_nonzero(allowed) >= in_batch:  # mostly allowed: score the windows whole
+                    scores = self._window_scores(query, starts, stops)
+                    scores[~allowed] = -np.inf
+                else:
+                    positions = positions[allowed]
+                    scores = self._gathered_scores(query, positions)
+            allowed_here = int(np.isfinite(scores).sum()) if row_filter is not None else len(scores)
+            scored += allowed_here
+            if len(scores) > pool:
+                best = np.argpartition(-scores, pool - 1)[:pool]
+                positions, scores = positions[best], scores[best]
+            picked.append(positions[np.isfinite(scores)])
             if scored >= policy.partition_probe_rows:
                 break
             # Lists still needed at the allowed rows per list seen so far (+25 %; doubling when none).
             per_list = scored / taken
-            step = (2 * taken if per_list == 0 else
+            step = (2 * step if per_list == 0 else
                     max(step, int(1.25 * (policy.partition_probe_rows - scored) / per_list) + 1))
         complete = taken >= self.lists
         if row_filter is None:
