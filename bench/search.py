@@ -200,7 +200,7 @@ def run_size(args, rows: int) -> dict:
             raise SystemExit(f"{truth_path} holds another run's truth; remove it or pass another --truth")
         result.update(selectivity=cached["selectivity"], numpy=cached["numpy"], ingest=None, build=None,
                       disk_bytes=folder_bytes(Path(db) / f"{TABLE}.lance"), truth_cached=str(truth_path))
-        return run_chipscout(args, result, db, cached["queries"], cached["cases"], cached["truth"])
+        return run_chipscout(args, result, db, cached["query_vectors"], cached["cases"], cached["truth"])
     generator = SyntheticChips(rows, args.dim, seed=args.seed)
     footprints = FootprintIndex()
     vectors = np.empty((rows, args.dim), dtype=np.float32)
@@ -284,7 +284,7 @@ def run_size(args, rows: int) -> dict:
     if truth_path is not None:
         truth_path.write_bytes(pickle.dumps({"rows": rows, "dim": args.dim, "queries": args.queries,
                                              "seed": args.seed, "selectivity": selectivity, "numpy": result["numpy"],
-                                             "cases": cases, "truth": truth}))
+                                             "query_vectors": queries, "cases": cases, "truth": truth}))
     run_chipscout(args, result, db, queries, cases, truth)
     if "faiss" not in args.skip:
         run = run_faiss_ivf if args.faiss_index == "ivf" else run_faiss

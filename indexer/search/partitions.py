@@ -166,11 +166,15 @@ class PartitionedVectors:
         return int(inside) * len(self.row_ids) // max(1, len(self.date_sample))
 
     def _allowed(self, row_filter: SearchFilters, positions: np.ndarray) -> np.ndarray:
-        """Which of `positions` (ascending runs here) `row_filter` allows; each test gathers its
-        columns over the rows the previous ones kept."""
+        """Which of `positions` (rows of date windows, `windows`) `row_filter` allows; each test
+        gathers its columns over the rows the previous ones kept. The date test is skipped when
+        the date range is whole seconds: the windows are then exactly the rows within it."""
+        dates = _date_range_us(row_filter)
+        whole_seconds = dates is not None and dates[0] % 1_000_000 == 0 and (dates[1] + 1) % 1_000_000 == 0 \
+            and dates[0] // 1_000_000 > self.first_s and dates[1] // 1_000_000 - self.first_s < _DATE_MAX
         kept = np.arange(len(positions))
         with np.errstate(invalid="ignore"):  # NaN (SQL NULL) compares false, as in SQL
-            for test in self.filters._tests(row_filter):
+            for test in self.filters._tests(row_filter, dates=not whole_seconds):
                 kept = kept[test(positions[kept])]
                 if not len(kept):
                     break
