@@ -5,6 +5,7 @@ scores a few per cent of the rows instead of scanning every allowed one.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -24,14 +25,12 @@ def list_count(rows: int, policy: IndexPolicy) -> int:
     return max(1, min(rows, round(rows / policy.partition_list_rows)))
 
 
-def partition_bytes(rows: int, dim: int, policy: IndexPolicy) -> int:
+def partition_bytes(rows: int, dim: int, policy: IndexPolicy, filter_bytes_per_row: int) -> int:
     """What `PartitionedVectors` holds beyond the vectors: the list-ordered copy of the filter
-    columns (68 B a row), the sort keys (8), each row's list position (4), every 64th date, and
-    the centroids (float32)."""
-    from chipscout.indexer.search.warm import FILTER_BYTES_PER_ROW
-
+    columns (`filter_bytes_per_row`), the sort keys (8), each row's list position (4), every 64th
+    date, and the centroids (float32)."""
     slot = 4 if rows < 2**31 else 8
-    return (rows * (FILTER_BYTES_PER_ROW + 8 + slot) + (rows + 63) // 64 * 8
+    return (rows * (filter_bytes_per_row + 8 + slot) + (rows + 63) // 64 * 8
             + list_count(rows, policy) * (dim * 4 + 8) + 8)
 
 
@@ -221,9 +220,7 @@ class PartitionedVectors:
 
         Lists are probed in rounds; each round keeps its best rows by the held tier's scores,
         and the tier's own `top` finishes them (float32 re-scoring; int8 from disk)."""
-        from chipscout.indexer.search.warm import _unit_query
-
-        query = _unit_query(query)
+        query = query.astype(np.float32) / max(float(np.linalg.norm(query)), 1e-30)
         policy = self.policy
         window_rows = self._window_rows(row_filter)
         exact = row_filter is not None and window_rows <= policy.partition_exact_rows
@@ -284,17 +281,14 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
 
 
 def _reordered(held, order: np.ndarray):
-    """`held` (`MemoryVectors` or `Int8Vectors`) with its rows in `order`, copied a block at a
-    time into the new array (the old one is let go by the caller)."""
-    from chipscout.indexer.search.warm import Int8Vectors, MemoryVectors
-
+    """`held` (`MemoryVectors` or `Int8Vectors`) with its rows in `order`: a shallow copy with
+    new arrays, copied a block at a time (the old ones are let go by the caller)."""
     vectors = np.empty_like(held.vectors)
     for at in range(0, len(order), 1 << 20):
         vectors[at:at + (1 << 20)] = held.vectors[order[at:at + (1 << 20)]]
-    row_ids = held.row_ids[order]
-    if isinstance(held, Int8Vectors):
-        return Int8Vectors(held.store, row_ids, vectors, held.scales, held.error)
-    return MemoryVectors.from_arrays(held.version, row_ids, vectors)
+    reordered = copy.copy(held)  # scales, error, store: shared; rows and vectors: list order
+    reordered.row_ids, reordered.vectors = held.row_ids[order], vectors
+    return reordered
 
 
 def partitioned(held, filters: FilterColumns, plan, policy: IndexPolicy):

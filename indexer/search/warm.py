@@ -20,7 +20,7 @@ from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
-from chipscout.indexer.search.partitions import PartitionedVectors, partitioned
+from chipscout.indexer.search.partitions import PartitionedVectors, partition_bytes, partitioned
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 from chipscout.indexer.store import unit_rows
@@ -514,10 +514,9 @@ def _plan_partitions(rows: int, dim: int, records_bytes: int, policy: IndexPolic
     columns, the vectors at the most precise tier (float16 or int8; float32 within
     `exact_cache_bytes`) that fits with the lists, then the result columns; None when none fits
     (the sketch's tiers are tried instead)."""
-    from chipscout.indexer.search.partitions import partition_bytes
-
     budget = policy.warm_cache_bytes
-    parts = {"filters": rows * FILTER_BYTES_PER_ROW, "partitions": partition_bytes(rows, dim, policy)}
+    parts = {"filters": rows * FILTER_BYTES_PER_ROW,
+             "partitions": partition_bytes(rows, dim, policy, FILTER_BYTES_PER_ROW)}
     for name, per_dim, fixed in VECTOR_TIERS:
         vectors = rows * (dim * per_dim + fixed) + (8 * dim if name == "int8" else 0)
         if name == "float32" and rows * dim * 4 > policy.exact_cache_bytes:
