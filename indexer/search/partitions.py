@@ -79,14 +79,16 @@ class PartitionedVectors:
     """The warm vectors in IVF order: rows grouped by their nearest of ~N / `partition_list_rows`
     k-means centroids, by date within a list, with a copy of the filter columns in that order.
 
-    A query ranks the centroids and scores the rows of the nearest lists, each list's date window
-    a contiguous slice found by one searchsorted over (list, date) keys; the other filter terms
-    are tested over the same slices, and lists are probed until `partition_probe_rows` allowed
-    rows are scored (at least `partition_min_probes` lists), so a filter widens the probe instead
-    of starving it (IVF's usual loss under filters). When the date windows of all lists hold at
-    most `partition_exact_rows` rows, every one of them is tested and the allowed ones scored:
-    exact search. The final top k is that of the held tier (`MemoryVectors.top`: float16 scores,
-    or int8 with the float32 finish from disk).
+    A query ranks the centroids and probes the nearest lists in rounds (`partition_min_probes`
+    lists first, then as many more as the allowed rows per list seen so far say are needed)
+    until `partition_probe_rows` allowed rows are scored, so a filter widens the probe instead of
+    starving it (IVF's usual loss of recall under filters: FAISS IVF 0.73 at a 1 % filter,
+    BENCHMARKS.md "Ten million chips"). A list's rows within the filter's dates are a
+    contiguous slice, found for all probed lists by one searchsorted over (list, date) keys; the
+    other terms are tested on those rows, which are scored as whole slices (no gather) when most
+    are allowed. When the filter's dates hold at most about `partition_exact_rows` rows, every
+    list is tested: exact search. The best rows of each round go to the held tier's `top`
+    (float32 re-scoring of float16; int8's float32 finish from disk).
 
     It stands in for the `MemoryVectors` it was built from: `row_ids`, `vectors` and positions
     are in list order."""
