@@ -285,6 +285,9 @@ def run_size(args, rows: int) -> dict:
         truth_path.write_bytes(pickle.dumps({"rows": rows, "dim": args.dim, "queries": args.queries,
                                              "seed": args.seed, "selectivity": selectivity, "numpy": result["numpy"],
                                              "query_vectors": queries, "cases": cases, "truth": truth}))
+    if "faiss" in args.skip:  # the child's memory is measured; let this process's copy go first
+        del vectors, chip_ids, order, footprints
+        return run_chipscout(args, result, db, queries, cases, truth)
     run_chipscout(args, result, db, queries, cases, truth)
     if "faiss" not in args.skip:
         run = run_faiss_ivf if args.faiss_index == "ivf" else run_faiss
