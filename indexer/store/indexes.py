@@ -92,10 +92,13 @@ class IndexPolicy:
     """Bits per row of the sketch (32 bytes at 256)."""
     sketch_candidates: int = 1000
     """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k."""
-    partition_min_rows: int = 2_000_000
-    """From this many rows a warmed searcher holding the vectors (float32, float16 or int8)
-    partitions them into k-means lists (`chipscout.indexer.search.partitions`) instead of keeping
-    the sketch: a query scores the rows of its nearest lists, not every allowed row. 0: never."""
+    partition_min_rows: int = 0
+    """From this many rows (0: never, the default) a warmed searcher holding the vectors (float32,
+    float16 or int8) partitions them into k-means lists (`chipscout.indexer.search.partitions`)
+    instead of keeping the sketch: a query scores the rows of its nearest lists, not every allowed
+    row. Off by default: at 10M x 64-d on 2 busy cores its warm-up took 14 minutes (the sketch's:
+    1-2) for query times and recall no better than the sketch's (BENCHMARKS.md "Ten million
+    chips"); 2,000,000 is the size it was designed for."""
     partition_list_rows: int = 2_500
     """Rows per list of the partitioned tier (N / this many lists)."""
     partition_probe_rows: int = 150_000
