@@ -102,7 +102,8 @@ class IndexPolicy:
     partition_list_rows: int = 2_500
     """Rows per list of the partitioned tier (N / this many lists)."""
     partition_probe_rows: int = 150_000
-    """The partitioned tier probes lists, nearest first, until this many allowed rows are scored."""
+    """The partitioned tier probes lists, nearest first, until this many rows are scored; under a
+    filter, this many x sqrt(share) allowed rows (the share seen in the lists probed so far)."""
     partition_min_probes: int = 32
     """Lists a partitioned query probes at least (its first step)."""
     partition_exact_rows: int = 200_000
