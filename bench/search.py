@@ -109,8 +109,13 @@ def child(spec_path: str) -> None:
     spec = pickle.loads(Path(spec_path).read_bytes())
     queries, cases = spec["queries"], spec["cases"]
     rss_start = rss_bytes()
-    engine = SearchEngine(spec["db"], TABLE, memory=spec.get("memory"))
-    out: dict = {"chipscout": {}, "lancedb_flat": {}}
+    from dataclasses import replace
+
+    from chipscout.indexer.store.indexes import DEFAULT_POLICY
+
+    policy = replace(DEFAULT_POLICY, **spec.get("policy", {}))
+    engine = SearchEngine(spec["db"], TABLE, memory=spec.get("memory"), index_policy=policy)
+    out: dict = {"chipscout": {}, "lancedb_flat": {}, "sweep": {}}
     if spec["mode"] == "warm":
         with Clock() as warm:
             loaded = engine.warm_up()
@@ -135,6 +140,22 @@ def child(spec_path: str) -> None:
             "first_cpu_ms": first.cpu * 1000,
             "batch_qps": len(queries) / batch.wall, "methods": {m: methods.count(m) for m in set(methods)},
             "peak_rss_bytes_after": peak_rss_bytes()}
+    held = engine.searcher._warm.vectors if engine.searcher._warm is not None else None
+    for probe_rows in spec.get("probe_rows", []) if hasattr(held, "search") else []:
+        # The partitioned tier's probe depth swept on the same warm cache (no second warm-up).
+        held.policy = engine.searcher.policy = replace(policy, partition_probe_rows=probe_rows)
+        swept = out["sweep"][str(probe_rows)] = {}
+        for name, boxes in cases.items():
+            filters = [SearchFilters.build(b["date_from"], b["date_to"], b["bbox"]) if b else None for b in boxes]
+            ids, walls, cpus, methods = [], [], [], []
+            for q, f in zip(queries, filters):
+                with Clock() as c:
+                    response = engine.similar_to_vector(q, k=K, filters=f)
+                walls.append(c.wall), cpus.append(c.cpu)
+                ids.append([r.chip.chip_id for r in response.results])
+                methods.append(response.method)
+            swept[name] = {"ids": ids, **latency_summary(walls, cpus),
+                           "methods": {m: methods.count(m) for m in set(methods)}}
     out["chipscout_rss_bytes"] = rss_bytes()
     out["chipscout_rss_start_bytes"] = rss_start
     out["chipscout_peak_rss_bytes"] = peak_rss_bytes()
@@ -158,6 +179,55 @@ def child(spec_path: str) -> None:
     Path(spec["out"]).write_text(json.dumps(out))
 
 
+# ----------------------------------------------------------------------------- truth from a table
+def truth_from_table(args, rows: int, db: str, path: Path) -> None:
+    """The --truth cache computed from a reused table in two streamed passes (its filter columns,
+    then its vectors 131,072 rows at a time) instead of regenerating every row and holding them
+    all: at 10M rows the regeneration took 7 minutes and the whole matrix, with the brute force's
+    scores, did not fit beside other jobs. The queries and filters are drawn as `run_size` draws
+    them (same seeds, same rows in the same order); numpy brute force is not timed here."""
+    import lancedb
+    import pyarrow as pa
+
+    dataset = lancedb.connect(db).open_table(TABLE).to_lance()
+    footprints = FootprintIndex()
+    for batch in dataset.to_batches(columns=["acquired", "min_lon", "min_lat", "max_lon", "max_lat"],
+                                    batch_size=1 << 20):
+        footprints.add(pa.Table.from_batches([batch]))
+    queries = SyntheticChips(rows, args.dim, seed=args.seed).queries(args.queries, seed=args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    cases: dict[str, list] = {"none": [None] * len(queries)}
+    selectivity: dict[str, float] = {"none": 1.0}
+    keeps: dict[str, list] = {"none": [None] * len(queries)}
+    for share in args.selectivity:
+        boxes = [footprints.draw(share, rng) for _ in queries]
+        name = f"{share:.0%}"
+        cases[name] = [{"date_from": b.date_from, "date_to": b.date_to, "bbox": b.bbox} for b in boxes]
+        selectivity[name] = float(np.mean([b.selectivity for b in boxes]))
+        keeps[name] = [footprints.matches(b.date_from, b.date_to, b.bbox) for b in boxes]
+    best = {name: [(np.full(0, -np.inf, np.float32), np.zeros(0, object)) for _ in queries] for name in cases}
+    at = 0
+    for batch in dataset.to_batches(columns=["chip_id", "vector"], batch_size=1 << 17):
+        ids = np.array(batch["chip_id"].to_pylist(), dtype=object)
+        vectors = batch["vector"].values.to_numpy().reshape(len(ids), -1).astype(np.float32)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30)
+        scores = vectors @ queries.T  # (batch, queries)
+        for name in cases:
+            for i, keep in enumerate(keeps[name]):
+                column = scores[:, i] if keep is None else np.where(keep[at:at + len(ids)], scores[:, i], -np.inf)
+                top = np.argpartition(-column, K)[:K] if len(column) > K else np.arange(len(column))
+                merged_scores = np.concatenate([best[name][i][0], column[top]])
+                merged_ids = np.concatenate([best[name][i][1], ids[top]])
+                keep_best = np.argsort(-merged_scores, kind="stable")[:K]
+                best[name][i] = (merged_scores[keep_best], merged_ids[keep_best])
+        at += len(ids)
+    truth = {name: [[str(c) for s, c in zip(*best[name][i]) if np.isfinite(s)] for i in range(len(queries))]
+             for name in cases}
+    path.write_bytes(pickle.dumps({"rows": rows, "dim": args.dim, "queries": args.queries, "seed": args.seed,
+                                   "selectivity": selectivity, "numpy": {"cases": {}, "memory_bytes": rows * args.dim * 4},
+                                   "query_vectors": queries, "cases": cases, "truth": truth}))
+
+
 # ----------------------------------------------------------------------------- one table size
 def run_size(args, rows: int) -> dict:
     from chipscout.indexer.ingest.fitted_state import encode_state
@@ -166,6 +236,25 @@ def run_size(args, rows: int) -> dict:
 
     result: dict = {"rows": rows, "dim": args.dim, "queries": args.queries}
     db = str(Path(args.db) / f"rows-{rows}")
+    truth_path = Path(args.truth) if args.truth else None
+    if truth_path is not None and not truth_path.exists() and args.reuse and "faiss" in args.skip \
+            and ChipStore(db, TABLE).exists() and ChipStore(db, TABLE).count() == rows:
+        with Clock() as streamed:
+            truth_from_table(args, rows, db, truth_path)
+        print(f"[{rows}] truth streamed from the table in {streamed.wall:.0f} s", flush=True)
+    if truth_path is not None and truth_path.exists():
+        # Queries, filters, exact answers and numpy's figures of an earlier run on this table:
+        # skips regenerating the rows (~2 min at 10M) and the brute force (~3 min).
+        from chipscout.indexer.store import ChipStore as _Store
+
+        cached = pickle.loads(truth_path.read_bytes())
+        if not (_Store(db, TABLE).exists() and _Store(db, TABLE).count() == rows):
+            raise SystemExit(f"--truth {truth_path}: no table of {rows} rows at {db} to reuse")
+        if (cached["rows"], cached["dim"], cached["queries"], cached["seed"]) != (rows, args.dim, args.queries, args.seed):
+            raise SystemExit(f"{truth_path} holds another run's truth; remove it or pass another --truth")
+        result.update(selectivity=cached["selectivity"], numpy=cached["numpy"], ingest=None, build=None,
+                      disk_bytes=folder_bytes(Path(db) / f"{TABLE}.lance"), truth_cached=str(truth_path))
+        return run_chipscout(args, result, db, cached["query_vectors"], cached["cases"], cached["truth"])
     generator = SyntheticChips(rows, args.dim, seed=args.seed)
     footprints = FootprintIndex()
     vectors = np.empty((rows, args.dim), dtype=np.float32)
@@ -246,6 +335,23 @@ def run_size(args, rows: int) -> dict:
         del scores
     result["numpy"] = {"cases": numpy_stats, "memory_bytes": vectors.nbytes}
     print(f"[{rows}] numpy: { {n: round(s['p50_ms'], 1) for n, s in numpy_stats.items()} }", flush=True)
+    if truth_path is not None:
+        truth_path.write_bytes(pickle.dumps({"rows": rows, "dim": args.dim, "queries": args.queries,
+                                             "seed": args.seed, "selectivity": selectivity, "numpy": result["numpy"],
+                                             "query_vectors": queries, "cases": cases, "truth": truth}))
+    if "faiss" in args.skip:  # the child's memory is measured; let this process's copy go first
+        del vectors, chip_ids, order, footprints
+        return run_chipscout(args, result, db, queries, cases, truth)
+    run_chipscout(args, result, db, queries, cases, truth)
+    if "faiss" not in args.skip:
+        run = run_faiss_ivf if args.faiss_index == "ivf" else run_faiss
+        result["faiss"] = run(args, vectors, queries, cases, footprints, order, truth)
+    return result
+
+
+def run_chipscout(args, result: dict, db: str, queries, cases: dict, truth: dict) -> dict:
+    """chipscout's runs (cold, warm, or warm under each --memory), each in a fresh process."""
+    rows = result["rows"]
 
     # chipscout (default policy), cold with LanceDB flat, then warm; each in a fresh process.
     # With --memory: warm once per budget instead (figures under result["budgets"]).
@@ -256,16 +362,24 @@ def run_size(args, rows: int) -> dict:
             spec_path, out_path = Path(scratch) / "spec.pkl", Path(scratch) / "out.json"
             spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases, "mode": mode,
                                                 "flat_queries": args.flat_queries, "out": str(out_path),
-                                                "memory": memory}))
+                                                "memory": memory, "policy": dict(args.policy or []),
+                                                "probe_rows": args.probe_rows}))
             subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
             measured = json.loads(out_path.read_text())
         if memory is not None:
             for name, stats in measured["chipscout"].items():
                 found = stats.pop("ids")
                 stats["recall"] = recall(found, truth[name][:len(found)])
+            for swept in measured["sweep"].values():
+                for name, stats in swept.items():
+                    stats["recall"] = recall(stats.pop("ids"), truth[name])
             result.setdefault("budgets", {})[memory] = {"cases": measured["chipscout"],
                                                         "warm_up": measured["warm_up"],
+                                                        "sweep": measured["sweep"],
                                                         "peak_rss_bytes": measured["chipscout_peak_rss_bytes"]}
+            for probe_rows, swept in measured["sweep"].items():
+                print(f"[{rows}] under {memory}, partition_probe_rows {probe_rows} (p50 ms, recall): "
+                      f"{ {n: (round(s['p50_ms'], 1), round(s['recall'], 3)) for n, s in swept.items()} }", flush=True)
             summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in measured["chipscout"].items()}
             print(f"[{rows}] warm under {memory} (p50 ms, recall): {summary}; warm-up {measured['warm_up']}",
                   flush=True)
@@ -284,10 +398,6 @@ def run_size(args, rows: int) -> dict:
         result[key]["warm_up"] = measured.get("warm_up")
         summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in result[key]["cases"].items()}
         print(f"[{rows}] {key} (p50 ms, recall): {summary}; warm-up {measured.get('warm_up')}", flush=True)
-
-    if "faiss" not in args.skip:
-        run = run_faiss_ivf if args.faiss_index == "ivf" else run_faiss
-        result["faiss"] = run(args, vectors, queries, cases, footprints, order, truth)
     return result
 
 
@@ -344,7 +454,8 @@ def budget_markdown(result: dict) -> str:
     for memory, run in result["budgets"].items():
         warm = run["warm_up"]
         plan = warm.get("plan", {})
-        lines.append(f"- `--memory {memory}`: tier {warm['vectors']}, sketch {'yes' if warm['sketch'] else 'no'}, "
+        structure = "k-means lists" if plan.get("partitions") else f"sketch {'yes' if warm['sketch'] else 'no'}"
+        lines.append(f"- `--memory {memory}`: tier {warm['vectors']}, {structure}, "
                      f"result columns {'held' if warm.get('records') else 'from disk'}; holds "
                      f"{warm['bytes'] / 2**30:.2f} GiB of {plan.get('budget_bytes', 0) / 2**30:.2f} GiB; warm-up "
                      f"{warm['wall_s']:.0f} s wall ({warm['cpu_s']:.0f} s CPU); process VmHWM after warm-up "
@@ -363,8 +474,14 @@ def budget_markdown(result: dict) -> str:
             lines.append(f"| {label} | chipscout warm, --memory {memory} ({run['warm_up']['vectors']}) | "
                          f"{c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {how} |")
             label = ""
-        n = result["numpy"]["cases"][name]
-        lines.append(f"| | numpy brute force | 1.000 | {n['p50_ms']:.1f} | {n['p95_ms']:.1f} | {n['cpu_p50_ms']:.1f} | |")
+            for probe_rows, swept in run.get("sweep", {}).items():
+                c = swept[name]
+                how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
+                lines.append(f"| | chipscout warm, --memory {memory}, partition_probe_rows {probe_rows} | "
+                             f"{c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {how} |")
+        n = result["numpy"]["cases"].get(name)
+        if n:
+            lines.append(f"| | numpy brute force | 1.000 | {n['p50_ms']:.1f} | {n['p95_ms']:.1f} | {n['cpu_p50_ms']:.1f} | |")
         if "faiss" in result:
             for s in result["faiss"]["cases"][name]:
                 key = "nprobe" if "nprobe" in s else "efSearch"
@@ -512,6 +629,11 @@ def faiss_at_equal_recall(sweep: list[dict], chipscout: dict) -> tuple[dict, flo
     return equal, chipscout["p50_ms"] / equal["p50_ms"] if equal["p50_ms"] else float("nan")
 
 
+def _policy_setting(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    return name.strip(), int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, action="append", help="table size (repeatable); default 100000")
@@ -536,6 +658,12 @@ def main() -> None:
     parser.add_argument("--load", choices=["idle", "background"], default="idle",
                         help="background: the whole run with one busy-loop process per core beside it")
     parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--policy", action="append", type=_policy_setting, metavar="NAME=INT",
+                        help="an IndexPolicy field for chipscout's runs, e.g. partition_min_rows=0 (repeatable)")
+    parser.add_argument("--probe-rows", type=int, nargs="*", default=[],
+                        help="warm runs on the partitioned tier: also sweep partition_probe_rows over these")
+    parser.add_argument("--truth", help="cache the queries, filters and exact answers here (and reuse them: "
+                        "with --reuse and --skip faiss the rows are not regenerated)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

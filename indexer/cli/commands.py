@@ -177,7 +177,7 @@ def info(
         typer.echo(line)
     warm = payload["warm"]
     typer.echo(f"  warm      under {_size(warm['budget_bytes'])}: vectors {warm['tier']}, "
-               f"sketch {'yes' if warm['sketch'] else 'no'}, result columns {'held' if warm['records'] else 'from disk'}; "
+               f"{'k-means lists (partitions)' if warm.get('partitions') else 'sketch yes' if warm['sketch'] else 'sketch no'}, result columns {'held' if warm['records'] else 'from disk'}; "
                f"{_size(warm['bytes'])} ({', '.join(f'{k} {_size(v)}' for k, v in warm['parts'].items())}); {warm['why']}")
     if recent:
         from chipscout.indexer.store.runlog import describe

@@ -22,7 +22,8 @@ class SearchPlan:
     (LanceDB flat search, filter first), `ann` (the vector index, no filter), `ann-postfilter`
     (the index over-fetches, the filter keeps the allowed rows), `ann-prefilter` (the index
     searches only the allowed rows: LanceDB's prefilter), `sketch` (a warmed searcher's binary
-    sketch picks candidates among the allowed rows, re-ranked exactly)."""
+    sketch picks candidates among the allowed rows, re-ranked exactly), `partitions` (a warmed
+    searcher's k-means lists nearest the query are scored, their allowed rows only)."""
 
     method: str
     matches: int | None = None
@@ -41,7 +42,7 @@ class SearchPlan:
     @property
     def used_index(self) -> bool:
         """Whether an approximate index (LanceDB's, or the warm sketch) picked the candidates."""
-        return self.method.startswith("ann") or self.method == "sketch"
+        return self.method.startswith("ann") or self.method in ("sketch", "partitions")
 
 
 class TableState:

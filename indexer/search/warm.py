@@ -23,6 +23,7 @@ from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
+from chipscout.indexer.search.partitions import PartitionedVectors, partition_bytes, partitioned
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
 from chipscout.indexer.store.indexes import DEFAULT_POLICY, IndexPolicy
 from chipscout.indexer.store import FittedState, unit_rows
@@ -553,13 +554,15 @@ class WarmPlan:
     """Whether the result columns are held (else each query reads its k rows from the table)."""
     bytes: dict[str, int]
     reason: str
+    partitions: bool = False
+    """Whether the vectors are held in k-means lists instead of the sketch (`partitions`)."""
 
     @property
     def total_bytes(self) -> int:
         return sum(self.bytes.values())
 
     def describe(self) -> dict[str, Any]:
-        return {"tier": self.tier, "sketch": self.sketch, "records": self.records,
+        return {"tier": self.tier, "sketch": self.sketch, "partitions": self.partitions, "records": self.records,
                 "budget_bytes": self.budget_bytes, "bytes": self.total_bytes, "parts": dict(self.bytes),
                 "why": self.reason}
 
@@ -576,6 +579,10 @@ def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> W
     the sketch (candidates re-ranked from disk); then the result columns (`records_bytes`) when
     they fit what is left. Sizes are the arrays' own (docs/sizing.md)."""
     budget = policy.warm_cache_bytes
+    if policy.partition_min_rows and rows >= policy.partition_min_rows:
+        partitioned = _plan_partitions(rows, dim, records_bytes, policy)
+        if partitioned is not None:
+            return partitioned
     parts = {"filters": rows * FILTER_BYTES_PER_ROW}
     wants_sketch = bool(policy.sketch_min_rows) and rows >= policy.sketch_min_rows
     sketch = rows * sketch_bytes_per_row(policy.sketch_bits) + dim * policy.sketch_bits * 4 if wants_sketch else 0
@@ -610,6 +617,31 @@ def plan_warm(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> W
     else:
         reason += "; result columns read from disk per query (they do not fit what is left)"
     return WarmPlan(rows, dim, budget, tier, wants_sketch, records, parts, reason)
+
+
+def _plan_partitions(rows: int, dim: int, records_bytes: int, policy: IndexPolicy) -> WarmPlan | None:
+    """The partitioned tier's plan (`plan_warm` from `partition_min_rows` rows): the filter
+    columns, the vectors at the most precise tier (float16 or int8; float32 within
+    `exact_cache_bytes`) that fits with the lists, then the result columns; None when none fits
+    (the sketch's tiers are tried instead)."""
+    budget = policy.warm_cache_bytes
+    parts = {"filters": rows * FILTER_BYTES_PER_ROW,
+             "partitions": partition_bytes(rows, dim, policy, FILTER_BYTES_PER_ROW)}
+    for name, per_dim, fixed in VECTOR_TIERS:
+        vectors = rows * (dim * per_dim + fixed) + (8 * dim if name == "int8" else 0)
+        if name == "float32" and rows * dim * 4 > policy.exact_cache_bytes:
+            continue
+        if sum(parts.values()) + vectors <= budget:
+            parts["vectors"] = vectors
+            reason = (f"{rows} rows (partition_min_rows {policy.partition_min_rows}): {name} vectors in "
+                      "k-means lists, the most precise that fit the budget with them")
+            records = sum(parts.values()) + records_bytes <= budget
+            if records:
+                parts["records"] = records_bytes
+            else:
+                reason += "; result columns read from disk per query (they do not fit what is left)"
+            return WarmPlan(rows, dim, budget, name, False, records, parts, reason, partitions=True)
+    return None
 
 
 def int8_scales(sample: np.ndarray) -> np.ndarray:
@@ -897,6 +929,7 @@ class VectorSearcher:
                 filters = FilterColumns(self.store, eager=True)
                 records = pa.table({"row": pa.nulls(len(filters))}).select([])
             vectors, sketch = _stream_vectors(self.store, filters, plan, self.policy)
+            vectors = partitioned(vectors, filters, plan, self.policy)  # k-means lists when plan.partitions
         return WarmCache(version, records, filters, vectors, time.perf_counter() - started, sketch, plan)
 
     def _absorb(self, held: WarmCache, version: int) -> WarmCache | None:
@@ -1070,6 +1103,9 @@ class VectorSearcher:
         state = self.state(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
+        if warm is not None and isinstance(memory, PartitionedVectors):
+            row_ids, distances, positions, matches, method = memory.search(vector, k, row_filter)
+            return self._rows(row_ids, distances, columns, warm), SearchPlan(method, matches, positions=positions)
         if warm is not None and warm.sketch is not None and memory is not None:
             return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
         in_memory = memory is not None

@@ -92,6 +92,23 @@ class IndexPolicy:
     """Bits per row of the sketch (32 bytes at 256)."""
     sketch_candidates: int = 1000
     """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k."""
+    partition_min_rows: int = 0
+    """From this many rows (0: never, the default) a warmed searcher holding the vectors (float32,
+    float16 or int8) partitions them into k-means lists (`chipscout.indexer.search.partitions`)
+    instead of keeping the sketch: a query scores the rows of its nearest lists, not every allowed
+    row. Off by default: at 10M x 64-d on 2 busy cores its warm-up took 14 minutes (the sketch's:
+    1-2) for query times and recall no better than the sketch's (BENCHMARKS.md "Ten million
+    chips"); 2,000,000 is the size it was designed for."""
+    partition_list_rows: int = 2_500
+    """Rows per list of the partitioned tier (N / this many lists)."""
+    partition_probe_rows: int = 150_000
+    """The partitioned tier probes lists, nearest first, until this many rows are scored; under a
+    filter, this many x sqrt(share) allowed rows (the share seen in the lists probed so far)."""
+    partition_min_probes: int = 32
+    """Lists a partitioned query probes at least (its first step)."""
+    partition_exact_rows: int = 200_000
+    """A filter whose date range holds at most about this many rows (of a partitioned table) is
+    answered exactly: every row in its dates tested, the allowed ones scored."""
     tuning: QueryTuning | None = None
     """Search knobs to use instead of those recorded with the index (benchmarks, tests)."""
 
@@ -103,6 +120,9 @@ class IndexPolicy:
             raise StoreError(f"sketch_bits must be a positive multiple of 64, got {self.sketch_bits}")
         if self.sketch_candidates < 1:
             raise StoreError(f"sketch_candidates must be at least 1, got {self.sketch_candidates}")
+        for name in ("partition_list_rows", "partition_probe_rows", "partition_min_probes"):
+            if getattr(self, name) < 1:
+                raise StoreError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 DEFAULT_POLICY = IndexPolicy()
