@@ -789,12 +789,13 @@ class VectorSearcher:
         """`columns` of `row_ids` with `_distance` = `distances`: from the warm cache when it
         holds them, else read from the table."""
         wanted = [c for c in columns if c != "_distance"]
-        if warm is None or any(c not in warm.records.column_names for c in wanted):
+        # The names once per query: `Table.column_names` builds a new list on every access.
+        if warm is None or not set(wanted).issubset(warm.records.schema.names):
             return self.store.take_rows(row_ids, distances, columns)
         positions, found = warm.filters.positions(row_ids)
         if not found.all():
             raise StoreError(f"table {self.store.table_name!r} changed during a query; try again")
-        rows = warm.records.take(pa.array(positions)).select(wanted)
+        rows = warm.records.select(wanted).take(pa.array(positions))  # only the columns asked for
         rows = rows.append_column("_distance", pa.array(distances, pa.float32()))
         return rows.select(columns) if "_distance" in columns else rows
 
@@ -833,9 +834,8 @@ class VectorSearcher:
         version = self.current_version() if version is None else version
         if filters is not None and not filters.selects_rows:
             filters = None
-        where = filters.where_clause() if filters is not None else None
         with one_math_thread():
-            rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
+            rows, plan = self._nearest(version, vector, k, filters, columns, near)
         return rows, replace(plan, table_version=version)
 
     def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
@@ -870,13 +870,14 @@ class VectorSearcher:
                 SearchPlan(method, matches, candidates=positions, positions=found))
 
     def _nearest(self, version: int, vector: np.ndarray, k: int, row_filter: SearchFilters | None,
-                 where: str | None, columns: list[str],
-                 near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+                 columns: list[str], near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         state = self.state(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
         if warm is not None and warm.sketch is not None and memory is not None:
             return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
+        # The SQL only for the paths that hand the filter to LanceDB (~0.1 ms a query).
+        where = row_filter.where_clause() if row_filter is not None else None
         in_memory = memory is not None
         filters = mask = matches = None
         if row_filter is not None:
