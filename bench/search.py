@@ -675,11 +675,11 @@ def main() -> None:
     for rows in args.rows or [100_000]:
         with (background_load() if args.load == "background" else contextlib.nullcontext()):
             results.append(run_size(args, rows))
-        print(budget_markdown(results[-1]) if "budgets" in results[-1] else markdown(results[-1]), flush=True)
-        if args.json:
+        if args.json:  # first: the figures are kept even if a table below cannot be drawn
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"started": started, "args": vars(args), "results": results},
                                                   indent=1, default=str))
+        print(budget_markdown(results[-1]) if "budgets" in results[-1] else markdown(results[-1]), flush=True)
     print(f"load average at the end: {os.getloadavg()}")
 
 

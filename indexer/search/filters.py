@@ -263,6 +263,11 @@ class FilterColumns:
                     raise StoreError("the table changed while its filter columns were read; try again")
                 self._take(self._store.scan_batches_with_row_ids(missing), missing, self._store.count())
 
+    @property
+    def read_any(self) -> bool:
+        """Whether any column is here yet (a cold searcher reads them as filters need them)."""
+        return self._store is None or bool(self._loaded)
+
     def __len__(self) -> int:
         self._need(())
         return len(self.row_ids)

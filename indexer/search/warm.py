@@ -308,6 +308,12 @@ class BinarySketch:
     FIRST_STAGE = 32
     """The first stage hands about this many times the asked-for count to the second."""
     SAMPLE_STRIDE = 16
+    ONE_STAGE_WINDOW = 4
+    """A date window of at most this many times `FIRST_STAGE` x count rows is scored on every
+    bit in one contiguous pass: the first stage would keep a quarter of it or more, and the
+    second stage's gather of those rows costs more than the pass's two extra words (numpy, one
+    core, count 1000: 0.85 ms two-stage against 0.25 ms in one at 50,000 rows, even at 100,000,
+    the two-stage scan ahead from ~200,000; issue 21 item 5)."""
     BLOCK_ROWS = 65_536  # 512 KiB of XOR scratch: stays in a core's L2
 
     def __init__(self, vectors: MemoryVectors, filters: FilterColumns, bits: int = 256, seed: int = 0):
@@ -431,11 +437,12 @@ class BinarySketch:
     def _first_bits(self) -> int:
         return min(self.FIRST_BITS, self.bits)  # a 64-bit sketch has one stage's worth
 
-    def _first_distances(self, code: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """Hamming distances (uint8) of rows start..stop to `code` on the first `FIRST_BITS`,
-        in blocks that keep the scratch in the core's cache: one pass over those columns."""
-        words = self._first_bits // 64
-        near = np.empty(stop - start, dtype=np.uint8)
+    def _first_distances(self, code: np.ndarray, start: int, stop: int, bits: int | None = None) -> np.ndarray:
+        """Hamming distances of rows start..stop to `code` on the first `bits` (default
+        `FIRST_BITS`; uint8 up to 128 bits, else uint16), in blocks that keep the scratch in the
+        core's cache: one pass over those columns."""
+        words = (self._first_bits if bits is None else bits) // 64
+        near = np.empty(stop - start, dtype=np.uint8 if words <= 2 else np.uint16)
         scratch = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint64)
         counts = np.empty(min(stop - start, self.BLOCK_ROWS), dtype=np.uint8)
         for at in range(start, stop, self.BLOCK_ROWS):
@@ -480,7 +487,8 @@ class BinarySketch:
         the first `FIRST_BITS` rank every allowed row (its date window cut into one chunk per
         thread when long, each tested and scored in one task), the ~`FIRST_STAGE` x `count`
         nearest by them are scored on all bits, and the `count` nearest of those are returned.
-        The bits are mixed by a random rotation, so the first ones are a fair sample of all."""
+        The bits are mixed by a random rotation, so the first ones are a fair sample of all.
+        A short date window (`ONE_STAGE_WINDOW`) is scored on every bit in one pass instead."""
         if row_filter is None:
             start, stop = 0, len(self.order)
         else:
@@ -489,6 +497,8 @@ class BinarySketch:
             return np.zeros(0, dtype=np.int64), 0, True
         chunks = self._chunks(start, stop)
         code = self._code(_unit_query(query))
+        if stop - start <= self.ONE_STAGE_WINDOW * self.FIRST_STAGE * max(count, 1) and len(chunks) == 1:
+            return self._one_stage(code, row_filter, start, stop, count, exact_max)
 
         def first(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
             allowed = None if row_filter is None else self.filters.window_mask(row_filter, a, b, dates=False)
@@ -527,9 +537,26 @@ class BinarySketch:
                 break
             first_cut = min(first_bits, first_cut + 4)
         rows = np.concatenate([r for r, _ in kept])
-        histogram = np.bincount(distances, minlength=self.bits + 1)
-        cutoff = min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all kept
-        return self.order[rows[distances <= cutoff]], matches, False
+        return self.order[rows[distances <= self._cutoff(distances, count)]], matches, False
+
+    def _cutoff(self, distances: np.ndarray, count: int) -> int:
+        """The distance within which at least `count` of `distances` lie (all when fewer)."""
+        histogram = np.bincount(distances, minlength=self.bits + 2)[:self.bits + 1]  # bits + 1: refused
+        return min(int(np.searchsorted(np.cumsum(histogram), count)), self.bits)  # past: all kept
+
+    def _one_stage(self, code: np.ndarray, row_filter: SearchFilters | None, start: int, stop: int,
+                   count: int, exact_max: int) -> tuple[np.ndarray, int | None, bool]:
+        """`search` over a short date window (`ONE_STAGE_WINDOW`): the filter first, and when
+        it leaves more than `exact_max` rows, every bit of those rows in one pass."""
+        allowed = None if row_filter is None else self.filters.window_mask(row_filter, start, stop, dates=False)
+        matches = None if allowed is None else int(np.count_nonzero(allowed))
+        if matches is not None and matches <= exact_max:
+            return self.order[start + np.flatnonzero(allowed)], matches, True
+        distances = self._first_distances(code, start, stop, self.bits)
+        if allowed is not None:  # refused rows: one beyond every distance
+            distances[~allowed] = self.bits + 1
+        cutoff = self._cutoff(distances, count)
+        return self.order[start + np.flatnonzero(distances <= cutoff)], matches, False
 
 
 #: Bytes a row of `FilterColumns` takes: row id, date, four bounds, cloud, nodata (8 each) and
@@ -802,6 +829,7 @@ class VectorSearcher:
         self._loading_version: int | None = None
         self._version_seen: tuple[int, float, int | None] | None = None  # (version, when read, store changes)
         self._version_generation = 0
+        self._cold_filtered = 0  # filtered queries answered without a warm cache (`_one_shot`)
 
     def current_version(self) -> int:
         """The store's table version, read from LanceDB at most every `VERSION_CHECK_S`, at once
@@ -1013,16 +1041,18 @@ class VectorSearcher:
         return plan_query(self.policy, self.state(), k, matches, in_memory)
 
     def _rows(self, row_ids: np.ndarray, distances: np.ndarray, columns: list[str],
-              warm: WarmCache | None) -> pa.Table:
+              warm: WarmCache | None, found: tuple[np.ndarray, np.ndarray] | None = None) -> pa.Table:
         """`columns` of `row_ids` with `_distance` = `distances`: from the warm cache when it
-        holds them, else read from the table."""
+        holds them, else read from the table. `found`: `warm.filters.positions(row_ids)` when
+        the caller has it."""
         wanted = [c for c in columns if c != "_distance"]
-        if warm is None or any(c not in warm.records.column_names for c in wanted):
+        # The names once per query: `Table.column_names` builds a new list on every access.
+        if warm is None or not set(wanted).issubset(warm.records.schema.names):
             return self.store.take_rows(row_ids, distances, columns)
-        positions, found = warm.filters.positions(row_ids)
+        positions, found = warm.filters.positions(row_ids) if found is None else found
         if not found.all():
             raise StoreError(f"table {self.store.table_name!r} changed during a query; try again")
-        rows = warm.records.take(pa.array(positions)).select(wanted)
+        rows = warm.records.select(wanted).take(pa.array(positions))  # only the columns asked for
         rows = rows.append_column("_distance", pa.array(distances, pa.float32()))
         return rows.select(columns) if "_distance" in columns else rows
 
@@ -1049,6 +1079,25 @@ class VectorSearcher:
         mask = filters.mask(row_filter)
         return int(mask.sum()), mask
 
+    def _one_shot(self, state: TableState, filters: FilterColumns, in_memory: bool) -> bool:
+        """Whether this filtered query asks LanceDB for its count, allowed rows and candidates'
+        tests instead of reading the filter columns of every row: the first filtered query of a
+        searcher without vectors in memory, on an indexed table (a one-shot `chipscout search`
+        or API call), whose BTREE indexes answer the filter. Later queries read the columns
+        once and test in numpy (~1 ms a query against LanceDB's 25-35 ms per count at 100,000
+        rows; reading 5 columns of 100,000 rows cost 53-66 ms CPU, counting 25-36: issue 21)."""
+        with self._lock:
+            first = self._cold_filtered == 0
+            self._cold_filtered += 1
+        return first and state.index is not None and not in_memory and not filters.read_any
+
+    def _allowed_by_take(self, row_filter: SearchFilters, row_ids: np.ndarray) -> np.ndarray:
+        """Which of `row_ids` `row_filter` allows, from their own filter columns read by row
+        id (the in-memory masks over just those rows, so SQL's NULL rules hold as elsewhere)."""
+        taken = FilterColumns(self.store, self.store.take_with_row_ids(row_ids, FilterColumns.COLUMNS))
+        positions, found = taken.positions(row_ids)
+        return taken.mask(row_filter, positions) & found
+
     def nearest(self, vector: np.ndarray, k: int, filters: SearchFilters | None, columns: list[str],
                 near: SearchPlan | None = None, version: int | None = None) -> tuple[pa.Table, SearchPlan]:
         """The k nearest rows (`columns` plus `_distance`, nearest first) that `filters` allows
@@ -1061,9 +1110,8 @@ class VectorSearcher:
         version = self.current_version() if version is None else version
         if filters is not None and not filters.selects_rows:
             filters = None
-        where = filters.where_clause() if filters is not None else None
         with one_math_thread():
-            rows, plan = self._nearest(version, vector, k, filters, where, columns, near)
+            rows, plan = self._nearest(version, vector, k, filters, columns, near)
         return rows, replace(plan, table_version=version)
 
     def warm_vectors(self, plan: SearchPlan, rows: Sequence[int]) -> np.ndarray | None:
@@ -1093,13 +1141,12 @@ class VectorSearcher:
             positions, matches, exact = warm.sketch.search(vector, row_filter, wanted, 2 * wanted)
             method = "exact" if exact else "sketch"
         row_ids, distances = memory.top(vector, k, positions)
-        found, _ = warm.filters.positions(row_ids)
-        return (self._rows(row_ids, distances, columns, warm),
-                SearchPlan(method, matches, candidates=positions, positions=found))
+        at = warm.filters.positions(row_ids)
+        return (self._rows(row_ids, distances, columns, warm, at),
+                SearchPlan(method, matches, candidates=positions, positions=at[0]))
 
     def _nearest(self, version: int, vector: np.ndarray, k: int, row_filter: SearchFilters | None,
-                 where: str | None, columns: list[str],
-                 near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
+                 columns: list[str], near: SearchPlan | None = None) -> tuple[pa.Table, SearchPlan]:
         state = self.state(version)
         warm = self._warm_cache(version)
         memory = self._memory_vectors(state, warm)
@@ -1108,11 +1155,19 @@ class VectorSearcher:
             return self._rows(row_ids, distances, columns, warm), SearchPlan(method, matches, positions=positions)
         if warm is not None and warm.sketch is not None and memory is not None:
             return self._sketch_search(warm, memory, vector, k, row_filter, columns, near)
+        # The SQL only for the paths that hand the filter to LanceDB (~0.1 ms a query).
+        where = row_filter.where_clause() if row_filter is not None else None
         in_memory = memory is not None
         filters = mask = matches = None
+        one_shot = False
         if row_filter is not None:
             filters = self._filter_columns(version)
-            matches, mask = self._count(state, filters, row_filter, k, in_memory)
+            one_shot = self._one_shot(state, filters, in_memory)
+            if one_shot:
+                assert where is not None
+                matches = self.store.count_where(where)
+            else:
+                matches, mask = self._count(state, filters, row_filter, k, in_memory)
         plan = plan_query(self.policy, state, k, matches, in_memory)
         if matches == 0:
             return self._rows(np.zeros(0, np.uint64), np.zeros(0, np.float32), columns, warm), plan
@@ -1121,8 +1176,9 @@ class VectorSearcher:
             row_ids, distances = memory.top(vector, k, positions)
             return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact":
-            assert filters is not None and mask is not None
-            row_ids, distances = _disk_top(self.store, _unit_query(vector), filters.row_ids[mask], k)
+            assert filters is not None and where is not None
+            allowed_ids = self.store.row_ids_where(where) if mask is None else filters.row_ids[mask]
+            row_ids, distances = _disk_top(self.store, _unit_query(vector), allowed_ids, k)
             return self._rows(row_ids, distances, columns, warm), plan
         if plan.method == "exact-scan":
             return self.store.nearest(vector, k, where, columns, use_index=False), plan
@@ -1152,7 +1208,9 @@ class VectorSearcher:
             fetch = plan.fetch
             while True:
                 row_ids, _ = self.store.nearest_row_ids(vector, fetch, plan.tuning)
-                allowed_ids = row_ids[filters.allowed(row_filter, row_ids, mask)][:k * refine]
+                allowed = (self._allowed_by_take(row_filter, row_ids) if one_shot
+                           else filters.allowed(row_filter, row_ids, mask))
+                allowed_ids = row_ids[allowed][:k * refine]
                 if len(allowed_ids) >= min(k, matches):
                     ids, distances = self._rerank(vector, allowed_ids, k, warm)
                     return self._rows(ids, distances, columns, warm), replace(plan, fetch=fetch)

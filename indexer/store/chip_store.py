@@ -534,6 +534,23 @@ class ChipStore:
             query = query.offset(offset)
         return query.limit(limit).to_arrow()
 
+    def count_where(self, where: str) -> int:
+        """Rows `where` allows, counted by LanceDB (from the BTREE indexes of the columns that have one)."""
+        return self._table.count_rows(where)
+
+    def row_ids_where(self, where: str) -> np.ndarray:
+        """`_rowid`s of the rows `where` allows, ascending (this version only)."""
+        rows = self._table.search().where(where).select(["_rowid"]).with_row_id(True).limit(None).to_arrow()
+        return np.sort(rows["_rowid"].to_numpy())
+
+    def take_with_row_ids(self, row_ids: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """`columns` and `_rowid` of the rows `row_ids`, in row-id order."""
+        rows = self._run(self._query_table().take_row_ids([int(r) for r in row_ids]).select(list(columns))
+                         .with_row_id())
+        import pyarrow.compute as pc
+
+        return rows.take(pc.sort_indices(rows["_rowid"]))
+
     def scan_batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """`columns` of every row, in batches of at most `batch_rows`, from this store's version."""
         return (self._table.search().select(list(columns)).limit(None)

@@ -108,6 +108,31 @@ def test_filters_are_honoured_exactly_with_and_without_the_index(tables, name):
                 assert ids == truth, f"{name}: group {group}"
 
 
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_a_one_shot_filtered_query_asks_lancedb_and_answers_as_the_filter_columns_do(tables, name):
+    """A fresh searcher's first filtered query (a one-shot CLI or API call) counts, lists and
+    tests rows through LanceDB's BTREE indexes without reading any filter column of every row,
+    and answers exactly as a searcher that holds those columns (same plan, rows, distances)."""
+    db, centres, _, rows = tables
+    filters, policy, method = FILTERS[name]
+    keep = _keep(rows, filters)
+    groups = sorted({int(c[1:5]) for c in np.array(rows["chip_id"].to_pylist())[keep]})[:1] or [0]
+    for group in groups:
+        one_shot = SearchEngine(db, "indexed", index_policy=policy)
+        with_columns = SearchEngine(db, "indexed", index_policy=policy)
+        assert with_columns.searcher.matches(filters) == keep.sum()  # reads the columns
+        first = one_shot.similar_to_vector(centres[group], k=10, filters=filters)
+        assert not one_shot.searcher._filters.read_any  # no column of every row was read
+        reference = with_columns.similar_to_vector(centres[group], k=10, filters=filters)
+        assert first.method == reference.method == method
+        assert [r.chip.chip_id for r in first.results] == [r.chip.chip_id for r in reference.results]
+        np.testing.assert_allclose([r.distance for r in first.results], [r.distance for r in reference.results],
+                                   atol=1e-6)
+        second = one_shot.similar_to_vector(centres[group], k=10, filters=filters)  # reads the columns now
+        assert one_shot.searcher._filters.read_any
+        assert [r.chip.chip_id for r in second.results] == [r.chip.chip_id for r in first.results]
+
+
 #: How a warmed searcher (vectors in memory) answers each of FILTERS: exact search over the
 #: allowed rows in memory instead of LanceDB's scan or reads by row id.
 WARM_METHOD = {"exact-scan": "exact", "exact": "exact", "ann-postfilter": "ann-postfilter",

@@ -202,3 +202,30 @@ def test_a_diverse_sample_has_one_chip_of_each_kind(tmp_path):
     assert sorted(c.chip_id[0] for c in picked) == ["a", "b", "c"]
     assert [c.chip_id for c in engine.diverse_sample(3, seed=0)] == [c.chip_id for c in picked]  # reproducible
     assert len(engine.diverse_sample(200)) == 90  # fewer chips than asked: all of them
+
+
+def test_result_records_hold_the_rows_values_as_arrow_gives_them(engine):
+    """`_records` builds records column by column (dates from their microseconds): every field
+    equals Arrow's own `to_pylist` of that row, a missing date and cloud fraction included."""
+    import pyarrow as pa
+    import shapely
+
+    from chipscout.indexer.search.engine import METADATA_COLUMNS, ChipRecord, _datetimes, _records
+
+    rows = engine.store.scan(METADATA_COLUMNS, limit=12)
+    at = rows.schema.get_field_index("acquired")
+    rows = rows.set_column(at, rows.schema.field(at), pa.chunked_array(
+        [pa.array([None] + rows["acquired"].to_pylist()[1:], rows.schema.field(at).type)]))
+    at = rows.schema.get_field_index("cloud_fraction")
+    rows = rows.set_column(at, rows.schema.field(at), pa.chunked_array(
+        [pa.array([None] + rows["cloud_fraction"].to_pylist()[1:], pa.float32())]))
+    records = _records(rows)
+    assert len(records) == rows.num_rows == 12 and records[0].acquired is None and records[0].cloud_fraction is None
+    for record, row in zip(records, rows.to_pylist()):
+        for name in ChipRecord.__dataclass_fields__:
+            want = shapely.from_wkb(row[name]) if name == "footprint" else row[name]
+            assert getattr(record, name) == want, name
+        assert record.acquired is None or record.acquired.tzinfo == row["acquired"].tzinfo
+    for kind in (pa.timestamp("us", tz="UTC"), pa.timestamp("ms"), pa.timestamp("s", tz="Europe/Paris")):
+        column = pa.chunked_array([pa.array([1_600_000_000, None, -5, 0], pa.int64()).cast(kind)])
+        assert _datetimes(column) == column.to_pylist()

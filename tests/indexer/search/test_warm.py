@@ -8,6 +8,7 @@ import pytest
 from lancedb.table import LanceTable
 
 from chipscout.indexer.search import SearchEngine, SearchFilters
+from chipscout.indexer.search.warm import BinarySketch
 from tests.indexer.grouped_tables import DIM, GROUPS, POLICY, _grouped_vectors, _keep, _rows, _truth, _write
 
 SKETCH_POLICY = replace(POLICY, sketch_min_rows=1000, sketch_candidates=40)
@@ -81,10 +82,15 @@ def _reference_candidates(sketch, query: np.ndarray, keep: np.ndarray, count: in
 @pytest.mark.parametrize("filters", [None, SearchFilters.build(date_from="2023-03-01", date_to="2024-09-30"),
                                      SearchFilters.build(max_cloud_fraction=0.7, bbox=(0, 40, 15, 50))],
                          ids=["none", "dates", "cloud and area"])
-def test_the_two_stage_sketch_scan_answers_as_the_single_stage_scan(tmp_path, filters):
+@pytest.mark.parametrize("stages", [1, 2])
+def test_the_two_stage_sketch_scan_answers_as_the_single_stage_scan(tmp_path, monkeypatch, filters, stages):
     """On overlapping clusters (no easy groups), the two-stage scan (128 bits for every allowed
     row, then all 256 for the nearest ~32 x count) keeps only allowed rows and returns the same
-    top 10 as re-ranking the single-stage scan's candidates."""
+    top 10 as re-ranking the single-stage scan's candidates. A window this short (4000 rows,
+    count 40) is scanned in one stage, which must pick exactly the reference's candidates; with
+    `ONE_STAGE_WINDOW` 0 it takes the two stages."""
+    if stages == 2:
+        monkeypatch.setattr(BinarySketch, "ONE_STAGE_WINDOW", 0)
     rng = np.random.default_rng(3)
     latent = rng.standard_normal((40, 16))[rng.integers(0, 40, 4000)] + rng.standard_normal((4000, 16))
     vectors = latent @ rng.standard_normal((16, DIM)) + 0.3 * rng.standard_normal((4000, DIM))
@@ -102,6 +108,8 @@ def test_the_two_stage_sketch_scan_answers_as_the_single_stage_scan(tmp_path, fi
         assert not exact and matches == (None if filters is None else keep.sum())
         assert len(positions) >= 40 and keep[positions].all() and len(set(positions)) == len(positions)
         reference = _reference_candidates(warm.sketch, query, keep, 40)
+        if stages == 1:
+            assert list(np.sort(positions)) == list(reference)
         new_ids, _ = warm.vectors.top(query, 10, np.sort(positions))
         old_ids, _ = warm.vectors.top(query, 10, reference)
         same += list(new_ids) == list(old_ids)
