@@ -172,6 +172,23 @@ class WarmFiles:
             shutil.rmtree(folder, ignore_errors=True)
             return None
 
+    def load_older(self, store, version: int, want: dict[str, Any]) -> WarmCache | None:
+        """The table's copy of a version before `version`, made under the settings of `want` (its
+        columns and budget) and of a version the table still has, with the same commit time (the
+        table was not re-created since); None when there is none. The caller absorbs what was
+        appended since (`VectorSearcher._absorb`), or warms up from the table."""
+        folder = self.table_folder(store)
+        older = sorted((int(f.name[1:]) for f in folder.glob("v*") if f.name[1:].isdigit()
+                        and int(f.name[1:]) < version), reverse=True) if folder.is_dir() else []
+        for held in older[:1]:  # only the latest copy is kept
+            try:
+                same = {**want, "table": store.version_stamp(held)}
+            except Exception as err:  # noqa: BLE001 (the version may be gone: then there is nothing to absorb into)
+                log.info("warm files: version %d of table %r is not readable (%s)", held, store.table_name, err)
+                return None
+            return self.load(store, held, same)
+        return None
+
     def _read(self, store, folder: Path, meta: dict[str, Any], started: float) -> WarmCache:
         for name, expected in meta["files"].items():
             path = folder / name
@@ -231,8 +248,9 @@ class WarmFiles:
 
 class LocalCopySearcher(VectorSearcher):
     """A `VectorSearcher` of a table on object storage that warms up from a local copy of what it
-    held before (`WarmFiles`) when the table has not changed since, and keeps one after each
-    warm-up from the table."""
+    held before (`WarmFiles`) when the table has not changed since, or from the copy of an older
+    version and the rows appended since (read alone, as a running engine absorbs an append), and
+    keeps one after each warm-up that read the table."""
 
     def __init__(self, store, policy: IndexPolicy, files: WarmFiles):
         super().__init__(store, policy)
@@ -246,9 +264,15 @@ class LocalCopySearcher(VectorSearcher):
         if cache is not None:
             self.last_copy = {"loaded": True, "folder": str(self.files.table_folder(self.store))}
             return cache
-        cache = super()._load_warm(version)
+        older = self.files.load_older(self.store, version, want)
+        cache = self._absorb(older, version) if older is not None else None
+        del older
+        absorbed = cache is not None
+        if cache is None:
+            cache = super()._load_warm(version)
         saved = self.files.save(self.store, cache, want)
-        self.last_copy = {"loaded": False, "saved": str(saved) if saved else None}
+        self.last_copy = {"loaded": False, "absorbed": cache.absorbed_rows if absorbed else None,
+                          "saved": str(saved) if saved else None}
         return cache
 
 

@@ -22,8 +22,9 @@ from tests.conftest import moto_server  # noqa: E402
 from tests.synthetic import SyntheticChips, bench_config  # noqa: E402
 
 POLICY = IndexPolicy(sketch_min_rows=300)  # the sketch too, on a small table
-READS = ("scan_with_row_ids", "vector_batches", "vectors_at_offsets", "take_offsets", "all_vectors",
-         "read_fragments", "scan", "scan_batches", "take_rows", "vectors_by_row_id")
+WHOLE_TABLE_READS = ("scan_with_row_ids", "scan_batches_with_row_ids", "vector_batches", "vectors_at_offsets",
+                     "all_vectors", "scan", "scan_batches")
+READS = (*WHOLE_TABLE_READS, "take_offsets", "read_fragments", "take_rows", "vectors_by_row_id")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,11 @@ def answers(engine: SearchEngine, queries: np.ndarray) -> list:
             for q in queries for f in (None, since)]
 
 
-def no_table_reads(monkeypatch) -> None:
+def no_table_reads(monkeypatch, reads=READS) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("read rows of the table")
 
-    for name in READS:
+    for name in reads:
         monkeypatch.setattr(ChipStore, name, refuse)
 
 
@@ -120,3 +121,29 @@ def test_the_copy_folder_is_an_option(bucket_table, tmp_path, monkeypatch):
     engine = SearchEngine(db, "chips", options, POLICY)
     engine.warm_up()
     assert engine.searcher.last_copy["saved"].startswith(str(tmp_path / "cache" / "warm"))
+
+
+def test_a_restart_after_an_append_absorbs_the_new_rows_into_the_older_copy(bucket_table, tmp_path, monkeypatch):
+    """The table grew since the copy was made: a restart reads only the appended rows (no whole-
+    table read), answers as a warm-up from the table does, and keeps a copy of the new version."""
+    db, options, queries = bucket_table
+    monkeypatch.setenv("CHIPSCOUT_WARM_FILES", str(tmp_path / "warm"))
+    generator = SyntheticChips(600, 16, seed=5)
+    batches = [batch for batch, _ in generator.batches(200)]
+    store = ChipStore(db, "grow", options)
+    store.create(bench_config(16), encode_state({}), keep_state=False)
+    for batch in batches[:2]:
+        store.upsert(batch)
+    SearchEngine(db, "grow", options, POLICY).warm_up()
+    store.upsert(batches[2])  # new chip ids only: an append
+
+    with monkeypatch.context() as patched:
+        no_table_reads(patched, WHOLE_TABLE_READS)
+        restarted = SearchEngine(db, "grow", options, POLICY)
+        held = restarted.warm_up()
+        assert restarted.searcher.last_copy["absorbed"] == 200 and restarted.searcher.last_copy["saved"]
+    assert held["rows"] == 600 and held["version"] == store.version
+    monkeypatch.setenv("CHIPSCOUT_WARM_FILES", "off")
+    fresh = SearchEngine(db, "grow", options, POLICY)
+    fresh.warm_up()
+    assert answers(restarted, queries) == answers(fresh, queries)
