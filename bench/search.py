@@ -141,10 +141,13 @@ def child(spec_path: str) -> None:
             "batch_qps": len(queries) / batch.wall, "methods": {m: methods.count(m) for m in set(methods)},
             "peak_rss_bytes_after": peak_rss_bytes()}
     held = engine.searcher._warm.vectors if engine.searcher._warm is not None else None
-    for probe_rows in spec.get("probe_rows", []) if hasattr(held, "search") else []:
-        # The partitioned tier's probe depth swept on the same warm cache (no second warm-up).
-        held.policy = engine.searcher.policy = replace(policy, partition_probe_rows=probe_rows)
-        swept = out["sweep"][str(probe_rows)] = {}
+    for setting, value in spec.get("sweep", []):
+        # An IndexPolicy field swept on the same warm cache (no second warm-up): the sketch's
+        # candidate count, the partitioned tier's probe depth, ...
+        engine.searcher.policy = replace(policy, **{setting: value})
+        if hasattr(held, "policy"):
+            held.policy = engine.searcher.policy
+        swept = out["sweep"][f"{setting}={value}"] = {}
         for name, boxes in cases.items():
             filters = [SearchFilters.build(b["date_from"], b["date_to"], b["bbox"]) if b else None for b in boxes]
             ids, walls, cpus, methods = [], [], [], []
@@ -363,7 +366,7 @@ def run_chipscout(args, result: dict, db: str, queries, cases: dict, truth: dict
             spec_path.write_bytes(pickle.dumps({"db": db, "queries": queries, "cases": cases, "mode": mode,
                                                 "flat_queries": args.flat_queries, "out": str(out_path),
                                                 "memory": memory, "policy": dict(args.policy or []),
-                                                "probe_rows": args.probe_rows}))
+                                                "sweep": [*args.sweep, *(("partition_probe_rows", v) for v in args.probe_rows)]}))
             subprocess.run([sys.executable, __file__, "--child", str(spec_path)], check=True)
             measured = json.loads(out_path.read_text())
         if memory is not None:
@@ -377,8 +380,8 @@ def run_chipscout(args, result: dict, db: str, queries, cases: dict, truth: dict
                                                         "warm_up": measured["warm_up"],
                                                         "sweep": measured["sweep"],
                                                         "peak_rss_bytes": measured["chipscout_peak_rss_bytes"]}
-            for probe_rows, swept in measured["sweep"].items():
-                print(f"[{rows}] under {memory}, partition_probe_rows {probe_rows} (p50 ms, recall): "
+            for setting, swept in measured["sweep"].items():
+                print(f"[{rows}] under {memory}, {setting} (p50 ms, recall): "
                       f"{ {n: (round(s['p50_ms'], 1), round(s['recall'], 3)) for n, s in swept.items()} }", flush=True)
             summary = {n: (round(s["p50_ms"], 1), round(s["recall"], 3)) for n, s in measured["chipscout"].items()}
             print(f"[{rows}] warm under {memory} (p50 ms, recall): {summary}; warm-up {measured['warm_up']}",
@@ -474,10 +477,10 @@ def budget_markdown(result: dict) -> str:
             lines.append(f"| {label} | chipscout warm, --memory {memory} ({run['warm_up']['vectors']}) | "
                          f"{c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {how} |")
             label = ""
-            for probe_rows, swept in run.get("sweep", {}).items():
+            for setting, swept in run.get("sweep", {}).items():
                 c = swept[name]
                 how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
-                lines.append(f"| | chipscout warm, --memory {memory}, partition_probe_rows {probe_rows} | "
+                lines.append(f"| | chipscout warm, --memory {memory}, {setting} | "
                              f"{c['recall']:.3f} | {c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {how} |")
         n = result["numpy"]["cases"].get(name)
         if n:
@@ -619,6 +622,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _sweep_setting(text: str) -> list[tuple[str, int]]:
+    name, _, values = text.partition("=")
+    try:
+        return [(name, int(v)) for v in values.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep {text!r}: give NAME=INT,INT,...") from None
+
+
 def faiss_at_equal_recall(sweep: list[dict], chipscout: dict) -> tuple[dict, float]:
     """The FAISS sweep entry at the smallest efSearch whose recall reaches chipscout's (else the
     one of best recall, the fastest of ties) and chipscout's p50 over its p50."""
@@ -662,6 +673,9 @@ def main() -> None:
                         help="an IndexPolicy field for chipscout's runs, e.g. partition_min_rows=0 (repeatable)")
     parser.add_argument("--probe-rows", type=int, nargs="*", default=[],
                         help="warm runs on the partitioned tier: also sweep partition_probe_rows over these")
+    parser.add_argument("--sweep", type=_sweep_setting, default=[], metavar="NAME=INT,INT,...",
+                        help="warm runs: also answer every query under each value of this IndexPolicy "
+                             "field, on the same warm cache, e.g. sketch_candidates=1000,2000,4000")
     parser.add_argument("--truth", help="cache the queries, filters and exact answers here (and reuse them: "
                         "with --reuse and --skip faiss the rows are not regenerated)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
