@@ -290,7 +290,8 @@ class BinarySketch:
     allowed row: the rows of its date range are contiguous here, so the area, cloud and source
     tests and the distances run over plain array slices (numpy, split across threads). The
     first 128 bits rank them all, the ~32 x 1000 nearest by those are scored on all 256, and
-    the ~1000 nearest by that Hamming distance go to the exact re-ranking. Unlike an IVF probe or a graph
+    the ~1000 nearest by that Hamming distance (more on tables beyond 2M rows:
+    `IndexPolicy.sketch_rows_per_candidate`) go to the exact re-ranking. Unlike an IVF probe or a graph
     walk, no allowed row is skipped because of where it sits, so filters cost no recall; at a
     million 768-d rows the true top 10 is among those candidates 99 % of the time or more
     (BENCHMARKS.md (search))."""
@@ -1131,7 +1132,11 @@ class VectorSearcher:
         columns; up to twice the candidates it would pick are all re-ranked (exact), more are
         narrowed down by the sketch first. With `near` (see `nearest`), its candidates."""
         assert warm.sketch is not None
-        wanted = max(self.policy.sketch_candidates, 20 * k)
+        # More rows, more candidates (`IndexPolicy.sketch_rows_per_candidate`), when re-ranking
+        # them is a read of memory; the disk tier reads each candidate from the table, so it keeps
+        # `sketch_candidates`.
+        grown = len(warm.filters) // self.policy.sketch_rows_per_candidate if memory.tier != "disk" else 0
+        wanted = max(self.policy.sketch_candidates, 20 * k, grown)
         if (near is not None and near.candidates is not None and near.table_version == warm.version
                 and (near.method == "exact" or len(near.candidates) >= wanted)):
             positions, matches, method = near.candidates, near.matches, near.method

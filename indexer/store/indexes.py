@@ -91,7 +91,13 @@ class IndexPolicy:
     sketch_bits: int = 256
     """Bits per row of the sketch (32 bytes at 256)."""
     sketch_candidates: int = 1000
-    """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k."""
+    """Rows the sketch hands to the exact re-ranking: at least this many, or 20 x k, or one per
+    `sketch_rows_per_candidate` rows of the table."""
+    sketch_rows_per_candidate: int = 2_000
+    """The sketch's candidate count grows with the table beyond `sketch_candidates` x this many
+    rows (2M at the defaults): the more rows, the more of them share a Hamming distance with the
+    true neighbours. At 10M x 64-d, 1000 candidates kept recall@10 at 0.83-0.98 and 5000 (this
+    rule) at 0.96-1.00, for 1-7 ms more per query (BENCHMARKS.md "Ten million chips")."""
     partition_min_rows: int = 0
     """From this many rows (0: never, the default) a warmed searcher holding the vectors (float32,
     float16 or int8) partitions them into k-means lists (`chipscout.indexer.search.partitions`)
@@ -120,7 +126,7 @@ class IndexPolicy:
             raise StoreError(f"sketch_bits must be a positive multiple of 64, got {self.sketch_bits}")
         if self.sketch_candidates < 1:
             raise StoreError(f"sketch_candidates must be at least 1, got {self.sketch_candidates}")
-        for name in ("partition_list_rows", "partition_probe_rows", "partition_min_probes"):
+        for name in ("sketch_rows_per_candidate", "partition_list_rows", "partition_probe_rows", "partition_min_probes"):
             if getattr(self, name) < 1:
                 raise StoreError(f"{name} must be at least 1, got {getattr(self, name)}")
 

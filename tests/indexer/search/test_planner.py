@@ -442,3 +442,17 @@ def test_a_background_warm_up_never_holds_queries_and_then_answers_as_a_blocking
     warm = _answers(warm_engine, centres)
     assert {method for method, _, _ in warm} == {"sketch"}
     assert _answers(engine, centres) == warm
+
+
+def test_the_sketchs_candidates_grow_with_the_table(tmp_path):
+    """One candidate per `sketch_rows_per_candidate` rows once that is more than
+    `sketch_candidates`: 4000 rows / 10 = 400 candidates, against 200 (20 k) without the rule;
+    the answers are the exact ones either way on these clusters."""
+    engine, vectors, rows, rng = _blurred_table(tmp_path, seed=5, candidates=100)
+    query = vectors[17]
+    _, plain = engine.searcher.nearest(query, 10, None, ["chip_id", "_distance"])
+    engine.searcher.policy = replace(engine.searcher.policy, sketch_rows_per_candidate=10)
+    found, grown = engine.searcher.nearest(query, 10, None, ["chip_id", "_distance"])
+    assert plain.method == grown.method == "sketch"
+    assert 200 <= len(plain.candidates) < 400 <= len(grown.candidates)
+    assert found["chip_id"].to_pylist() == _truth(vectors, rows, query, 10)
