@@ -465,7 +465,7 @@ def budget_markdown(result: dict) -> str:
                      f"{warm['peak_rss_bytes'] / 2**30:.2f} GiB ({warm['rss_start_bytes'] / 2**30:.2f} GiB before "
                      f"it), after all queries {run['peak_rss_bytes'] / 2**30:.2f} GiB")
     if "faiss" in result:
-        lines.append(f"- FAISS {result['faiss']['index']}: built in {result['faiss']['build_wall_s']:.0f} s wall, "
+        lines.append(f"- FAISS {result['faiss'].get('index', 'HNSW')}: built in {result['faiss']['build_wall_s']:.0f} s wall, "
                      f"{result['faiss']['memory_bytes'] / 2**30:.2f} GiB")
     lines += ["", "| filter (rows kept) | system | recall@10 | p50 ms | p95 ms | CPU p50 ms | how |",
               "|---|---|---|---|---|---|---|"]
@@ -504,7 +504,7 @@ def run_faiss(args, vectors, queries, cases, footprints, order, truth) -> dict:
         index.add(vectors)
     # The index's own arrays: the vectors it copies, plus the graph's neighbour lists.
     graph_bytes = index.hnsw.neighbors.size() * 4 + index.hnsw.offsets.size() * 8 + index.hnsw.levels.size() * 4
-    out = {"M": args.faiss_m, "efConstruction": args.faiss_ef_construction,
+    out = {"index": f"HNSW{args.faiss_m}", "M": args.faiss_m, "efConstruction": args.faiss_ef_construction,
            "build_wall_s": build.wall, "build_cpu_s": build.cpu,
            "memory_bytes": index.ntotal * vectors.shape[1] * 4 + graph_bytes,
            "rss_growth_bytes": rss_bytes() - rss0, "cases": {}}
