@@ -548,51 +548,65 @@ def markdown(result: dict) -> str:
     lines = [f"### {rows:,} rows x {result['dim']}-d, {result['queries']} queries, k = {K}", ""]
     ingest = result.get("ingest")
     build = result["build"]
-    vector = (build["status"]["vector"] or {})
-    record = vector.get("chipscout", {})
+    cold = result.get("chipscout")  # None: --skip cold
     lines.append(f"- ingest (ChipStore.upsert, {ingest['commits']} commits): "
                  f"{ingest['rows_per_s']:,.0f} rows/s ({ingest['wall_s']:.1f} s wall, {ingest['cpu_s']:.1f} s CPU)"
                  if ingest else "- ingest: table reused, not measured")
-    lines.append(f"- index build (`maintain_indexes`: compaction, 9 BTREEs, vector index): "
-                 f"{build['wall_s']:.1f} s wall, {build['cpu_s']:.1f} s CPU; vector index alone "
-                 f"{build['report']['vector_build_s']:.1f} s wall: {vector.get('index_type', 'none')} "
-                 f"{json.dumps(record.get('params', {}))}, query {json.dumps(record.get('query', {}))}")
-    latest = build["status"]["fragments"]["total_bytes"]
-    lines.append(f"- on disk: {result['disk_bytes'] / 2**30:.2f} GiB in the table's folder, of which the latest "
-                 f"version's data {latest / 2**30:.2f} GiB (the rest: versions before compaction, kept "
-                 f"until `chipscout cleanup`); vector index "
-                 f"{(vector.get('size_bytes') or 0) / 2**20:.0f} MiB; chipscout process RSS after all "
-                 f"queries, cold {result['chipscout']['rss_bytes'] / 2**30:.2f} GiB (peak "
-                 f"{result['chipscout']['peak_rss_bytes'] / 2**30:.2f} GiB, "
-                 f"{result['chipscout']['rss_start_bytes'] / 2**30:.2f} GiB at start), warm "
-                 f"{result['chipscout_warm']['rss_bytes'] / 2**30:.2f} GiB (peak "
-                 f"{result['chipscout_warm']['peak_rss_bytes'] / 2**30:.2f} GiB); numpy vectors "
-                 f"{result['numpy']['memory_bytes'] / 2**30:.2f} GiB"
-                 + (f"; FAISS HNSW index {result['faiss']['memory_bytes'] / 2**30:.2f} GiB, built in "
-                    f"{result['faiss']['build_wall_s']:.0f} s wall ({result['faiss']['build_cpu_s']:.0f} s CPU), "
-                    f"M={result['faiss']['M']}, efConstruction={result['faiss']['efConstruction']}"
-                    if "faiss" in result else ""))
+    if build is None or cold is None:  # --skip index / cold: the parts measured
+        lines.append(f"- on disk: {result['disk_bytes'] / 2**30:.2f} GiB; index build "
+                     f"{'skipped (--skip index)' if build is None else 'measured'}; cold runs "
+                     f"{'skipped (--skip cold)' if cold is None else 'measured'}; chipscout warm process RSS "
+                     f"{result['chipscout_warm']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                     f"{result['chipscout_warm']['peak_rss_bytes'] / 2**30:.2f} GiB)"
+                     + (f"; FAISS HNSW index {result['faiss']['memory_bytes'] / 2**30:.2f} GiB, built in "
+                        f"{result['faiss']['build_wall_s']:.0f} s wall" if "faiss" in result else ""))
+    else:
+        vector = (build["status"]["vector"] or {})
+        record = vector.get("chipscout", {})
+        lines.append(f"- index build (`maintain_indexes`: compaction, 9 BTREEs, vector index): "
+                     f"{build['wall_s']:.1f} s wall, {build['cpu_s']:.1f} s CPU; vector index alone "
+                     f"{build['report']['vector_build_s']:.1f} s wall: {vector.get('index_type', 'none')} "
+                     f"{json.dumps(record.get('params', {}))}, query {json.dumps(record.get('query', {}))}")
+        latest = build["status"]["fragments"]["total_bytes"]
+        lines.append(f"- on disk: {result['disk_bytes'] / 2**30:.2f} GiB in the table's folder, of which the latest "
+                     f"version's data {latest / 2**30:.2f} GiB (the rest: versions before compaction, kept "
+                     f"until `chipscout cleanup`); vector index "
+                     f"{(vector.get('size_bytes') or 0) / 2**20:.0f} MiB; chipscout process RSS after all "
+                     f"queries, cold {result['chipscout']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                     f"{result['chipscout']['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                     f"{result['chipscout']['rss_start_bytes'] / 2**30:.2f} GiB at start), warm "
+                     f"{result['chipscout_warm']['rss_bytes'] / 2**30:.2f} GiB (peak "
+                     f"{result['chipscout_warm']['peak_rss_bytes'] / 2**30:.2f} GiB); numpy vectors "
+                     f"{result['numpy']['memory_bytes'] / 2**30:.2f} GiB"
+                     + (f"; FAISS HNSW index {result['faiss']['memory_bytes'] / 2**30:.2f} GiB, built in "
+                        f"{result['faiss']['build_wall_s']:.0f} s wall ({result['faiss']['build_cpu_s']:.0f} s CPU), "
+                        f"M={result['faiss']['M']}, efConstruction={result['faiss']['efConstruction']}"
+                        if "faiss" in result else ""))
     warm = result["chipscout_warm"]["warm_up"]
     lines.append(f"- warm-up (`SearchEngine.warm_up`, what the app does once per table version): "
                  f"{warm['wall_s']:.1f} s wall, {warm['cpu_s']:.1f} s CPU; holds "
                  f"{warm['bytes'] / 2**30:.2f} GiB (vectors as {warm['vectors']}, result and filter columns)")
-    lines.append("- one-shot (the first query of a fresh process, `chipscout search`): " + "; ".join(
-        f"{name} {c['first_ms']:.0f} ms wall, {c.get('first_cpu_ms', float('nan')):.0f} ms CPU"
-        for name, c in result["chipscout"]["cases"].items()))
+    if cold is not None:
+        lines.append("- one-shot (the first query of a fresh process, `chipscout search`): " + "; ".join(
+            f"{name} {c['first_ms']:.0f} ms wall, {c.get('first_cpu_ms', float('nan')):.0f} ms CPU"
+            for name, c in cold["cases"].items()))
     lines.append("")
     lines.append("| filter (rows kept) | system | recall@10 | p50 ms | p95 ms | CPU p50 ms | batch q/s | how |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, share in result["selectivity"].items():
         label = "none" if name == "none" else f"{name} ({share:.1%})"
         for system, title in (("chipscout_warm", "chipscout, warm (app)"), ("chipscout", "chipscout, cold (CLI)")):
+            if system not in result:
+                continue
             c = result[system]["cases"][name]
             how = ", ".join(f"{m} {n}" for m, n in sorted(c["methods"].items()))
             lines.append(f"| {label if system == 'chipscout_warm' else ''} | {title} | {c['recall']:.3f} | "
                          f"{c['p50_ms']:.1f} | {c['p95_ms']:.1f} | {c['cpu_p50_ms']:.1f} | {c['batch_qps']:.0f} | {how} |")
         c = result["chipscout_warm"]["cases"][name]
-        f = result["lancedb_flat"]["cases"][name]
-        lines.append(f"| | LanceDB flat ({f['queries']} q) | {f['recall']:.3f} | {f['p50_ms']:.1f} | "
-                     f"{f['p95_ms']:.1f} | {f['cpu_p50_ms']:.1f} | | |")
+        f = result.get("lancedb_flat", {}).get("cases", {}).get(name)
+        if f:
+            lines.append(f"| | LanceDB flat ({f['queries']} q) | {f['recall']:.3f} | {f['p50_ms']:.1f} | "
+                         f"{f['p95_ms']:.1f} | {f['cpu_p50_ms']:.1f} | | |")
         n = result["numpy"]["cases"][name]
         lines.append(f"| | numpy brute force | 1.000 | {n['p50_ms']:.1f} | {n['p95_ms']:.1f} | "
                      f"{n['cpu_p50_ms']:.1f} | {n['batch_qps']:.0f} | |")
