@@ -196,7 +196,15 @@ class ChipStore:
             return None
         schema = pa.schema([pa.field("key", pa.string()), pa.field("sha256", pa.string()),
                             pa.field("blob", pa.large_binary())])
-        return self._db.create_table(name, schema=schema)
+        try:
+            return self._db.create_table(name, schema=schema)
+        except ValueError as err:
+            # An object store has no lock: another writer created it between the look and the
+            # create. Its table is as good as ours (rows are merged by key).
+            table = self._open_if_committed(name) if "already exists" in str(err) else None
+            if table is None:
+                raise
+            return table
 
     def put_fitted_state(self, key: str, state: FittedState) -> None:
         """Keep `state` under `key` in `<table>__state` (replacing what was there)."""

@@ -137,3 +137,24 @@ def test_a_table_created_meanwhile_is_written_into_only_when_its_fit_is_this_run
     assert check.config.state_sha256 == kernels.sha256
     assert check.fitted_state("encoder").sha256 == kernels.sha256
     assert check.fitted_state("transform").sha256 == encode_state({"mean": torch.zeros(8)}).sha256
+
+
+def test_a_state_table_another_writer_created_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two writers on an object store both see no `<table>__state` and both create it: the later
+    create fails in LanceDB ("already exists"); the store then uses the one the other created."""
+    from chipscout.indexer.store.chip_store import FittedState
+
+    first, second = ChipStore(str(tmp_path / "db"), "chips"), ChipStore(str(tmp_path / "db"), "chips")
+    first.put_fitted_state("encoder", FittedState(b"one", "sha-one"))
+    looked = []
+    real = ChipStore._open_if_committed
+
+    def not_yet(self, name):  # the second writer looked before the first created it
+        looked.append(name)
+        return None if len(looked) == 1 else real(self, name)
+
+    monkeypatch.setattr(ChipStore, "_open_if_committed", not_yet)
+    second.put_fitted_state("transform", FittedState(b"two", "sha-two"))
+    monkeypatch.undo()
+    assert len(looked) == 2  # the create failed and the table was opened instead
+    assert first.fitted_state("encoder").blob == b"one" and first.fitted_state("transform").blob == b"two"
