@@ -458,10 +458,7 @@ class ChipStore:
         except (OSError, ValueError, RuntimeError) as err:
             raise StoreError(f"cannot read fragments {list(fragment_ids)} of {self.table_name!r} in "
                              f"{self.db_uri}: {storage_error_message(err)}") from err
-        import pyarrow.compute as pc
-
-        order = pc.sort_indices(rows["_rowid"])
-        return rows if _is_identity(order) else rows.take(order)
+        return _in_row_id_order(rows)
 
     def appended_fragments(self, since_version: int, version: int) -> list[int] | None:
         """Ids of the fragments that table version `version` adds to `since_version`, when the
@@ -555,9 +552,7 @@ class ChipStore:
         """`columns` and `_rowid` of the rows `row_ids`, in row-id order."""
         rows = self._run(self._query_table().take_row_ids([int(r) for r in row_ids]).select(list(columns))
                          .with_row_id())
-        import pyarrow.compute as pc
-
-        return rows.take(pc.sort_indices(rows["_rowid"]))
+        return _in_row_id_order(rows)
 
     def scan_batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """`columns` of every row, in batches of at most `batch_rows`, from this store's version."""
@@ -631,10 +626,7 @@ class ChipStore:
     def scan_with_row_ids(self, columns: Sequence[str]) -> pa.Table:
         """`columns` and `_rowid` of every row, in row-id order (valid for this version only)."""
         rows = self._table.search().select(list(columns)).with_row_id(True).limit(None).to_arrow()
-        import pyarrow.compute as pc
-
-        order = pc.sort_indices(rows["_rowid"])
-        return rows if _is_identity(order) else rows.take(order)
+        return _in_row_id_order(rows)
 
     def _vectors_of(self, rows: pa.Table) -> np.ndarray:
         dim = self.config.embedding_dim
@@ -679,9 +671,7 @@ class ChipStore:
     def vector_batches(self, batch_rows: int = 32_768) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(`_rowid`s, (n, D) float32 vectors) of every row, batch by batch, in scan order: the
         warm path streams them into what it keeps instead of reading the whole matrix."""
-        reader = (self._table.search().select(["vector"]).with_row_id(True).limit(None)
-                  .to_batches(batch_size=batch_rows))
-        for batch in reader:
+        for batch in self.scan_batches_with_row_ids(["vector"], batch_rows):
             yield batch.column("_rowid").to_numpy(), self._vectors_of(pa.Table.from_batches([batch]))
 
     def vectors_at_offsets(self, offsets: Sequence[int]) -> np.ndarray:
@@ -1163,9 +1153,13 @@ def _as_float16(vectors: np.ndarray) -> np.ndarray:
     return torch.from_numpy(vectors).half().numpy()
 
 
-def _is_identity(order: pa.Array) -> bool:
+def _in_row_id_order(rows: pa.Table) -> pa.Table:
+    """`rows` (with `_rowid`) sorted by row id; as they are when they already were."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(rows["_rowid"])
     positions = order.to_numpy()
-    return bool(np.all(positions == np.arange(len(positions))))
+    return rows if bool(np.all(positions == np.arange(len(positions)))) else rows.take(order)
 
 
 def _local_folder(db_uri: str, table_name: str):
