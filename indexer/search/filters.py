@@ -238,16 +238,24 @@ class FilterColumns:
                 "nodata_fraction": self.nodata, "source_id": self.source_codes, **self.bounds}
 
     @classmethod
-    def from_arrays(cls, version: int, arrays: dict[str, np.ndarray], source_names: Sequence[str]) -> FilterColumns:
-        """The columns of table version `version` from `arrays` (`arrays()`) and the source ids'
-        dictionary `source_names` (a local copy of a warm searcher's, `warm_files`)."""
+    def _held(cls, version: int, source_names: Sequence[str], row_ids: np.ndarray, acquired_us: np.ndarray,
+              bounds: dict[str, np.ndarray], cloud: np.ndarray, nodata: np.ndarray,
+              source_codes: np.ndarray) -> FilterColumns:
+        """Columns made of these arrays (every column here; no store behind them to read from)."""
         columns = object.__new__(cls)
         columns._store, columns._lock, columns._loaded = None, threading.Lock(), set(cls.COLUMNS)
         columns.version, columns.source_names = version, list(source_names)
-        columns.row_ids, columns.acquired_us = arrays["_rowid"], arrays["acquired"]
-        columns.cloud, columns.nodata = arrays["cloud_fraction"], arrays["nodata_fraction"]
-        columns.source_codes = arrays["source_id"]
-        columns.bounds = {name: arrays[name] for name in ("min_lon", "min_lat", "max_lon", "max_lat")}
+        columns.row_ids, columns.acquired_us, columns.bounds = row_ids, acquired_us, bounds
+        columns.cloud, columns.nodata, columns.source_codes = cloud, nodata, source_codes
+        return columns
+
+    @classmethod
+    def from_arrays(cls, version: int, arrays: dict[str, np.ndarray], source_names: Sequence[str]) -> FilterColumns:
+        """The columns of table version `version` from `arrays` (`arrays()`) and the source ids'
+        dictionary `source_names` (a local copy of a warm searcher's, `warm_files`)."""
+        columns = cls._held(version, source_names, arrays["_rowid"], arrays["acquired"],
+                            {name: arrays[name] for name in ("min_lon", "min_lat", "max_lon", "max_lat")},
+                            arrays["cloud_fraction"], arrays["nodata_fraction"], arrays["source_id"])
         if any(len(a) != len(columns.row_ids) for a in columns.arrays().values()):
             raise StoreError("filter columns of unequal lengths")
         return columns
@@ -353,14 +361,9 @@ class FilterColumns:
     def reordered(self, order: np.ndarray) -> FilterColumns:
         """The same columns with rows in `order` (positions of these)."""
         self._need(self.COLUMNS)
-        copy = object.__new__(FilterColumns)
-        copy._store, copy._lock, copy._loaded = None, threading.Lock(), set(self._loaded)
-        copy.version, copy.source_names = self.version, self.source_names
-        copy.row_ids, copy.acquired_us = self.row_ids[order], self.acquired_us[order]
-        copy.bounds = {c: a[order] for c, a in self.bounds.items()}
-        copy.cloud, copy.nodata = self.cloud[order], self.nodata[order]
-        copy.source_codes = self.source_codes[order]
-        return copy
+        return self._held(self.version, self.source_names, self.row_ids[order], self.acquired_us[order],
+                          {c: a[order] for c, a in self.bounds.items()}, self.cloud[order], self.nodata[order],
+                          self.source_codes[order])
 
     def appended(self, store, table: pa.Table) -> FilterColumns:
         """These columns followed by the rows of `table` (these columns and `_rowid`, in row-id
@@ -376,16 +379,11 @@ class FilterColumns:
                 code[name] = len(names)
                 names.append(name)
         remap = np.array([code[name] for name in added.source_names] + [-1], dtype=np.int32)  # -1: NULL
-        joined = object.__new__(FilterColumns)
-        joined._store, joined._lock, joined._loaded = None, threading.Lock(), set(self._loaded)
-        joined.version, joined.source_names = added.version, names
-        joined.row_ids = np.concatenate([self.row_ids, added.row_ids])
-        joined.acquired_us = np.concatenate([self.acquired_us, added.acquired_us])
-        joined.bounds = {c: np.concatenate([a, added.bounds[c]]) for c, a in self.bounds.items()}
-        joined.cloud = np.concatenate([self.cloud, added.cloud])
-        joined.nodata = np.concatenate([self.nodata, added.nodata])
-        joined.source_codes = np.concatenate([self.source_codes, remap[added.source_codes]])
-        return joined
+        return self._held(added.version, names, np.concatenate([self.row_ids, added.row_ids]),
+                          np.concatenate([self.acquired_us, added.acquired_us]),
+                          {c: np.concatenate([a, added.bounds[c]]) for c, a in self.bounds.items()},
+                          np.concatenate([self.cloud, added.cloud]), np.concatenate([self.nodata, added.nodata]),
+                          np.concatenate([self.source_codes, remap[added.source_codes]]))
 
     def estimate(self, filters: SearchFilters) -> int:
         """Rows `filters` allows, estimated from every `SAMPLE_STRIDE`-th row."""
