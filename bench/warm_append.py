@@ -23,26 +23,16 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.synthetic import SyntheticChips, bench_config  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search import Clock  # noqa: E402  (bench/search.py: wall and process CPU of a block)
+
 TABLE = "bench"
-
-
-class Clock:
-    """Wall and process CPU seconds of a block."""
-
-    def __enter__(self):
-        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall0
-        self.cpu = time.process_time() - self.cpu0
 
 
 def load_average() -> str:
@@ -114,7 +104,7 @@ def run_size(args, rows: int) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| rows (768-d) | warm-up wall / CPU | of which sketch | absorb 1 % append wall / CPU | "
+    lines = [f"| rows ({results[0]['dim']}-d) | warm-up wall / CPU | of which sketch | absorb 1 % append wall / CPU | "
              "full reload wall / CPU | reload / absorb CPU | answers equal | load avg |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
