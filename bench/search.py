@@ -404,6 +404,31 @@ def run_chipscout(args, result: dict, db: str, queries, cases: dict, truth: dict
     return result
 
 
+def _faiss_bitmaps(boxes: list, footprints) -> list:
+    """Per query, its filter's allowed rows as the bit array FAISS's IDSelectorBitmap reads
+    (None: no filter)."""
+    return [None if not box else np.packbits(
+        footprints.matches(box["date_from"], box["date_to"], box["bbox"]), bitorder="little") for box in boxes]
+
+
+def _faiss_queries(index, queries, bitmaps: list, order, params_of) -> tuple[list, list, list]:
+    """(walls, CPU seconds, rows found) of FAISS answering `queries` one at a time with the search
+    parameters `params_of()` makes, a filter's rows as an allow-list."""
+    import faiss
+
+    walls, cpus, found = [], [], []
+    for q, bitmap in zip(queries, bitmaps):
+        params = params_of()
+        if bitmap is not None:
+            selector = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
+            params.sel = selector  # (the name keeps the selector alive while FAISS searches)
+        with Clock() as c:
+            _, ids = index.search(q[None, :], K, params=params)
+        walls.append(c.wall), cpus.append(c.cpu)
+        found.append(order[ids[0][ids[0] >= 0]].tolist())
+    return walls, cpus, found
+
+
 def run_faiss_ivf(args, vectors, queries, cases, footprints, order, truth) -> dict:
     """FAISS IVF-Flat (inner product on the unit vectors), for sizes where HNSW's build is too
     slow on 2 cores: k-means on a sample, every vector in its list; filters as an
@@ -424,19 +449,10 @@ def run_faiss_ivf(args, vectors, queries, cases, footprints, order, truth) -> di
     print(f"[faiss] IVF{nlist} built in {build.wall:.1f} s", flush=True)
     for name, boxes in cases.items():
         sweep = []
-        bitmaps = [None if not box else np.packbits(
-            footprints.matches(box["date_from"], box["date_to"], box["bbox"]), bitorder="little")
-            for box in boxes]
+        bitmaps = _faiss_bitmaps(boxes, footprints)
         for nprobe in args.faiss_nprobe:
-            walls, cpus, found = [], [], []
-            for q, bitmap in zip(queries, bitmaps):
-                params = faiss.SearchParametersIVF(nprobe=nprobe)
-                if bitmap is not None:
-                    params.sel = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
-                with Clock() as c:
-                    _, ids = index.search(q[None, :], K, params=params)
-                walls.append(c.wall), cpus.append(c.cpu)
-                found.append(order[ids[0][ids[0] >= 0]].tolist())
+            walls, cpus, found = _faiss_queries(index, queries, bitmaps, order,
+                                                lambda: faiss.SearchParametersIVF(nprobe=nprobe))
             sweep.append({"nprobe": nprobe, "recall": recall(found, truth[name]), **latency_summary(walls, cpus)})
         out["cases"][name] = sweep
         print(f"[faiss] {name}: {[(s['nprobe'], round(s['recall'], 3), round(s['p50_ms'], 2)) for s in sweep]}",
@@ -511,20 +527,10 @@ def run_faiss(args, vectors, queries, cases, footprints, order, truth) -> dict:
     print(f"[faiss] built in {build.wall:.1f} s", flush=True)
     for name, boxes in cases.items():
         sweep = []
-        bitmaps = [None if not box else np.packbits(
-            footprints.matches(box["date_from"], box["date_to"], box["bbox"]), bitorder="little")
-            for box in boxes]
+        bitmaps = _faiss_bitmaps(boxes, footprints)
         for ef in args.faiss_ef:
-            walls, cpus, found = [], [], []
-            for q, bitmap in zip(queries, bitmaps):
-                params = faiss.SearchParametersHNSW(efSearch=ef)
-                if bitmap is not None:
-                    selector = faiss.IDSelectorBitmap(len(order), faiss.swig_ptr(bitmap))
-                    params.sel = selector
-                with Clock() as c:
-                    _, ids = index.search(q[None, :], K, params=params)
-                walls.append(c.wall), cpus.append(c.cpu)
-                found.append(order[ids[0][ids[0] >= 0]].tolist())
+            walls, cpus, found = _faiss_queries(index, queries, bitmaps, order,
+                                                lambda: faiss.SearchParametersHNSW(efSearch=ef))
             with Clock() as batch:
                 if bitmaps[0] is None:
                     index.search(queries, K, params=faiss.SearchParametersHNSW(efSearch=ef))
