@@ -158,3 +158,32 @@ def test_a_state_table_another_writer_created_meanwhile_is_used(tmp_path, monkey
     monkeypatch.undo()
     assert len(looked) == 2  # the create failed and the table was opened instead
     assert first.fitted_state("encoder").blob == b"one" and first.fitted_state("transform").blob == b"two"
+
+
+def test_new_tables_are_written_in_the_lance_format_that_takes_rows_fast(tmp_path):
+    """Chip tables are Lance 2.1 (`TABLE_FORMAT`: its takes of result rows were 2.5x faster than
+    2.2's), whichever way they are created or appended to: `create` + upsert, fragments written
+    and committed by cluster workers, and `create_with_rows` (refit)."""
+    from chipscout.indexer.store.chip_store import TABLE_FORMAT
+    from tests.synthetic import write_table
+
+    def formats(store):
+        dataset = store._table.to_lance()
+        files = {(f.file_major_version, f.file_minor_version)
+                 for fragment in dataset.get_fragments() for f in fragment.data_files()}
+        return dataset.data_storage_version, files
+
+    wanted = TABLE_FORMAT["new_table_data_storage_version"]
+    major, minor = (int(p) for p in wanted.split("."))
+    rng = np.random.default_rng(0)
+    store = write_table(str(tmp_path / "db"), "chips", [f"c{i}" for i in range(4)],
+                        rng.standard_normal((4, 8)), [(i, 0.0) for i in range(4)])
+    rows = store.scan().slice(0, 2)
+    rows = rows.set_column(0, "chip_id", pa.array(["d0", "d1"]))
+    store.commit_fragments(store.write_fragments(rows), store.version)
+    assert store.count() == 6
+    assert formats(store) == (wanted, {(major, minor)})
+
+    copy = ChipStore(str(tmp_path / "db"), "copy")
+    copy.create_with_rows(store.config, iter(store.scan().to_batches()), None)
+    assert copy.count() == 6 and formats(copy) == (wanted, {(major, minor)})
