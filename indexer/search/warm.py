@@ -22,6 +22,7 @@ import pyarrow as pa
 from threadpoolctl import ThreadpoolController
 
 from chipscout.indexer.errors import StoreError
+from chipscout.indexer.search import hamming
 from chipscout.indexer.search.filters import FilterColumns, SearchFilters
 from chipscout.indexer.search.partitions import PartitionedVectors, partition_bytes, partitioned
 from chipscout.indexer.search.planner import SearchPlan, TableState, fetch_tuning, plan_query, wide_tuning
@@ -505,6 +506,10 @@ class BinarySketch:
             allowed = None if row_filter is None else self.filters.window_mask(row_filter, a, b, dates=False)
             if allowed is not None and not allowed.any():
                 return allowed, None, np.zeros(256, dtype=np.int64)
+            if hamming.AVAILABLE:  # one compiled pass: distances, refusals and the sample
+                near, sampled = hamming.distances(self.words[:self._first_bits // 64], code, a, b, allowed,
+                                                  255, np.uint8, self.SAMPLE_STRIDE)
+                return allowed, near, sampled
             near = self._first_distances(code, a, b)
             if allowed is not None:  # refused rows get 255, beyond every distance (<= 128)
                 np.bitwise_or(near, np.negative(np.logical_not(allowed).view(np.uint8)), out=near)
@@ -524,14 +529,17 @@ class BinarySketch:
         keep = max(self.FIRST_STAGE * count, 1) / self.SAMPLE_STRIDE
         first_cut = min(int(np.searchsorted(sampled, keep)), first_bits)
 
-        def second(a: int, near: np.ndarray | None, cut: int) -> tuple[np.ndarray, np.ndarray]:
+        def second(a: int, near: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             if near is None:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint16)
-            rows = np.flatnonzero(near <= cut)
+            if hamming.AVAILABLE:
+                first_words = self._first_bits // 64
+                return hamming.pick(near, first_cut, self.words[first_words:], code[first_words:], a)
+            rows = np.flatnonzero(near <= first_cut)
             return a + rows, self._distances(code, a + rows, near[rows])
 
-        while True:  # on the calling thread: a few tens of thousands of rows, not worth a hand-off
-            kept = [second(a, near, first_cut) for (a, _), (_, near, _) in zip(chunks, scored)]
+        while True:  # each chunk's rows within the cut, in the chunk's thread
+            kept = self._map(second, [(a, near) for (a, _), (_, near, _) in zip(chunks, scored)])
             distances = np.concatenate([d for _, d in kept])
             # Too few near rows by the first bits (a sample's error): widen the cut.
             if len(distances) >= count or first_cut >= first_bits:
@@ -553,10 +561,15 @@ class BinarySketch:
         matches = None if allowed is None else int(np.count_nonzero(allowed))
         if matches is not None and matches <= exact_max:
             return self.order[start + np.flatnonzero(allowed)], matches, True
-        distances = self._first_distances(code, start, stop, self.bits)
-        if allowed is not None:  # refused rows: one beyond every distance
-            distances[~allowed] = self.bits + 1
-        cutoff = self._cutoff(distances, count)
+        if hamming.AVAILABLE:  # refused rows: one beyond every distance
+            distances, histogram = hamming.distances(self.words, code, start, stop, allowed, self.bits + 1,
+                                                     np.uint16, 1)
+            cutoff = min(int(np.searchsorted(np.cumsum(histogram[:self.bits + 1]), count)), self.bits)
+        else:
+            distances = self._first_distances(code, start, stop, self.bits)
+            if allowed is not None:
+                distances[~allowed] = self.bits + 1
+            cutoff = self._cutoff(distances, count)
         return self.order[start + np.flatnonzero(distances <= cutoff)], matches, False
 
 
