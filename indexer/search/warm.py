@@ -289,7 +289,8 @@ class BinarySketch:
     distance between two rows then tracks the angle between them (SimHash on a PCA basis; RaBitQ
     and the 1-bit codes of Earth Index and TerraBit are the same idea). A query scores every
     allowed row: the rows of its date range are contiguous here, so the area, cloud and source
-    tests and the distances run over plain array slices (numpy, split across threads). The
+    tests (numpy) and the distances (compiled loops, `search.hamming`) run over plain array
+    slices, split across threads. The
     first 128 bits rank them all, the ~32 x 1000 nearest by those are scored on all 256, and
     the ~1000 nearest by that Hamming distance (more on tables beyond 2M rows:
     `IndexPolicy.sketch_rows_per_candidate`) go to the exact re-ranking. Unlike an IVF probe or a graph
@@ -308,10 +309,17 @@ class BinarySketch:
     FIRST_BITS = 128
     """Bits of the first stage's pass over every allowed row (the first words of the code)."""
     FIRST_STAGE = 32
-    """The first stage hands about this many times the asked-for count to the second."""
+    """The first stage hands about this many times the asked-for count to the second, up to
+    `FIRST_STAGE_FULL` candidates; beyond, `FIRST_STAGE_LARGE` times."""
+    FIRST_STAGE_FULL = 1_000
+    FIRST_STAGE_LARGE = 16
+    """At 10M x 64-d (5,000 candidates) 16 x instead of 32 x cut the unfiltered p50 from 31.5 to
+    21.9 ms at recall@10 0.960 instead of 0.964 (0.990 / 0.976 instead of 0.992 / 0.978 at 10 /
+    50 % filters): the second stage's gather of 160,000 rows' other words was a third of the
+    query (BENCHMARKS.md, "The sketch scan compiled")."""
     SAMPLE_STRIDE = 16
     ONE_STAGE_WINDOW = 4
-    """A date window of at most this many times `FIRST_STAGE` x count rows is scored on every
+    """A date window of at most this many times `_first_keep(count)` rows is scored on every
     bit in one contiguous pass: the first stage would keep a quarter of it or more, and the
     second stage's gather of those rows costs more than the pass's two extra words (numpy, one
     core, count 1000: 0.85 ms two-stage against 0.25 ms in one at 50,000 rows, even at 100,000,
@@ -487,7 +495,7 @@ class BinarySketch:
 
         Two stages, so that the pass over every allowed row reads 16 of the 32 bytes a row has:
         the first `FIRST_BITS` rank every allowed row (its date window cut into one chunk per
-        thread when long, each tested and scored in one task), the ~`FIRST_STAGE` x `count`
+        thread when long, each tested and scored in one task), the ~`_first_keep(count)`
         nearest by them are scored on all bits, and the `count` nearest of those are returned.
         The bits are mixed by a random rotation, so the first ones are a fair sample of all.
         A short date window (`ONE_STAGE_WINDOW`) is scored on every bit in one pass instead."""
@@ -499,7 +507,7 @@ class BinarySketch:
             return np.zeros(0, dtype=np.int64), 0, True
         chunks = self._chunks(start, stop)
         code = self._code(_unit_query(query))
-        if stop - start <= self.ONE_STAGE_WINDOW * self.FIRST_STAGE * max(count, 1) and len(chunks) == 1:
+        if stop - start <= self.ONE_STAGE_WINDOW * self._first_keep(max(count, 1)) and len(chunks) == 1:
             return self._one_stage(code, row_filter, start, stop, count, exact_max)
 
         def first(a: int, b: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
@@ -522,11 +530,11 @@ class BinarySketch:
         if matches is not None and matches <= exact_max:
             picked = [a + np.flatnonzero(allowed) for (a, _), (allowed, _, _) in zip(chunks, scored)]
             return self.order[np.concatenate(picked)], matches, True
-        # The first stage keeps the rows within the distance that ~FIRST_STAGE x count sampled
+        # The first stage keeps the rows within the distance that ~_first_keep(count) sampled
         # rows reach (all allowed rows when they are few).
         first_bits = self._first_bits
         sampled = np.cumsum(np.sum([h for _, _, h in scored], axis=0)[:first_bits + 1])
-        keep = max(self.FIRST_STAGE * count, 1) / self.SAMPLE_STRIDE
+        keep = max(self._first_keep(count), 1) / self.SAMPLE_STRIDE
         first_cut = min(int(np.searchsorted(sampled, keep)), first_bits)
 
         def second(a: int, near: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -547,6 +555,10 @@ class BinarySketch:
             first_cut = min(first_bits, first_cut + 4)
         rows = np.concatenate([r for r, _ in kept])
         return self.order[rows[distances <= self._cutoff(distances, count)]], matches, False
+
+    def _first_keep(self, count: int) -> int:
+        """Rows the first stage hands to the second for `count` candidates."""
+        return max(self.FIRST_STAGE * min(count, self.FIRST_STAGE_FULL), self.FIRST_STAGE_LARGE * count)
 
     def _cutoff(self, distances: np.ndarray, count: int) -> int:
         """The distance within which at least `count` of `distances` lie (all when fewer)."""

@@ -134,3 +134,11 @@ def test_a_64_bit_sketch_scans_in_one_stage(tmp_path):
     assert not exact and matches is None and len(positions) >= 40
     response = engine.similar_to_vector(vectors[0], k=5)
     assert response.method == "sketch" and response.results[0].chip.chip_id == rows["chip_id"][0].as_py()
+
+
+def test_the_first_stage_keeps_32_x_up_to_1000_candidates_and_16_x_beyond():
+    """The rule measured at 1M and 10M rows (`BinarySketch._first_keep`): tables up to 2M rows
+    (1,000 candidates) keep the old 32 x; at 10M (5,000) the first stage hands on 80,000 rows,
+    not 160,000."""
+    sketch = BinarySketch.__new__(BinarySketch)
+    assert [sketch._first_keep(c) for c in (1, 40, 1000, 2000, 5000)] == [32, 1280, 32_000, 32_000, 80_000]
