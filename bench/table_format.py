@@ -4,7 +4,8 @@ warm-up's scans cost, for the same rows written as Lance 2.1 (chipscout's `TABLE
 
 A warm query whose result columns are not held in memory (tables beyond the memory budget,
 issue #22) takes its k result rows from the table: a few random rows, each in another data
-file, of the 19 columns a `ChipRecord` needs (`engine.METADATA_COLUMNS`).
+file, of the columns a `ChipRecord` needs (`engine.METADATA_COLUMNS`: 19 until the footprint's
+four bounds were dropped from them, 15 since).
 
     python bench/table_format.py                       # 1M x 64-d, fragments of 100k rows
     python bench/table_format.py --rows 200000 --fragment-rows 20000 --formats 2.0 2.1 2.2

@@ -212,6 +212,9 @@ def test_result_records_hold_the_rows_values_as_arrow_gives_them(engine):
 
     from chipscout.indexer.search.engine import METADATA_COLUMNS, ChipRecord, _datetimes, _records
 
+    from chipscout.indexer.search.engine import _RECORD_FIELDS
+
+    assert sorted(METADATA_COLUMNS) == sorted({"footprint", *_RECORD_FIELDS})  # read: only what records use
     rows = engine.store.scan(METADATA_COLUMNS, limit=12)
     at = rows.schema.get_field_index("acquired")
     rows = rows.set_column(at, rows.schema.field(at), pa.chunked_array(
